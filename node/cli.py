@@ -1,0 +1,273 @@
+"""`pacsnode` command line: thin entry points over the node's modules."""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import selectinload
+
+from node.config import Config, ConfigError, config_path, load_config
+
+log = logging.getLogger("pacsnode")
+MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
+
+
+def _setup_logging(config: Config) -> None:
+    logging.basicConfig(
+        level=config.logging.level,
+        format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    for noisy in ("pynetdicom", "celery", "kombu", "alembic"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+
+
+def db_upgrade(config: Config) -> None:
+    """Apply Alembic migrations up to head."""
+    from alembic import command
+    from alembic.config import Config as AlembicConfig
+
+    cfg = AlembicConfig()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    cfg.set_main_option("sqlalchemy.url", config.database.url.replace("%", "%%"))
+    command.upgrade(cfg, "head")
+
+
+def ensure_bundles(config: Config) -> None:
+    """Train demo weights into any configured bundle folder that is missing (first run)."""
+    for name, pc in config.pipelines.items():
+        if pc.enabled and not (pc.bundle / "configs" / "metadata.json").exists():
+            log.warning("model bundle %s for %s is missing: training demo weights (a few minutes)", pc.bundle, name)
+            subprocess.run([sys.executable, "-m", "training", "demo", "--out", str(pc.bundle)], check=True)
+
+
+def _worker_argv(config_file: Path, queue: str) -> list[str]:
+    return [sys.executable, "-m", "node.cli", "--config", str(config_file), "worker", "-Q", queue]
+
+
+def cmd_run(args: argparse.Namespace, config: Config) -> int:
+    """All in one: migrate, make demo weights if missing, start workers and the listener."""
+    from node.jobs import reconcile
+
+    db_upgrade(config)
+    ensure_bundles(config)
+    # The workers of a previous run were ours and are gone: every unfinished job goes again.
+    reconcile(config, stale_after=0)
+    env = {**os.environ, "PACSNODE_CONFIG": str(args.config_file)}
+    workers = [
+        subprocess.Popen(_worker_argv(args.config_file, q), env=env) for q in ("inference", "export")
+    ]
+    try:
+        return _serve(config)
+    finally:
+        for w in workers:
+            w.terminate()
+        for w in workers:
+            try:
+                w.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                w.kill()
+
+
+def cmd_listener(args: argparse.Namespace, config: Config) -> int:
+    return _serve(config)
+
+
+def _serve(config: Config) -> int:
+    from node.completion import CompletionService
+    from node.handlers import IngestContext
+    from node.listener import start_listener
+
+    ctx = IngestContext(config)
+    server = start_listener(config, ctx)
+    completion = CompletionService(config, ctx.tracker)
+    completion.start()
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    print(f"pacsnode listening as {config.listener.ae_title} on port {config.listener.port}", flush=True)
+    stop.wait()
+    log.info("shutting down")
+    server.shutdown()
+    completion.stop()
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace, config: Config) -> int:
+    from node.queue import EXPORT_QUEUE, configure
+
+    app = configure(config)
+    import node.tasks  # noqa: F401  (registers the tasks)
+
+    queues = args.queues.split(",")
+    pool = ["--pool=threads", f"--concurrency={args.concurrency or 4}"] if queues == [EXPORT_QUEUE] else ["--pool=solo"]
+    argv = ["worker", "-Q", ",".join(queues), "--loglevel", config.logging.level, "-n", f"{'+'.join(queues)}@%h", *pool]
+    app.worker_main(argv)
+    return 0
+
+
+def cmd_db(args: argparse.Namespace, config: Config) -> int:
+    db_upgrade(config)
+    print("database at head")
+    return 0
+
+
+def _print(rows: list[dict[str, Any]], as_json: bool, columns: Sequence[str]) -> None:
+    if as_json:
+        print(json.dumps(rows, indent=2, default=str))
+        return
+    widths = {c: max(len(c), *(len(str(r.get(c) if r.get(c) is not None else "-")) for r in rows)) if rows else len(c) for c in columns}
+    print("  ".join(c.upper().ljust(widths[c]) for c in columns))
+    for r in rows:
+        print("  ".join(str(r.get(c) if r.get(c) is not None else "-").ljust(widths[c]) for c in columns))
+
+
+def cmd_studies(args: argparse.Namespace, config: Config) -> int:
+    from node.db.models import Series, Study
+    from node.db.session import session_scope
+
+    rows = []
+    with session_scope(config.database.url) as s:
+        studies = s.scalars(
+            select(Study).options(selectinload(Study.series).selectinload(Series.instances), selectinload(Study.jobs))
+            .order_by(Study.id.desc()).limit(args.limit)
+        ).all()
+        for st in studies:
+            rows.append({
+                "id": st.id,
+                "study_instance_uid": st.study_instance_uid,
+                "state": st.state.value,
+                "instances": st.instance_count,
+                "completion_rule": st.completion_rule,
+                "first_received_at": st.first_received_at.isoformat(),
+                "completed_at": st.completed_at.isoformat() if st.completed_at else None,
+                "jobs": [j.id for j in st.jobs],
+                "series": [
+                    {"series_instance_uid": se.series_instance_uid, "modality": se.modality,
+                     "state": se.state.value, "skip_reason": se.skip_reason, "instances": len(se.instances)}
+                    for se in st.series
+                ],
+                "skipped": "; ".join(f"{se.modality}: {se.skip_reason}" for se in st.series if se.skip_reason) or None,
+            })
+    _print(rows, args.json, ["id", "study_instance_uid", "state", "instances", "completion_rule", "jobs", "skipped"])
+    return 0
+
+
+def cmd_jobs(args: argparse.Namespace, config: Config) -> int:
+    from node.db.models import Job, JobState, Output
+    from node.db.session import session_scope
+    from node.jobs import job_to_dict
+
+    with session_scope(config.database.url) as s:
+        q = select(Job).options(selectinload(Job.study), selectinload(Job.outputs).selectinload(Output.sends))
+        if args.state:
+            q = q.where(Job.state == JobState(args.state))
+        rows = [job_to_dict(j) for j in s.scalars(q.order_by(Job.id.desc()).limit(args.limit))]
+    for r in rows:
+        t = r["timings"]
+        r["total_s"] = round(sum(v for k, v in t.items() if k in ("read", "pipeline", "encode", "validate", "send")), 3) if t else None
+    _print(rows, args.json, ["id", "study_instance_uid", "pipeline", "model_version", "state", "attempt", "total_s", "error_stage", "error"])
+    return 0
+
+
+def cmd_replay(args: argparse.Namespace, config: Config) -> int:
+    from node.db.models import Job, JobState
+    from node.db.session import session_scope
+    from node.jobs import replay
+    from node.queue import enqueue_job
+
+    if args.failed:
+        with session_scope(config.database.url) as s:
+            q = select(Job.id).where(Job.state == JobState.FAILED)
+            if args.since:
+                q = q.where(Job.failed_at >= datetime.fromisoformat(args.since).astimezone())
+            ids = list(s.scalars(q.order_by(Job.id)))
+    elif args.job_id is not None:
+        ids = [args.job_id]
+    else:
+        print("replay: give a JOB_ID or --failed", file=sys.stderr)
+        return 2
+    new_ids = []
+    for job_id in ids:
+        new_id = replay(config, job_id, actor=getpass.getuser(), reason=args.reason)
+        enqueue_job(config, new_id)
+        new_ids.append({"replayed": job_id, "job": new_id})
+    if args.json:
+        print(json.dumps(new_ids))
+    else:
+        for r in new_ids:
+            print(f"job {r['replayed']} replayed as job {r['job']}")
+    return 0
+
+
+def cmd_cancel(args: argparse.Namespace, config: Config) -> int:
+    from node.jobs import cancel
+
+    cancel(config, args.job_id, actor=getpass.getuser(), reason=args.reason)
+    print(f"job {args.job_id} cancelled")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pacsnode", description="DICOM AI node for chest radiographs")
+    p.add_argument("--config", help="config file (default: $PACSNODE_CONFIG or ./config.yaml)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def add(name: str, fn: Any, help: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help)
+        sp.add_argument("--config", dest="config_sub", help=argparse.SUPPRESS)
+        sp.set_defaults(fn=fn)
+        return sp
+
+    add("run", cmd_run, "all in one: listener, completion, workers (embedded default)")
+    add("listener", cmd_listener, "DICOM listener and study completion only")
+    w = add("worker", cmd_worker, "a Celery worker")
+    w.add_argument("-Q", "--queues", default="inference", help="inference, export or both, comma separated")
+    w.add_argument("--concurrency", type=int, default=None, help="threads for an export worker")
+    db = add("db", cmd_db, "database administration")
+    db.add_argument("action", choices=["upgrade"])
+    for name, fn, hlp in (("studies", cmd_studies, "list studies"), ("jobs", cmd_jobs, "list jobs")):
+        sp = add(name, fn, hlp)
+        sp.add_argument("--json", action="store_true")
+        sp.add_argument("--limit", type=int, default=100)
+        if name == "jobs":
+            sp.add_argument("--state", choices=[s for s in ("queued", "running", "encoded", "sending", "done", "failed", "cancelled", "superseded")])
+    r = add("replay", cmd_replay, "re-run a job, or all failed jobs")
+    r.add_argument("job_id", nargs="?", type=int)
+    r.add_argument("--failed", action="store_true")
+    r.add_argument("--since", help="with --failed: only jobs failed since this ISO time")
+    r.add_argument("--reason", default="manual replay")
+    r.add_argument("--json", action="store_true")
+    c = add("cancel", cmd_cancel, "cancel a queued or running job")
+    c.add_argument("job_id", type=int)
+    c.add_argument("--reason", default="cancelled by operator")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    args.config_file = config_path(args.config_sub or args.config).resolve()
+    try:
+        config = load_config(args.config_file)
+    except ConfigError as e:
+        print(f"pacsnode: {e}", file=sys.stderr)
+        return 2
+    _setup_logging(config)
+    return int(args.fn(args, config) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""Study completion: decide when a study has fully arrived, then route it and create its jobs.
+
+`completion_rule` is a pure function of the study's state and the clock; `CompletionService`
+polls the database in the listener process and acts on what it returns.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from node.config import Config
+from node.db.models import Study, StudyState, utcnow
+from node.db.session import session_scope
+from node.handlers import AssociationTracker
+from node.jobs import create_jobs_for_study, reconcile
+from node.queue import enqueue_job
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StudyClock:
+    first_received_at: datetime
+    last_received_at: datetime
+    released_at: datetime | None
+    association_open: bool
+    instance_count: int
+    expected_instances: int | None
+
+
+def completion_rule(study: StudyClock, now: datetime, quiet_seconds: float, max_wait_seconds: float) -> str | None:
+    """Name of the rule that completes the study now, or None while it is still arriving.
+
+    - "count": the sender announced how many instances the study has and all are here;
+    - "quiet": the delivering association was released and nothing arrived for quiet_seconds;
+    - "max_wait": the hard cap since the first instance, whatever else is going on.
+    """
+    if study.expected_instances and study.instance_count >= study.expected_instances:
+        return "count"
+    if (now - study.first_received_at).total_seconds() >= max_wait_seconds:
+        return "max_wait"
+    if study.association_open:
+        return None
+    since = max(study.last_received_at, study.released_at or study.last_received_at)
+    if (now - since).total_seconds() >= quiet_seconds:
+        return "quiet"
+    return None
+
+
+class CompletionService:
+    """Background thread: completes studies, creates jobs, queues them, reconciles stuck jobs."""
+
+    def __init__(self, config: Config, tracker: AssociationTracker) -> None:
+        self.config = config
+        self.tracker = tracker
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="completion", daemon=True)
+        self._last_reconcile = 0.0
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._thread.join(timeout)
+
+    def _loop(self) -> None:
+        import time
+
+        while not self._stop.is_set():
+            try:
+                self.tick()
+                now = time.monotonic()
+                if now - self._last_reconcile >= self.config.queue.reconcile_seconds:
+                    self._last_reconcile = now
+                    reconcile(self.config)
+            except Exception:  # keep completing other studies; the error is in the log
+                log.exception("completion pass failed")
+            self._stop.wait(self.config.completion.poll_seconds)
+
+    def tick(self, now: datetime | None = None) -> list[int]:
+        """One pass: complete every study whose rule fires; return the ids of the jobs queued."""
+        now = now or utcnow()
+        cc = self.config.completion
+        open_studies = self.tracker.open_studies()
+        job_ids: list[int] = []
+        with session_scope(self.config.database.url) as s:
+            receiving = s.scalars(select(Study).where(Study.state == StudyState.RECEIVING)).all()
+            for study in receiving:
+                clock = StudyClock(
+                    first_received_at=study.first_received_at,
+                    last_received_at=study.last_received_at,
+                    released_at=study.released_at,
+                    association_open=study.study_instance_uid in open_studies,
+                    instance_count=study.instance_count,
+                    expected_instances=study.expected_instances,
+                )
+                rule = completion_rule(clock, now, cc.quiet_seconds, cc.max_wait_seconds)
+                if rule is not None:
+                    job_ids += self._complete(s, study, rule, now)
+        # Sent only after the commit, so a worker always finds its job row.
+        for job_id in job_ids:
+            enqueue_job(self.config, job_id)
+        return job_ids
+
+    def _complete(self, s: Session, study: Study, rule: str, now: datetime) -> list[int]:
+        study.completed_at = now
+        study.completion_rule = rule
+        study.pending_instances = 0
+        jobs = create_jobs_for_study(s, self.config, study)
+        study.state = StudyState.COMPLETE if jobs or study.jobs else StudyState.SKIPPED
+        s.flush()
+        log.info("study %s complete by rule %s: %d job(s)", study.study_instance_uid, rule, len(jobs))
+        return [j.id for j in jobs]

@@ -1,0 +1,235 @@
+"""Tables: the record of truth for studies, instances, jobs and what was sent where.
+
+Every state change has a timestamp column. Patient-identifying attributes are not stored.
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    DateTime,
+    Dialect,
+    Enum,
+    ForeignKey,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC timestamps on every backend (SQLite drops the zone on read)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            raise ValueError("naive datetime given; use node.db.models.utcnow()")
+        return value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value
+
+
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+
+
+def _ts(nullable: bool = True) -> Mapped[datetime | None]:
+    return mapped_column(UTCDateTime(), nullable=nullable)
+
+
+class StudyState(enum.StrEnum):
+    RECEIVING = "receiving"  # instances still arriving or association open
+    COMPLETE = "complete"  # completion rule fired; routed, jobs created
+    SKIPPED = "skipped"  # nothing in it for any pipeline
+
+
+class SeriesState(enum.StrEnum):
+    PENDING = "pending"
+    ROUTED = "routed"
+    SKIPPED = "skipped"
+
+
+class JobState(enum.StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    ENCODED = "encoded"
+    SENDING = "sending"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    SUPERSEDED = "superseded"
+
+
+ACTIVE_JOB_STATES = (JobState.QUEUED, JobState.RUNNING, JobState.ENCODED, JobState.SENDING)
+
+
+class SendState(enum.StrEnum):
+    PENDING = "pending"
+    SENT = "sent"
+    FAILED = "failed"
+
+
+class Study(Base):
+    __tablename__ = "study"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    study_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    state: Mapped[StudyState] = mapped_column(Enum(StudyState, native_enum=False, length=16))
+    calling_ae: Mapped[str | None] = mapped_column(String(16))
+    # Number of Study Related Instances, when the sender tells us: completes the study at once.
+    expected_instances: Mapped[int | None] = mapped_column(Integer)
+    instance_count: Mapped[int] = mapped_column(Integer, default=0)
+    first_received_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    last_received_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    released_at: Mapped[datetime | None] = _ts()
+    completed_at: Mapped[datetime | None] = _ts()
+    completion_rule: Mapped[str | None] = mapped_column(String(32))
+    # Instances that arrived after the last completion; a new completion starts a new job.
+    pending_instances: Mapped[int] = mapped_column(Integer, default=0)
+
+    series: Mapped[list[Series]] = relationship(back_populates="study", order_by="Series.id")
+    jobs: Mapped[list[Job]] = relationship(back_populates="study", order_by="Job.id")
+
+
+class Series(Base):
+    __tablename__ = "series"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("study.id"), index=True)
+    series_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    modality: Mapped[str | None] = mapped_column(String(16))
+    body_part: Mapped[str | None] = mapped_column(String(64))
+    view_position: Mapped[str | None] = mapped_column(String(16))
+    state: Mapped[SeriesState] = mapped_column(Enum(SeriesState, native_enum=False, length=16))
+    skip_reason: Mapped[str | None] = mapped_column(Text)
+    routed_at: Mapped[datetime | None] = _ts()
+
+    study: Mapped[Study] = relationship(back_populates="series")
+    instances: Mapped[list[Instance]] = relationship(back_populates="series", order_by="Instance.id")
+
+
+class Instance(Base):
+    __tablename__ = "instance"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    series_id: Mapped[int] = mapped_column(ForeignKey("series.id"), index=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    transfer_syntax_uid: Mapped[str] = mapped_column(String(64))
+    path: Mapped[str] = mapped_column(String(255))  # relative to storage.path
+    size: Mapped[int] = mapped_column(Integer)
+    sha256: Mapped[str] = mapped_column(String(64))
+    calling_ae: Mapped[str | None] = mapped_column(String(16))
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+    series: Mapped[Series] = relationship(back_populates="instances")
+
+
+class Job(Base):
+    __tablename__ = "job"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("study.id"), index=True)
+    pipeline: Mapped[str] = mapped_column(String(64))
+    model_version: Mapped[str | None] = mapped_column(String(64))
+    state: Mapped[JobState] = mapped_column(Enum(JobState, native_enum=False, length=16), index=True)
+    attempt: Mapped[int] = mapped_column(Integer, default=0)
+    worker: Mapped[str | None] = mapped_column(String(255))
+    error: Mapped[str | None] = mapped_column(Text)
+    error_stage: Mapped[str | None] = mapped_column(String(32))
+    # Which instances the job processes (ids), fixed at creation so a replay is reproducible.
+    instance_ids: Mapped[list[int]] = mapped_column(JSON, default=list)
+    timings: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    replay_of: Mapped[int | None] = mapped_column(ForeignKey("job.id"))
+    # The earlier job of the same study and pipeline whose results this one replaces.
+    supersedes_id: Mapped[int | None] = mapped_column(ForeignKey("job.id"))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    queued_at: Mapped[datetime | None] = _ts()
+    running_at: Mapped[datetime | None] = _ts()
+    encoded_at: Mapped[datetime | None] = _ts()
+    sending_at: Mapped[datetime | None] = _ts()
+    done_at: Mapped[datetime | None] = _ts()
+    failed_at: Mapped[datetime | None] = _ts()
+    cancelled_at: Mapped[datetime | None] = _ts()
+    superseded_at: Mapped[datetime | None] = _ts()
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+    study: Mapped[Study] = relationship(back_populates="jobs")
+    supersedes: Mapped[Job | None] = relationship(remote_side="Job.id", foreign_keys=[supersedes_id])
+    outputs: Mapped[list[Output]] = relationship(back_populates="job", order_by="Output.id")
+
+
+class Output(Base):
+    """One DICOM object a job produced (SR, overlay SC, ...), stored under the spool."""
+
+    __tablename__ = "output"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("job.id"), index=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    sop_instance_uid: Mapped[str] = mapped_column(String(64))
+    series_instance_uid: Mapped[str] = mapped_column(String(64))
+    path: Mapped[str] = mapped_column(String(255))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+    job: Mapped[Job] = relationship(back_populates="outputs")
+    sends: Mapped[list[Send]] = relationship(back_populates="output", order_by="Send.id")
+
+
+class Send(Base):
+    """Per-destination send status of one output, so a retry skips what is already there."""
+
+    __tablename__ = "send"
+    __table_args__ = (UniqueConstraint("output_id", "destination"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    output_id: Mapped[int] = mapped_column(ForeignKey("output.id"), index=True)
+    destination: Mapped[str] = mapped_column(String(64))
+    state: Mapped[SendState] = mapped_column(Enum(SendState, native_enum=False, length=16))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    remote_status: Mapped[int | None] = mapped_column(Integer)
+    error: Mapped[str | None] = mapped_column(Text)
+    sent_at: Mapped[datetime | None] = _ts()
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+    output: Mapped[Output] = relationship(back_populates="sends")
+
+
+class Event(Base):
+    """Audit trail: rejections, replays, cancellations (who, when, why)."""
+
+    __tablename__ = "event"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, index=True)
+    kind: Mapped[str] = mapped_column(String(32))
+    job_id: Mapped[int | None] = mapped_column(ForeignKey("job.id"))
+    actor: Mapped[str | None] = mapped_column(String(64))
+    detail: Mapped[str | None] = mapped_column(Text)

@@ -1,0 +1,229 @@
+"""C-ECHO / C-STORE handlers: save, record, answer with a status. Never run a pipeline here.
+
+An instance is acknowledged only once its file is fsync'd and its row committed. Each failure
+maps to its own DICOM status and a log line that names UIDs, never patient attributes.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+from collections import defaultdict
+from dataclasses import dataclass, field
+from io import BytesIO
+from pathlib import Path
+
+import pydicom
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import UID
+from pynetdicom import evt
+from sqlalchemy import select
+from sqlalchemy.exc import SQLAlchemyError
+
+from node.config import Config
+from node.db.models import Event, Instance, Series, SeriesState, Study, StudyState, utcnow
+from node.db.session import session_scope
+from node.spool import SpoolError, instance_relpath, resolve, sha256_hex, write_atomic
+
+log = logging.getLogger(__name__)
+
+# C-STORE statuses (PS3.4 B.2.3 and pynetdicom's conventions)
+SUCCESS = 0x0000
+OUT_OF_RESOURCES = 0xA700
+DATASET_MISMATCH = 0xA900  # "Data Set does not match SOP Class": missing/invalid UIDs
+CANNOT_UNDERSTAND = 0xC210  # dataset does not parse
+PROCESSING_FAILURE = 0x0110
+
+
+class StoreRefused(Exception):
+    """An instance we do not keep; carries the status to answer with."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class AssociationTracker:
+    """Which studies each open association has delivered (in memory, listener process only)."""
+
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _by_assoc: dict[int, set[str]] = field(default_factory=lambda: defaultdict(set))
+
+    def add(self, assoc_id: int, study_uid: str) -> None:
+        with self._lock:
+            self._by_assoc[assoc_id].add(study_uid)
+
+    def close(self, assoc_id: int) -> set[str]:
+        """Forget an association; return the studies no other open association is delivering."""
+        with self._lock:
+            studies = self._by_assoc.pop(assoc_id, set())
+            still_open = set().union(*self._by_assoc.values()) if self._by_assoc else set()
+        return studies - still_open
+
+    def open_studies(self) -> set[str]:
+        with self._lock:
+            return set().union(*self._by_assoc.values()) if self._by_assoc else set()
+
+
+@dataclass
+class IngestContext:
+    config: Config
+    tracker: AssociationTracker = field(default_factory=AssociationTracker)
+
+    @property
+    def spool(self) -> Path:
+        return self.config.storage.path
+
+
+def _valid_uid(value: object, name: str) -> str:
+    uid = str(value or "")
+    if not uid:
+        raise StoreRefused(DATASET_MISMATCH, f"{name} is missing")
+    if not UID(uid).is_valid:
+        raise StoreRefused(DATASET_MISMATCH, f"{name} is not a valid UID ({len(uid)} characters)")
+    return uid
+
+
+def _text(ds: pydicom.Dataset, keyword: str, limit: int) -> str | None:
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return None
+    return str(value).strip().upper()[:limit] or None
+
+
+def ingest(data: bytes, ctx: IngestContext, calling_ae: str | None) -> tuple[str, str]:
+    """Store one encoded instance (with file meta); return (study_uid, sop_uid).
+
+    Raises StoreRefused with the status to answer when the instance is not kept.
+    """
+    cfg = ctx.config.storage
+    if len(data) > cfg.max_instance_mb * 1024 * 1024:
+        raise StoreRefused(OUT_OF_RESOURCES, f"instance of {len(data)} bytes exceeds limits.max_instance_mb")
+    try:
+        free = shutil.disk_usage(ctx.spool).free
+    except OSError as e:
+        raise StoreRefused(OUT_OF_RESOURCES, f"spool is not usable: {e}") from e
+    if free - len(data) < cfg.min_free_mb * 1024 * 1024:
+        raise StoreRefused(OUT_OF_RESOURCES, f"free space {free // 2**20} MB is below storage.min_free_mb")
+    try:
+        ds = pydicom.dcmread(BytesIO(data), stop_before_pixels=True)
+    except (InvalidDicomError, ValueError, EOFError, KeyError, TypeError, AttributeError) as e:
+        raise StoreRefused(CANNOT_UNDERSTAND, f"dataset does not parse: {e}") from e
+    study_uid = _valid_uid(ds.get("StudyInstanceUID"), "StudyInstanceUID")
+    series_uid = _valid_uid(ds.get("SeriesInstanceUID"), "SeriesInstanceUID")
+    sop_uid = _valid_uid(ds.get("SOPInstanceUID"), "SOPInstanceUID")
+    sop_class = _valid_uid(ds.get("SOPClassUID"), "SOPClassUID")
+    digest = sha256_hex(data)
+    relpath = instance_relpath(study_uid, sop_uid, digest)
+    try:
+        with session_scope(ctx.config.database.url) as s:
+            existing = s.scalar(select(Instance).where(Instance.sop_instance_uid == sop_uid))
+            if existing is not None and existing.sha256 == digest:
+                log.info("duplicate instance %s ignored (same content)", sop_uid)
+                return study_uid, sop_uid
+            path = write_atomic(ctx.spool, relpath, data)
+            try:
+                _record(s, ds, study_uid, series_uid, sop_uid, sop_class, relpath, digest, len(data), calling_ae, existing)
+                s.flush()
+            except BaseException:
+                path.unlink(missing_ok=True)
+                raise
+    except (SQLAlchemyError, OSError, SpoolError) as e:
+        raise StoreRefused(OUT_OF_RESOURCES, f"instance {sop_uid} not stored: {e}") from e
+    return study_uid, sop_uid
+
+
+def _record(
+    s, ds, study_uid, series_uid, sop_uid, sop_class, relpath, digest, size, calling_ae, existing
+) -> None:  # type: ignore[no-untyped-def]
+    now = utcnow()
+    study = s.scalar(select(Study).where(Study.study_instance_uid == study_uid))
+    if study is None:
+        study = Study(study_instance_uid=study_uid, state=StudyState.RECEIVING, calling_ae=calling_ae,
+                      first_received_at=now, instance_count=0, pending_instances=0)
+        s.add(study)
+        s.flush()
+    elif study.state != StudyState.RECEIVING:
+        log.info("late instance %s for study %s: it will be processed again", sop_uid, study_uid)
+        study.state = StudyState.RECEIVING
+    expected = ds.get("NumberOfStudyRelatedInstances")
+    if isinstance(expected, int) and expected > 0:
+        study.expected_instances = expected
+    study.last_received_at = now
+    study.released_at = None
+    study.pending_instances += 1
+    series = s.scalar(select(Series).where(Series.series_instance_uid == series_uid))
+    if series is None:
+        series = Series(study_id=study.id, series_instance_uid=series_uid, state=SeriesState.PENDING,
+                        modality=_text(ds, "Modality", 16), body_part=_text(ds, "BodyPartExamined", 64),
+                        view_position=_text(ds, "ViewPosition", 16))
+        s.add(series)
+        s.flush()
+    elif series.study_id != study.id:
+        raise StoreRefused(DATASET_MISMATCH, f"series {series_uid} already belongs to another study")
+    if existing is not None:
+        # Same SOP Instance UID, different bytes: keep both files, point to the newest, say so.
+        log.warning("instance %s re-sent with different content; keeping both versions", sop_uid)
+        s.add(Event(kind="instance_version", actor=calling_ae,
+                    detail=f"{sop_uid}: previous file {existing.path} kept, new file {relpath}"))
+        existing.path, existing.sha256, existing.size = relpath, digest, size
+        existing.received_at = now
+        return
+    study.instance_count += 1
+    tsyntax = str(ds.file_meta.get("TransferSyntaxUID", ""))
+    s.add(Instance(series_id=series.id, sop_instance_uid=sop_uid, sop_class_uid=sop_class,
+                   transfer_syntax_uid=tsyntax, path=relpath, size=size, sha256=digest,
+                   calling_ae=calling_ae, received_at=now))
+
+
+def handle_echo(event: evt.Event) -> int:
+    return SUCCESS
+
+
+def handle_store(event: evt.Event, ctx: IngestContext) -> int:
+    """EVT_C_STORE: store the encoded bytes as received (no pixel decoding) and answer."""
+    assoc = event.assoc
+    calling = assoc.requestor.ae_title.strip() if assoc.requestor.ae_title else None
+    try:
+        data = event.encoded_dataset(include_meta=True)
+        study_uid, sop_uid = ingest(data, ctx, calling)
+    except StoreRefused as e:
+        log.warning("C-STORE from %s refused with 0x%04X: %s", calling, e.status, e)
+        _audit(ctx, "store_refused", calling, f"0x{e.status:04X}: {e}")
+        return e.status
+    except Exception as e:  # the association must survive anything one instance does
+        log.exception("C-STORE from %s failed", calling)
+        _audit(ctx, "store_failed", calling, str(e))
+        return OUT_OF_RESOURCES
+    ctx.tracker.add(id(assoc), study_uid)
+    log.debug("stored %s of study %s", sop_uid, study_uid)
+    return SUCCESS
+
+
+def _audit(ctx: IngestContext, kind: str, actor: str | None, detail: str) -> None:
+    try:
+        with session_scope(ctx.config.database.url) as s:
+            s.add(Event(kind=kind, actor=actor, detail=detail[:2000]))
+    except SQLAlchemyError:
+        log.exception("could not record %s event", kind)
+
+
+def handle_closed(event: evt.Event, ctx: IngestContext) -> None:
+    """EVT_RELEASED / EVT_ABORTED / EVT_CONN_CLOSE: start the quiet timer of delivered studies."""
+    studies = ctx.tracker.close(id(event.assoc))
+    if not studies:
+        return
+    now = utcnow()
+    try:
+        with session_scope(ctx.config.database.url) as s:
+            for study in s.scalars(select(Study).where(Study.study_instance_uid.in_(studies))):
+                study.released_at = now
+    except SQLAlchemyError:
+        # The completion timer still fires from last_received_at; nothing is lost.
+        log.exception("could not record release of %d studies", len(studies))
+
+
+def spool_file(ctx: IngestContext, relpath: str) -> Path:
+    return resolve(ctx.spool, relpath)

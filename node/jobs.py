@@ -1,0 +1,197 @@
+"""The job state machine: the database is the record of truth, Celery only carries work.
+
+queued -> running -> encoded -> sending -> done, or failed / cancelled / superseded.
+Every transition sets the state's own timestamp and `updated_at`.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from node.config import Config
+from node.db.models import (
+    ACTIVE_JOB_STATES,
+    Event,
+    Instance,
+    Job,
+    JobState,
+    Series,
+    SeriesState,
+    Study,
+    utcnow,
+)
+from node.db.session import session_scope
+from node.routing import SeriesAttributes, route
+
+log = logging.getLogger(__name__)
+
+ALLOWED: dict[JobState, set[JobState]] = {
+    JobState.QUEUED: {JobState.RUNNING, JobState.FAILED, JobState.CANCELLED},
+    JobState.RUNNING: {JobState.ENCODED, JobState.FAILED, JobState.QUEUED, JobState.CANCELLED},
+    JobState.ENCODED: {JobState.SENDING, JobState.FAILED, JobState.CANCELLED, JobState.QUEUED},
+    JobState.SENDING: {JobState.DONE, JobState.FAILED, JobState.SENDING, JobState.CANCELLED, JobState.QUEUED},
+    JobState.DONE: {JobState.SUPERSEDED},
+    JobState.FAILED: set(),
+    JobState.CANCELLED: set(),
+    JobState.SUPERSEDED: set(),
+}
+
+
+class TransitionError(RuntimeError):
+    """A state change the state machine does not allow (e.g. a duplicate delivery)."""
+
+
+def transition(job: Job, new: JobState, **fields: Any) -> None:
+    """Move job to state new, stamping `<new>_at`; refuse moves the machine does not allow."""
+    if new not in ALLOWED[job.state]:
+        raise TransitionError(f"job {job.id}: {job.state.value} -> {new.value} is not allowed")
+    now = utcnow()
+    job.state = new
+    setattr(job, f"{new.value}_at", now)
+    job.updated_at = now
+    for k, v in fields.items():
+        setattr(job, k, v)
+
+
+def enabled_pipelines(config: Config) -> tuple[str, ...]:
+    return tuple(name for name, p in config.pipelines.items() if p.enabled)
+
+
+def create_jobs_for_study(s: Session, config: Config, study: Study) -> list[Job]:
+    """Route the study's pending series and create one queued job per pipeline that has images."""
+    pipelines = enabled_pipelines(config)
+    now = utcnow()
+    for series in s.scalars(select(Series).where(Series.study_id == study.id, Series.state == SeriesState.PENDING)):
+        first = s.scalar(select(Instance).where(Instance.series_id == series.id).order_by(Instance.id).limit(1))
+        if first is None:
+            continue
+        decision = route(
+            SeriesAttributes(first.sop_class_uid, series.modality, series.body_part, series.view_position),
+            config.routing,
+            pipelines,
+        )
+        series.state = SeriesState.SKIPPED if decision.skipped else SeriesState.ROUTED
+        series.skip_reason = decision.reason if decision.skipped else None
+        series.routed_at = now
+        if decision.skipped:
+            log.info("series %s skipped: %s", series.series_instance_uid, decision.reason)
+    routed = s.scalars(
+        select(Instance.id)
+        .join(Series)
+        .where(Series.study_id == study.id, Series.state == SeriesState.ROUTED)
+        .order_by(Instance.id)
+    ).all()
+    if not routed:
+        return []
+    jobs = []
+    for name in pipelines:
+        previous = s.scalar(
+            select(Job).where(Job.study_id == study.id, Job.pipeline == name).order_by(Job.id.desc()).limit(1)
+        )
+        job = Job(study_id=study.id, pipeline=name, state=JobState.QUEUED, attempt=0, instance_ids=list(routed),
+                  timings={}, created_at=now, queued_at=now, updated_at=now,
+                  supersedes_id=previous.id if previous is not None else None)
+        s.add(job)
+        jobs.append(job)
+    s.flush()
+    return jobs
+
+
+def replay(config: Config, job_id: int, actor: str, reason: str) -> int:
+    """Create a new queued job that redoes job_id (same study, pipeline and images); return its id."""
+    with session_scope(config.database.url) as s:
+        old = s.get(Job, job_id)
+        if old is None:
+            raise LookupError(f"no job {job_id}")
+        if old.state in ACTIVE_JOB_STATES:
+            raise TransitionError(f"job {job_id} is {old.state.value}; cancel it before replaying")
+        now = utcnow()
+        new = Job(study_id=old.study_id, pipeline=old.pipeline, state=JobState.QUEUED, attempt=0,
+                  instance_ids=list(old.instance_ids), timings={}, created_at=now, queued_at=now,
+                  updated_at=now, replay_of=old.id,
+                  supersedes_id=old.id if old.state == JobState.DONE else old.supersedes_id)
+        s.add(new)
+        s.flush()
+        s.add(Event(kind="replay", job_id=new.id, actor=actor, detail=f"replay of job {job_id}: {reason}"))
+        return new.id
+
+
+def cancel(config: Config, job_id: int, actor: str, reason: str) -> None:
+    with session_scope(config.database.url) as s:
+        job = s.get(Job, job_id)
+        if job is None:
+            raise LookupError(f"no job {job_id}")
+        transition(job, JobState.CANCELLED, error=f"cancelled by {actor}: {reason}")
+        s.add(Event(kind="cancel", job_id=job_id, actor=actor, detail=reason))
+
+
+def reconcile(config: Config, stale_after: float | None = None) -> list[int]:
+    """Find jobs whose worker died or whose message was lost and send their work again.
+
+    A job counts as stuck when its row has not moved for `stale_after` seconds (default: the
+    task hard time limit plus a minute, so a running task is never taken away from a live
+    worker). Inference is re-sent for queued/running jobs, export for encoded/sending ones;
+    a duplicate delivery is harmless because workers check the job's state first.
+    """
+    from node.queue import enqueue_export, enqueue_job
+
+    limit = config.queue.task_time_limit + 60 if stale_after is None else stale_after
+    now = utcnow()
+    stale = now - timedelta(seconds=limit)
+    requeued: list[tuple[int, JobState]] = []
+    with session_scope(config.database.url) as s:
+        for job in s.scalars(select(Job).where(Job.state.in_(ACTIVE_JOB_STATES), Job.updated_at <= stale)):
+            log.warning("job %d unchanged in %s since %s: sending it again", job.id, job.state.value, job.updated_at)
+            s.add(Event(kind="requeue", job_id=job.id, actor="reconciler",
+                        detail=f"{job.state.value} since {job.updated_at.isoformat()}"))
+            if job.state == JobState.RUNNING:
+                transition(job, JobState.QUEUED, worker=None)
+            job.updated_at = now
+            requeued.append((job.id, job.state))
+    for job_id, state in requeued:
+        if state == JobState.QUEUED:
+            enqueue_job(config, job_id)
+        else:
+            enqueue_export(config, job_id)
+    return [j for j, _ in requeued]
+
+
+def job_to_dict(job: Job) -> dict[str, Any]:
+    """The JSON shape scripts rely on (`pacsnode jobs --json`)."""
+    def ts(v: datetime | None) -> str | None:
+        return v.isoformat() if v else None
+
+    return {
+        "id": job.id,
+        "study_instance_uid": job.study.study_instance_uid,
+        "pipeline": job.pipeline,
+        "model_version": job.model_version,
+        "state": job.state.value,
+        "attempt": job.attempt,
+        "worker": job.worker,
+        "error": job.error,
+        "error_stage": job.error_stage,
+        "replay_of": job.replay_of,
+        "supersedes": job.supersedes_id,
+        "timings": job.timings,
+        "created_at": ts(job.created_at),
+        **{f"{st.value}_at": ts(getattr(job, f"{st.value}_at")) for st in JobState},
+        "outputs": [
+            {
+                "kind": o.kind,
+                "sop_instance_uid": o.sop_instance_uid,
+                "series_instance_uid": o.series_instance_uid,
+                "sends": [
+                    {"destination": sd.destination, "state": sd.state.value, "attempts": sd.attempts,
+                     "remote_status": sd.remote_status, "error": sd.error, "sent_at": ts(sd.sent_at)}
+                    for sd in o.sends
+                ],
+            }
+            for o in job.outputs
+        ],
+    }

@@ -1,0 +1,96 @@
+"""The Celery app and the only place that puts work on the queue.
+
+Tasks take a job id (JSON), never pixels or paths of another machine. Embedded mode uses
+kombu's filesystem transport inside the spool, so a first run needs no Redis; production sets
+`queue.broker_url: redis://...` and the same code runs there.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from celery import Celery
+
+from node.config import Config
+
+log = logging.getLogger(__name__)
+
+INFERENCE_QUEUE = "inference"
+EXPORT_QUEUE = "export"
+RUN_JOB = "pacsnode.run_job"
+EXPORT_JOB = "pacsnode.export_job"
+
+app = Celery("pacsnode", include=["node.tasks"])
+_configured: str | None = None
+_lock = threading.Lock()
+
+
+def broker_settings(config: Config) -> dict[str, object]:
+    q = config.queue
+    if config.embedded_queue:
+        folder = config.storage.path / "queue"
+        for sub in ("messages", "processed"):
+            (folder / sub).mkdir(parents=True, exist_ok=True)
+        return {
+            "broker_url": "filesystem://",
+            "broker_transport_options": {
+                "data_folder_in": str(folder / "messages"),
+                "data_folder_out": str(folder / "messages"),
+                "processed_folder": str(folder / "processed"),
+                "store_processed": False,
+                "polling_interval": 0.05,
+            },
+            # The filesystem transport has no fanout exchange for remote control.
+            "worker_enable_remote_control": False,
+        }
+    return {
+        "broker_url": q.broker_url,
+        "broker_transport_options": {
+            # Longer than the slowest job, or Redis re-delivers a task that is still running.
+            "visibility_timeout": q.visibility_timeout,
+            "socket_timeout": 10,
+            "socket_connect_timeout": 10,
+        },
+    }
+
+
+def configure(config: Config) -> Celery:
+    """Configure the process-wide app for this config (once per process)."""
+    global _configured
+    with _lock:
+        key = config.model_dump_json()
+        if _configured == key:
+            return app
+        app.conf.update(
+            task_serializer="json",
+            accept_content=["json"],
+            task_ignore_result=True,
+            result_backend=None,
+            task_acks_late=True,
+            task_reject_on_worker_lost=True,
+            worker_prefetch_multiplier=1,
+            task_time_limit=config.queue.task_time_limit,
+            task_soft_time_limit=max(config.queue.task_time_limit - 30, 5),
+            task_routes={RUN_JOB: {"queue": INFERENCE_QUEUE}, EXPORT_JOB: {"queue": EXPORT_QUEUE}},
+            task_default_queue=INFERENCE_QUEUE,
+            broker_connection_retry_on_startup=True,
+            broker_connection_timeout=10,
+            worker_hijack_root_logger=False,
+            worker_send_task_events=False,
+            **broker_settings(config),
+        )
+        app.conf.pacsnode_config = key
+        _configured = key
+    return app
+
+
+def enqueue_job(config: Config, job_id: int) -> None:
+    """Queue inference for a job whose row is committed."""
+    configure(config).send_task(RUN_JOB, args=[job_id], queue=INFERENCE_QUEUE)
+    log.debug("job %d queued for inference", job_id)
+
+
+def enqueue_export(config: Config, job_id: int, countdown: float = 0.0) -> None:
+    """Queue the sending of a job's encoded results."""
+    configure(config).send_task(EXPORT_JOB, args=[job_id], queue=EXPORT_QUEUE, countdown=countdown or None)
