@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import shutil
 import threading
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
 from io import BytesIO
@@ -24,7 +25,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from node.config import Config
 from node.db.models import Event, Instance, Series, SeriesState, Study, StudyState, utcnow
 from node.db.session import session_scope
-from node.spool import SpoolError, instance_relpath, resolve, sha256_hex, write_atomic
+from node.spool import SpoolError, instance_relpath, sha256_hex, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,9 @@ class IngestContext:
     config: Config
     tracker: AssociationTracker = field(default_factory=AssociationTracker)
 
+    def __post_init__(self) -> None:
+        self.spool.mkdir(parents=True, exist_ok=True)
+
     @property
     def spool(self) -> Path:
         return self.config.storage.path
@@ -108,9 +112,15 @@ def ingest(data: bytes, ctx: IngestContext, calling_ae: str | None) -> tuple[str
     if free - len(data) < cfg.min_free_mb * 1024 * 1024:
         raise StoreRefused(OUT_OF_RESOURCES, f"free space {free // 2**20} MB is below storage.min_free_mb")
     try:
-        ds = pydicom.dcmread(BytesIO(data), stop_before_pixels=True)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            # A full parse reads pixel bytes without decoding them (a copy, no decompression).
+            ds = pydicom.dcmread(BytesIO(data))
     except (InvalidDicomError, ValueError, EOFError, KeyError, TypeError, AttributeError) as e:
         raise StoreRefused(CANNOT_UNDERSTAND, f"dataset does not parse: {e}") from e
+    truncated = [str(w.message) for w in caught if "End of file reached" in str(w.message)]
+    if truncated or ("Rows" in ds and not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"))):
+        raise StoreRefused(DATASET_MISMATCH, "image has no complete pixel data (truncated?)")
     study_uid = _valid_uid(ds.get("StudyInstanceUID"), "StudyInstanceUID")
     series_uid = _valid_uid(ds.get("SeriesInstanceUID"), "SeriesInstanceUID")
     sop_uid = _valid_uid(ds.get("SOPInstanceUID"), "SOPInstanceUID")
@@ -224,6 +234,3 @@ def handle_closed(event: evt.Event, ctx: IngestContext) -> None:
         # The completion timer still fires from last_received_at; nothing is lost.
         log.exception("could not record release of %d studies", len(studies))
 
-
-def spool_file(ctx: IngestContext, relpath: str) -> Path:
-    return resolve(ctx.spool, relpath)

@@ -1,0 +1,62 @@
+"""Completion rules and routing decisions: pure functions, checked exhaustively."""
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from node.completion import StudyClock, completion_rule
+from node.config import RoutingConfig
+from node.routing import SeriesAttributes, route
+
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+CR = "1.2.840.10008.5.1.4.1.1.1"
+DX = "1.2.840.10008.5.1.4.1.1.1.1"
+SC = "1.2.840.10008.5.1.4.1.1.7"
+CT = "1.2.840.10008.5.1.4.1.1.2"
+
+
+def clock(last: float = 0, released: float | None = 0, open_: bool = False, count: int = 1,
+          expected: int | None = None) -> StudyClock:
+    return StudyClock(T0, T0 + timedelta(seconds=last),
+                      None if released is None else T0 + timedelta(seconds=released), open_, count, expected)
+
+
+@pytest.mark.parametrize(
+    ("study", "now", "rule"),
+    [
+        (clock(released=1), 2.9, None),  # quiet time counts from the release
+        (clock(released=1), 3.0, "quiet"),
+        (clock(released=None), 2.0, "quiet"),  # release unknown (e.g. restart): from the last instance
+        (clock(open_=True), 100, None),  # association still open
+        (clock(open_=True), 600, "max_wait"),
+        (clock(open_=True, count=3, expected=3), 0.1, "count"),
+        (clock(open_=True, count=2, expected=3), 0.1, None),
+    ],
+)
+def test_completion_rule(study: StudyClock, now: float, rule: str | None) -> None:
+    assert completion_rule(study, T0 + timedelta(seconds=now), quiet_seconds=2, max_wait_seconds=600) == rule
+
+
+@pytest.mark.parametrize(
+    ("attrs", "reason"),
+    [
+        (SeriesAttributes(CR, "CR", "CHEST", "PA"), None),
+        (SeriesAttributes(DX, "DX", None, None), None),
+        (SeriesAttributes(CR, "CR", "CHEST", "LL"), "ViewPosition LL is not frontal"),
+        (SeriesAttributes(CR, "CR", "KNEE", "AP"), "BodyPartExamined KNEE"),
+        (SeriesAttributes(CT, "CT", None, None), "modality CT"),
+        (SeriesAttributes(SC, "OT", "CHEST", None), None),
+        (SeriesAttributes(SC, "OT", None, None), "secondary capture without BodyPartExamined CHEST"),
+        (SeriesAttributes(CR, "MG", None, None), "modality MG is not in routing.modalities"),
+    ],
+)
+def test_route(attrs: SeriesAttributes, reason: str | None) -> None:
+    d = route(attrs, RoutingConfig(), ("chest_xray",))
+    if reason is None:
+        assert d.pipelines == ("chest_xray",)
+    else:
+        assert d.skipped and reason in d.reason
+
+
+def test_route_with_no_pipeline_enabled_skips() -> None:
+    assert route(SeriesAttributes(CR, "CR", None, None), RoutingConfig(), ()).reason == "no pipeline is enabled"

@@ -1,0 +1,47 @@
+"""Config: validated at start, unknown keys and bad values named."""
+
+from pathlib import Path
+
+import pytest
+
+from node.config import ConfigError, load_config, parse_config
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_default_config_file_is_valid_and_paths_are_anchored() -> None:
+    cfg = load_config(REPO / "config.yaml")
+    assert cfg.listener.ae_title == "PACSNODE"
+    assert cfg.listener.port == 11112
+    assert cfg.storage.path == REPO / "var" / "spool"
+    assert cfg.database.url == f"sqlite:///{REPO / 'var' / 'pacsnode.db'}"
+    assert cfg.embedded_queue
+    assert [d.name for d in cfg.destinations] == ["pacs"]
+
+
+@pytest.mark.parametrize(
+    ("raw", "match"),
+    [
+        ({"listener": {"portt": 1}}, r"listener\.portt: unknown key"),
+        ({"listener": {"port": 70000}}, r"listener\.port: Input should be less than or equal to 65535"),
+        ({"listener": {"ae_title": "WAY_TOO_LONG_AE_TITLE"}}, r"listener\.ae_title"),
+        ({"destinations": [{"name": "a", "ae_title": "X", "host": "h"}]}, r"destinations\.0\.port: Field required"),
+        ({"pipelines": {"chest_xray": {"bundle": "m", "device": "gpu"}}}, r"pipelines\.chest_xray\.device"),
+        ({"completion": {"quiet_seconds": -1}}, r"completion\.quiet_seconds"),
+        ([], r"top level must be a mapping"),
+    ],
+)
+def test_bad_values_fail_with_the_key_named(raw: object, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        parse_config(raw)
+
+
+def test_duplicate_destination_names_fail() -> None:
+    d = {"name": "pacs", "ae_title": "A", "host": "h", "port": 104}
+    with pytest.raises(ConfigError, match="destination names must be unique"):
+        parse_config({"destinations": [d, d]})
+
+
+def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read config"):
+        load_config(tmp_path / "nope.yaml")
