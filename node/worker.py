@@ -47,6 +47,7 @@ class JobInput:
     study_uid: str
     pipeline: str
     paths: list[Path]
+    content_keys: list[str]  # "<sop uid>:<sha256>" of each source: re-sent content gets new results
     predecessor_sr: tuple[str, str, str] | None  # (study, series, sop) of the SR this one replaces
 
 
@@ -82,7 +83,8 @@ def _start(config: Config, job_id: int, worker: str) -> JobInput | None:
             if sr is not None:
                 predecessor = (job.study.study_instance_uid, sr.series_instance_uid, sr.sop_instance_uid)
         return JobInput(job_id, job.study.study_instance_uid, job.pipeline,
-                        [resolve(config.storage.path, i.path) for i in instances], predecessor)
+                        [resolve(config.storage.path, i.path) for i in instances],
+                        sorted(f"{i.sop_instance_uid}:{i.sha256}" for i in instances), predecessor)
 
 
 def _fail(config: Config, job_id: int, stage: str, message: str) -> None:
@@ -128,8 +130,8 @@ def run_inference(config: Config, job_id: int, worker: str) -> bool:
             timings[k] = sum(r.timings.get(k, 0.0) for r in results)
 
         t0 = time.perf_counter()
-        key = (ji.study_uid, ji.pipeline, model.version, model.device_uid,
-               *sorted(str(ds.SOPInstanceUID) for ds in sources))
+        # Same sources and model -> same UIDs, so a re-run never gives the PACS duplicates.
+        key = (ji.study_uid, ji.pipeline, model.version, model.device_uid, *ji.content_keys)
         sr = build_comprehensive_3d_sr(
             sources, results, model,
             series_instance_uid=result_uid(*key, "sr-series"),

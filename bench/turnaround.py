@@ -1,0 +1,130 @@
+"""Turnaround benchmark: sender's association release -> SR stored in a real Orthanc.
+
+Starts Orthanc and `pacsnode run` (embedded mode), sends RG1_UNCR.dcm N times as new studies
+with a pynetdicom SCU (TCP_NODELAY), and reads from the node's database when Orthanc answered
+the SR's C-STORE. Prints the median turnaround less the quiet time, its ratio to the 0.5 s
+target and to a plain storescu -> Orthanc store of the same file measured in the same run, and
+the stage breakdown.
+
+    python bench/turnaround.py [--runs 5] [--bundle models/chest_xray]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import pydicom  # noqa: E402
+from pydicom.data import get_testdata_file  # noqa: E402
+from pydicom.uid import generate_uid  # noqa: E402
+from pynetdicom import AE, evt  # noqa: E402
+
+from node.listener import set_nodelay  # noqa: E402
+from tests.peers import Node, Orthanc, node_config, storescu, wait_for  # noqa: E402
+
+QUIET = 0.3
+
+
+def send(port: int, ds: pydicom.Dataset) -> float:
+    """C-STORE ds and release; return the wall-clock time of the release."""
+    ae = AE(ae_title="BENCHSCU")
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+    ae.add_requested_context(str(ds.SOPClassUID), [str(ds.file_meta.TransferSyntaxUID)])
+    assoc = ae.associate("127.0.0.1", port, ae_title="PACSNODE", evt_handlers=[(evt.EVT_CONN_OPEN, set_nodelay)])
+    assert assoc.is_established, "association refused"
+    status = assoc.send_c_store(ds)
+    assert int(status.Status) == 0, status
+    assoc.release()
+    return time.time()
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--bundle", type=Path, default=REPO / "models" / "chest_xray")
+    args = p.parse_args()
+    if not (args.bundle / "configs" / "metadata.json").exists():
+        subprocess.run([sys.executable, "-m", "training", "demo", "--out", str(args.bundle)], check=True, cwd=REPO)
+    rg1 = Path(get_testdata_file("RG1_UNCR.dcm"))
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        pacs = Orthanc(work / "orthanc").start()
+        try:
+            # Reference in the same run: a plain store of the same file straight into Orthanc.
+            t0 = time.perf_counter()
+            out = storescu(pacs.dicom_port, rg1, aec=pacs.aet)
+            plain_store = time.perf_counter() - t0
+            assert out.returncode == 0, out.stderr
+            cfg = node_config(work / "node", args.bundle.resolve(),
+                              [{"name": "orthanc", "ae_title": pacs.aet, "host": "127.0.0.1", "port": pacs.dicom_port}],
+                              completion={"quiet_seconds": QUIET, "poll_seconds": 0.02})
+            node = Node(cfg).start(timeout=300)
+            try:
+                # Warm-up: the first job pays for lazy imports in the workers.
+                rows = [run_once(node, pacs, rg1) for _ in range(args.runs + 1)][1:]
+            finally:
+                node.stop()
+        finally:
+            pacs.stop()
+    report(rows, plain_store)
+    return 0
+
+
+def run_once(node: Node, pacs: Orthanc, rg1: Path) -> dict[str, float]:
+    ds = pydicom.dcmread(rg1)
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = generate_uid(), generate_uid(), generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    released = send(node.port, ds)
+    study = str(ds.StudyInstanceUID)
+
+    def done() -> dict | None:
+        jobs = [j for j in node.jobs() if j["study_instance_uid"] == study]
+        if jobs and jobs[0]["state"] == "failed":
+            raise RuntimeError(jobs[0]["error"])
+        return jobs[0] if jobs and jobs[0]["state"] == "done" else None
+
+    job = wait_for(done, 120, "job done", interval=0.2)
+    assert pacs.find_study(study), "Orthanc does not have the study"
+    sr = next(o for o in job["outputs"] if o["kind"] == "sr")
+    sr_stored = datetime.fromisoformat(sr["sends"][0]["sent_at"]).timestamp()
+
+    def at(key: str) -> float:
+        return datetime.fromisoformat(job[key]).timestamp()
+
+    t = job["timings"]
+    return {
+        "turnaround_less_quiet": sr_stored - released - QUIET,
+        "release_to_queued": at("queued_at") - released - QUIET,
+        "queue_wait": at("running_at") - at("queued_at"),
+        "read": t["read"], "decode": t["decode"], "segmentation": t["segmentation"],
+        "classification": t["classification"], "heatmap": t["heatmap"], "pipeline": t["pipeline"],
+        "encode": t["encode"], "validate": t.get("validate", 0.0),
+        "encoded_to_sending": at("sending_at") - at("encoded_at"),
+        "send_all_objects": t["send"],
+    }
+
+
+def report(rows: list[dict[str, float]], plain_store: float) -> None:
+    med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+    print(f"runs: {len(rows)} (RG1_UNCR.dcm, CR 1955x1841, uncompressed; quiet time {QUIET} s subtracted)")
+    for k, v in med.items():
+        print(f"  {k:24s} {v * 1000:8.1f} ms")
+    tt = med["turnaround_less_quiet"]
+    print(f"turnaround (median)         {tt:.3f} s   ratio to 0.5 s target: {tt / 0.5:.2f}")
+    print(f"reference: storescu -> Orthanc plain store of the same file: {plain_store:.3f} s "
+          f"(turnaround / plain store = {tt / plain_store:.1f}x)")
+    print(json.dumps({"median": med, "plain_store_s": plain_store}))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

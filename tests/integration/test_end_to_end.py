@@ -1,0 +1,166 @@
+"""The vertical slice against real peers: storescu -> pacsnode run -> Orthanc, checked by REST.
+
+Sends RG1 (uncompressed and JPEG 2000), a real JPEG chest radiograph wrapped by img2dcm, and a
+CT that routing must skip; then checks what Orthanc holds, validates our objects with dciodvfy,
+and reads the jobs back through the CLI's JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Iterator
+from io import BytesIO
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+
+from tests.peers import REPO, Node, Orthanc, have, img2dcm, node_config, storescu, wait_for
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.slow,
+    pytest.mark.skipif(not have("Orthanc", "storescu", "img2dcm", "dciodvfy"), reason="needs Orthanc, DCMTK, dicom3tools"),
+]
+
+RG1 = Path(get_testdata_file("RG1_UNCR.dcm"))
+RG1_J2K = Path(get_testdata_file("RG1_J2KR.dcm"))
+CT = Path(get_testdata_file("CT_small.dcm"))
+CXR = REPO.parent / "shared" / "data" / "cxr-samples" / "pneumonia" / "person1946_bacteria_4874.jpeg"
+SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.33"  # Comprehensive 3D SR
+SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"
+
+
+@pytest.fixture(scope="module")
+def pacs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
+    server = Orthanc(tmp_path_factory.mktemp("orthanc")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def running_node(tmp_path_factory: pytest.TempPathFactory, pacs: Orthanc, demo_bundle: Path) -> Iterator[Node]:
+    work = tmp_path_factory.mktemp("node")
+    cfg = node_config(work, demo_bundle, [{"name": "orthanc", "ae_title": pacs.aet, "host": "127.0.0.1",
+                                           "port": pacs.dicom_port, "timeout": 10}])
+    n = Node(cfg).start(timeout=120)
+    yield n
+    n.stop()
+    print(n.log()[-5000:])
+
+
+def _result_series(pacs: Orthanc, study_uid: str) -> dict[str, list[str]]:
+    """SOP class -> instance ids of the series we added (by SOP class of their first instance)."""
+    found: dict[str, list[str]] = {}
+    for series in pacs.study_series(study_uid):
+        first = pacs.get(f"/instances/{series['Instances'][0]}/tags?simplify")
+        if first["SOPClassUID"] in (SR_CLASS, SC_CLASS) and first.get("Manufacturer") != "DCMTK":
+            found.setdefault(first["SOPClassUID"], []).extend(series["Instances"])
+    return found
+
+
+def _dciodvfy_errors(data: bytes, tmp: Path) -> list[str]:
+    path = tmp / "obj.dcm"
+    path.write_bytes(data)
+    out = subprocess.run(["dciodvfy", "-new", str(path)], capture_output=True, text=True, timeout=60)
+    return [line for line in (out.stdout + out.stderr).splitlines() if line.startswith("Error")]
+
+
+def _job_for(n: Node, study_uid: str, state: str = "done") -> dict:
+    def check() -> dict | None:
+        jobs = [j for j in n.jobs() if j["study_instance_uid"] == study_uid]
+        failed = [j for j in jobs if j["state"] == "failed"]
+        assert not failed, f"job failed: {failed[0]['error_stage']}: {failed[0]['error']}"
+        return next((j for j in jobs if j["state"] == state), None)
+
+    return wait_for(check, 180, f"job of study {study_uid} to be {state}", interval=0.5)
+
+
+@pytest.mark.parametrize("source", ["RG1_UNCR", "RG1_J2KR", "cxr-sample"])
+def test_radiograph_comes_back_as_sr_and_overlay_in_the_same_study(
+    source: str, running_node: Node, pacs: Orthanc, tmp_path: Path
+) -> None:
+    if source == "cxr-sample":
+        path = img2dcm(CXR, tmp_path / "cxr.dcm", "ViewPosition=PA")
+        extra: tuple[str, ...] = ("-xy",)  # img2dcm keeps the JPEG: propose JPEG baseline
+    else:
+        path = RG1 if source == "RG1_UNCR" else RG1_J2K
+        extra = ("-xv",) if source == "RG1_J2KR" else ()
+    src = pydicom.dcmread(path, stop_before_pixels=True)
+    study_uid = str(src.StudyInstanceUID)
+    # RG1 in two syntaxes shares one study: the second send is a late arrival, processed again.
+    before = {j["id"] for j in running_node.jobs() if j["study_instance_uid"] == study_uid}
+    out = storescu(running_node.port, path, extra=extra)
+    assert out.returncode == 0, out.stderr
+
+    def new_done_job() -> dict | None:
+        jobs = [j for j in running_node.jobs() if j["study_instance_uid"] == study_uid and j["id"] not in before]
+        failed = [j for j in jobs if j["state"] == "failed"]
+        assert not failed, f"job failed at {failed[0]['error_stage']}: {failed[0]['error']}"
+        return next((j for j in jobs if j["state"] == "done"), None)
+
+    job = wait_for(new_done_job, 180, f"a new done job for {source}", interval=0.5)
+    assert job["pipeline"] == "chest_xray"
+    assert job["model_version"]
+    for key in ("created_at", "queued_at", "running_at", "encoded_at", "sending_at", "done_at"):
+        assert job[key], key
+    assert {"read", "pipeline", "encode", "send"} <= set(job["timings"])
+    kinds = [o["kind"] for o in job["outputs"]]
+    # One SR for the study's processed images, one overlay per image.
+    assert kinds[0] == "sr" and kinds[1:] == ["sc"] * (len(kinds) - 1) and len(kinds) >= 2
+    for o in job["outputs"]:
+        assert [(s["destination"], s["state"], s["remote_status"]) for s in o["sends"]] == [("orthanc", "sent", 0)]
+
+    results = _result_series(pacs, study_uid)
+    sent = {o["sop_instance_uid"] for o in job["outputs"]}
+    for sop_class in (SR_CLASS, SC_CLASS):
+        assert results.get(sop_class), f"Orthanc lacks the {sop_class} series of study {study_uid}"
+    for instance_id in results[SR_CLASS] + results[SC_CLASS]:
+        data = pacs.get_bytes(f"/instances/{instance_id}/file")
+        ds = pydicom.dcmread(BytesIO(data))
+        if str(ds.SOPInstanceUID) not in sent:
+            continue  # an earlier job's result for the same study
+        assert ds.StudyInstanceUID == study_uid
+        assert ds.SeriesInstanceUID != src.SeriesInstanceUID
+        assert "AI" in str(ds.get("SeriesDescription", ""))
+        assert _dciodvfy_errors(data, tmp_path) == []
+        sent.discard(str(ds.SOPInstanceUID))
+    assert sent == set(), "some of the job's objects are not in Orthanc"
+
+
+def test_ct_is_stored_and_skipped_with_a_reason(running_node: Node, pacs: Orthanc) -> None:
+    out = storescu(running_node.port, CT)
+    assert out.returncode == 0, out.stderr
+    study_uid = str(pydicom.dcmread(CT, stop_before_pixels=True).StudyInstanceUID)
+
+    def skipped() -> dict | None:
+        studies = json.loads(running_node.cli("studies", "--json"))
+        return next((s for s in studies if s["study_instance_uid"] == study_uid and s["state"] == "skipped"), None)
+
+    study = wait_for(skipped, 30, "the CT study to be skipped", interval=0.3)
+    assert study["jobs"] == []
+    assert "modality CT" in study["series"][0]["skip_reason"]
+    assert pacs.find_study(study_uid) is None  # nothing was sent for it
+
+
+def test_replay_reruns_a_done_job_with_the_same_result_uids(running_node: Node, pacs: Orthanc) -> None:
+    study_uid = str(pydicom.dcmread(RG1, stop_before_pixels=True).StudyInstanceUID)
+    done = [j for j in running_node.jobs() if j["study_instance_uid"] == study_uid and j["state"] in ("done", "superseded")]
+    if not done:
+        assert storescu(running_node.port, RG1).returncode == 0
+        done = [_job_for(running_node, study_uid)]
+    original = done[0]
+    out = json.loads(running_node.cli("replay", str(original["id"]), "--json", "--reason", "test"))
+    new_id = out[0]["job"]
+
+    def replayed() -> dict | None:
+        j = next(j for j in running_node.jobs() if j["id"] == new_id)
+        assert j["state"] != "failed", j["error"]
+        return j if j["state"] == "done" else None
+
+    job = wait_for(replayed, 180, "the replayed job", interval=0.5)
+    assert job["replay_of"] == original["id"]
+    # Same images and model: same UIDs, so the PACS is not given duplicates.
+    assert [o["sop_instance_uid"] for o in job["outputs"]] == [o["sop_instance_uid"] for o in original["outputs"]]
