@@ -1,0 +1,98 @@
+"""Coded concepts used by the writers: one table, nothing coded anywhere else.
+
+Finding labels (ChestX-ray14 plus "No Finding") map to SNOMED CT (SCT) concepts.
+Provenance of each code is recorded in ``FINDING_CODE_PROVENANCE``:
+
+- ``dicom``: the code/meaning pair appears in a DICOM PS3.16 context group (as
+  shipped in pydicom's concept dictionary).
+- ``browser``: checked against a SNOMED CT browser page (concept active).
+- ``corroborated``: several independent public mappings agree; not checked
+  against a SNOMED CT release.
+- ``unverified``: best available guess; must be checked against a SNOMED CT
+  release before clinical use.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from types import MappingProxyType
+
+from highdicom.sr import CodedConcept
+from pydicom.sr.codedict import codes
+
+# --- Finding labels ---------------------------------------------------------------------
+
+NO_FINDING_LABEL = "No Finding"
+
+FINDING_CODES: Mapping[str, CodedConcept] = MappingProxyType(
+    {
+        "Atelectasis": CodedConcept("46621007", "SCT", "Atelectasis"),
+        "Cardiomegaly": CodedConcept("8186001", "SCT", "Cardiomegaly"),
+        "Effusion": CodedConcept("60046008", "SCT", "Pleural effusion"),
+        "Infiltration": CodedConcept("409609008", "SCT", "Radiologic infiltrate of lung"),
+        "Mass": CodedConcept("4147007", "SCT", "Mass"),
+        "Nodule": CodedConcept("786838002", "SCT", "Pulmonary nodule"),
+        "Pneumonia": CodedConcept("233604007", "SCT", "Pneumonia"),
+        "Pneumothorax": CodedConcept("36118008", "SCT", "Pneumothorax"),
+        "Consolidation": CodedConcept("95436008", "SCT", "Lung consolidation"),
+        "Edema": CodedConcept("19242006", "SCT", "Pulmonary edema"),
+        "Emphysema": CodedConcept("87433001", "SCT", "Pulmonary emphysema"),
+        "Fibrosis": CodedConcept("51615001", "SCT", "Fibrosis of lung"),
+        "Pleural_Thickening": CodedConcept("78381009", "SCT", "Pleural thickening"),
+        "Hernia": CodedConcept("84089009", "SCT", "Hiatal hernia"),
+        NO_FINDING_LABEL: CodedConcept("281900007", "SCT", "No abnormality detected"),
+    }
+)
+
+FINDING_CODE_PROVENANCE: Mapping[str, str] = MappingProxyType(
+    {
+        "Atelectasis": "corroborated",
+        "Cardiomegaly": "corroborated",  # DICOM CID 12248 uses SCT 287272002 (fetal context)
+        "Effusion": "dicom",
+        "Infiltration": "corroborated",  # UMLS SNOMEDCT_US name; DICOM also has DCM 112121
+        "Mass": "dicom",  # morphologic abnormality; finding site lung is implied by the report
+        "Nodule": "browser",
+        "Pneumonia": "corroborated",
+        "Pneumothorax": "dicom",
+        "Consolidation": "corroborated",
+        "Edema": "corroborated",
+        "Emphysema": "corroborated",
+        "Fibrosis": "corroborated",
+        "Pleural_Thickening": "unverified",
+        "Hernia": "corroborated",  # ChestX-ray14 "Hernia" is read as hiatal hernia
+        NO_FINDING_LABEL: "corroborated",
+    }
+)
+
+
+def finding_code(label: str) -> CodedConcept:
+    """The coded concept of a pipeline finding label."""
+    try:
+        return FINDING_CODES[label]
+    except KeyError as e:
+        raise ValueError(
+            f"no coded concept for finding label {label!r}; known: {sorted(FINDING_CODES)}"
+        ) from e
+
+
+# --- Report structure --------------------------------------------------------------------
+
+#: Procedure reported (TID 1500): plain chest X-ray.
+CHEST_XRAY_PROCEDURE = CodedConcept("399208008", "SCT", "Plain chest X-ray")
+#: Anatomy: lung (DICOM CID 7151 / 4).
+LUNG = CodedConcept.from_code(codes.SCT.Lung)
+ANATOMICAL_STRUCTURE = CodedConcept.from_code(codes.SCT.AnatomicalStructure)
+#: Numeric measurement name and unit for a classifier output in [0, 1].
+PROBABILITY = CodedConcept.from_code(codes.DCM.Probability)
+NO_UNITS = CodedConcept.from_code(codes.UCUM.NoUnits)
+#: Decision at the bundle threshold (DICOM CID 240 values).
+PRESENT = CodedConcept.from_code(codes.SCT.Present)
+ABSENT = CodedConcept.from_code(codes.SCT.Absent)
+#: Free-text comment (disclaimer, provenance) in the report.
+COMMENT = CodedConcept.from_code(codes.DCM.Comment)
+#: TID 1500 "Qualitative Evaluations" container (UMLS C0034375).
+QUALITATIVE_EVALUATIONS = CodedConcept("C0034375", "UMLS", "Qualitative Evaluations")
+#: Observer type and algorithm family.
+DEVICE_OBSERVER = CodedConcept.from_code(codes.DCM.Device)
+ARTIFICIAL_INTELLIGENCE = CodedConcept.from_code(codes.cid7162.ArtificialIntelligence)
+PROCESSING_EQUIPMENT = CodedConcept.from_code(codes.DCM.ProcessingEquipment)

@@ -1,0 +1,130 @@
+"""Grayscale Softcopy Presentation State: lung outline and findings text over the original."""
+
+from __future__ import annotations
+
+from highdicom import PresentationLUTShapeValues, PresentationLUTTransformation
+from highdicom.color import CIELabColor
+from highdicom.pr import (
+    AnnotationUnitsValues,
+    GraphicAnnotation,
+    GraphicLayer,
+    GraphicObject,
+    GraphicTypeValues,
+    GrayscaleSoftcopyPresentationState,
+    TextJustificationValues,
+    TextObject,
+)
+from pydicom import Dataset
+from pydicom.uid import ExplicitVRLittleEndian
+
+from node.writers._common import (
+    ai_description,
+    ai_statement,
+    check_result,
+    lung_contours,
+    processing_equipment,
+)
+from pipelines.base import ModelInfo, PipelineResult
+
+OUTLINE_LAYER = "AI_LUNG_OUTLINE"
+TEXT_LAYER = "AI_FINDINGS"
+
+
+def _findings_text(result: PipelineResult) -> str:
+    return "; ".join(
+        f"{f.label.replace('_', ' ')} {f.probability:.2f}" + (" (+)" if f.present else "")
+        for f in result.top(3)
+    )
+
+
+def build_presentation_state(
+    source: Dataset,
+    result: PipelineResult,
+    model: ModelInfo,
+    *,
+    series_instance_uid: str,
+    sop_instance_uid: str,
+    series_number: int,
+    instance_number: int,
+) -> GrayscaleSoftcopyPresentationState:
+    """GSPS over ``source``: lung outline (closed POLYLINE) and an "AI RESULT" findings label.
+
+    Window and modality LUT come from the source image; a MONOCHROME1 source gets an
+    INVERSE presentation LUT so it displays as it does without the presentation state.
+    """
+    check_result(source, result)
+    rows, cols = int(source.Rows), int(source.Columns)
+    outline_layer = GraphicLayer(
+        layer_name=OUTLINE_LAYER,
+        order=1,
+        description="AI lung outline",
+        display_color=CIELabColor.from_rgb(0, 255, 255),
+    )
+    text_layer = GraphicLayer(
+        layer_name=TEXT_LAYER,
+        order=2,
+        description="AI findings",
+        display_color=CIELabColor.from_rgb(255, 255, 0),
+    )
+    outlines = [
+        GraphicObject(
+            graphic_type=GraphicTypeValues.POLYLINE,
+            graphic_data=outline,
+            units=AnnotationUnitsValues.PIXEL,
+        )
+        for outline in lung_contours(result.lung_mask)
+    ]
+    margin = max(2.0, round(min(rows, cols) * 0.01))
+    band = max(20.0, round(rows * 0.05))
+    texts = [
+        TextObject(
+            text_value=ai_statement(model)[:1024],
+            units=AnnotationUnitsValues.PIXEL,
+            bounding_box=(margin, margin, cols - margin, margin + band),
+            text_justification=TextJustificationValues.LEFT,
+        ),
+        TextObject(
+            text_value=f"AI RESULT: {_findings_text(result)}"[:1024],
+            units=AnnotationUnitsValues.PIXEL,
+            bounding_box=(margin, rows - margin - band, cols - margin, rows - margin),
+            text_justification=TextJustificationValues.LEFT,
+        ),
+    ]
+    annotations = [
+        GraphicAnnotation(referenced_images=[source], graphic_layer=text_layer, text_objects=texts)
+    ]
+    if outlines:
+        annotations.insert(
+            0,
+            GraphicAnnotation(
+                referenced_images=[source], graphic_layer=outline_layer, graphic_objects=outlines
+            ),
+        )
+    inverse = source.get("PhotometricInterpretation") == "MONOCHROME1"
+    gsps = GrayscaleSoftcopyPresentationState(
+        referenced_images=[source],
+        series_instance_uid=series_instance_uid,
+        series_number=series_number,
+        sop_instance_uid=sop_instance_uid,
+        instance_number=instance_number,
+        manufacturer=model.manufacturer,
+        manufacturer_model_name=model.name[:64],
+        software_versions=model.version,
+        device_serial_number=model.device_uid[:64],
+        content_label="AI_RESULT",
+        content_description=ai_description("CXR findings", model),
+        graphic_annotations=annotations,
+        graphic_layers=[outline_layer, text_layer] if outlines else [text_layer],
+        presentation_lut_transformation=PresentationLUTTransformation(
+            presentation_lut_shape=(
+                PresentationLUTShapeValues.INVERSE if inverse else PresentationLUTShapeValues.IDENTITY
+            )
+        ),
+        transfer_syntax_uid=ExplicitVRLittleEndian,
+        contributing_equipment=[processing_equipment(model)],
+    )
+    gsps.SeriesDescription = ai_description("CXR findings overlay", model)
+    # General Series Laterality is Type 2C; dciodvfy requires it for PR. The source's value
+    # (if any) applies, otherwise it is sent empty (unknown), never guessed.
+    gsps.Laterality = source.get("Laterality")
+    return gsps

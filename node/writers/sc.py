@@ -1,0 +1,181 @@
+"""RGB Secondary Capture overlay: the image with lung outline, heatmap and findings burned in."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+from highdicom import PatientOrientationValuesBiped
+from highdicom.sc import SCImage
+from PIL import Image, ImageDraw, ImageFont
+from pydicom import Dataset
+from pydicom.uid import ExplicitVRLittleEndian
+
+from node.writers._common import (
+    ai_description,
+    ai_statement,
+    check_result,
+    lung_contours,
+    processing_equipment,
+)
+from pipelines.base import ModelInfo, PipelineResult
+
+#: Longest side of the overlay in pixels; larger images are downscaled.
+MAX_SIDE = 2048
+#: Heatmap values below this are fully transparent; opacity rises to HEATMAP_MAX_ALPHA at 1.
+HEATMAP_FLOOR = 0.25
+HEATMAP_MAX_ALPHA = 0.5
+OUTLINE_RGB = (0, 255, 255)
+BANNER_RGB = (160, 0, 0)
+TEXT_RGB = (255, 255, 255)
+
+
+@lru_cache(maxsize=1)
+def _heatmap_luts() -> tuple[np.ndarray, np.ndarray]:
+    """(256, 3) uint8 "jet"-like colour table and (256,) uint8 opacity table."""
+    x = np.linspace(0.0, 1.0, 256)
+    rgb = np.stack(
+        [
+            np.clip(1.5 - np.abs(4 * x - 3), 0, 1),
+            np.clip(1.5 - np.abs(4 * x - 2), 0, 1),
+            np.clip(1.5 - np.abs(4 * x - 1), 0, 1),
+        ],
+        axis=1,
+    )
+    alpha = np.clip((x - HEATMAP_FLOOR) / (1 - HEATMAP_FLOOR), 0, 1) * HEATMAP_MAX_ALPHA
+    return (rgb * 255).round().astype(np.uint8), (alpha * 255).round().astype(np.uint8)
+
+
+def _to_uint8(image: np.ndarray) -> np.ndarray:
+    return (np.clip(image, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
+def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    return ImageFont.load_default(size=size)
+
+
+def _wrap(draw: ImageDraw.ImageDraw, text: str, font, width: float) -> list[str]:
+    lines: list[str] = []
+    for word in text.split():
+        if lines and draw.textlength(f"{lines[-1]} {word}", font=font) <= width:
+            lines[-1] = f"{lines[-1]} {word}"
+        else:
+            lines.append(word)
+    return lines
+
+
+def render_overlay(result: PipelineResult, model: ModelInfo) -> np.ndarray:
+    """The overlay as an (rows, cols, 3) uint8 RGB array (at most MAX_SIDE on the long side)."""
+    rows, cols = result.display.shape
+    scale = min(1.0, MAX_SIDE / max(rows, cols))
+    size = (max(1, round(cols * scale)), max(1, round(rows * scale)))  # PIL: (width, height)
+
+    gray = Image.fromarray(_to_uint8(result.display), mode="L")
+    heat = Image.fromarray(_to_uint8(result.heatmap), mode="L")
+    if scale < 1.0:
+        gray = gray.resize(size, Image.Resampling.BILINEAR)
+        heat = heat.resize(size, Image.Resampling.BILINEAR)
+    colours, opacity = _heatmap_luts()
+    heat_rgb = Image.merge("RGB", [heat.point(colours[:, i].tolist()) for i in range(3)])
+    mask = heat.point(opacity.tolist())
+    canvas = Image.composite(heat_rgb, gray.convert("RGB"), mask)
+
+    draw = ImageDraw.Draw(canvas)
+    width, height = size
+    long_side = max(width, height)
+    line_width = max(2, round(long_side / 500))
+    for outline in lung_contours(result.lung_mask):
+        points = [(float(x) * scale, float(y) * scale) for x, y in outline]
+        draw.line(points, fill=OUTLINE_RGB, width=line_width, joint="curve")
+
+    # Text: about 2.2 % of the long side (~45 px at 2048), never below 12 px.
+    font = _font(max(12, round(long_side * 0.022)))
+    margin = max(4, round(long_side * 0.008))
+    line_height = round(font.size * 1.25) if hasattr(font, "size") else 14
+    banner_lines = _wrap(draw, ai_statement(model), font, width - 2 * margin)
+    banner_height = margin * 2 + line_height * len(banner_lines)
+    draw.rectangle((0, 0, width, banner_height), fill=BANNER_RGB)
+    for i, text in enumerate(banner_lines):
+        draw.text((margin, margin + i * line_height), text, font=font, fill=TEXT_RGB)
+
+    findings = [
+        f"{f.label.replace('_', ' ')}: {f.probability:.2f}"
+        + (" (above threshold)" if f.present else "")
+        for f in result.top(3)
+    ]
+    findings.append(f"heatmap: {result.heatmap_label.replace('_', ' ')}")
+    box_height = margin * 2 + line_height * len(findings)
+    top = height - box_height
+    box_width = margin * 2 + max(draw.textlength(t, font=font) for t in findings)
+    draw.rectangle((0, top, min(width, box_width), height), fill=(0, 0, 0))
+    for i, text in enumerate(findings):
+        draw.text((margin, top + margin + i * line_height), text, font=font, fill=TEXT_RGB)
+    return np.asarray(canvas)
+
+
+def _patient_orientation(source: Dataset) -> tuple[str, str] | None:
+    value = source.get("PatientOrientation")
+    if value is None or len(value) != 2:
+        return None
+    try:
+        return (PatientOrientationValuesBiped(value[0]).value,
+                PatientOrientationValuesBiped(value[1]).value)
+    except ValueError:
+        return None
+
+
+def build_overlay_sc(
+    source: Dataset,
+    result: PipelineResult,
+    model: ModelInfo,
+    *,
+    series_instance_uid: str,
+    sop_instance_uid: str,
+    series_number: int,
+    instance_number: int,
+) -> SCImage:
+    """RGB Secondary Capture of ``result`` over ``source``, in the source study, new series.
+
+    Burned in: lung outline, semi-transparent heatmap, top 3 findings with probabilities,
+    an "AI RESULT" banner with algorithm name, version and (demo) disclaimer.
+    """
+    check_result(source, result)
+    pixels = render_overlay(result, model)
+    orientation = _patient_orientation(source)
+    sc = SCImage.from_ref_dataset(
+        ref_dataset=source,
+        pixel_array=pixels,
+        photometric_interpretation="RGB",
+        bits_allocated=8,
+        coordinate_system="PATIENT",
+        series_instance_uid=series_instance_uid,
+        series_number=series_number,
+        sop_instance_uid=sop_instance_uid,
+        instance_number=instance_number,
+        manufacturer=model.manufacturer,
+        # highdicom requires an orientation for PATIENT images; an unknown one is written
+        # empty below (Type 2C) rather than guessed.
+        patient_orientation=orientation or ("L", "F"),
+        transfer_syntax_uid=ExplicitVRLittleEndian,
+        contributing_equipment=[processing_equipment(model)],
+    )
+    if orientation is None:
+        sc.PatientOrientation = []  # Type 2C: empty (unknown)
+    sc.ConversionType = "WSD"  # produced on a workstation, not digitised
+    sc.BurnedInAnnotation = "YES"
+    sc.SeriesDescription = ai_description("CXR overlay", model)
+    sc.ImageComments = ai_statement(model)[:10240]
+    sc.ManufacturerModelName = model.name[:64]
+    sc.SoftwareVersions = model.version
+    sc.DerivationDescription = ai_statement(model)[:1024]
+    reference = Dataset()
+    reference.ReferencedSOPClassUID = source.SOPClassUID
+    reference.ReferencedSOPInstanceUID = source.SOPInstanceUID
+    sc.SourceImageSequence = [reference]
+    if "BodyPartExamined" in source:
+        sc.BodyPartExamined = source.BodyPartExamined
+    else:
+        # General Series Laterality (2C) is needed unless the body part is known to be
+        # unpaired: copy the source's value, or send it empty (unknown), never guess.
+        sc.Laterality = source.get("Laterality")
+    return sc

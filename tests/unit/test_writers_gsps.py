@@ -1,0 +1,51 @@
+import shutil
+
+import pytest
+from writers_data import MODEL, fake_result, identity, jpeg_source, rg1, roundtrip
+from pydicom.uid import GrayscaleSoftcopyPresentationStateStorage
+
+from node.writers.gsps import build_presentation_state
+from node.writers.validate import ValidationFailed, check, validate
+
+needs_dciodvfy = pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="no dciodvfy")
+SOURCES = {"rg1": rg1, "jpeg": jpeg_source}
+
+
+@pytest.fixture(scope="module", params=sorted(SOURCES))
+def source(request):
+    return SOURCES[request.param]()
+
+
+@pytest.fixture(scope="module")
+def gsps(source):
+    result = fake_result(source.Rows, source.Columns)
+    return build_presentation_state(source, result, MODEL, **identity("gsps"))
+
+
+def test_gsps_round_trips_and_references_source(source, gsps):
+    back = roundtrip(gsps)
+    assert back.SOPClassUID == GrayscaleSoftcopyPresentationStateStorage
+    assert back.StudyInstanceUID == source.StudyInstanceUID
+    series = back.ReferencedSeriesSequence[0]
+    assert series.ReferencedImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+    expected = "INVERSE" if source.PhotometricInterpretation == "MONOCHROME1" else "IDENTITY"
+    assert back.PresentationLUTShape == expected
+    annotations = back.GraphicAnnotationSequence
+    outlines = [g for a in annotations for g in a.get("GraphicObjectSequence", [])]
+    assert len(outlines) == 2 and all(g.GraphicType == "POLYLINE" for g in outlines)
+    texts = [t.UnformattedTextValue for a in annotations for t in a.get("TextObjectSequence", [])]
+    assert any(t.startswith("AI RESULT: No Finding 0.89") for t in texts)
+    assert any(MODEL.name in t and MODEL.version in t and "DEMO" in t for t in texts)
+
+
+@needs_dciodvfy
+def test_gsps_has_no_dciodvfy_or_dcmpschk_errors(gsps):
+    assert validate(gsps) == []
+
+
+@needs_dciodvfy
+def test_gate_catches_missing_referenced_image(gsps):
+    broken = roundtrip(gsps)
+    del broken.ReferencedSeriesSequence[0].ReferencedImageSequence[0].ReferencedSOPClassUID
+    with pytest.raises(ValidationFailed, match="ReferencedSOPClassUID"):
+        check(broken)

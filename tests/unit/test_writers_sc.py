@@ -1,0 +1,82 @@
+import shutil
+import time
+
+import numpy as np
+import pytest
+from writers_data import MODEL, fake_result, identity, jpeg_source, rg1, roundtrip
+from pydicom.uid import SecondaryCaptureImageStorage
+
+from node.writers import sc as sc_writer
+from node.writers.sc import build_overlay_sc, render_overlay
+from node.writers.validate import ValidationFailed, check, validate
+
+needs_dciodvfy = pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="no dciodvfy")
+SOURCES = {"rg1": rg1, "jpeg": jpeg_source}
+
+
+@pytest.fixture(scope="module", params=sorted(SOURCES))
+def source(request):
+    return SOURCES[request.param]()
+
+
+@pytest.fixture(scope="module")
+def sc(source):
+    result = fake_result(source.Rows, source.Columns)
+    return build_overlay_sc(source, result, MODEL, **identity("sc"))
+
+
+def test_sc_round_trips_as_rgb_in_source_study(source, sc):
+    back = roundtrip(sc)
+    assert back.SOPClassUID == SecondaryCaptureImageStorage
+    assert back.StudyInstanceUID == source.StudyInstanceUID
+    assert back.SeriesInstanceUID != source.SeriesInstanceUID
+    assert back.PhotometricInterpretation == "RGB" and back.BurnedInAnnotation == "YES"
+    assert back.pixel_array.shape == (source.Rows, source.Columns, 3)
+    assert back.SourceImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+    assert MODEL.version in back.SeriesDescription and "(DEMO)" in back.SeriesDescription
+    assert "AI RESULT" in back.ImageComments
+
+
+def test_banner_is_burned_in(sc):
+    top_left = sc.pixel_array[:5, :50].reshape(-1, 3)
+    assert (top_left == sc_writer.BANNER_RGB).all(axis=1).mean() > 0.9
+
+
+@needs_dciodvfy
+def test_sc_has_no_dciodvfy_errors(sc):
+    assert validate(sc) == []
+
+
+def test_large_images_are_downscaled_to_max_side():
+    pixels = render_overlay(fake_result(3000, 2400), MODEL)
+    assert pixels.shape == (2048, 1638, 3) and pixels.dtype == np.uint8
+
+
+def test_render_2000_is_fast():
+    result = fake_result(2000, 2000)
+    render_overlay(result, MODEL)  # warm-up: font loading
+    timings = []
+    for _ in range(5):
+        start = time.perf_counter()
+        render_overlay(result, MODEL)
+        timings.append(time.perf_counter() - start)
+    # target is < 80 ms; the bound leaves room for a loaded CI machine
+    assert sorted(timings)[2] < 0.25
+
+
+@needs_dciodvfy
+def test_gate_catches_wrong_sop_class(sc):
+    broken = roundtrip(sc)
+    broken.SOPClassUID = "1.2.840.10008.5.1.4.1.1.1"  # Computed Radiography Image Storage
+    broken.file_meta.MediaStorageSOPClassUID = broken.SOPClassUID
+    with pytest.raises(ValidationFailed, match=r"dciodvfy: Error - .*(CR|Computed Radiography)"):
+        check(broken)
+
+
+@needs_dciodvfy
+def test_unknown_orientation_is_sent_empty_not_guessed():
+    source = rg1()
+    del source.PatientOrientation
+    sc = build_overlay_sc(source, fake_result(source.Rows, source.Columns), MODEL, **identity("sc"))
+    assert not roundtrip(sc).PatientOrientation  # present, empty
+    assert validate(sc) == []

@@ -1,0 +1,107 @@
+"""Deterministic inputs for the writer tests: real source images and a fake PipelineResult."""
+
+from __future__ import annotations
+
+from io import BytesIO
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pytest
+from PIL import Image
+from pydicom import Dataset, dcmread
+from pydicom.data import get_testdata_file
+
+from node.writers.codes import FINDING_CODES
+from node.writers.uids import result_uid
+from pipelines.base import Finding, ModelInfo, PipelineResult
+
+CXR_SAMPLES = Path("/work/shared/data/cxr-samples")
+JPEG_SAMPLE = CXR_SAMPLES / "pneumonia" / "person1946_bacteria_4875.jpeg"
+
+MODEL = ModelInfo(
+    name="pacsnode chest_xray",
+    version="0.1.0",
+    manufacturer="pacsnode",
+    device_uid="1.2.826.0.1.3680043.8.498.12345",
+    demo=True,
+)
+THRESHOLD = 0.5
+
+
+def rg1() -> Dataset:
+    """The real CR chest radiograph RG1_UNCR.dcm (MONOCHROME1, 1955 x 1841)."""
+    return dcmread(get_testdata_file("RG1_UNCR.dcm"))
+
+
+def jpeg_source() -> Dataset:
+    """A real chest radiograph JPEG wrapped as a MONOCHROME2 Secondary Capture, re-read."""
+    if not JPEG_SAMPLE.exists():
+        pytest.skip(f"sample radiograph {JPEG_SAMPLE} not present")
+    pixels = np.asarray(Image.open(JPEG_SAMPLE).convert("L"))
+    sc = hd.sc.SCImage(
+        pixel_array=pixels,
+        photometric_interpretation="MONOCHROME2",
+        bits_allocated=8,
+        coordinate_system="PATIENT",
+        study_instance_uid=result_uid("test", "jpeg", "study"),
+        series_instance_uid=result_uid("test", "jpeg", "series"),
+        sop_instance_uid=result_uid("test", "jpeg", "sop"),
+        series_number=1,
+        instance_number=1,
+        manufacturer="test",
+        patient_id="TEST-JPEG",
+        patient_name="Test^Jpeg",
+        patient_birth_date="20000101",
+        patient_sex="O",
+        accession_number="A1",
+        study_id="1",
+        study_date="20240101",
+        study_time="120000",
+        referring_physician_name="Referring^Test",
+        patient_orientation=("L", "F"),
+    )
+    buffer = BytesIO()
+    sc.save_as(buffer, enforce_file_format=True)
+    return dcmread(BytesIO(buffer.getvalue()))
+
+
+def probabilities() -> dict[str, float]:
+    """Fixed probabilities for all 15 labels: 0.05, 0.11, ... 0.89."""
+    return {label: round(0.05 + 0.06 * i, 2) for i, label in enumerate(FINDING_CODES)}
+
+
+def fake_result(rows: int, cols: int) -> PipelineResult:
+    """Two ellipse lung fields, a Gaussian heatmap in the right image half, fixed findings."""
+    yy, xx = np.mgrid[0:rows, 0:cols].astype(np.float32)
+    lungs = np.zeros((rows, cols), dtype=bool)
+    for centre in (0.3, 0.7):
+        lungs |= ((xx - centre * cols) / (0.14 * cols)) ** 2 + (
+            (yy - 0.5 * rows) / (0.3 * rows)
+        ) ** 2 <= 1.0
+    heatmap = np.exp(
+        -(((xx - 0.65 * cols) / (0.1 * cols)) ** 2 + ((yy - 0.55 * rows) / (0.1 * rows)) ** 2)
+    ).astype(np.float32)
+    display = ((xx + yy) / (rows + cols)).astype(np.float32)
+    findings = [Finding(label, p, THRESHOLD) for label, p in probabilities().items()]
+    return PipelineResult(findings, lungs, heatmap, "Pneumonia", display)
+
+
+def identity(kind: str, job: str = "job-1") -> dict[str, object]:
+    """Deterministic series/SOP UIDs and numbers for one output object."""
+    return {
+        "series_instance_uid": result_uid(job, MODEL.version, kind, "series"),
+        "sop_instance_uid": result_uid(job, MODEL.version, kind, "0"),
+        "series_number": 900,
+        "instance_number": 1,
+    }
+
+
+def roundtrip(ds: Dataset) -> Dataset:
+    """Write to BytesIO, read back and decode the pixels (if any)."""
+    buffer = BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    back = dcmread(BytesIO(buffer.getvalue()))
+    if "PixelData" in back:
+        back.pixel_array  # noqa: B018
+    return back
