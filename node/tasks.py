@@ -14,7 +14,14 @@ from celery.signals import worker_ready
 
 from node.config import Config
 from node.queue import EXPORT_JOB, INFERENCE_QUEUE, RUN_JOB, app, enqueue_export
-from node.worker import RetryableExportError, fail_export, pipeline_for, run_export, run_inference
+from node.worker import (
+    RetryableExportError,
+    TransientError,
+    fail_export,
+    pipeline_for,
+    run_export,
+    run_inference,
+)
 
 log = logging.getLogger(__name__)
 
@@ -28,22 +35,12 @@ def current_config() -> Config:
     return _config(app.conf.pacsnode_config)
 
 
-class TransientError(Exception):
-    """GPU out of memory and the like: worth another try."""
-
-
 @app.task(name=RUN_JOB, bind=True, acks_late=True, autoretry_for=(TransientError,), retry_backoff=True,
           retry_backoff_max=300, max_retries=5)
 def run_job(self: Task, job_id: int) -> None:
     config = current_config()
     worker = f"{self.request.hostname or socket.gethostname()}"
-    try:
-        send = run_inference(config, job_id, worker)
-    except RuntimeError as e:
-        if "out of memory" in str(e).lower():
-            raise TransientError(str(e)) from e
-        raise
-    if send:
+    if run_inference(config, job_id, worker):
         enqueue_export(config, job_id)
 
 

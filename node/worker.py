@@ -37,6 +37,10 @@ class PermanentError(Exception):
         self.stage = stage
 
 
+class TransientError(Exception):
+    """GPU out of memory and the like: the job goes back to queued and is retried."""
+
+
 class RetryableExportError(Exception):
     """Some destination did not take everything yet; retry later with backoff."""
 
@@ -158,7 +162,22 @@ def run_inference(config: Config, job_id: int, worker: str) -> bool:
     except PermanentError as e:
         _fail(config, job_id, e.stage, str(e))
         return False
+    except Exception as e:
+        if "out of memory" in str(e).lower():
+            _requeue(config, job_id, str(e))
+            raise TransientError(str(e)) from e
+        # A bug must not leave the job "running" forever: fail it with the reason, keep the trace in the log.
+        log.exception("job %d: unexpected error", job_id)
+        _fail(config, job_id, "internal", f"{type(e).__name__}: {e}")
+        return False
     return True
+
+
+def _requeue(config: Config, job_id: int, why: str) -> None:
+    with session_scope(config.database.url) as s:
+        job = s.get(Job, job_id)
+        if job is not None and job.state == JobState.RUNNING:
+            transition(job, JobState.QUEUED, error=f"will retry: {why}"[:4000])
 
 
 def _store_outputs(config: Config, ji: JobInput, objects: list[tuple[str, Dataset]], version: str,

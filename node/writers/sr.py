@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TypeVar
 
 import highdicom as hd
 from highdicom.sr import (
@@ -44,6 +45,18 @@ from pipelines.base import Finding, ModelInfo, PipelineResult
 Predecessor = tuple[str, str, str]
 
 
+
+_Ref = TypeVar("_Ref", SourceImageForMeasurementGroup, SourceImageForRegion)
+
+
+def _reference(cls: type[_Ref], source: Dataset) -> _Ref:
+    """Image reference built from the UIDs alone: highdicom's from_source_image() needs a
+    Modality, which secondary captures (e.g. from img2dcm) may lack."""
+    return cls(
+        referenced_sop_class_uid=source.SOPClassUID,
+        referenced_sop_instance_uid=source.SOPInstanceUID,
+    )
+
 def _algorithm(model: ModelInfo, finding: Finding | None = None) -> AlgorithmIdentification:
     parameters = None if finding is None else [f"threshold={finding.threshold:g}"]
     return AlgorithmIdentification(
@@ -75,7 +88,7 @@ def _finding_group(
         algorithm_id=algorithm,
         measurements=[probability],
         qualitative_evaluations=[decision],
-        source_images=[SourceImageForMeasurementGroup.from_source_image(source)],
+        source_images=[_reference(SourceImageForMeasurementGroup, source)],
     )
 
 
@@ -87,7 +100,7 @@ def _lung_groups(
         region = ImageRegion(
             graphic_type=GraphicTypeValues.POLYLINE,  # closed: first point == last
             graphic_data=outline,
-            source_image=SourceImageForRegion.from_source_image(source),
+            source_image=_reference(SourceImageForRegion, source),
         )
         groups.append(
             PlanarROIMeasurementsAndQualitativeEvaluations(

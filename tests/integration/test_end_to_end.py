@@ -29,7 +29,7 @@ RG1 = Path(get_testdata_file("RG1_UNCR.dcm"))
 RG1_J2K = Path(get_testdata_file("RG1_J2KR.dcm"))
 CT = Path(get_testdata_file("CT_small.dcm"))
 CXR = REPO.parent / "shared" / "data" / "cxr-samples" / "pneumonia" / "person1946_bacteria_4874.jpeg"
-SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.33"  # Comprehensive 3D SR
+SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
 SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"
 
 
