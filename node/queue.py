@@ -30,7 +30,7 @@ def broker_settings(config: Config) -> dict[str, object]:
     q = config.queue
     if config.embedded_queue:
         folder = config.storage.path / "queue"
-        for sub in ("messages", "processed"):
+        for sub in ("messages", "processed", "control"):
             (folder / sub).mkdir(parents=True, exist_ok=True)
         return {
             "broker_url": "filesystem://",
@@ -38,6 +38,7 @@ def broker_settings(config: Config) -> dict[str, object]:
                 "data_folder_in": str(folder / "messages"),
                 "data_folder_out": str(folder / "messages"),
                 "processed_folder": str(folder / "processed"),
+                "control_folder": str(folder / "control"),  # default is ./control in the cwd
                 "store_processed": False,
                 "polling_interval": 0.05,
             },

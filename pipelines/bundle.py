@@ -1,0 +1,190 @@
+"""Model bundle: a MONAI-bundle cousin (see docs/model-bundle.md).
+
+    <bundle>/configs/metadata.json   identity, labels, thresholds, sizes, networks + sha256
+    <bundle>/models/segmentation.pt  lung UNet state dict
+    <bundle>/models/classifier.pt    DenseNet121 state dict
+
+`load_bundle` checks the metadata, verifies each weight file's sha256 and builds the networks
+(on the CPU, in eval mode) from the architecture names and arguments the metadata records.
+Only the architectures in `ARCHITECTURES` can be built: metadata never names code to import.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from monai.networks.nets import DenseNet121, UNet
+
+from pipelines.base import DEMO_DISCLAIMER, ModelInfo
+
+__all__ = [
+    "ARCHITECTURES",
+    "METADATA_PATH",
+    "NETWORK_FILES",
+    "REQUIRED_FIELDS",
+    "Bundle",
+    "BundleError",
+    "build_network",
+    "device_uid_for",
+    "load_bundle",
+    "read_metadata",
+    "sha256_file",
+]
+
+_UID_NAMESPACE = uuid.UUID("8f1d4b8e-3c1a-5d2e-9a57-6b0c2f4e7a10")  # fixed: pacsnode model devices
+METADATA_PATH = Path("configs/metadata.json")
+NETWORK_FILES = {
+    "segmentation": Path("models/segmentation.pt"),
+    "classifier": Path("models/classifier.pt"),
+}
+ARCHITECTURES: dict[str, type[torch.nn.Module]] = {"UNet": UNet, "DenseNet121": DenseNet121}
+REQUIRED_FIELDS = (
+    "version", "changelog", "monai_version", "pytorch_version", "name", "authors", "manufacturer",
+    "description", "intended_use", "network_data_format", "labels", "thresholds", "input_size",
+    "preprocessing", "networks", "device_uid", "demo", "training_data", "metrics",
+)  # fmt: skip
+
+
+class BundleError(ValueError):
+    """The model bundle is missing, incomplete, inconsistent or corrupt."""
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A loaded, verified bundle. Networks are on the CPU in eval mode."""
+
+    path: Path
+    metadata: dict[str, Any]
+    model: ModelInfo
+    labels: tuple[str, ...]
+    thresholds: tuple[float, ...]  # in label order
+    segmentation_size: int
+    classifier_size: int
+    segmentation: torch.nn.Module
+    classifier: torch.nn.Module
+
+    @property
+    def preprocessing(self) -> dict[str, Any]:
+        return dict(self.metadata["preprocessing"])
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def device_uid_for(sha256s: list[str]) -> str:
+    """A DICOM UID (2.25.<UUID>) derived from the weights' hashes: changes whenever they change.
+
+    The UUID is name-based (RFC 4122 version 5), so the same weights give the same UID.
+    """
+    return f"2.25.{uuid.uuid5(_UID_NAMESPACE, 'pacsnode-device:' + ':'.join(sha256s)).int}"
+
+
+def build_network(spec: dict[str, Any]) -> torch.nn.Module:
+    """Instantiate an allowed architecture from {"architecture": name, "args": {...}}."""
+    name = spec.get("architecture")
+    if name not in ARCHITECTURES:
+        raise BundleError(f"unknown architecture {name!r}; allowed: {sorted(ARCHITECTURES)}")
+    args = spec.get("args", {})
+    if not isinstance(args, dict):
+        raise BundleError(f"architecture {name} args must be a mapping, not {type(args).__name__}")
+    try:
+        return ARCHITECTURES[name](**args)
+    except (TypeError, ValueError) as e:
+        raise BundleError(f"cannot build {name} with args {args}: {e}") from e
+
+
+def read_metadata(path: Path) -> dict[str, Any]:
+    """Read and check configs/metadata.json (without touching the weights)."""
+    meta_file = Path(path) / METADATA_PATH
+    try:
+        meta = json.loads(meta_file.read_text())
+    except FileNotFoundError as e:
+        raise BundleError(
+            f"no model bundle at {path}: {meta_file} is missing "
+            "(create demo weights with `python -m training demo --out <bundle>`)"
+        ) from e
+    except (OSError, json.JSONDecodeError) as e:
+        raise BundleError(f"cannot read {meta_file}: {e}") from e
+    if not isinstance(meta, dict):
+        raise BundleError(f"{meta_file}: top level must be an object")
+    missing = [k for k in REQUIRED_FIELDS if k not in meta]
+    if missing:
+        raise BundleError(f"{meta_file}: missing fields {missing}")
+    labels, thresholds = meta["labels"], meta["thresholds"]
+    if not isinstance(labels, list) or not labels or len(set(labels)) != len(labels):
+        raise BundleError(f"{meta_file}: labels must be a non-empty list of unique names")
+    if not isinstance(thresholds, dict) or set(thresholds) != set(labels):
+        raise BundleError(f"{meta_file}: thresholds must have exactly one entry per label")
+    bad = {k: v for k, v in thresholds.items() if not isinstance(v, int | float) or not 0 <= v <= 1}
+    if bad:
+        raise BundleError(f"{meta_file}: thresholds must be in [0, 1]: {bad}")
+    for key in ("segmentation", "classifier"):
+        if not isinstance(meta["input_size"].get(key), int) or meta["input_size"][key] < 32:
+            raise BundleError(f"{meta_file}: input_size.{key} must be an integer >= 32")
+        if key not in meta["networks"]:
+            raise BundleError(f"{meta_file}: networks.{key} is missing")
+    if not isinstance(meta["demo"], bool):
+        raise BundleError(f"{meta_file}: demo must be true or false")
+    if meta["demo"] and DEMO_DISCLAIMER not in meta["description"]:
+        raise BundleError(f"{meta_file}: a demo bundle's description must contain the disclaimer")
+    return meta
+
+
+def load_bundle(path: Path | str) -> Bundle:
+    """Load and verify a bundle; raise BundleError naming the file at fault."""
+    path = Path(path)
+    meta = read_metadata(path)
+    nets: dict[str, torch.nn.Module] = {}
+    shas: list[str] = []
+    for key, rel in NETWORK_FILES.items():
+        spec = meta["networks"][key]
+        weights = path / rel
+        if not weights.is_file():
+            raise BundleError(f"model bundle {path}: weight file {rel} is missing")
+        actual = sha256_file(weights)
+        if actual != spec.get("sha256"):
+            raise BundleError(
+                f"model bundle {path}: {rel} sha256 {actual} does not match metadata "
+                f"{spec.get('sha256')} (corrupt or replaced weights)"
+            )
+        shas.append(actual)
+        net = build_network(spec)
+        try:
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+            net.load_state_dict(state)
+        except (RuntimeError, KeyError, OSError, ValueError) as e:
+            raise BundleError(f"model bundle {path}: cannot load {rel} into {spec['architecture']}: {e}") from e
+        nets[key] = net.eval()
+    if meta["device_uid"] != device_uid_for(shas):
+        raise BundleError(f"model bundle {path}: device_uid does not match the weights' hashes")
+    model = ModelInfo(
+        name=str(meta["name"]),
+        version=str(meta["version"]),
+        manufacturer=str(meta["manufacturer"]),
+        device_uid=str(meta["device_uid"]),
+        demo=bool(meta["demo"]),
+        description=str(meta["description"]),
+    )
+    labels = tuple(meta["labels"])
+    return Bundle(
+        path=path,
+        metadata=meta,
+        model=model,
+        labels=labels,
+        thresholds=tuple(float(meta["thresholds"][k]) for k in labels),
+        segmentation_size=int(meta["input_size"]["segmentation"]),
+        classifier_size=int(meta["input_size"]["classifier"]),
+        segmentation=nets["segmentation"],
+        classifier=nets["classifier"],
+    )

@@ -1,0 +1,279 @@
+"""Chest radiograph pipeline: lung segmentation -> lung crop -> 15-label classifier -> Grad-CAM.
+
+    to_display -> resize (area) + histogram equalisation -> UNet -> threshold, opening,
+    two largest components -> lung box (+margin; whole image if empty) -> crop at source
+    resolution -> resize + equalisation -> DenseNet121 -> sigmoid -> findings at the bundle's
+    thresholds; Grad-CAM of the heatmap label; mask and heatmap mapped back to (Rows, Columns).
+
+The preprocessing functions here (`segmentation_input`, `lung_box`, `classifier_input`) are the
+recipe: training imports them, so training and inference see the same pixels.
+
+Grad-CAM without a backward pass: MONAI's DenseNet121 ends with relu -> global average pool ->
+linear, so d logit_c / d A_k(i, j) = w_ck / HW everywhere, and Grad-CAM for class c is exactly
+ReLU(sum_k (w_ck / HW) A_k) over the post-ReLU feature maps A. One forward pass of `features`
+gives both the logits and the CAM.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.transforms import HistogramNormalize, KeepLargestConnectedComponent, Resize
+from pydicom import Dataset
+from scipy import ndimage
+from skimage.morphology import disk
+
+from pipelines.base import Finding, InputError, ModelInfo, PipelineResult
+from pipelines.bundle import Bundle, load_bundle
+from pipelines.device import autocast, resolve_device
+from pipelines.imaging import to_display
+
+__all__ = [
+    "NO_FINDING",
+    "ChestXrayPipeline",
+    "FeatureHead",
+    "cam_from_features",
+    "classifier_input",
+    "heatmap_label_index",
+    "lung_box",
+    "postprocess_mask",
+    "segmentation_input",
+]
+
+log = logging.getLogger(__name__)
+
+NO_FINDING = "No Finding"
+HIST_BINS = 256
+Box = tuple[int, int, int, int]  # y0, y1, x0, x1 (half-open), in source pixels
+
+
+# ---- the recipe (shared with training) -------------------------------------------------------
+
+
+def segmentation_input(display: np.ndarray, size: int) -> torch.Tensor:
+    """(H, W) display image -> (1, size, size) float32: area resize, histogram equalisation."""
+    img = torch.from_numpy(np.ascontiguousarray(display, dtype=np.float32))[None]
+    img = Resize((size, size), mode="area")(img)
+    return _as_tensor(HistogramNormalize(num_bins=HIST_BINS, min=0, max=1)(img))
+
+
+def classifier_input(display: np.ndarray, box: Box, size: int) -> torch.Tensor:
+    """Crop (H, W) display to box -> (1, size, size): resize (area down, bilinear up), equalise."""
+    y0, y1, x0, x1 = box
+    crop = torch.from_numpy(np.ascontiguousarray(display[y0:y1, x0:x1], dtype=np.float32))[None]
+    down = crop.shape[1] >= size and crop.shape[2] >= size
+    crop = Resize((size, size), mode="area" if down else "bilinear")(crop)
+    return _as_tensor(HistogramNormalize(num_bins=HIST_BINS, min=0, max=1)(crop))
+
+
+def postprocess_mask(prob: torch.Tensor, threshold: float, opening_radius: int) -> np.ndarray:
+    """(S, S) lung probability -> bool mask: threshold, opening, keep the two largest components."""
+    mask = (prob >= threshold).cpu().numpy()
+    if opening_radius > 0:
+        mask = ndimage.binary_opening(mask, structure=disk(opening_radius))
+    kept = KeepLargestConnectedComponent(applied_labels=[1], num_components=2)(
+        torch.from_numpy(mask.astype(np.uint8))[None]
+    )
+    return _as_tensor(kept)[0].numpy().astype(bool)
+
+
+def lung_box(mask: np.ndarray, shape: tuple[int, int], margin: float) -> Box | None:
+    """Bounding box of a (S, S) mask, grown by margin x its size, in (H, W) source pixels.
+
+    None when the mask is empty (the caller uses the whole image).
+    """
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    if rows.size == 0:
+        return None
+    s_h, s_w = mask.shape
+    h, w = shape
+    fy0, fy1 = rows[0] / s_h, (rows[-1] + 1) / s_h
+    fx0, fx1 = cols[0] / s_w, (cols[-1] + 1) / s_w
+    my, mx = margin * (fy1 - fy0), margin * (fx1 - fx0)
+    y0, y1 = max(0, int((fy0 - my) * h)), min(h, int(np.ceil((fy1 + my) * h)))
+    x0, x1 = max(0, int((fx0 - mx) * w)), min(w, int(np.ceil((fx1 + mx) * w)))
+    if y1 - y0 < 8 or x1 - x0 < 8:
+        return None
+    return y0, y1, x0, x1
+
+
+def heatmap_label_index(probs: np.ndarray, thresholds: Sequence[float], labels: Sequence[str]) -> int:
+    """The top finding, but not "No Finding" when another finding is present."""
+    present = [
+        i for i, (p, t, lab) in enumerate(zip(probs, thresholds, labels, strict=True))
+        if p >= t and lab != NO_FINDING
+    ]  # fmt: skip
+    if present:
+        return max(present, key=lambda i: probs[i])
+    return int(np.argmax(probs))
+
+
+class FeatureHead(torch.nn.Module):
+    """DenseNet121 -> (logits, post-ReLU feature maps A), for the backward-free Grad-CAM."""
+
+    def __init__(self, densenet: torch.nn.Module) -> None:
+        super().__init__()
+        self.features = densenet.features
+        self.out = densenet.class_layers.out
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        a = F.relu(self.features(x))
+        return self.out(a.mean(dim=(2, 3))), a
+
+
+def cam_from_features(features: torch.Tensor, weight: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    """Grad-CAM (unnormalised) of class classes[n] for each item: (N, K, h, w) -> (N, h, w)."""
+    w = weight[classes].to(features.dtype) / (features.shape[2] * features.shape[3])  # (N, K)
+    return F.relu(torch.einsum("nk,nkhw->nhw", w, features))
+
+
+def _as_tensor(x: object) -> torch.Tensor:
+    t = x.as_tensor() if hasattr(x, "as_tensor") else x  # MetaTensor -> Tensor
+    if not isinstance(t, torch.Tensor):
+        t = torch.as_tensor(np.asarray(t))
+    return t.float()
+
+
+def _minmax(x: torch.Tensor) -> torch.Tensor:
+    lo, hi = x.amin(dim=(-2, -1), keepdim=True), x.amax(dim=(-2, -1), keepdim=True)
+    return torch.where(hi > lo, (x - lo) / (hi - lo).clamp_min(1e-12), torch.zeros_like(x))
+
+
+# ---- the pipeline ---------------------------------------------------------------------------
+
+
+class ChestXrayPipeline:
+    """Loaded once per process; `run` takes a batch of single-frame chest radiographs."""
+
+    id = "chest_xray"
+
+    def __init__(self, bundle: Path | str, device: str = "auto") -> None:
+        self.device = resolve_device(device)
+        self.bundle: Bundle = load_bundle(bundle)
+        self.model: ModelInfo = self.bundle.model
+        pre = self.bundle.preprocessing
+        self.mask_threshold = float(pre["mask_threshold"])
+        self.opening_radius = int(pre["opening_radius"])
+        self.crop_margin = float(pre["crop_margin"])
+        self.labels = self.bundle.labels
+        self.thresholds = self.bundle.thresholds
+        s, c = self.bundle.segmentation_size, self.bundle.classifier_size
+        head = FeatureHead(self.bundle.classifier)
+        self._cam_weight = head.out.weight.detach().to(self.device, torch.float32)
+        self._seg = self._optimise(self.bundle.segmentation, (1, 1, s, s))
+        self._cls = self._optimise(head, (1, 1, c, c))
+        log.info("loaded %s %s (device %s, uid %s)", self.model.name, self.model.version,
+                 self.device, self.model.device_uid)  # fmt: skip
+
+    def _optimise(self, net: torch.nn.Module, shape: tuple[int, ...]) -> torch.nn.Module:
+        """CPU: TorchScript trace + freeze, channels_last. CUDA: eager, channels_last (autocast)."""
+        net = net.eval().to(self.device, memory_format=torch.channels_last)
+        if self.device.type != "cpu":
+            return net
+        example = torch.zeros(shape).contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+            # shape checks in norm layers become constants: expected for fixed-size inputs
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            frozen = torch.jit.freeze(torch.jit.trace(net, example, check_trace=False))
+            frozen(example)  # first call runs the optimisation passes
+        return frozen
+
+    def _forward(self, net: torch.nn.Module, x: torch.Tensor) -> object:
+        x = x.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        with autocast(self.device):
+            return net(x)
+
+    def run(self, datasets: Sequence[Dataset]) -> list[PipelineResult]:
+        """Process a batch. Batched stages' timings are the batch time divided by its size."""
+        if not datasets:
+            return []
+        t_start = time.perf_counter()
+        n = len(datasets)
+        displays, t_decode = [], []
+        for i, ds in enumerate(datasets):
+            t0 = time.perf_counter()
+            try:
+                displays.append(to_display(ds))
+            except InputError as e:
+                uid = ds.get("SOPInstanceUID", "?")
+                raise InputError(f"image {i} (SOP Instance UID {uid}): {e}") from e
+            t_decode.append(time.perf_counter() - t0)
+
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            s = self.bundle.segmentation_size
+            seg_in = torch.stack([segmentation_input(d, s) for d in displays])
+            logits = self._forward(self._seg, seg_in)
+            probs = torch.sigmoid(logits.float())[:, 0].cpu()  # type: ignore[union-attr]
+            masks, boxes = [], []
+            for d, p in zip(displays, probs, strict=True):
+                m = postprocess_mask(p, self.mask_threshold, self.opening_radius)
+                box = lung_box(m, d.shape, self.crop_margin)
+                if box is None:
+                    log.warning("empty lung mask: classifying the whole image")
+                    box = (0, d.shape[0], 0, d.shape[1])
+                masks.append(m)
+                boxes.append(box)
+            source_masks = [self._to_source(m, d.shape) for m, d in zip(masks, displays, strict=True)]
+            t_seg = time.perf_counter() - t0
+
+            t0 = time.perf_counter()
+            c = self.bundle.classifier_size
+            cls_in = torch.stack([classifier_input(d, b, c) for d, b in zip(displays, boxes, strict=True)])
+            cls_logits, feats = self._forward(self._cls, cls_in)  # type: ignore[misc]
+            cls_probs = torch.sigmoid(cls_logits.float()).cpu().numpy()
+            t_cls = time.perf_counter() - t0
+
+            t0 = time.perf_counter()
+            top = [heatmap_label_index(p, self.thresholds, self.labels) for p in cls_probs]
+            cams = cam_from_features(feats.float(), self._cam_weight, torch.tensor(top, device=self.device))
+            cams = _minmax(cams).cpu()
+            heatmaps = [self._place(cam, b, d.shape) for cam, b, d in zip(cams, boxes, displays, strict=True)]
+            t_heat = time.perf_counter() - t0
+
+        share = (time.perf_counter() - t_start - sum(t_decode)) / n
+        results = []
+        for i in range(n):
+            findings = [
+                Finding(label=lab, probability=float(p), threshold=t)
+                for lab, p, t in zip(self.labels, cls_probs[i], self.thresholds, strict=True)
+            ]
+            results.append(
+                PipelineResult(
+                    findings=findings,
+                    lung_mask=source_masks[i],
+                    heatmap=heatmaps[i],
+                    heatmap_label=self.labels[top[i]],
+                    display=displays[i],
+                    timings={
+                        "decode": t_decode[i],
+                        "segmentation": t_seg / n,
+                        "classification": t_cls / n,
+                        "heatmap": t_heat / n,
+                        "total": t_decode[i] + share,
+                    },
+                )
+            )
+        return results
+
+    @staticmethod
+    def _to_source(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+        """(S, S) bool mask -> (H, W) bool, bilinear upsampling thresholded at 0.5."""
+        m = torch.from_numpy(mask.astype(np.float32))[None, None]
+        return (F.interpolate(m, size=shape, mode="bilinear", align_corners=False)[0, 0] >= 0.5).numpy()
+
+    @staticmethod
+    def _place(cam: torch.Tensor, box: Box, shape: tuple[int, int]) -> np.ndarray:
+        """(h, w) CAM in [0, 1] -> (H, W) float32: resized into the crop box, zero outside."""
+        y0, y1, x0, x1 = box
+        out = np.zeros(shape, np.float32)
+        up = F.interpolate(cam[None, None], size=(y1 - y0, x1 - x0), mode="bilinear", align_corners=False)
+        out[y0:y1, x0:x1] = up[0, 0].clamp_(0, 1).numpy()
+        return out

@@ -1,0 +1,96 @@
+"""Model bundle: export -> load round trip, and every integrity check."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipelines.base import DEMO_DISCLAIMER
+from pipelines.bundle import BundleError, device_uid_for, load_bundle, read_metadata
+
+
+@pytest.fixture
+def bundle_copy(demo_bundle: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(demo_bundle, tmp_path / "chest_xray"))
+
+
+def test_round_trip(demo_bundle: Path) -> None:
+    b = load_bundle(demo_bundle)
+    meta = b.metadata
+    assert len(b.labels) == 15 and b.labels[-1] == "No Finding"
+    assert len(b.thresholds) == 15 and all(0 < t < 1 for t in b.thresholds)
+    assert b.model.demo is True and meta["demo"] is True
+    assert DEMO_DISCLAIMER in b.model.description and b.model.disclaimer == DEMO_DISCLAIMER
+    assert b.model.version == meta["version"] and b.model.name == meta["name"]
+    assert b.model.device_uid.startswith("2.25.") and len(b.model.device_uid) <= 64
+    shas = [meta["networks"][k]["sha256"] for k in ("segmentation", "classifier")]
+    assert b.model.device_uid == device_uid_for(shas)
+    for key in ("monai_version", "pytorch_version", "network_data_format", "intended_use", "metrics"):
+        assert meta[key]
+    assert 0 <= meta["metrics"]["val_dice"] <= 1
+    assert set(meta["metrics"]["val_roc_auc"]) == set(b.labels)
+    x = torch.zeros(1, 1, b.classifier_size, b.classifier_size)
+    assert b.classifier(x).shape == (1, 15)
+
+
+def test_device_uid_changes_with_weights() -> None:
+    assert device_uid_for(["a", "b"]) == device_uid_for(["a", "b"])
+    assert device_uid_for(["a", "b"]) != device_uid_for(["a", "c"])
+
+
+def test_sha_mismatch_detected(bundle_copy: Path) -> None:
+    weights = bundle_copy / "models" / "classifier.pt"
+    data = bytearray(weights.read_bytes())
+    data[-10] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match=r"models/classifier.pt sha256 .* does not match"):
+        load_bundle(bundle_copy)
+
+
+def test_missing_weights(bundle_copy: Path) -> None:
+    (bundle_copy / "models" / "segmentation.pt").unlink()
+    with pytest.raises(BundleError, match="segmentation.pt is missing"):
+        load_bundle(bundle_copy)
+
+
+def test_missing_bundle(tmp_path: Path) -> None:
+    with pytest.raises(BundleError, match="no model bundle .*`python -m training demo"):
+        load_bundle(tmp_path / "nowhere")
+
+
+def _edit(bundle: Path, **changes: object) -> None:
+    path = bundle / "configs" / "metadata.json"
+    meta = json.loads(path.read_text())
+    meta.update(changes)
+    path.write_text(json.dumps(meta))
+
+
+def test_thresholds_must_match_labels(bundle_copy: Path) -> None:
+    meta = read_metadata(bundle_copy)
+    _edit(bundle_copy, thresholds={k: v for k, v in meta["thresholds"].items() if k != "Hernia"})
+    with pytest.raises(BundleError, match="one entry per label"):
+        load_bundle(bundle_copy)
+
+
+def test_device_uid_must_belong_to_weights(bundle_copy: Path) -> None:
+    _edit(bundle_copy, device_uid="2.25.1")
+    with pytest.raises(BundleError, match="device_uid does not match"):
+        load_bundle(bundle_copy)
+
+
+def test_unknown_architecture_refused(bundle_copy: Path) -> None:
+    meta = read_metadata(bundle_copy)
+    meta["networks"]["classifier"]["architecture"] = "os.system"
+    _edit(bundle_copy, networks=meta["networks"])
+    with pytest.raises(BundleError, match="unknown architecture 'os.system'"):
+        load_bundle(bundle_copy)
+
+
+def test_demo_bundle_needs_disclaimer(bundle_copy: Path) -> None:
+    _edit(bundle_copy, description="a model")
+    with pytest.raises(BundleError, match="disclaimer"):
+        load_bundle(bundle_copy)

@@ -1,0 +1,170 @@
+"""Chest X-ray pipeline on real images, fast Grad-CAM equivalence, devices and registry."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+import torch
+import torch.nn.functional as F
+from monai.visualize import GradCAM
+from PIL import Image
+from pydicom.data import get_testdata_file
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+from pipelines.base import InputError, PipelineResult
+from pipelines.bundle import load_bundle
+from pipelines.chest_xray import (
+    NO_FINDING,
+    ChestXrayPipeline,
+    FeatureHead,
+    cam_from_features,
+    classifier_input,
+    heatmap_label_index,
+    lung_box,
+)
+from pipelines.device import DeviceError, resolve_device
+from pipelines.imaging import to_display
+from pipelines.registry import UnknownPipelineError, load_pipeline
+
+SAMPLES = Path("/work/shared/data/cxr-samples")
+JPEG = SAMPLES / "pneumonia" / "person1946_bacteria_4874.jpeg"
+STAGES = {"decode", "segmentation", "classification", "heatmap", "total"}
+
+
+def jpeg_dataset(path: Path) -> Dataset:
+    """A real 8-bit JPEG radiograph wrapped as an uncompressed MONOCHROME2 image."""
+    pixels = np.asarray(Image.open(path).convert("L"))
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = SecondaryCaptureImageStorage
+    ds.SOPInstanceUID = generate_uid()
+    ds.Modality = "CR"
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.PixelData = pixels.tobytes()
+    return ds
+
+
+@pytest.fixture(scope="module")
+def pipeline(demo_bundle: Path) -> ChestXrayPipeline:
+    return ChestXrayPipeline(demo_bundle, "cpu")
+
+
+@pytest.fixture(scope="module")
+def rg1() -> Dataset:
+    return pydicom.dcmread(get_testdata_file("RG1_UNCR.dcm"))
+
+
+def _check(result: PipelineResult, shape: tuple[int, int], labels: tuple[str, ...]) -> None:
+    assert [f.label for f in result.findings] == list(labels) and len(labels) == 15
+    assert all(0.0 <= f.probability <= 1.0 for f in result.findings)
+    assert result.lung_mask.dtype == bool and result.lung_mask.shape == shape
+    assert result.lung_mask.any()
+    assert result.heatmap.dtype == np.float32 and result.heatmap.shape == shape
+    assert 0.0 <= result.heatmap.min() and result.heatmap.max() <= 1.0 and result.heatmap.max() > 0
+    assert result.heatmap_label in labels
+    assert result.display.shape == shape
+    assert set(result.timings) == STAGES and all(v >= 0 for v in result.timings.values())
+
+
+def test_rg1(pipeline: ChestXrayPipeline, rg1: Dataset) -> None:
+    (result,) = pipeline.run([rg1])
+    _check(result, (1955, 1841), pipeline.labels)
+    assert pipeline.model.demo and pipeline.id == "chest_xray"
+
+
+def test_real_jpeg_and_batch(pipeline: ChestXrayPipeline, rg1: Dataset) -> None:
+    ds = jpeg_dataset(JPEG)
+    results = pipeline.run([ds, rg1])
+    assert len(results) == 2
+    _check(results[0], (ds.Rows, ds.Columns), pipeline.labels)
+    _check(results[1], (1955, 1841), pipeline.labels)
+    # batching does not change results
+    (alone,) = pipeline.run([ds])
+    np.testing.assert_allclose(
+        [f.probability for f in alone.findings], [f.probability for f in results[0].findings], atol=1e-4
+    )
+
+
+def test_bad_image_in_batch_names_it(pipeline: ChestXrayPipeline, rg1: Dataset) -> None:
+    bad = jpeg_dataset(JPEG)
+    bad.PixelData = bad.PixelData[:100]
+    with pytest.raises(InputError, match=r"image 1 \(SOP Instance UID .*cannot decode"):
+        pipeline.run([rg1, bad])
+
+
+def test_heatmap_zero_outside_crop_box(pipeline: ChestXrayPipeline, rg1: Dataset) -> None:
+    (result,) = pipeline.run([rg1])
+    ys, xs = np.nonzero(result.heatmap)
+    rows, cols = np.nonzero(result.lung_mask)
+    # the box is the lung mask's box plus the margin, so heat stays near the lungs
+    h, w = result.heatmap.shape
+    assert ys.min() >= rows.min() - 0.2 * h and ys.max() <= rows.max() + 0.2 * h
+    assert xs.min() >= cols.min() - 0.2 * w and xs.max() <= cols.max() + 0.2 * w
+
+
+def test_fast_cam_equals_monai_gradcam(demo_bundle: Path, rg1: Dataset) -> None:
+    net = load_bundle(demo_bundle).classifier.eval()  # trained weights: non-degenerate CAMs
+    img = to_display(rg1)
+    x = classifier_input(img, (0, img.shape[0], 0, img.shape[1]), 224)[None]
+    head = FeatureHead(net).eval()
+    with torch.no_grad():
+        logits, feats = head(x)
+        np.testing.assert_allclose(logits.numpy(), net(x).numpy(), atol=1e-4)
+    for c in logits[0].argsort(descending=True)[:3].tolist():
+        cam = cam_from_features(feats, net.class_layers.out.weight, torch.tensor([c]))
+        assert cam.max() > cam.min()
+        ours = F.interpolate(cam[:, None], size=(224, 224), mode="bilinear", align_corners=False)
+        # MONAI's default postprocessing maps (min, max) to (1, 0); compare unflipped min-max
+        gradcam = GradCAM(nn_module=net, target_layers="class_layers.relu", postprocessing=lambda t: t)
+        theirs = gradcam(x.clone(), class_idx=c)
+        assert theirs.shape == (1, 1, 224, 224)
+        np.testing.assert_allclose(_minmax(ours), _minmax(theirs), atol=1e-4)
+
+
+def _minmax(t: torch.Tensor) -> np.ndarray:
+    a = t.detach().numpy().astype(np.float64)
+    return (a - a.min()) / (a.max() - a.min())
+
+
+def test_heatmap_label_rule() -> None:
+    labels = ("A", "B", NO_FINDING)
+    thresholds = (0.5, 0.5, 0.5)
+    assert heatmap_label_index(np.array([0.6, 0.7, 0.9]), thresholds, labels) == 1  # B, not No Finding
+    assert heatmap_label_index(np.array([0.2, 0.4, 0.9]), thresholds, labels) == 2  # only No Finding
+    assert heatmap_label_index(np.array([0.2, 0.4, 0.3]), thresholds, labels) == 1  # none: top
+
+
+def test_lung_box_margin_and_empty() -> None:
+    mask = np.zeros((100, 100), bool)
+    assert lung_box(mask, (1000, 2000), 0.1) is None
+    mask[20:60, 30:70] = True
+    assert lung_box(mask, (1000, 2000), 0.0) == (200, 600, 600, 1400)
+    assert lung_box(mask, (1000, 2000), 0.1) == (160, 640, 520, 1480)
+
+
+def test_devices() -> None:
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(DeviceError, match="device must be auto, cpu, cuda or cuda:N"):
+        resolve_device("gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(DeviceError, match="'cuda' was requested but CUDA is not available"):
+            resolve_device("cuda")
+        with pytest.raises(DeviceError, match="'cuda:1' was requested"):
+            resolve_device("cuda:1")
+
+
+def test_registry(demo_bundle: Path) -> None:
+    with pytest.raises(UnknownPipelineError, match="unknown pipeline id 'ct_head'; known: \\['chest_xray'\\]"):
+        load_pipeline("ct_head", demo_bundle, "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(DeviceError, match="CUDA is not available"):
+            load_pipeline("chest_xray", demo_bundle, "cuda")

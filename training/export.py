@@ -1,0 +1,125 @@
+"""Write a model bundle (layout and checks: pipelines/bundle.py, docs/model-bundle.md)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import monai
+import torch
+
+from pipelines.base import DEMO_DISCLAIMER
+from pipelines.bundle import METADATA_PATH, NETWORK_FILES, device_uid_for, load_bundle, sha256_file
+
+__all__ = ["export_bundle"]
+
+
+def export_bundle(
+    out: Path,
+    *,
+    networks: dict[str, tuple[torch.nn.Module, dict[str, Any]]],
+    labels: list[str],
+    thresholds: list[float],
+    input_size: dict[str, int],
+    preprocessing: dict[str, Any],
+    metrics: dict[str, Any],
+    training_data: dict[str, Any],
+    version: str,
+    changelog: dict[str, str],
+    demo: bool,
+    name: str = "pacsnode chest_xray",
+    description: str = "",
+    authors: str = "pacsnode",
+    manufacturer: str = "pacsnode",
+) -> Path:
+    """Write `out` (replaced atomically if it exists) and check it loads. Returns `out`.
+
+    networks: {"segmentation": (module, {"architecture": "UNet", "args": {...}}),
+               "classifier": (module, {"architecture": "DenseNet121", "args": {...}})}
+    """
+    if set(networks) != set(NETWORK_FILES):
+        raise ValueError(f"networks must be exactly {sorted(NETWORK_FILES)}, not {sorted(networks)}")
+    if len(thresholds) != len(labels):
+        raise ValueError(f"{len(thresholds)} thresholds for {len(labels)} labels")
+    if demo and DEMO_DISCLAIMER not in description:
+        description = f"{description} ({DEMO_DISCLAIMER})".strip()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        specs: dict[str, Any] = {}
+        for key, rel in NETWORK_FILES.items():
+            net, spec = networks[key]
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+            torch.save(state, tmp / rel)
+            specs[key] = {**spec, "weights": str(rel), "sha256": sha256_file(tmp / rel)}
+        c, s = input_size["classifier"], input_size["segmentation"]
+        meta = {
+            "schema": "pacsnode-bundle/1 (MONAI bundle metadata fields + pacsnode fields)",
+            "version": version,
+            "changelog": changelog,
+            "monai_version": monai.__version__,
+            "pytorch_version": torch.__version__.split("+")[0],
+            "name": name,
+            "authors": authors,
+            "manufacturer": manufacturer,
+            "description": description,
+            "intended_use": (
+                "Demonstration of the pacsnode DICOM workflow only. Not a medical device; "
+                "must not be used for diagnosis or patient care."
+                if demo
+                else "Research use only."
+            ),
+            "network_data_format": {
+                "inputs": {
+                    "image": {
+                        "type": "image", "format": "magnitude", "modality": "CR/DX chest PA/AP",
+                        "num_channels": 1, "spatial_shape": [s, s], "dtype": "float32",
+                        "value_range": [0, 1], "is_patch_data": False,
+                        "channel_def": {"0": "display image (pipelines.imaging.to_display), histogram-equalised"},
+                    },
+                    "lung_crop": {
+                        "type": "image", "format": "magnitude", "modality": "CR/DX chest PA/AP",
+                        "num_channels": 1, "spatial_shape": [c, c], "dtype": "float32",
+                        "value_range": [0, 1], "is_patch_data": False,
+                        "channel_def": {"0": "lung bounding box crop of the display image, histogram-equalised"},
+                    },
+                },
+                "outputs": {
+                    "lung_mask": {
+                        "type": "image", "format": "segmentation", "num_channels": 1,
+                        "spatial_shape": [s, s], "dtype": "float32", "value_range": [0, 1],
+                        "is_patch_data": False, "channel_def": {"0": "lung (sigmoid)"},
+                    },
+                    "pred": {
+                        "type": "probabilities", "format": "classes", "num_channels": len(labels),
+                        "spatial_shape": [1], "dtype": "float32", "value_range": [0, 1],
+                        "is_patch_data": False,
+                        "channel_def": {str(i): lab for i, lab in enumerate(labels)},
+                    },
+                },
+            },  # fmt: skip
+            "labels": list(labels),
+            "thresholds": {lab: float(t) for lab, t in zip(labels, thresholds, strict=True)},
+            "input_size": dict(input_size),
+            "preprocessing": dict(preprocessing),
+            "networks": specs,
+            "device_uid": device_uid_for([specs[k]["sha256"] for k in NETWORK_FILES]),
+            "demo": demo,
+            "training_data": training_data,
+            "metrics": metrics,
+        }
+        (tmp / METADATA_PATH).parent.mkdir(parents=True, exist_ok=True)
+        (tmp / METADATA_PATH).write_text(json.dumps(meta, indent=2) + "\n")
+        load_bundle(tmp)  # refuse to publish a bundle that does not load
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return out
