@@ -1,8 +1,8 @@
 import shutil
 
 import pytest
-from writers_data import MODEL, fake_result, identity, jpeg_source, rg1, roundtrip
 from pydicom.uid import GrayscaleSoftcopyPresentationStateStorage
+from writers_data import MODEL, fake_result, identity, jpeg_source, rg1, roundtrip
 
 from node.writers.gsps import build_presentation_state
 from node.writers.validate import ValidationFailed, check, validate

@@ -3,8 +3,8 @@ import time
 
 import numpy as np
 import pytest
-from writers_data import MODEL, fake_result, identity, jpeg_source, rg1, roundtrip
 from pydicom.uid import SecondaryCaptureImageStorage
+from writers_data import MODEL, fake_result, identity, jpeg_source, rg1, roundtrip
 
 from node.writers import sc as sc_writer
 from node.writers.sc import build_overlay_sc, render_overlay

@@ -2,8 +2,8 @@ import shutil
 
 import numpy as np
 import pytest
-from writers_data import MODEL, fake_result, identity, jpeg_source, rg1, roundtrip
 from pydicom.uid import SegmentationStorage
+from writers_data import MODEL, fake_result, identity, jpeg_source, rg1, roundtrip
 
 from node.writers import codes
 from node.writers.seg import build_segmentation

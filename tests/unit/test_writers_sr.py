@@ -4,8 +4,8 @@ import shutil
 import subprocess
 
 import pytest
-from writers_data import MODEL, fake_result, identity, jpeg_source, probabilities, rg1, roundtrip
 from pydicom.uid import Comprehensive3DSRStorage
+from writers_data import MODEL, fake_result, identity, jpeg_source, probabilities, rg1, roundtrip
 
 from node.writers.sr import build_comprehensive_3d_sr
 from node.writers.validate import ValidationFailed, check, validate
