@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import pydicom
@@ -12,6 +13,7 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
 
 from node.config import Destination
+from node.db.models import utcnow
 from node.listener import set_nodelay
 
 log = logging.getLogger(__name__)
@@ -26,6 +28,7 @@ class SendOutcome:
     path: Path
     status: int | None  # the remote C-STORE status, None when no response came
     error: str | None
+    at: datetime  # when the response came (or the attempt ended)
 
     @property
     def ok(self) -> bool:
@@ -52,13 +55,13 @@ def send_files(dest: Destination, paths: Sequence[Path], calling_ae_title: str) 
             try:
                 rsp = assoc.send_c_store(ds)
             except (RuntimeError, ValueError) as e:
-                outcomes.append(SendOutcome(path, None, f"not sent: {e}"))
+                outcomes.append(SendOutcome(path, None, f"not sent: {e}", utcnow()))
                 continue
             status = int(rsp.Status) if "Status" in rsp else None
             err = None if status is not None else "no response (timeout or abort)"
             if status is not None and not (status == 0 or status & 0xF000 == 0xB000):
                 err = f"remote status 0x{status:04X}"
-            outcomes.append(SendOutcome(path, status, err))
+            outcomes.append(SendOutcome(path, status, err, utcnow()))
             if not assoc.is_established:
                 break
     finally:
@@ -66,5 +69,5 @@ def send_files(dest: Destination, paths: Sequence[Path], calling_ae_title: str) 
             assoc.release()
     # Files never attempted because the association dropped count as not sent.
     done = {o.path for o in outcomes}
-    outcomes += [SendOutcome(p, None, "association lost before sending") for p in paths if p not in done]
+    outcomes += [SendOutcome(p, None, "association lost before sending", utcnow()) for p in paths if p not in done]
     return outcomes

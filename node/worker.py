@@ -8,20 +8,26 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from functools import cache
 from pathlib import Path
+from typing import TypeVar
 
 import pydicom
 from pydicom import Dataset
-from sqlalchemy import select
+from sqlalchemy import and_, func, or_, select, update
 
 from node.config import Config
 from node.db.models import Instance, Job, JobState, Output, Send, SendState, utcnow
 from node.db.session import session_scope
-from node.export import DestinationUnavailable, send_files
+from node.export import DestinationUnavailable, SendOutcome, send_files
 from node.jobs import TransitionError, transition
+from node.queue import enqueue_export
 from node.spool import output_relpath, resolve, write_atomic
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -99,8 +105,8 @@ def _fail(config: Config, job_id: int, stage: str, message: str) -> None:
     log.error("job %d failed at %s: %s", job_id, stage, message)
 
 
-def run_inference(config: Config, job_id: int, worker: str) -> bool:
-    """Run the job's pipeline and write its result objects; return True when export should follow."""
+def run_inference(config: Config, job_id: int, worker: str) -> None:
+    """Run the job's pipeline, write its result objects and queue their export as each is ready."""
     from node.writers.sc import build_overlay_sc
     from node.writers.sr import build_comprehensive_3d_sr
     from node.writers.uids import result_uid
@@ -111,9 +117,9 @@ def run_inference(config: Config, job_id: int, worker: str) -> bool:
         ji = _start(config, job_id, worker)
     except TransitionError as e:
         log.warning("%s", e)
-        return False
+        return
     if ji is None:
-        return False
+        return
     timings: dict[str, float] = {}
     try:
         t0 = time.perf_counter()
@@ -133,35 +139,38 @@ def run_inference(config: Config, job_id: int, worker: str) -> bool:
         for k in ("decode", "segmentation", "classification", "heatmap"):
             timings[k] = sum(r.timings.get(k, 0.0) for r in results)
 
-        t0 = time.perf_counter()
         # Same sources and model -> same UIDs, so a re-run never gives the PACS duplicates.
         key = (ji.study_uid, ji.pipeline, model.version, model.device_uid, *ji.content_keys)
-        sr = build_comprehensive_3d_sr(
+        # The SR goes out first, while the overlays are still being drawn: it is what the
+        # radiologist's worklist waits for. Each object is validated before it is written.
+        sr = _timed(timings, "encode", lambda: build_comprehensive_3d_sr(
             sources, results, model,
             series_instance_uid=result_uid(*key, "sr-series"),
             sop_instance_uid=result_uid(*key, "sr", "1"),
             series_number=SR_SERIES_NUMBER, instance_number=1,
             supersedes=[ji.predecessor_sr] if ji.predecessor_sr else (),
-        )
-        objects: list[tuple[str, Dataset]] = [("sr", sr)]
+        ))
+        _timed(timings, "validate", lambda: _validate("sr", sr, validate))
+        _store_outputs(config, ji.job_id, [("sr", sr)], first=True)
+        enqueue_export(config, ji.job_id)
         sc_series = result_uid(*key, "sc-series")
+        overlays = []
         for i, (src, res) in enumerate(zip(sources, results, strict=True), start=1):
-            objects.append(("sc", build_overlay_sc(
+            sc = _timed(timings, "encode", lambda src=src, res=res, i=i: build_overlay_sc(
                 src, res, model, series_instance_uid=sc_series,
                 sop_instance_uid=result_uid(*key, "sc", str(i)),
                 series_number=SC_SERIES_NUMBER, instance_number=i,
-            )))
-        timings["encode"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        for kind, ds in objects:
-            problems = validate(ds)
-            if problems:
-                raise PermanentError("validate", f"{kind} failed validation: " + "; ".join(problems[:10]))
-        timings["validate"] = time.perf_counter() - t0
-        _store_outputs(config, ji, objects, model.version, timings)
+            ))
+            _timed(timings, "validate", lambda sc=sc: _validate("sc", sc, validate))
+            overlays.append(("sc", sc))
+        _store_outputs(config, ji.job_id, overlays, first=False)
+        with session_scope(config.database.url) as s:
+            job = s.get(Job, ji.job_id)
+            assert job is not None
+            transition(job, JobState.ENCODED, model_version=model.version, timings={**job.timings, **timings})
+        enqueue_export(config, ji.job_id)
     except PermanentError as e:
         _fail(config, job_id, e.stage, str(e))
-        return False
     except Exception as e:
         if "out of memory" in str(e).lower():
             _requeue(config, job_id, str(e))
@@ -169,8 +178,6 @@ def run_inference(config: Config, job_id: int, worker: str) -> bool:
         # A bug must not leave the job "running" forever: fail it with the reason, keep the trace in the log.
         log.exception("job %d: unexpected error", job_id)
         _fail(config, job_id, "internal", f"{type(e).__name__}: {e}")
-        return False
-    return True
 
 
 def _requeue(config: Config, job_id: int, why: str) -> None:
@@ -180,26 +187,44 @@ def _requeue(config: Config, job_id: int, why: str) -> None:
             transition(job, JobState.QUEUED, error=f"will retry: {why}"[:4000])
 
 
-def _store_outputs(config: Config, ji: JobInput, objects: list[tuple[str, Dataset]], version: str,
-                   timings: dict[str, float]) -> None:
+def _timed(timings: dict[str, float], stage: str, fn: Callable[[], T]) -> T:
+    t0 = time.perf_counter()
+    try:
+        return fn()
+    finally:
+        timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - t0
+
+
+def _validate(kind: str, ds: Dataset, validate: Callable[[Dataset], list[str]]) -> None:
+    problems = validate(ds)
+    if problems:
+        raise PermanentError("validate", f"{kind} failed validation: " + "; ".join(problems[:10]))
+
+
+def _store_outputs(config: Config, job_id: int, objects: list[tuple[str, Dataset]], first: bool) -> None:
+    """Write objects under the spool and record them with a pending send per destination.
+
+    `first` marks the first batch of an attempt: what an interrupted earlier attempt wrote
+    is replaced (same deterministic UIDs, so nothing new reaches the PACS twice).
+    """
     from io import BytesIO
 
-    written = []
-    for index, (kind, ds) in enumerate(objects):
-        buf = BytesIO()
-        ds.save_as(buf, enforce_file_format=True)
-        rel = output_relpath(ji.job_id, kind, index)
-        write_atomic(config.storage.path, rel, buf.getvalue())
-        written.append((kind, ds, rel))
     with session_scope(config.database.url) as s:
-        job = s.get(Job, ji.job_id)
+        job = s.get(Job, job_id)
         assert job is not None
-        for old in list(job.outputs):  # a re-run replaces what an interrupted attempt wrote
-            for sd in list(old.sends):
-                s.delete(sd)
-            s.delete(old)
-        s.flush()
-        for kind, ds, rel in written:
+        if first:
+            for old in list(job.outputs):
+                for sd in list(old.sends):
+                    s.delete(sd)
+                s.delete(old)
+            s.flush()
+        index = len(job.outputs)
+        for kind, ds in objects:
+            buf = BytesIO()
+            ds.save_as(buf, enforce_file_format=True)
+            rel = output_relpath(job.id, kind, index)
+            index += 1
+            write_atomic(config.storage.path, rel, buf.getvalue())
             out = Output(job_id=job.id, kind=kind, sop_class_uid=str(ds.SOPClassUID),
                          sop_instance_uid=str(ds.SOPInstanceUID), series_instance_uid=str(ds.SeriesInstanceUID),
                          path=rel)
@@ -207,36 +232,61 @@ def _store_outputs(config: Config, ji: JobInput, objects: list[tuple[str, Datase
             s.flush()
             for dest in config.destinations:
                 s.add(Send(output_id=out.id, destination=dest.name, state=SendState.PENDING, attempts=0))
-        transition(job, JobState.ENCODED, model_version=version, timings={**job.timings, **timings})
+
+
+SEND_CLAIM_SECONDS = 600  # a claim older than this belongs to an export worker that died
+
+
+def _claim_sends(config: Config, job_id: int) -> tuple[JobState | None, dict[str, list[tuple[int, Path]]]]:
+    """Mark the job's unsent outputs as in flight for this task; return them by destination.
+
+    The conditional UPDATE makes the claim atomic, so two export tasks for the same job (the
+    SR's and the overlays') never send one object twice.
+    """
+    now = utcnow()
+    stale = now - timedelta(seconds=SEND_CLAIM_SECONDS)
+    claimable = or_(Send.state.in_((SendState.PENDING, SendState.FAILED)),
+                    and_(Send.state == SendState.SENDING, Send.updated_at < stale))
+    claimed: dict[str, list[tuple[int, Path]]] = {}
+    with session_scope(config.database.url) as s:
+        job = s.get(Job, job_id)
+        if job is None or job.state not in (JobState.RUNNING, JobState.ENCODED, JobState.SENDING):
+            return (job.state if job else None), {}
+        if job.state == JobState.ENCODED:
+            transition(job, JobState.SENDING)
+        for out in job.outputs:
+            for sd in out.sends:
+                res = s.execute(update(Send).where(Send.id == sd.id, claimable)
+                                .values(state=SendState.SENDING, updated_at=now)
+                                .execution_options(synchronize_session=False))
+                if res.rowcount == 1:  # type: ignore[attr-defined]
+                    claimed.setdefault(sd.destination, []).append((sd.id, resolve(config.storage.path, out.path)))
+        return job.state, claimed
 
 
 def run_export(config: Config, job_id: int) -> None:
-    """Send every pending output of the job to each destination; raise RetryableExportError if some failed."""
-    with session_scope(config.database.url) as s:
-        job = s.get(Job, job_id)
-        if job is None or job.state not in (JobState.ENCODED, JobState.SENDING):
-            log.info("job %d is %s: nothing to send", job_id, job.state.value if job else "gone")
-            return
-        if job.state == JobState.ENCODED:
-            transition(job, JobState.SENDING)
-        pending: dict[str, list[tuple[int, Path]]] = {}
-        for out in job.outputs:
-            for sd in out.sends:
-                if sd.state != SendState.SENT:
-                    pending.setdefault(sd.destination, []).append((sd.id, resolve(config.storage.path, out.path)))
+    """Send the job's unsent outputs to each destination; raise RetryableExportError if some failed.
+
+    Runs for a job still encoding (its SR is out before its overlays are drawn) and once more
+    when all outputs are written; the job is done when every output reached every destination.
+    """
+    state, claimed = _claim_sends(config, job_id)
+    if state is None or (not claimed and state == JobState.RUNNING):
+        log.info("job %d: nothing to send (%s)", job_id, state.value if state else "gone")
+        return
     t0 = time.perf_counter()
     failures = []
     dests = {d.name: d for d in config.destinations}
-    for name, items in pending.items():
+    for name, items in claimed.items():
         dest = dests.get(name)
+        outcomes: list[SendOutcome] | None = None
         if dest is None:
             failures.append(f"{name}: destination no longer configured")
-            continue
-        try:
-            outcomes = send_files(dest, [p for _, p in items], config.export.calling_ae_title)
-        except (DestinationUnavailable, OSError) as e:
-            outcomes = None
-            failures.append(f"{name}: {e}")
+        else:
+            try:
+                outcomes = send_files(dest, [p for _, p in items], config.export.calling_ae_title)
+            except (DestinationUnavailable, OSError) as e:
+                failures.append(f"{name}: {e}")
         with session_scope(config.database.url) as s:
             for i, (send_id, _) in enumerate(items):
                 sd = s.get(Send, send_id)
@@ -250,7 +300,7 @@ def run_export(config: Config, job_id: int) -> None:
                 sd.remote_status, sd.error = o.status, o.error
                 sd.state = SendState.SENT if o.ok else SendState.FAILED
                 if o.ok:
-                    sd.sent_at = utcnow()
+                    sd.sent_at = o.at
                 else:
                     failures.append(f"{name}: {o.error}")
     elapsed = time.perf_counter() - t0
@@ -262,9 +312,13 @@ def run_export(config: Config, job_id: int) -> None:
             job.error, job.error_stage = "; ".join(failures)[:4000], "send"
             job.updated_at = utcnow()
             raise RetryableExportError(job.error)
-        transition(job, JobState.DONE, error=None, error_stage=None)
-        if job.supersedes is not None and job.supersedes.state == JobState.DONE:
-            transition(job.supersedes, JobState.SUPERSEDED)
+        unsent = s.scalar(select(func.count()).select_from(Send).join(Output)
+                          .where(Output.job_id == job_id, Send.state != SendState.SENT))
+        # Whoever sends the last object closes the job; a job still encoding stays running.
+        if job.state == JobState.SENDING and not unsent:
+            transition(job, JobState.DONE, error=None, error_stage=None)
+            if job.supersedes is not None and job.supersedes.state == JobState.DONE:
+                transition(job.supersedes, JobState.SUPERSEDED)
 
 
 def fail_export(config: Config, job_id: int, message: str) -> None:

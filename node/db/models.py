@@ -91,6 +91,7 @@ ACTIVE_JOB_STATES = (JobState.QUEUED, JobState.RUNNING, JobState.ENCODED, JobSta
 
 class SendState(enum.StrEnum):
     PENDING = "pending"
+    SENDING = "sending"  # claimed by an export task (updated_at is the claim time)
     SENT = "sent"
     FAILED = "failed"
 
