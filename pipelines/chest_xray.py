@@ -21,6 +21,7 @@ import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -120,8 +121,8 @@ class FeatureHead(torch.nn.Module):
 
     def __init__(self, densenet: torch.nn.Module) -> None:
         super().__init__()
-        self.features = densenet.features
-        self.out = densenet.class_layers.out
+        self.features = cast(torch.nn.Module, densenet.features)
+        self.out = cast(torch.nn.Linear, densenet.class_layers.out)  # type: ignore[union-attr]
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         a = F.relu(self.features(x))
@@ -175,7 +176,8 @@ class ChestXrayPipeline:
 
     def _optimise(self, net: torch.nn.Module, shape: tuple[int, ...]) -> torch.nn.Module:
         """CPU: TorchScript trace + freeze, channels_last. CUDA: eager, channels_last (autocast)."""
-        net = net.eval().to(self.device, memory_format=torch.channels_last)
+        net = net.eval().to(self.device)
+        net = net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         if self.device.type != "cpu":
             return net
         example = torch.zeros(shape).contiguous(memory_format=torch.channels_last)
@@ -194,7 +196,7 @@ class ChestXrayPipeline:
                 self._forward(self._seg, torch.zeros(1, 1, seg_size, seg_size))
                 self._forward(self._cls, torch.zeros(1, 1, cls_size, cls_size))
 
-    def _forward(self, net: torch.nn.Module, x: torch.Tensor) -> object:
+    def _forward(self, net: torch.nn.Module, x: torch.Tensor) -> Any:
         x = x.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
         with autocast(self.device):
             return net(x)
@@ -220,7 +222,7 @@ class ChestXrayPipeline:
             s = self.bundle.segmentation_size
             seg_in = torch.stack([segmentation_input(d, s) for d in displays])
             logits = self._forward(self._seg, seg_in)
-            probs = torch.sigmoid(logits.float())[:, 0].cpu()  # type: ignore[union-attr]
+            probs = torch.sigmoid(logits.float())[:, 0].cpu()
             masks, boxes = [], []
             for d, p in zip(displays, probs, strict=True):
                 m = postprocess_mask(p, self.mask_threshold, self.opening_radius)
@@ -236,7 +238,7 @@ class ChestXrayPipeline:
             t0 = time.perf_counter()
             c = self.bundle.classifier_size
             cls_in = torch.stack([classifier_input(d, b, c) for d, b in zip(displays, boxes, strict=True)])
-            cls_logits, feats = self._forward(self._cls, cls_in)  # type: ignore[misc]
+            cls_logits, feats = self._forward(self._cls, cls_in)
             cls_probs = torch.sigmoid(cls_logits.float()).cpu().numpy()
             t_cls = time.perf_counter() - t0
 

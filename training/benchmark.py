@@ -41,7 +41,7 @@ def main() -> None:
     p = ChestXrayPipeline(args.bundle, args.device)
     load_s = time.perf_counter() - t0
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    path = get_testdata_file("RG1_UNCR.dcm")
+    path = str(get_testdata_file("RG1_UNCR.dcm"))
     for _ in range(3):
         p.run([pydicom.dcmread(path)])
     runs = [p.run([pydicom.dcmread(path)])[0].timings for _ in range(args.runs)]

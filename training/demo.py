@@ -39,7 +39,7 @@ __all__ = ["FULL", "QUICK", "DemoConfig", "train_demo"]
 log = logging.getLogger(__name__)
 
 VERSION = "0.1.0"
-PREPROCESSING = {"mask_threshold": 0.5, "opening_radius": 2, "crop_margin": 0.08}
+PREPROCESSING: dict[str, Any] = {"mask_threshold": 0.5, "opening_radius": 2, "crop_margin": 0.08}
 
 
 @dataclass(frozen=True)
@@ -48,11 +48,11 @@ class DemoConfig:
     segmentation_size: int = 256  # inference size = training size
     classifier_size: int = 224  # inference and validation size
     classifier_train_size: int = 128
-    n_train: int = 960
+    n_train: int = 800
     n_val: int = 240
     seg_train: int = 320  # the first seg_train training images train the UNet
-    seg_epochs: int = 4
-    cls_epochs: int = 3
+    seg_epochs: int = 3
+    cls_epochs: int = 2
     batch_size: int = 16
     unet_channels: tuple[int, ...] = (8, 16, 32, 64)
     lr: float = 1e-3

@@ -31,7 +31,7 @@ def roc_auc_per_label(probs: np.ndarray, labels: np.ndarray) -> list[float | Non
             continue
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            auc = float(compute_roc_auc(torch.from_numpy(probs[:, j]), torch.from_numpy(y)))
+            auc = float(np.asarray(compute_roc_auc(torch.from_numpy(probs[:, j]), torch.from_numpy(y))))
         out.append(None if math.isnan(auc) else round(auc, 4))
     return out
 
