@@ -29,7 +29,7 @@ def roc_png(curves: dict[str, tuple[np.ndarray, np.ndarray, float | None]], path
     for i, (label, (fpr, tpr, auc)) in enumerate(curves.items()):
         color = _COLORS[i % len(_COLORS)]
         pts = [(x0 + f * (x1 - x0), y1 - t * (y1 - y0)) for f, t in zip(fpr, tpr, strict=True)]
-        if len(pts) > 1:
+        if len(pts) > 1 and auc is not None:  # one class only: no curve to draw
             d.line(pts, fill=color, width=2)
         auc_text = "n/a" if auc is None else f"{auc:.3f}"
         d.text((x0, size + 2 + 14 * i), f"{label}  AUC {auc_text}", fill=color)

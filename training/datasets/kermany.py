@@ -25,10 +25,10 @@ def kermany_patient(name: str) -> str | None:
 
 
 def load_kermany(root: Path) -> LabelledSet:
-    """Every image under root/<split>/<class>/; the download's splits are kept.
+    """Every image under root/<split>/<class>/; the download's val and test folders are kept.
 
-    Its val split has only 16 images: `LabelledSet.split` keeps it, so recipes that want a
-    larger validation set move train patients with `split.val` (see training/recipes).
+    Its val folder has only 16 images, so train/ images are left unassigned: `split(val=f)`
+    moves a fraction f of the train patients to validation (test=0 is implied by test/).
     """
     root = Path(root)
     records = []
@@ -39,7 +39,8 @@ def load_kermany(root: Path) -> LabelledSet:
                 continue
             for p in sorted(folder.iterdir()):
                 if p.suffix.lower() in _EXTS:
-                    records.append(Record(p, (y,), kermany_patient(p.name), split))
+                    fixed = None if split == "train" else split
+                    records.append(Record(p, (y,), kermany_patient(p.name), fixed))
     if not records:
         raise DatasetError(f"{root}: no images in {{train,val,test}}/{{NORMAL,PNEUMONIA}}/")
     ds = LabelledSet("kermany", KERMANY_LABELS, records, multi_label=False)
