@@ -283,7 +283,9 @@ def train(
     images_seen, t_train = 0, 0.0
     for epoch in range(state["epoch"], epochs):
         net.train()
-        # the shuffle depends on (seed, epoch) only, so a resumed run sees the same order
+        # shuffle and augmentation depend on (seed, epoch) only: a resumed run sees the same batches
+        if train_set.augment is not None:
+            train_set.augment.set_random_state(seed * 1000 + epoch)
         loader = DataLoader(train_set, batch_size=batch, shuffle=True, drop_last=len(train_set) > batch,
                             num_workers=int(recipe["num_workers"]),
                             generator=torch.Generator().manual_seed(seed * 1000 + epoch))  # fmt: skip
