@@ -32,6 +32,7 @@ __all__ = [
     "BundleError",
     "build_network",
     "device_uid_for",
+    "list_bundles",
     "load_bundle",
     "read_metadata",
     "sha256_file",
@@ -188,3 +189,44 @@ def load_bundle(path: Path | str) -> Bundle:
         segmentation=nets["segmentation"],
         classifier=nets["classifier"],
     )
+
+
+def list_bundles(paths: list[Path | str]) -> list[dict[str, Any]]:
+    """Describe the bundles at `paths` (each a bundle folder or a folder of bundles).
+
+    One dict per bundle found: path, name, version, demo, labels, device_uid, sha256 check
+    ("ok" or the error) and the metrics summary. Weights are hashed but no network is built,
+    so listing is cheap. A path that holds no bundle gives one entry with its error.
+    """
+    out: list[dict[str, Any]] = []
+    for root in map(Path, paths):
+        if (root / METADATA_PATH).is_file():
+            candidates = [root]
+        elif root.is_dir():
+            candidates = sorted(p for p in root.iterdir() if (p / METADATA_PATH).is_file())
+        else:
+            candidates = []
+        if not candidates:
+            out.append({"path": str(root), "status": f"no model bundle at {root}"})
+            continue
+        for path in candidates:
+            entry: dict[str, Any] = {"path": str(path)}
+            try:
+                meta = read_metadata(path)
+            except BundleError as e:
+                out.append(entry | {"status": str(e)})
+                continue
+            status = "ok"
+            for key, rel in NETWORK_FILES.items():
+                weights = path / rel
+                if not weights.is_file():
+                    status = f"weight file {rel} is missing"
+                elif sha256_file(weights) != meta["networks"][key].get("sha256"):
+                    status = f"{rel} sha256 does not match metadata"
+            entry |= {
+                "name": meta["name"], "version": meta["version"], "demo": meta["demo"],
+                "labels": len(meta["labels"]), "device_uid": meta["device_uid"],
+                "input_size": meta["input_size"], "status": status,
+            }  # fmt: skip
+            out.append(entry)
+    return out

@@ -9,7 +9,6 @@ chosen, at the bundle's inference size: DenseNet121 is fully convolutional.
 from __future__ import annotations
 
 import logging
-import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,6 +32,7 @@ from pipelines.chest_xray import (
 from training.export import export_bundle
 from training.metrics import choose_thresholds, dice, roc_auc_per_label
 from training.synthetic import LABELS, generate_set
+from training.train import seed_everything
 
 __all__ = ["FULL", "QUICK", "DemoConfig", "train_demo"]
 
@@ -63,12 +63,6 @@ QUICK = DemoConfig(
     n_train=160, n_val=64, seg_train=96, seg_epochs=3, cls_epochs=1, classifier_train_size=64,
     segmentation_size=128, lr=2e-3,
 )  # fmt: skip
-
-
-def _seed(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def _batches(n: int, size: int, rng: np.random.Generator | None) -> list[np.ndarray]:
@@ -155,7 +149,7 @@ def _predict(net: torch.nn.Module, x: torch.Tensor, batch: int, logits: bool = F
 def train_demo(out: Path, cfg: DemoConfig = FULL) -> dict[str, Any]:
     """Generate data, train both networks, choose thresholds on validation, export the bundle."""
     t0 = time.perf_counter()
-    _seed(cfg.seed)
+    seed_everything(cfg.seed)
     size = 256
     tr_img, tr_mask, tr_lab = generate_set(cfg.n_train, cfg.seed, size)
     va_img, va_mask, va_lab = generate_set(cfg.n_val, cfg.seed, size, start=cfg.n_train)

@@ -14,7 +14,7 @@ import torch
 from pipelines.base import DEMO_DISCLAIMER
 from pipelines.bundle import METADATA_PATH, NETWORK_FILES, device_uid_for, load_bundle, sha256_file
 
-__all__ = ["export_bundle"]
+__all__ = ["export_bundle", "export_run"]
 
 
 def export_bundle(
@@ -123,3 +123,49 @@ def export_bundle(
         if tmp.exists():
             shutil.rmtree(tmp)
     return out
+
+
+def export_run(run: Path, out: Path, version: str, changelog: str | None = None) -> Path:
+    """Bundle a finished classifier run with the segmentation run it cropped with.
+
+    The node crops to the lung box and runs DenseNet121 (its Grad-CAM needs that structure),
+    so only `crop: lung` DenseNet121 runs can become node bundles; anything else is refused
+    with the reason.
+    """
+    from training.train import load_run_network  # the training stack, only when exporting
+
+    cls, meta = load_run_network(Path(run))
+    if meta["task"] == "segmentation":
+        raise ValueError(f"{run} is a segmentation run: export the classifier run that used it (crop: lung)")
+    if meta["network"]["architecture"] != "DenseNet121":
+        raise ValueError(f"{run}: the node runs DenseNet121 classifiers, this run trained {meta['network']['architecture']}")
+    if meta["preprocessing"].get("crop") != "lung" or not meta.get("segmentation_run"):
+        raise ValueError(f"{run} was trained on whole images; the node classifies lung crops (train with crop: lung)")
+    seg, seg_meta = load_run_network(Path(meta["segmentation_run"]))
+    post = seg_meta["preprocessing"]
+    labels = list(meta["labels"])
+    return export_bundle(
+        out,
+        networks={"segmentation": (seg, seg_meta["network"]), "classifier": (cls, meta["network"])},
+        labels=labels,
+        thresholds=[float(t) for t in meta["thresholds"]],
+        input_size={"segmentation": int(seg_meta["input_size"]), "classifier": int(meta["input_size"])},
+        preprocessing={k: post[k] for k in ("mask_threshold", "opening_radius", "crop_margin")},
+        metrics={
+            "segmentation": seg_meta["metrics"], "classifier": meta["metrics"],
+            "threshold_rule": f"{meta['recipe']['threshold_rule']} on the validation split",
+        },  # fmt: skip
+        training_data={
+            "segmentation": {**seg_meta["data"], "run": str(Path(meta["segmentation_run"]))},
+            "classifier": {**meta["data"], "run": str(Path(run).resolve())},
+            "recipes": {"segmentation": seg_meta["recipe"], "classifier": meta["recipe"]},
+            "pretrained": meta.get("pretrained"),
+        },  # fmt: skip
+        version=version,
+        changelog={version: changelog or f"trained with training/ recipes on {meta['data']['dataset']}"},
+        demo=False,
+        description=(
+            f"Lung segmentation (UNet) and {len(labels)}-label chest radiograph classifier "
+            f"(DenseNet121) trained on {meta['data']['dataset']}"
+        ),
+    )
