@@ -213,6 +213,16 @@ def cmd_replay(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
+def cmd_models(args: argparse.Namespace, config: Config) -> int:
+    """List the model bundles the config names (and any bundles in --path folders)."""
+    from pipelines.bundle import list_bundles
+
+    paths = [pc.bundle for pc in config.pipelines.values()] + [Path(p) for p in args.path]
+    rows = list_bundles(paths)
+    _print(rows, args.json, ["name", "version", "demo", "status", "path"])
+    return 0 if all(r.get("status") == "ok" for r in rows) else 1
+
+
 def cmd_cancel(args: argparse.Namespace, config: Config) -> int:
     from node.jobs import cancel
 
@@ -251,6 +261,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--since", help="with --failed: only jobs failed since this ISO time")
     r.add_argument("--reason", default="manual replay")
     r.add_argument("--json", action="store_true")
+    m = add("models", cmd_models, "model bundles")
+    m.add_argument("action", choices=["list"])
+    m.add_argument("--path", action="append", default=[], help="also list bundles in this folder")
+    m.add_argument("--json", action="store_true")
     c = add("cancel", cmd_cancel, "cancel a queued or running job")
     c.add_argument("job_id", type=int)
     c.add_argument("--reason", default="cancelled by operator")
