@@ -203,7 +203,9 @@ def cmd_replay(args: argparse.Namespace, config: Config) -> int:
     new_ids = []
     for job_id in ids:
         new_id = replay(config, job_id, actor=getpass.getuser(), reason=args.reason)
-        enqueue_job(config, new_id)
+        with session_scope(config.database.url) as s:
+            priority = s.get_one(Job, new_id).priority
+        enqueue_job(config, new_id, priority)
         new_ids.append({"replayed": job_id, "job": new_id})
     if args.json:
         print(json.dumps(new_ids))

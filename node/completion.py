@@ -89,7 +89,7 @@ class CompletionService:
         now = now or utcnow()
         cc = self.config.completion
         open_studies = self.tracker.open_studies()
-        job_ids: list[int] = []
+        jobs: list[tuple[int, int]] = []
         with session_scope(self.config.database.url) as s:
             receiving = s.scalars(select(Study).where(Study.state == StudyState.RECEIVING)).all()
             for study in receiving:
@@ -103,13 +103,13 @@ class CompletionService:
                 )
                 rule = completion_rule(clock, now, cc.quiet_seconds, cc.max_wait_seconds)
                 if rule is not None:
-                    job_ids += self._complete(s, study, rule, now)
+                    jobs += self._complete(s, study, rule, now)
         # Sent only after the commit, so a worker always finds its job row.
-        for job_id in job_ids:
-            enqueue_job(self.config, job_id)
-        return job_ids
+        for job_id, priority in jobs:
+            enqueue_job(self.config, job_id, priority)
+        return [job_id for job_id, _ in jobs]
 
-    def _complete(self, s: Session, study: Study, rule: str, now: datetime) -> list[int]:
+    def _complete(self, s: Session, study: Study, rule: str, now: datetime) -> list[tuple[int, int]]:
         study.completed_at = now
         study.completion_rule = rule
         study.pending_instances = 0
@@ -117,4 +117,4 @@ class CompletionService:
         study.state = StudyState.COMPLETE if jobs or study.jobs else StudyState.SKIPPED
         s.flush()
         log.info("study %s complete by rule %s: %d job(s)", study.study_instance_uid, rule, len(jobs))
-        return [j.id for j in jobs]
+        return [(j.id, j.priority) for j in jobs]

@@ -48,6 +48,9 @@ def broker_settings(config: Config) -> dict[str, object]:
     return {
         "broker_url": q.broker_url,
         "broker_transport_options": {
+            # Ten Redis lists per queue instead of kombu's default four buckets, so every rule
+            # priority is its own step.
+            "priority_steps": list(range(10)),
             # Longer than the slowest job, or Redis re-delivers a task that is still running.
             "visibility_timeout": q.visibility_timeout,
             "socket_timeout": 10,
@@ -86,10 +89,18 @@ def configure(config: Config) -> Celery:
     return app
 
 
-def enqueue_job(config: Config, job_id: int) -> None:
-    """Queue inference for a job whose row is committed."""
-    configure(config).send_task(RUN_JOB, args=[job_id], queue=INFERENCE_QUEUE)
-    log.debug("job %d queued for inference", job_id)
+def broker_priority(config: Config, priority: int) -> int:
+    """Our priority (0-9, 9 most urgent) as the broker's: Redis serves 0 first, AMQP serves 9 first."""
+    if config.queue.broker_url.startswith(("amqp", "pyamqp")):
+        return priority
+    return 9 - priority
+
+
+def enqueue_job(config: Config, job_id: int, priority: int = 4) -> None:
+    """Queue inference for a job whose row is committed, at the job's routing priority."""
+    configure(config).send_task(RUN_JOB, args=[job_id], queue=INFERENCE_QUEUE,
+                                priority=broker_priority(config, priority))
+    log.debug("job %d queued for inference (priority %d)", job_id, priority)
 
 
 def enqueue_export(config: Config, job_id: int, countdown: float = 0.0) -> None:
