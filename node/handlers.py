@@ -217,18 +217,19 @@ def handle_store(event: evt.Event, ctx: IngestContext) -> int:
         study_uid, sop_uid = ingest(data, ctx, calling, peer)
     except StoreRefused as e:
         log.warning("C-STORE from %s refused with 0x%04X: %s", calling, e.status, e)
-        _audit(ctx, "store_refused", calling, f"0x{e.status:04X}: {e}")
+        audit(ctx, "store_refused", calling, f"0x{e.status:04X}: {e}")
         return e.status
     except Exception as e:  # the association must survive anything one instance does
         log.exception("C-STORE from %s failed", calling)
-        _audit(ctx, "store_failed", calling, str(e))
+        audit(ctx, "store_failed", calling, str(e))
         return OUT_OF_RESOURCES
     ctx.tracker.add(id(assoc), study_uid)
     log.debug("stored %s of study %s", sop_uid, study_uid)
     return SUCCESS
 
 
-def _audit(ctx: IngestContext, kind: str, actor: str | None, detail: str) -> None:
+def audit(ctx: IngestContext, kind: str, actor: str | None, detail: str) -> None:
+    """Record an Event row (rejections, refusals); a database failure is logged, never raised."""
     try:
         with session_scope(ctx.config.database.url) as s:
             s.add(Event(kind=kind, actor=actor, detail=detail[:2000]))
