@@ -66,6 +66,8 @@ def configure(config: Config) -> Celery:
         key = config.model_dump_json()
         if _configured == key:
             return app
+        if _configured is not None:
+            _drop_connections()
         app.conf.update(
             task_serializer="json",
             accept_content=["json"],
@@ -87,6 +89,16 @@ def configure(config: Config) -> Celery:
         app.conf.pacsnode_config = key
         _configured = key
     return app
+
+
+def _drop_connections() -> None:
+    """Forget pooled broker connections: they carry the previous config's transport options
+    (for the embedded broker, the previous spool), and kombu keys its pools by URL only."""
+    from kombu import pools
+
+    app._pool = None
+    app.amqp._producer_pool = None
+    pools.reset()
 
 
 def broker_priority(config: Config, priority: int) -> int:
