@@ -117,7 +117,7 @@ def ingest(data: bytes, ctx: IngestContext, calling_ae: str | None, peer: Peer |
     """
     cfg = ctx.config.storage
     if len(data) > cfg.max_instance_mb * 1024 * 1024:
-        raise StoreRefused(OUT_OF_RESOURCES, f"instance of {len(data)} bytes exceeds limits.max_instance_mb")
+        raise StoreRefused(OUT_OF_RESOURCES, f"instance of {len(data)} bytes exceeds storage.max_instance_mb")
     try:
         free = shutil.disk_usage(ctx.spool).free
     except OSError as e:
