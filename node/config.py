@@ -99,10 +99,23 @@ class QueueConfig(_Strict):
     reconcile_seconds: float = Field(60.0, gt=0, description="how often stuck jobs are re-queued")
 
 
+class QuerySource(_Strict):
+    """The PACS that sends us studies, asked by C-FIND how many instances a study has."""
+
+    ae_title: AE_TITLE
+    host: str
+    port: int = Field(ge=1, le=65535)
+    timeout: float = Field(5.0, gt=0, description="seconds for connect, ACSE and DIMSE")
+    requery_seconds: float = Field(5.0, gt=0, description="ask again at most this often while a study arrives")
+
+
 class CompletionConfig(_Strict):
     quiet_seconds: float = Field(2.0, ge=0, description="quiet time after release before a study is complete")
     max_wait_seconds: float = Field(600.0, gt=0)
     poll_seconds: float = Field(0.1, gt=0)
+    query_source: QuerySource | None = Field(
+        None, description="C-FIND the source PACS for Number of Study Related Instances; null: do not ask"
+    )
 
 
 class Destination(_Strict):

@@ -77,6 +77,7 @@ class Orthanc:
             "RemoteAccessAllowed": False,
             "AuthenticationEnabled": False,
             "DicomAlwaysAllowStore": True,
+            "DicomAlwaysAllowFind": True,  # the node asks the source PACS for study sizes
             "DicomCheckCalledAet": True,
             "Plugins": [],
             "StableAge": 1,

@@ -191,3 +191,33 @@ def test_study_over_two_associations_completes_once_with_both_series(cfg: Config
         assert len(job.instance_ids) == 4
         assert {se.series_instance_uid for se in job.study.series} == {series_a, series_b}
         assert job.study.completion_rule == "quiet"
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+@pytest.mark.skipif(not have("Orthanc", "storescu"), reason="Orthanc or DCMTK not installed")
+def test_source_pacs_count_completes_the_study_before_the_quiet_time(tmp_path: Path) -> None:
+    from tests.peers import orthanc
+
+    study = generate_uid()
+    files = [tmp_path / f"i{i}.dcm" for i in range(3)]
+    for f in files:
+        _copy(CT, f, study=study, series=None)
+    with orthanc(tmp_path / "orthanc") as pacs:
+        assert storescu(pacs.dicom_port, *files, aec=pacs.aet).returncode == 0
+        cfg = _config(tmp_path, completion={
+            "quiet_seconds": 300, "query_source": {"ae_title": pacs.aet, "host": "127.0.0.1", "port": pacs.dicom_port}})
+        ctx = IngestContext(cfg)
+        server = start_listener(cfg, ctx)
+        try:
+            service = CompletionService(cfg, ctx.tracker)
+            assert storescu(cfg.listener.port, *files[:2]).returncode == 0
+            assert service.tick() == []  # 2 of 3: neither count nor quiet time
+            assert storescu(cfg.listener.port, files[2]).returncode == 0
+            service.tick()
+        finally:
+            server.shutdown()
+    with session_scope(cfg.database.url) as s:
+        st = s.scalar(select(Study).where(Study.study_instance_uid == study))
+        assert st is not None
+        assert (st.expected_instances, st.completion_rule) == (3, "count")
