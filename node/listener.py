@@ -86,14 +86,16 @@ def handle_requested(event: evt.Event, ctx: IngestContext) -> None:
     """EVT_REQUESTED: refuse strangers with an A-ASSOCIATE-RJ before any negotiation."""
     assoc = event.assoc
     rq = assoc.requestor.primitive
+    assert rq is not None  # pynetdicom sets it before triggering EVT_REQUESTED
     calling, called, address = str(rq.calling_ae_title), str(rq.called_ae_title), assoc.requestor.address
     verdict = admission(ctx.config.listener, calling, called, address)
     if verdict is None:
         return
     diagnostic, reason = verdict
-    assoc.acse.send_reject(0x01, 0x01, diagnostic)
+    # Recorded before the peer hears of it, so a refusal is counted even if the socket dies.
     log.warning("association from %s at %s refused: %s", calling.strip(), address, reason)
     audit(ctx, "association_rejected", calling.strip(), f"{address}: {reason}")
+    assoc.acse.send_reject(0x01, 0x01, diagnostic)
     assoc.kill()
 
 
