@@ -203,7 +203,9 @@ def cmd_replay(args: argparse.Namespace, config: Config) -> int:
     new_ids = []
     for job_id in ids:
         new_id = replay(config, job_id, actor=getpass.getuser(), reason=args.reason)
-        enqueue_job(config, new_id)
+        with session_scope(config.database.url) as s:
+            priority = s.get_one(Job, new_id).priority
+        enqueue_job(config, new_id, priority)
         new_ids.append({"replayed": job_id, "job": new_id})
     if args.json:
         print(json.dumps(new_ids))
@@ -228,6 +230,38 @@ def cmd_cancel(args: argparse.Namespace, config: Config) -> int:
 
     cancel(config, args.job_id, actor=getpass.getuser(), reason=args.reason)
     print(f"job {args.job_id} cancelled")
+    return 0
+
+
+def cmd_rules(args: argparse.Namespace, config: Config) -> int:
+    """`rules test FILE.dcm`: which routing rule matches the file, and why each rule did or did not."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    from node.jobs import enabled_pipelines
+    from node.routing import decision_for
+
+    try:
+        ds = pydicom.dcmread(args.file, stop_before_pixels=True)
+    except (OSError, InvalidDicomError) as e:
+        print(f"rules test: cannot read {args.file}: {e}", file=sys.stderr)
+        return 2
+    d = decision_for(ds, config.routing, enabled_pipelines(config), args.calling_ae,
+                     args.called_ae or config.listener.ae_title, args.address)
+    if args.json:
+        print(json.dumps({"rule": d.rule, "action": "skip" if d.skipped else "process", "reason": d.reason,
+                          "pipelines": list(d.pipelines), "priority": d.priority,
+                          "destinations": None if d.destinations is None else list(d.destinations),
+                          "trace": list(d.trace)}, indent=2))
+        return 0
+    print(f"mode {config.routing.mode}:")
+    for line in d.trace:
+        print(f"  {line}")
+    if d.skipped:
+        print(f"=> skip by rule {d.rule or '-'}: {d.reason}")
+    else:
+        dests = "every destination" if d.destinations is None else ", ".join(d.destinations)
+        print(f"=> process by rule {d.rule}: {', '.join(d.pipelines)} at priority {d.priority}, results to {dests}")
     return 0
 
 
@@ -268,6 +302,13 @@ def build_parser() -> argparse.ArgumentParser:
     c = add("cancel", cmd_cancel, "cancel a queued or running job")
     c.add_argument("job_id", type=int)
     c.add_argument("--reason", default="cancelled by operator")
+    rl = add("rules", cmd_rules, "routing rules")
+    rl.add_argument("action", choices=["test"])
+    rl.add_argument("file", type=Path, help="a DICOM file, routed as the first instance of its series")
+    rl.add_argument("--calling-ae", help="as if sent by this AE title")
+    rl.add_argument("--called-ae", help="as if sent to this AE title (default: ours)")
+    rl.add_argument("--address", help="as if sent from this address")
+    rl.add_argument("--json", action="store_true")
     return p
 
 

@@ -62,6 +62,7 @@ class CompletionService:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="completion", daemon=True)
         self._last_reconcile = 0.0
+        self._asked: dict[str, float] = {}  # study UID -> monotonic time of the last C-FIND
 
     def start(self) -> None:
         self._thread.start()
@@ -88,8 +89,10 @@ class CompletionService:
         """One pass: complete every study whose rule fires; return the ids of the jobs queued."""
         now = now or utcnow()
         cc = self.config.completion
+        if cc.query_source is not None:
+            self.ask_source()
         open_studies = self.tracker.open_studies()
-        job_ids: list[int] = []
+        jobs: list[tuple[int, int]] = []
         with session_scope(self.config.database.url) as s:
             receiving = s.scalars(select(Study).where(Study.state == StudyState.RECEIVING)).all()
             for study in receiving:
@@ -103,13 +106,42 @@ class CompletionService:
                 )
                 rule = completion_rule(clock, now, cc.quiet_seconds, cc.max_wait_seconds)
                 if rule is not None:
-                    job_ids += self._complete(s, study, rule, now)
+                    jobs += self._complete(s, study, rule, now)
         # Sent only after the commit, so a worker always finds its job row.
-        for job_id in job_ids:
-            enqueue_job(self.config, job_id)
-        return job_ids
+        for job_id, priority in jobs:
+            enqueue_job(self.config, job_id, priority)
+        return [job_id for job_id, _ in jobs]
 
-    def _complete(self, s: Session, study: Study, rule: str, now: datetime) -> list[int]:
+    def ask_source(self) -> None:
+        """Learn the expected instance count of arriving studies from the source PACS (C-FIND).
+
+        Runs outside any database transaction (the query may take up to its timeout); a count
+        the sender put in the instances (Number of Study Related Instances) is kept as is.
+        """
+        import time
+
+        from node.source_query import study_instance_count
+
+        source = self.config.completion.query_source
+        assert source is not None
+        with session_scope(self.config.database.url) as s:
+            waiting = s.scalars(select(Study.study_instance_uid).where(
+                Study.state == StudyState.RECEIVING, Study.expected_instances.is_(None))).all()
+        self._asked = {uid: t for uid, t in self._asked.items() if uid in waiting}
+        for uid in waiting:
+            if time.monotonic() - self._asked.get(uid, float("-inf")) < source.requery_seconds:
+                continue
+            self._asked[uid] = time.monotonic()
+            count = study_instance_count(source, uid, self.config.listener.ae_title)
+            if not count:
+                continue
+            with session_scope(self.config.database.url) as s:
+                study = s.scalar(select(Study).where(Study.study_instance_uid == uid))
+                if study is not None and study.expected_instances is None:
+                    study.expected_instances = count
+                    log.info("study %s: source %s reports %d instances", uid, source.ae_title, count)
+
+    def _complete(self, s: Session, study: Study, rule: str, now: datetime) -> list[tuple[int, int]]:
         study.completed_at = now
         study.completion_rule = rule
         study.pending_instances = 0
@@ -117,4 +149,4 @@ class CompletionService:
         study.state = StudyState.COMPLETE if jobs or study.jobs else StudyState.SKIPPED
         s.flush()
         log.info("study %s complete by rule %s: %d job(s)", study.study_instance_uid, rule, len(jobs))
-        return [j.id for j in jobs]
+        return [(j.id, j.priority) for j in jobs]

@@ -6,13 +6,14 @@ errors that name the key) and resolves relative paths against the config file's 
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 AE_TITLE = Annotated[str, Field(min_length=1, max_length=16, pattern=r"^[ -\[\]-~]*[!-\[\]-~][ -\[\]-~]*$")]
 DEFAULT_CONFIG_ENV = "PACSNODE_CONFIG"
@@ -34,7 +35,38 @@ class Timeouts(_Strict):
 
 class Caller(_Strict):
     ae_title: AE_TITLE
-    hosts: list[str] = Field(default_factory=list, description="allowed source addresses; empty: any")
+    hosts: list[str] = Field(
+        default_factory=list, description="allowed source addresses or networks (CIDR); empty: any"
+    )
+
+    @field_validator("hosts")
+    @classmethod
+    def _addresses(cls, v: list[str]) -> list[str]:
+        # Addresses only: a host name would be resolved on every association, and DNS is not
+        # an access control.
+        for host in v:
+            try:
+                ipaddress.ip_network(host, strict=False)
+            except ValueError as e:
+                raise ValueError(f"{host!r} is not an IP address or network") from e
+        return v
+
+
+class TLSConfig(_Strict):
+    """DICOM TLS for the listener (PS3.15 B.1); paths relative to the config file."""
+
+    certificate: Path = Field(description="server certificate chain, PEM")
+    private_key: Path = Field(description="server private key, PEM, unencrypted")
+    ca_certificates: Path | None = Field(
+        None, description="CA bundle that client certificates must chain to; enables verification"
+    )
+    require_client_cert: bool = Field(False, description="refuse TLS clients without a valid certificate")
+
+    @model_validator(mode="after")
+    def _ca_for_clients(self) -> TLSConfig:
+        if self.require_client_cert and self.ca_certificates is None:
+            raise ValueError("require_client_cert needs ca_certificates to verify client certificates")
+        return self
 
 
 class ListenerConfig(_Strict):
@@ -47,6 +79,7 @@ class ListenerConfig(_Strict):
     allowed_callers: list[Caller] | None = Field(
         None, description="calling AE titles that may store; null accepts any caller"
     )
+    tls: TLSConfig | None = Field(None, description="null: plain TCP")
 
 
 class StorageConfig(_Strict):
@@ -66,10 +99,23 @@ class QueueConfig(_Strict):
     reconcile_seconds: float = Field(60.0, gt=0, description="how often stuck jobs are re-queued")
 
 
+class QuerySource(_Strict):
+    """The PACS that sends us studies, asked by C-FIND how many instances a study has."""
+
+    ae_title: AE_TITLE
+    host: str
+    port: int = Field(ge=1, le=65535)
+    timeout: float = Field(5.0, gt=0, description="seconds for connect, ACSE and DIMSE")
+    requery_seconds: float = Field(5.0, gt=0, description="ask again at most this often while a study arrives")
+
+
 class CompletionConfig(_Strict):
     quiet_seconds: float = Field(2.0, ge=0, description="quiet time after release before a study is complete")
     max_wait_seconds: float = Field(600.0, gt=0)
     poll_seconds: float = Field(0.1, gt=0)
+    query_source: QuerySource | None = Field(
+        None, description="C-FIND the source PACS for Number of Study Related Instances; null: do not ask"
+    )
 
 
 class Destination(_Strict):
@@ -100,10 +146,126 @@ class PipelineConfig(_Strict):
         return v
 
 
+# Keys a routing rule may match besides DICOM keywords: where the series came from.
+ROUTING_PEER_KEYS = ("CallingAE", "CalledAE", "SourceAddress")
+# Never matched on: rule keys are stored with the series, and the database holds no patient identity.
+ROUTING_FORBIDDEN_KEYS = frozenset({
+    "PatientName", "PatientID", "PatientBirthDate", "OtherPatientIDs", "OtherPatientIDsSequence",
+    "OtherPatientNames", "PatientAddress", "PatientTelephoneNumbers", "PatientMotherBirthName",
+})
+
+
+class Condition(_Strict):
+    """One test on one attribute; several operators in one condition must all hold.
+
+    A bare scalar in YAML means `equals`, a bare list means `in`. Text comparisons ignore case
+    and surrounding spaces; `regex` is a case-sensitive re.search. A multi-valued attribute
+    (ImageType) matches when any of its values does; `regex` also sees the whole value joined
+    with backslashes. An absent attribute fails every test except `absent`, `present: false`
+    and `not`.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    equals: str | float | None = None
+    in_: list[str | float] | None = Field(None, alias="in")
+    regex: str | None = None
+    min: float | None = None
+    max: float | None = None
+    absent: bool | None = None
+    present: bool | None = None
+    not_: Condition | None = Field(None, alias="not")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, v: Any) -> Any:
+        if isinstance(v, bool):
+            raise ValueError("a bare true/false is ambiguous: write {present: true} or {absent: true}")
+        if isinstance(v, str | int | float):
+            return {"equals": v}
+        if isinstance(v, list):
+            return {"in": v}
+        if isinstance(v, dict) and not v:
+            raise ValueError("empty condition")
+        return v
+
+    @field_validator("regex")
+    @classmethod
+    def _compiles(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                re.compile(v)
+            except re.error as e:
+                raise ValueError(f"invalid regex {v!r}: {e}") from e
+        return v
+
+    @model_validator(mode="after")
+    def _range(self) -> Condition:
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"min {self.min} is greater than max {self.max}")
+        return self
+
+
+class RoutingRule(_Strict):
+    """A declarative rule: when every condition in `match` holds, process or skip the series."""
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    match: dict[str, Condition] = Field(default_factory=dict, description="keyword -> condition; {} matches all")
+    action: Literal["process", "skip"] = "process"
+    pipelines: list[str] = Field(default_factory=list, description="empty: every enabled pipeline")
+    reason: str | None = Field(None, description="for the record; {Keyword} is replaced by the value")
+    priority: int = Field(4, ge=0, le=9, description="9 is the most urgent (STAT); 4 is routine")
+    destinations: list[str] | None = Field(None, description='names or "sender"; null: every destination')
+
+    @field_validator("match")
+    @classmethod
+    def _keys(cls, v: dict[str, Condition]) -> dict[str, Condition]:
+        from pydicom.datadict import tag_for_keyword
+
+        for key in v:
+            if key in ROUTING_FORBIDDEN_KEYS:
+                raise ValueError(f"{key} identifies the patient and may not be used for routing")
+            if key not in ROUTING_PEER_KEYS and tag_for_keyword(key) is None:
+                raise ValueError(f"{key!r} is neither a DICOM keyword nor one of {', '.join(ROUTING_PEER_KEYS)}")
+        return v
+
+
+_CR_DX = ["1.2.840.10008.5.1.4.1.1.1", "1.2.840.10008.5.1.4.1.1.1.1", "1.2.840.10008.5.1.4.1.1.1.1.1"]
+_SC = ["1.2.840.10008.5.1.4.1.1.7", "1.2.840.10008.5.1.4.1.1.7.2", "1.2.840.10008.5.1.4.1.1.7.3"]
+# The built-in policy: frontal chest CR/DX, and secondary captures that say CHEST, go to every
+# enabled pipeline; everything else is skipped with its reason. Replaced by routing.rules.
+DEFAULT_RULES: list[dict[str, Any]] = [
+    {"name": "sc-not-chest", "action": "skip", "reason": "secondary capture without BodyPartExamined CHEST",
+     "match": {"SOPClassUID": {"in": _SC}, "BodyPartExamined": {"not": "CHEST"}}},
+    {"name": "not-projection-radiograph", "action": "skip",
+     "reason": "modality {Modality} / SOP class {SOPClassUID} is not a projection radiograph",
+     "match": {"SOPClassUID": {"not": {"in": _CR_DX + _SC}}}},
+    {"name": "not-cr-dx", "action": "skip", "reason": "modality {Modality} is not CR or DX",
+     "match": {"SOPClassUID": {"in": _CR_DX}, "Modality": {"not": {"in": ["CR", "DX"]}}}},
+    {"name": "not-chest", "action": "skip", "reason": "BodyPartExamined {BodyPartExamined} is not CHEST",
+     "match": {"BodyPartExamined": {"present": True, "not": "CHEST"}}},
+    {"name": "not-frontal", "action": "skip", "reason": "ViewPosition {ViewPosition} is not frontal",
+     "match": {"ViewPosition": {"present": True, "not": {"in": ["PA", "AP"]}}}},
+    {"name": "frontal-chest", "action": "process", "reason": "frontal chest radiograph", "match": {}},
+]
+
+
 class RoutingConfig(_Strict):
-    modalities: list[str] = Field(["CR", "DX"], description="modalities of CR/DX images processed")
-    body_parts: list[str] = Field(["CHEST"], description="BodyPartExamined values (absent also passes)")
-    view_positions: list[str] = Field(["PA", "AP"], description="ViewPosition values (absent also passes)")
+    mode: Literal["first", "all"] = Field(
+        "first", description="first: the first matching rule decides; all: every matching rule applies"
+    )
+    rules: list[RoutingRule] = Field(
+        default_factory=lambda: [RoutingRule.model_validate(r) for r in DEFAULT_RULES],
+        description="in order; a series no rule matches is skipped",
+    )
+
+    @field_validator("rules")
+    @classmethod
+    def _unique(cls, v: list[RoutingRule]) -> list[RoutingRule]:
+        names = [r.name for r in v]
+        if len(names) != len(set(names)):
+            raise ValueError(f"rule names must be unique: {names}")
+        return v
 
 
 class LoggingConfig(_Strict):
@@ -132,6 +294,18 @@ class Config(_Strict):
             raise ValueError(f"destination names must be unique: {names}")
         return v
 
+    @model_validator(mode="after")
+    def _rule_targets(self) -> Config:
+        dests = {d.name for d in self.destinations} | {"sender"}
+        for rule in self.routing.rules:
+            for p in rule.pipelines:
+                if p not in self.pipelines:
+                    raise ValueError(f"routing rule {rule.name!r}: unknown pipeline {p!r} (pipelines: {sorted(self.pipelines)})")
+            for d in rule.destinations or ():
+                if d not in dests:
+                    raise ValueError(f"routing rule {rule.name!r}: unknown destination {d!r} (known: {sorted(dests)})")
+        return self
+
     @property
     def embedded_queue(self) -> bool:
         return not self.queue.broker_url
@@ -147,8 +321,17 @@ class Config(_Strict):
         pipelines = {
             k: p.model_copy(update={"bundle": _anchor(p.bundle, base)}) for k, p in self.pipelines.items()
         }
+        listener = self.listener
+        if listener.tls is not None:
+            tls = listener.tls
+            listener = listener.model_copy(update={"tls": tls.model_copy(update={
+                "certificate": _anchor(tls.certificate, base),
+                "private_key": _anchor(tls.private_key, base),
+                "ca_certificates": _anchor(tls.ca_certificates, base) if tls.ca_certificates else None,
+            })})
         return self.model_copy(
-            update={"storage": storage, "database": DatabaseConfig(url=url), "pipelines": pipelines}
+            update={"listener": listener, "storage": storage, "database": DatabaseConfig(url=url),
+                    "pipelines": pipelines}
         )
 
 
@@ -182,7 +365,19 @@ def parse_config(raw: object, source: str = "<config>") -> Config:
     except ValidationError as e:
         problems = []
         for err in e.errors():
-            key = ".".join(str(x) for x in err["loc"]) or "<root>"
+            key = ".".join(str(x) for x in _named_loc(raw, err["loc"])) or "<root>"
             msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
             problems.append(f"{key}: {msg}")
         raise ConfigError(f"{source}: invalid configuration:\n  " + "\n  ".join(problems)) from e
+
+
+def _named_loc(raw: dict[str, Any], loc: tuple[int | str, ...]) -> list[int | str]:
+    """routing.rules.2.match -> routing.rules[name].match, so an error names the rule."""
+    parts = list(loc)
+    if parts[:2] == ["routing", "rules"] and len(parts) > 2 and isinstance(parts[2], int):
+        rules = (raw.get("routing") or {}).get("rules")
+        if isinstance(rules, list) and parts[2] < len(rules) and isinstance(rules[parts[2]], dict):
+            name = rules[parts[2]].get("name")
+            if name:
+                parts[1:3] = [f"rules[{name}]"]
+    return parts

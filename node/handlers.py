@@ -25,6 +25,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from node.config import Config
 from node.db.models import Event, Instance, Series, SeriesState, Study, StudyState, utcnow
 from node.db.session import session_scope
+from node.routing import routing_record, rule_keys
 from node.spool import SpoolError, instance_relpath, sha256_hex, write_atomic
 
 log = logging.getLogger(__name__)
@@ -68,13 +69,25 @@ class AssociationTracker:
             return set().union(*self._by_assoc.values()) if self._by_assoc else set()
 
 
+@dataclass(frozen=True)
+class Peer:
+    """Who sent an instance: the association's AE titles and the source address."""
+
+    calling_ae: str | None
+    called_ae: str | None = None
+    address: str | None = None
+
+
 @dataclass
 class IngestContext:
     config: Config
     tracker: AssociationTracker = field(default_factory=AssociationTracker)
+    routing_keys: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
         self.spool.mkdir(parents=True, exist_ok=True)
+        # The keywords the routing rules look at, recorded with each new series.
+        self.routing_keys = frozenset(rule_keys(self.config.routing))
 
     @property
     def spool(self) -> Path:
@@ -97,14 +110,14 @@ def _text(ds: pydicom.Dataset, keyword: str, limit: int) -> str | None:
     return str(value).strip().upper()[:limit] or None
 
 
-def ingest(data: bytes, ctx: IngestContext, calling_ae: str | None) -> tuple[str, str]:
+def ingest(data: bytes, ctx: IngestContext, calling_ae: str | None, peer: Peer | None = None) -> tuple[str, str]:
     """Store one encoded instance (with file meta); return (study_uid, sop_uid).
 
     Raises StoreRefused with the status to answer when the instance is not kept.
     """
     cfg = ctx.config.storage
     if len(data) > cfg.max_instance_mb * 1024 * 1024:
-        raise StoreRefused(OUT_OF_RESOURCES, f"instance of {len(data)} bytes exceeds limits.max_instance_mb")
+        raise StoreRefused(OUT_OF_RESOURCES, f"instance of {len(data)} bytes exceeds storage.max_instance_mb")
     try:
         free = shutil.disk_usage(ctx.spool).free
     except OSError as e:
@@ -135,7 +148,9 @@ def ingest(data: bytes, ctx: IngestContext, calling_ae: str | None) -> tuple[str
                 return study_uid, sop_uid
             path = write_atomic(ctx.spool, relpath, data)
             try:
-                _record(s, ds, study_uid, series_uid, sop_uid, sop_class, relpath, digest, len(data), calling_ae, existing)
+                _record(s, ds, study_uid, series_uid, sop_uid, sop_class, relpath, digest, len(data), calling_ae, existing,
+                        routing_record(ds, ctx.routing_keys, calling_ae, peer.called_ae if peer else None,
+                                       peer.address if peer else None))
                 s.flush()
             except BaseException:
                 path.unlink(missing_ok=True)
@@ -146,7 +161,7 @@ def ingest(data: bytes, ctx: IngestContext, calling_ae: str | None) -> tuple[str
 
 
 def _record(
-    s, ds, study_uid, series_uid, sop_uid, sop_class, relpath, digest, size, calling_ae, existing
+    s, ds, study_uid, series_uid, sop_uid, sop_class, relpath, digest, size, calling_ae, existing, routing
 ) -> None:  # type: ignore[no-untyped-def]
     now = utcnow()
     study = s.scalar(select(Study).where(Study.study_instance_uid == study_uid))
@@ -168,7 +183,7 @@ def _record(
     if series is None:
         series = Series(study_id=study.id, series_instance_uid=series_uid, state=SeriesState.PENDING,
                         modality=_text(ds, "Modality", 16), body_part=_text(ds, "BodyPartExamined", 64),
-                        view_position=_text(ds, "ViewPosition", 16))
+                        view_position=_text(ds, "ViewPosition", 16), routing_attributes=routing)
         s.add(series)
         s.flush()
     elif series.study_id != study.id:
@@ -196,23 +211,25 @@ def handle_store(event: evt.Event, ctx: IngestContext) -> int:
     """EVT_C_STORE: store the encoded bytes as received (no pixel decoding) and answer."""
     assoc = event.assoc
     calling = assoc.requestor.ae_title.strip() if assoc.requestor.ae_title else None
+    peer = Peer(calling, assoc.acceptor.ae_title.strip() or None, assoc.requestor.address)
     try:
         data = event.encoded_dataset(include_meta=True)
-        study_uid, sop_uid = ingest(data, ctx, calling)
+        study_uid, sop_uid = ingest(data, ctx, calling, peer)
     except StoreRefused as e:
         log.warning("C-STORE from %s refused with 0x%04X: %s", calling, e.status, e)
-        _audit(ctx, "store_refused", calling, f"0x{e.status:04X}: {e}")
+        audit(ctx, "store_refused", calling, f"0x{e.status:04X}: {e}")
         return e.status
     except Exception as e:  # the association must survive anything one instance does
         log.exception("C-STORE from %s failed", calling)
-        _audit(ctx, "store_failed", calling, str(e))
+        audit(ctx, "store_failed", calling, str(e))
         return OUT_OF_RESOURCES
     ctx.tracker.add(id(assoc), study_uid)
     log.debug("stored %s of study %s", sop_uid, study_uid)
     return SUCCESS
 
 
-def _audit(ctx: IngestContext, kind: str, actor: str | None, detail: str) -> None:
+def audit(ctx: IngestContext, kind: str, actor: str | None, detail: str) -> None:
+    """Record an Event row (rejections, refusals); a database failure is logged, never raised."""
     try:
         with session_scope(ctx.config.database.url) as s:
             s.add(Event(kind=kind, actor=actor, detail=detail[:2000]))

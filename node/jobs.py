@@ -62,39 +62,60 @@ def enabled_pipelines(config: Config) -> tuple[str, ...]:
     return tuple(name for name, p in config.pipelines.items() if p.enabled)
 
 
+def series_attributes(series: Series, first: Instance) -> SeriesAttributes:
+    """What routing sees of a series: its stored record, or (rows from before 0002) its columns."""
+    if series.routing_attributes is not None:
+        return SeriesAttributes.from_record(series.routing_attributes)
+    return SeriesAttributes(first.sop_class_uid, series.modality, series.body_part, series.view_position)
+
+
 def create_jobs_for_study(s: Session, config: Config, study: Study) -> list[Job]:
-    """Route the study's pending series and create one queued job per pipeline that has images."""
+    """Route the study's pending series and create one queued job per pipeline that has images.
+
+    A job's priority is the highest of its series' rules; its destinations the union of theirs
+    (null, meaning every configured destination, as soon as one rule names none).
+    """
     pipelines = enabled_pipelines(config)
     now = utcnow()
     for series in s.scalars(select(Series).where(Series.study_id == study.id, Series.state == SeriesState.PENDING)):
         first = s.scalar(select(Instance).where(Instance.series_id == series.id).order_by(Instance.id).limit(1))
         if first is None:
             continue
-        decision = route(
-            SeriesAttributes(first.sop_class_uid, series.modality, series.body_part, series.view_position),
-            config.routing,
-            pipelines,
-        )
+        decision = route(series_attributes(series, first), config.routing, pipelines)
         series.state = SeriesState.SKIPPED if decision.skipped else SeriesState.ROUTED
         series.skip_reason = decision.reason if decision.skipped else None
+        series.routing_rule = decision.rule
+        series.pipelines = list(decision.pipelines) or None
+        series.priority = decision.priority
+        series.destinations = None if decision.destinations is None else list(decision.destinations)
         series.routed_at = now
         if decision.skipped:
-            log.info("series %s skipped: %s", series.series_instance_uid, decision.reason)
+            log.info("series %s skipped by rule %s: %s", series.series_instance_uid, decision.rule, decision.reason)
     routed = s.scalars(
-        select(Instance.id)
-        .join(Series)
-        .where(Series.study_id == study.id, Series.state == SeriesState.ROUTED)
-        .order_by(Instance.id)
+        select(Series).where(Series.study_id == study.id, Series.state == SeriesState.ROUTED).order_by(Series.id)
     ).all()
-    if not routed:
-        return []
     jobs = []
     for name in pipelines:
+        # Rows routed before 0002 have no pipelines recorded: they went to every pipeline.
+        mine = [se for se in routed if se.pipelines is None or name in se.pipelines]
+        if not mine:
+            continue
+        instance_ids = s.scalars(
+            select(Instance.id).where(Instance.series_id.in_([se.id for se in mine])).order_by(Instance.id)
+        ).all()
+        destinations: list[str] | None = []
+        for se in mine:
+            if se.destinations is None or destinations is None:
+                destinations = None
+            else:
+                destinations += [d for d in se.destinations if d not in destinations]
         previous = s.scalar(
             select(Job).where(Job.study_id == study.id, Job.pipeline == name).order_by(Job.id.desc()).limit(1)
         )
-        job = Job(study_id=study.id, pipeline=name, state=JobState.QUEUED, attempt=0, instance_ids=list(routed),
+        job = Job(study_id=study.id, pipeline=name, state=JobState.QUEUED, attempt=0, instance_ids=list(instance_ids),
                   timings={}, created_at=now, queued_at=now, updated_at=now,
+                  priority=max(se.priority if se.priority is not None else 4 for se in mine),
+                  destinations=destinations,
                   supersedes_id=previous.id if previous is not None else None)
         s.add(job)
         jobs.append(job)
@@ -113,7 +134,7 @@ def replay(config: Config, job_id: int, actor: str, reason: str) -> int:
         now = utcnow()
         new = Job(study_id=old.study_id, pipeline=old.pipeline, state=JobState.QUEUED, attempt=0,
                   instance_ids=list(old.instance_ids), timings={}, created_at=now, queued_at=now,
-                  updated_at=now, replay_of=old.id,
+                  updated_at=now, replay_of=old.id, priority=old.priority, destinations=old.destinations,
                   supersedes_id=old.id if old.state == JobState.DONE else old.supersedes_id)
         s.add(new)
         s.flush()
@@ -143,7 +164,7 @@ def reconcile(config: Config, stale_after: float | None = None) -> list[int]:
     limit = config.queue.task_time_limit + 60 if stale_after is None else stale_after
     now = utcnow()
     stale = now - timedelta(seconds=limit)
-    requeued: list[tuple[int, JobState]] = []
+    requeued: list[tuple[int, JobState, int]] = []
     with session_scope(config.database.url) as s:
         for job in s.scalars(select(Job).where(Job.state.in_(ACTIVE_JOB_STATES), Job.updated_at <= stale)):
             log.warning("job %d unchanged in %s since %s: sending it again", job.id, job.state.value, job.updated_at)
@@ -152,13 +173,13 @@ def reconcile(config: Config, stale_after: float | None = None) -> list[int]:
             if job.state == JobState.RUNNING:
                 transition(job, JobState.QUEUED, worker=None)
             job.updated_at = now
-            requeued.append((job.id, job.state))
-    for job_id, state in requeued:
+            requeued.append((job.id, job.state, job.priority))
+    for job_id, state, priority in requeued:
         if state == JobState.QUEUED:
-            enqueue_job(config, job_id)
+            enqueue_job(config, job_id, priority)
         else:
             enqueue_export(config, job_id)
-    return [j for j, _ in requeued]
+    return [j for j, _, _ in requeued]
 
 
 def job_to_dict(job: Job) -> dict[str, Any]:
@@ -178,6 +199,8 @@ def job_to_dict(job: Job) -> dict[str, Any]:
         "error_stage": job.error_stage,
         "replay_of": job.replay_of,
         "supersedes": job.supersedes_id,
+        "priority": job.priority,
+        "destinations": job.destinations,
         "timings": job.timings,
         "created_at": ts(job.created_at),
         **{f"{st.value}_at": ts(getattr(job, f"{st.value}_at")) for st in JobState},

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import socket
+import ssl
 from functools import cache
 
 from pydicom.pixels import get_decoder
@@ -19,8 +21,8 @@ from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
-from node.config import Config
-from node.handlers import IngestContext, handle_closed, handle_echo, handle_store
+from node.config import Config, ListenerConfig
+from node.handlers import IngestContext, audit, handle_closed, handle_echo, handle_store
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +52,83 @@ def set_nodelay(event: evt.Event) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
+# A-ASSOCIATE-RJ diagnostics (PS3.8 9.3.4): rejected-permanent, by the service user.
+CALLING_AE_NOT_RECOGNISED = 0x03
+CALLED_AE_NOT_RECOGNISED = 0x07
+
+
+def admission(lc: ListenerConfig, calling_ae: str, called_ae: str, address: str) -> tuple[int, str] | None:
+    """Why an association request must be refused, as (diagnostic, reason), or None to admit it.
+
+    Deny by default: once `allowed_callers` is set, only a listed calling AE title may associate,
+    and only from one of its addresses when it lists some. The called AE title must be ours.
+    """
+    if called_ae.strip() != lc.ae_title.strip():
+        return CALLED_AE_NOT_RECOGNISED, f"called AE title {called_ae.strip()!r} is not ours"
+    if lc.allowed_callers is None:
+        return None
+    entries = [c for c in lc.allowed_callers if c.ae_title.strip() == calling_ae.strip()]
+    if not entries:
+        return CALLING_AE_NOT_RECOGNISED, f"calling AE title {calling_ae.strip()!r} is not in listener.allowed_callers"
+    try:
+        source = ipaddress.ip_address(address)
+    except ValueError:
+        source = None
+    for entry in entries:
+        if not entry.hosts:
+            return None
+        if source is not None and any(source in ipaddress.ip_network(h, strict=False) for h in entry.hosts):
+            return None
+    return CALLING_AE_NOT_RECOGNISED, f"calling AE title {calling_ae.strip()!r} may not connect from {address}"
+
+
+def handle_requested(event: evt.Event, ctx: IngestContext) -> None:
+    """EVT_REQUESTED: refuse strangers with an A-ASSOCIATE-RJ before any negotiation."""
+    assoc = event.assoc
+    rq = assoc.requestor.primitive
+    assert rq is not None  # pynetdicom sets it before triggering EVT_REQUESTED
+    calling, called, address = str(rq.calling_ae_title), str(rq.called_ae_title), assoc.requestor.address
+    verdict = admission(ctx.config.listener, calling, called, address)
+    if verdict is None:
+        return
+    diagnostic, reason = verdict
+    # Recorded before the peer hears of it, so a refusal is counted even if the socket dies.
+    log.warning("association from %s at %s refused: %s", calling.strip(), address, reason)
+    audit(ctx, "association_rejected", calling.strip(), f"{address}: {reason}")
+    assoc.acse.send_reject(0x01, 0x01, diagnostic)
+    assoc.kill()
+
+
+def handle_rejected(event: evt.Event, ctx: IngestContext) -> None:
+    """EVT_REJECTED: pynetdicom's own refusals (association limit) are logged and counted too."""
+    assoc = event.assoc
+    calling = str(assoc.requestor.primitive.calling_ae_title).strip() if assoc.requestor.primitive else "?"
+    rj = assoc.acceptor.primitive
+    detail = f"result 0x{rj.result:02X} source 0x{rj.result_source:02X} diagnostic 0x{rj.diagnostic:02X}" if rj else "?"
+    log.warning("association from %s at %s refused: %s", calling, assoc.requestor.address, detail)
+    audit(ctx, "association_rejected", calling, f"{assoc.requestor.address}: {detail}")
+
+
+def server_ssl_context(lc: ListenerConfig) -> ssl.SSLContext | None:
+    """The listener's TLS context (TLS 1.2+), verifying client certificates when a CA is given."""
+    if lc.tls is None:
+        return None
+    tls = lc.tls
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.load_cert_chain(certfile=tls.certificate, keyfile=tls.private_key)
+        if tls.ca_certificates is not None:
+            ctx.load_verify_locations(cafile=tls.ca_certificates)
+    except (OSError, ssl.SSLError) as e:
+        raise ValueError(f"listener.tls: cannot load certificates: {e}") from e
+    if tls.ca_certificates is not None:
+        ctx.verify_mode = ssl.CERT_REQUIRED if tls.require_client_cert else ssl.CERT_OPTIONAL
+    else:
+        ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
 def build_ae(config: Config) -> AE:
     lc = config.listener
     ae = AE(ae_title=lc.ae_title)
@@ -74,15 +153,19 @@ def start_listener(config: Config, ctx: IngestContext) -> ThreadedAssociationSer
     ae = build_ae(config)
     handlers = [
         (evt.EVT_CONN_OPEN, set_nodelay),
+        (evt.EVT_REQUESTED, handle_requested, [ctx]),
+        (evt.EVT_REJECTED, handle_rejected, [ctx]),
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_C_STORE, handle_store, [ctx]),
         (evt.EVT_RELEASED, handle_closed, [ctx]),
         (evt.EVT_ABORTED, handle_closed, [ctx]),
         (evt.EVT_CONN_CLOSE, handle_closed, [ctx]),
     ]
-    server = ae.start_server((config.listener.host, config.listener.port), block=False, evt_handlers=handlers)
+    server = ae.start_server((config.listener.host, config.listener.port), block=False, evt_handlers=handlers,
+                             ssl_context=server_ssl_context(config.listener))
     log.info(
-        "listening as %s on %s:%d (%d transfer syntaxes)",
-        config.listener.ae_title, config.listener.host, config.listener.port, len(accepted_transfer_syntaxes()),
+        "listening as %s on %s:%d%s (%d transfer syntaxes)",
+        config.listener.ae_title, config.listener.host, config.listener.port,
+        " with TLS" if config.listener.tls else "", len(accepted_transfer_syntaxes()),
     )
     return server

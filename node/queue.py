@@ -48,6 +48,9 @@ def broker_settings(config: Config) -> dict[str, object]:
     return {
         "broker_url": q.broker_url,
         "broker_transport_options": {
+            # Ten Redis lists per queue instead of kombu's default four buckets, so every rule
+            # priority is its own step.
+            "priority_steps": list(range(10)),
             # Longer than the slowest job, or Redis re-delivers a task that is still running.
             "visibility_timeout": q.visibility_timeout,
             "socket_timeout": 10,
@@ -63,6 +66,8 @@ def configure(config: Config) -> Celery:
         key = config.model_dump_json()
         if _configured == key:
             return app
+        if _configured is not None:
+            _drop_connections()
         app.conf.update(
             task_serializer="json",
             accept_content=["json"],
@@ -86,10 +91,28 @@ def configure(config: Config) -> Celery:
     return app
 
 
-def enqueue_job(config: Config, job_id: int) -> None:
-    """Queue inference for a job whose row is committed."""
-    configure(config).send_task(RUN_JOB, args=[job_id], queue=INFERENCE_QUEUE)
-    log.debug("job %d queued for inference", job_id)
+def _drop_connections() -> None:
+    """Forget pooled broker connections: they carry the previous config's transport options
+    (for the embedded broker, the previous spool), and kombu keys its pools by URL only."""
+    from kombu import pools
+
+    app._pool = None
+    app.amqp._producer_pool = None
+    pools.reset()
+
+
+def broker_priority(config: Config, priority: int) -> int:
+    """Our priority (0-9, 9 most urgent) as the broker's: Redis serves 0 first, AMQP serves 9 first."""
+    if config.queue.broker_url.startswith(("amqp", "pyamqp")):
+        return priority
+    return 9 - priority
+
+
+def enqueue_job(config: Config, job_id: int, priority: int = 4) -> None:
+    """Queue inference for a job whose row is committed, at the job's routing priority."""
+    configure(config).send_task(RUN_JOB, args=[job_id], queue=INFERENCE_QUEUE,
+                                priority=broker_priority(config, priority))
+    log.debug("job %d queued for inference (priority %d)", job_id, priority)
 
 
 def enqueue_export(config: Config, job_id: int, countdown: float = 0.0) -> None:

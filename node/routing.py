@@ -1,65 +1,217 @@
-"""Routing: which series go to which pipelines. A pure function of a series' attributes."""
+"""Routing: which series go to which pipelines, with which priority, results sent where.
+
+`route` is a pure function of a series' attributes (those of its first instance plus where it
+came from) and the declarative rules of `routing` in config.yaml. Every decision carries the
+rule that made it and a trace of why, for the database and `pacsnode rules test`.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 
-from pynetdicom.sop_class import (
-    ComputedRadiographyImageStorage,
-    DigitalXRayImageStorageForPresentation,
-    DigitalXRayImageStorageForProcessing,
-    MultiFrameGrayscaleByteSecondaryCaptureImageStorage,
-    MultiFrameGrayscaleWordSecondaryCaptureImageStorage,
-    SecondaryCaptureImageStorage,
-)
+import pydicom
 
-from node.config import RoutingConfig
+from node.config import ROUTING_PEER_KEYS, Condition, RoutingConfig, RoutingRule
 
-PROJECTION_RADIOGRAPHY = {
-    str(ComputedRadiographyImageStorage),
-    str(DigitalXRayImageStorageForPresentation),
-    str(DigitalXRayImageStorageForProcessing),
-}
-SECONDARY_CAPTURE = {
-    str(SecondaryCaptureImageStorage),
-    str(MultiFrameGrayscaleByteSecondaryCaptureImageStorage),
-    str(MultiFrameGrayscaleWordSecondaryCaptureImageStorage),
-}
+# Attributes every series records, whatever the rules say (shown by `pacsnode studies`).
+BASE_KEYS = ("SOPClassUID", "Modality", "BodyPartExamined", "ViewPosition", "ImageType")
+
+AttrValue = str | list[str] | None
 
 
 @dataclass(frozen=True)
 class SeriesAttributes:
+    """What routing may look at; `other` holds any further keyword and the peer keys."""
+
     sop_class_uid: str
     modality: str | None
     body_part: str | None
     view_position: str | None
+    other: Mapping[str, AttrValue] = field(default_factory=dict)
+
+    def value(self, key: str) -> AttrValue:
+        named = {"SOPClassUID": self.sop_class_uid, "Modality": self.modality,
+                 "BodyPartExamined": self.body_part, "ViewPosition": self.view_position}
+        if key in named:
+            return named[key] or None
+        return self.other.get(key)
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, AttrValue]) -> SeriesAttributes:
+        """From the JSON stored on a series (see `routing_record`)."""
+        def text(key: str) -> str | None:
+            v = record.get(key)
+            return v if isinstance(v, str) else None
+
+        return cls(text("SOPClassUID") or "", text("Modality"), text("BodyPartExamined"),
+                   text("ViewPosition"), {k: v for k, v in record.items()})
 
 
 @dataclass(frozen=True)
 class Decision:
     pipelines: tuple[str, ...]
     reason: str  # why processed or why skipped, for the database and `pacsnode studies`
+    rule: str | None = None  # the rule(s) that decided, comma separated in mode "all"
+    priority: int = 4
+    destinations: tuple[str, ...] | None = None  # None: every configured destination
+    trace: tuple[str, ...] = ()  # one line per rule tried: matched or the first failed condition
 
     @property
     def skipped(self) -> bool:
         return not self.pipelines
 
 
+def rule_keys(cfg: RoutingConfig) -> set[str]:
+    """Every DICOM keyword the rules look at (peer keys excluded)."""
+    keys = set(BASE_KEYS)
+    for rule in cfg.rules:
+        keys.update(k for k in rule.match if k not in ROUTING_PEER_KEYS)
+    return keys
+
+
+def _as_text(value: object) -> AttrValue:
+    if value is None or value == "":
+        return None
+    if isinstance(value, pydicom.multival.MultiValue | list | tuple):
+        items = [str(v).strip() for v in value]
+        return items or None
+    text = str(value).strip()
+    return text or None
+
+
+def routing_record(ds: pydicom.Dataset, keys: Iterable[str], calling_ae: str | None,
+                   called_ae: str | None, address: str | None) -> dict[str, AttrValue]:
+    """The routing-relevant attributes of one instance as JSON-able values (no patient identity)."""
+    record: dict[str, AttrValue] = {}
+    for key in sorted(keys):
+        value = _as_text(ds.get(key))
+        if value is not None:
+            record[key] = value
+    for key, value in zip(ROUTING_PEER_KEYS, (calling_ae, called_ae, address), strict=True):
+        if value:
+            record[key] = value.strip()
+    return record
+
+
+def _number(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def _same(a: str, b: str | float) -> bool:
+    if isinstance(b, str):
+        return a.strip().casefold() == b.strip().casefold()
+    n = _number(a)
+    return n is not None and n == b
+
+
+def holds(cond: Condition, value: AttrValue) -> bool:
+    """Whether one condition holds for one attribute value (all its operators must)."""
+    if cond.absent is not None and (value is None) != cond.absent:
+        return False
+    if cond.present is not None and (value is not None) != cond.present:
+        return False
+    if cond.not_ is not None and holds(cond.not_, value):
+        return False
+    tests = (cond.equals, cond.in_, cond.regex, cond.min, cond.max)
+    if all(t is None for t in tests):
+        return True
+    if value is None:
+        return False
+    values = value if isinstance(value, list) else [value]
+    if cond.equals is not None and not any(_same(v, cond.equals) for v in values):
+        return False
+    if cond.in_ is not None and not any(_same(v, c) for v in values for c in cond.in_):
+        return False
+    if cond.regex is not None:
+        joined = "\\".join(values)
+        if not any(re.search(cond.regex, v) for v in [*values, joined]):
+            return False
+    if cond.min is not None or cond.max is not None:
+        numbers = [n for n in map(_number, values) if n is not None]
+        lo = float("-inf") if cond.min is None else cond.min
+        hi = float("inf") if cond.max is None else cond.max
+        if not any(lo <= n <= hi for n in numbers):
+            return False
+    return True
+
+
+def _describe(cond: Condition) -> str:
+    return ", ".join(f"{k}: {v!r}" for k, v in cond.model_dump(by_alias=True, exclude_none=True).items())
+
+
+def _show(value: AttrValue) -> str:
+    if value is None:
+        return "absent"
+    return "\\".join(value) if isinstance(value, list) else value
+
+
+def _first_failure(rule: RoutingRule, attrs: SeriesAttributes) -> str | None:
+    for key, cond in rule.match.items():
+        value = attrs.value(key)
+        if not holds(cond, value):
+            return f"{key} is {_show(value)!r}, wanted {{{_describe(cond)}}}"
+    return None
+
+
+def _reason(rule: RoutingRule, attrs: SeriesAttributes) -> str:
+    if rule.reason is None:
+        return f"rule {rule.name}"
+    return re.sub(r"\{(\w+)\}", lambda m: _show(attrs.value(m.group(1))), rule.reason)
+
+
+def _pipelines(rule: RoutingRule, enabled: tuple[str, ...]) -> tuple[str, ...]:
+    # A rule naming a pipeline that is disabled right now just does not run it.
+    return tuple(p for p in (rule.pipelines or enabled) if p in enabled)
+
+
 def route(attrs: SeriesAttributes, cfg: RoutingConfig, pipelines: tuple[str, ...]) -> Decision:
-    """Frontal chest radiographs go to every enabled pipeline; everything else is skipped with a reason."""
+    """Apply the rules in order: mode "first" stops at the first match; mode "all" applies every
+    match, where any matching skip rule wins (a skip is a statement that the series must not
+    be processed) and process rules add up (pipelines, destinations; highest priority)."""
     if not pipelines:
         return Decision((), "no pipeline is enabled")
-    modality = (attrs.modality or "").upper()
-    if attrs.sop_class_uid in SECONDARY_CAPTURE:
-        if attrs.body_part != "CHEST":
-            return Decision((), "secondary capture without BodyPartExamined CHEST")
-    elif attrs.sop_class_uid in PROJECTION_RADIOGRAPHY:
-        if modality not in cfg.modalities:
-            return Decision((), f"modality {modality or 'absent'} is not in routing.modalities")
-    else:
-        return Decision((), f"modality {modality or 'absent'} / SOP class {attrs.sop_class_uid} is not a projection radiograph")
-    if attrs.body_part is not None and attrs.body_part not in cfg.body_parts:
-        return Decision((), f"BodyPartExamined {attrs.body_part} is not in routing.body_parts")
-    if attrs.view_position is not None and attrs.view_position not in cfg.view_positions:
-        return Decision((), f"ViewPosition {attrs.view_position} is not frontal (routing.view_positions)")
-    return Decision(pipelines, "frontal chest radiograph")
+    trace: list[str] = []
+    matched: list[RoutingRule] = []
+    for rule in cfg.rules:
+        failure = _first_failure(rule, attrs)
+        if failure is not None:
+            trace.append(f"{rule.name}: no match ({failure})")
+            continue
+        trace.append(f"{rule.name}: match -> {rule.action} ({_reason(rule, attrs)})")
+        matched.append(rule)
+        if cfg.mode == "first":
+            break
+    if not matched:
+        return Decision((), "no routing rule matches", trace=tuple(trace))
+    skips = [r for r in matched if r.action == "skip"]
+    if skips:
+        return Decision((), _reason(skips[0], attrs), skips[0].name, skips[0].priority, trace=tuple(trace))
+    chosen: list[str] = []
+    destinations: list[str] | None = []
+    for rule in matched:
+        chosen += [p for p in _pipelines(rule, pipelines) if p not in chosen]
+        if rule.destinations is None or destinations is None:
+            destinations = None
+        else:
+            destinations += [d for d in rule.destinations if d not in destinations]
+    names = ", ".join(r.name for r in matched)
+    if not chosen:
+        return Decision((), f"rule {names}: none of its pipelines is enabled", names, trace=tuple(trace))
+    return Decision(
+        tuple(chosen), "; ".join(_reason(r, attrs) for r in matched), names,
+        max(r.priority for r in matched), None if destinations is None else tuple(destinations), tuple(trace),
+    )
+
+
+def decision_for(ds: pydicom.Dataset, cfg: RoutingConfig, pipelines: tuple[str, ...],
+                 calling_ae: str | None = None, called_ae: str | None = None,
+                 address: str | None = None) -> Decision:
+    """Route one dataset as if it were the first instance of its series (`pacsnode rules test`)."""
+    record = routing_record(ds, rule_keys(cfg), calling_ae, called_ae, address)
+    return route(SeriesAttributes.from_record(record), cfg, pipelines)
+

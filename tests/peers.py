@@ -77,6 +77,7 @@ class Orthanc:
             "RemoteAccessAllowed": False,
             "AuthenticationEnabled": False,
             "DicomAlwaysAllowStore": True,
+            "DicomAlwaysAllowFind": True,  # the node asks the source PACS for study sizes
             "DicomCheckCalledAet": True,
             "Plugins": [],
             "StableAge": 1,
@@ -228,3 +229,27 @@ def img2dcm(jpeg: Path, out: Path, *keys: str) -> Path:
 
 def have(*programs: str) -> bool:
     return all(shutil.which(p) for p in programs)
+
+
+def make_pki(folder: Path) -> dict[str, Path]:
+    """A throw-away CA plus a server (127.0.0.1) and a client certificate, made with openssl.
+
+    Returns the paths: ca, server_cert, server_key, client_cert, client_key. Keys are unencrypted.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def ssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=60, cwd=folder)
+
+    ssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=pacsnode test CA",
+        "-keyout", "ca.key", "-out", "ca.crt", "-addext", "basicConstraints=critical,CA:TRUE",
+        "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+    for name, ext in (("server", "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth"),
+                      ("client", "extendedKeyUsage=clientAuth")):
+        (folder / f"{name}.ext").write_text(ext + "\n")
+        ssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN=pacsnode test {name}",
+            "-keyout", f"{name}.key", "-out", f"{name}.csr")
+        ssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+            "-days", "2", "-out", f"{name}.crt", "-extfile", f"{name}.ext")
+    return {"ca": folder / "ca.crt", "server_cert": folder / "server.crt", "server_key": folder / "server.key",
+            "client_cert": folder / "client.crt", "client_key": folder / "client.key"}

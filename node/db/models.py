@@ -130,6 +130,14 @@ class Series(Base):
     state: Mapped[SeriesState] = mapped_column(Enum(SeriesState, native_enum=False, length=16))
     skip_reason: Mapped[str | None] = mapped_column(Text)
     routed_at: Mapped[datetime | None] = _ts()
+    # The first instance's routing-relevant attributes (keywords the rules use) and where it came
+    # from (CallingAE, CalledAE, SourceAddress): routing is a pure function of this record.
+    routing_attributes: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    # Which routing rule(s) decided, and what they decided (pipelines null: none, series skipped).
+    routing_rule: Mapped[str | None] = mapped_column(String(255))
+    pipelines: Mapped[list[str] | None] = mapped_column(JSON)
+    priority: Mapped[int | None] = mapped_column(Integer)
+    destinations: Mapped[list[str] | None] = mapped_column(JSON)
 
     study: Mapped[Study] = relationship(back_populates="series")
     instances: Mapped[list[Instance]] = relationship(back_populates="series", order_by="Instance.id")
@@ -168,6 +176,10 @@ class Job(Base):
     instance_ids: Mapped[list[int]] = mapped_column(JSON, default=list)
     timings: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     replay_of: Mapped[int | None] = mapped_column(ForeignKey("job.id"))
+    # 0-9 from the routing rule, 9 most urgent; passed to the queue so STAT studies go first.
+    priority: Mapped[int] = mapped_column(Integer, default=4, server_default="4")
+    # Destination names (or "sender") from the routing rule; null means every configured one.
+    destinations: Mapped[list[str] | None] = mapped_column(JSON)
     # The earlier job of the same study and pipeline whose results this one replaces.
     supersedes_id: Mapped[int | None] = mapped_column(ForeignKey("job.id"))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)

@@ -47,7 +47,7 @@ def test_completion_rule(study: StudyClock, now: float, rule: str | None) -> Non
         (SeriesAttributes(CT, "CT", None, None), "modality CT"),
         (SeriesAttributes(SC, "OT", "CHEST", None), None),
         (SeriesAttributes(SC, "OT", None, None), "secondary capture without BodyPartExamined CHEST"),
-        (SeriesAttributes(CR, "MG", None, None), "modality MG is not in routing.modalities"),
+        (SeriesAttributes(CR, "MG", None, None), "modality MG is not CR or DX"),
     ],
 )
 def test_route(attrs: SeriesAttributes, reason: str | None) -> None:

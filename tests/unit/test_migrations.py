@@ -25,3 +25,16 @@ def test_upgrade_matches_models_and_downgrade_empties(tmp_path: Path) -> None:
     assert {"study", "series", "instance", "job", "output", "send", "event"} <= set(inspect(engine_for(url)).get_table_names())
     command.downgrade(cfg, "base")
     assert set(inspect(engine_for(url)).get_table_names()) == {"alembic_version"}
+
+
+def test_0002_adds_routing_columns_and_its_downgrade_removes_them(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'm2.db'}"
+    cfg = _alembic(url)
+    command.upgrade(cfg, "0002")
+    cols = {t: {c["name"] for c in inspect(engine_for(url)).get_columns(t)} for t in ("job", "series")}
+    assert {"priority", "destinations"} <= cols["job"]
+    assert {"routing_attributes", "routing_rule", "pipelines", "priority", "destinations"} <= cols["series"]
+    command.downgrade(cfg, "0001")
+    insp = inspect(engine_for(url))
+    assert "priority" not in {c["name"] for c in insp.get_columns("job")}
+    assert "routing_attributes" not in {c["name"] for c in insp.get_columns("series")}

@@ -1,0 +1,134 @@
+"""Ingest benchmark: the same files, sent with DCMTK storescu, to our listener and to DCMTK storescp.
+
+Our side is `pacsnode listener` as a subprocess on the normal path (fsync'd file + committed
+SQLite row before each success status); storescp writes to a temporary folder (no fsync).
+Files: N copies of a small CR (256x256, 16 bit, new UIDs each) plus RG1_UNCR.dcm (7 MB), sent
+in one association per run. Prints instances/second of both and our ratio (target >= 0.6).
+
+    python bench/ingest.py [--copies 200] [--runs 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import numpy as np  # noqa: E402
+import pydicom  # noqa: E402
+from pydicom.data import get_testdata_file  # noqa: E402
+from pydicom.uid import generate_uid  # noqa: E402
+
+from tests.peers import free_port, storescu, wait_port  # noqa: E402
+
+RG1 = Path(get_testdata_file("RG1_UNCR.dcm"))
+
+
+def make_files(folder: Path, copies: int) -> list[Path]:
+    """copies small CRs (one study, new instance UIDs) plus RG1 itself."""
+    src = pydicom.dcmread(RG1)
+    small = src.pixel_array[::8, ::8][:256, :256].astype(np.uint16)
+    src.Rows, src.Columns = small.shape
+    src.PixelData = small.tobytes()
+    study, series = generate_uid(), generate_uid()
+    files = []
+    for i in range(copies):
+        src.StudyInstanceUID, src.SeriesInstanceUID = study, series
+        src.SOPInstanceUID = src.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        src.InstanceNumber = i + 1
+        path = folder / f"cr{i:04d}.dcm"
+        src.save_as(path, enforce_file_format=True)
+        files.append(path)
+    files.append(RG1)
+    return files
+
+
+def timed_send(port: int, aec: str, files: list[Path]) -> float:
+    t0 = time.perf_counter()
+    out = storescu(port, *files, aec=aec, timeout=600)
+    elapsed = time.perf_counter() - t0
+    if out.returncode != 0:
+        raise RuntimeError(f"storescu to {aec} failed: {out.stderr[-2000:]}")
+    return elapsed
+
+
+def run_node(work: Path, files: list[Path]) -> float:
+    port = free_port()
+    cfg = work / "config.yaml"
+    cfg.write_text(
+        f"listener: {{ae_title: PACSNODE, host: 127.0.0.1, port: {port}, max_pdu: 0}}\n"
+        f"storage: {{path: {work / 'spool'}, min_free_mb: 10}}\n"
+        f"database: {{url: 'sqlite:///{work / 'pacsnode.db'}'}}\n"
+        # No study completes during the run: this measures ingestion only.
+        "completion: {quiet_seconds: 3600, max_wait_seconds: 7200}\n"
+        "logging: {level: WARNING}\n"
+    )
+    cli = [sys.executable, "-m", "node.cli", "--config", str(cfg)]
+    subprocess.run([*cli, "db", "upgrade"], check=True, cwd=REPO, capture_output=True, timeout=120)
+    env = {**os.environ, "TCP_NODELAY": "1"}
+    proc = subprocess.Popen([*cli, "listener"], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                            stderr=open(work / "listener.log", "wb"))  # noqa: SIM115
+    try:
+        wait_port(port, 60)
+        return timed_send(port, "PACSNODE", files)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def run_storescp(work: Path, files: list[Path]) -> float:
+    port = free_port()
+    out = work / "storescp"
+    out.mkdir()
+    proc = subprocess.Popen(["storescp", "-aet", "STORESCP", "-od", str(out), "-pm", str(port)],
+                            env={**os.environ, "TCP_NODELAY": "1"}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        wait_port(port, 30)
+        return timed_send(port, "STORESCP", files)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--copies", type=int, default=200)
+    ap.add_argument("--runs", type=int, default=3)
+    args = ap.parse_args()
+    if not shutil.which("storescp"):
+        print("DCMTK storescp is not installed", file=sys.stderr)
+        return 2
+    with tempfile.TemporaryDirectory(prefix="pacsnode-ingest-") as tmp:
+        base = Path(tmp)
+        (base / "files").mkdir()
+        files = make_files(base / "files", args.copies)
+        ours, theirs = [], []
+        for run in range(args.runs):  # alternate, so both see the same machine load
+            (base / f"node{run}").mkdir()
+            (base / f"scp{run}").mkdir()
+            ours.append(run_node(base / f"node{run}", files))
+            theirs.append(run_storescp(base / f"scp{run}", files))
+    n = len(files)
+    ips_ours, ips_theirs = n / statistics.median(ours), n / statistics.median(theirs)
+    print(f"{n} instances ({args.copies} small CR + RG1), {args.runs} runs, median wall time per run")
+    print(f"pacsnode listener: {statistics.median(ours):.2f} s  {ips_ours:.1f} instances/s  (runs: "
+          + ", ".join(f"{t:.2f}" for t in ours) + ")")
+    print(f"DCMTK storescp:    {statistics.median(theirs):.2f} s  {ips_theirs:.1f} instances/s  (runs: "
+          + ", ".join(f"{t:.2f}" for t in theirs) + ")")
+    ratio = ips_ours / ips_theirs
+    print(f"ratio pacsnode/storescp: {ratio:.2f} (target >= 0.6) {'OK' if ratio >= 0.6 else 'BELOW TARGET'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,223 @@
+"""Ingestion at the edge through real associations: contexts we cannot handle, a database that
+goes away, oversized instances, concurrent senders, a study split over two associations."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pynetdicom import AE
+from pynetdicom.sop_class import ComputedRadiographyImageStorage, CTImageStorage, Verification
+from sqlalchemy import func, select
+
+from node.cli import db_upgrade
+from node.completion import CompletionService
+from node.config import Config, parse_config
+from node.db.models import Instance, Job, Study
+from node.db.session import session_scope
+from node.handlers import IngestContext
+from node.listener import start_listener
+from tests.peers import free_port, have, storescu
+
+RG1 = Path(get_testdata_file("RG1_UNCR.dcm"))
+CT = Path(get_testdata_file("CT_small.dcm"))
+MPEG2 = "1.2.840.10008.1.2.4.100"
+
+
+def _config(tmp_path: Path, **over: Any) -> Config:
+    raw: dict[str, Any] = {
+        "listener": {"host": "127.0.0.1", "port": free_port(), "timeouts": {"acse": 5, "dimse": 5, "network": 5}},
+        "storage": {"path": str(tmp_path / "spool"), "min_free_mb": 1},
+        "database": {"url": f"sqlite:///{tmp_path / 'db.sqlite'}"},
+        "completion": {"quiet_seconds": 0},
+    }
+    for key, value in over.items():
+        raw[key] = {**raw.get(key, {}), **value}
+    cfg = parse_config(raw)
+    db_upgrade(cfg)
+    return cfg
+
+
+@pytest.fixture
+def cfg(tmp_path: Path) -> Config:
+    return _config(tmp_path)
+
+
+@pytest.fixture
+def ctx(cfg: Config) -> Iterator[IngestContext]:
+    ctx = IngestContext(cfg)
+    server = start_listener(cfg, ctx)
+    try:
+        yield ctx
+    finally:
+        server.shutdown()
+
+
+def _scu() -> AE:
+    ae = AE(ae_title="SCU")
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 5
+    return ae
+
+
+def _copy(src: Path, out: Path, study: str | None = None, series: str | None = None) -> pydicom.Dataset:
+    """src with new SOP (and given or new study/series) UIDs, written to out."""
+    ds = pydicom.dcmread(src)
+    ds.StudyInstanceUID = study or generate_uid()
+    ds.SeriesInstanceUID = series or generate_uid()
+    ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.save_as(out)
+    return ds
+
+
+def _count(cfg: Config, model: type) -> int:
+    with session_scope(cfg.database.url) as s:
+        return int(s.scalar(select(func.count()).select_from(model)) or 0)
+
+
+def _spool_files(cfg: Config) -> list[Path]:
+    return [p for p in (cfg.storage.path / "instances").rglob("*") if p.is_file()] if (
+        cfg.storage.path / "instances").exists() else []
+
+
+def test_unsupported_transfer_syntax_is_rejected_in_the_association(cfg: Config, ctx: IngestContext) -> None:
+    ae = _scu()
+    ae.add_requested_context(ComputedRadiographyImageStorage, [MPEG2])
+    ae.add_requested_context(ComputedRadiographyImageStorage, [ExplicitVRLittleEndian])
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", cfg.listener.port, ae_title="PACSNODE")
+    assert assoc.is_established
+    try:
+        rejected = [(cx.transfer_syntax[0], cx.result) for cx in assoc.rejected_contexts]
+        accepted = [str(cx.transfer_syntax[0]) for cx in assoc.accepted_contexts]
+    finally:
+        assoc.release()
+    assert rejected == [(MPEG2, 0x04)]  # transfer syntaxes not supported (provider rejection)
+    assert ExplicitVRLittleEndian in accepted
+
+
+def test_database_gone_mid_store_answers_a700_and_leaves_no_file(cfg: Config, ctx: IngestContext, tmp_path: Path) -> None:
+    ae = _scu()
+    ae.add_requested_context(ComputedRadiographyImageStorage, [ExplicitVRLittleEndian])
+    first = _copy(RG1, tmp_path / "a.dcm")
+    second = _copy(RG1, tmp_path / "b.dcm")
+    assoc = ae.associate("127.0.0.1", cfg.listener.port, ae_title="PACSNODE")
+    assert assoc.is_established
+    try:
+        assert int(assoc.send_c_store(first).Status) == 0
+        # The study table disappears under the listener: the file is written, then the row fails.
+        with sqlite3.connect(tmp_path / "db.sqlite", timeout=10) as db:
+            db.execute("ALTER TABLE study RENAME TO study_gone")
+        assert int(assoc.send_c_store(second).Status) == 0xA700
+    finally:
+        assoc.release()
+    with sqlite3.connect(tmp_path / "db.sqlite", timeout=10) as db:
+        db.execute("ALTER TABLE study_gone RENAME TO study")
+    assert _count(cfg, Instance) == 1
+    files = _spool_files(cfg)
+    assert len(files) == 1 and files[0].suffix == ".dcm"  # no second file, no temp file
+
+
+def test_instance_over_the_size_limit_answers_a700(tmp_path: Path) -> None:
+    cfg = _config(tmp_path, storage={"max_instance_mb": 1})
+    server = start_listener(cfg, IngestContext(cfg))
+    try:
+        ae = _scu()
+        ae.add_requested_context(ComputedRadiographyImageStorage, [ExplicitVRLittleEndian])
+        ae.add_requested_context(CTImageStorage, [ExplicitVRLittleEndian])
+        assoc = ae.associate("127.0.0.1", cfg.listener.port, ae_title="PACSNODE")
+        assert assoc.is_established
+        try:
+            assert int(assoc.send_c_store(pydicom.dcmread(RG1)).Status) == 0xA700  # RG1 is ~7 MB
+            assert int(assoc.send_c_store(pydicom.dcmread(CT)).Status) == 0  # the association survives
+        finally:
+            assoc.release()
+    finally:
+        server.shutdown()
+    assert _count(cfg, Instance) == 1
+
+
+@pytest.mark.skipif(not have("storescu"), reason="DCMTK storescu not installed")
+def test_concurrent_storescu_senders(cfg: Config, ctx: IngestContext, tmp_path: Path) -> None:
+    senders = []
+    for n in range(4):
+        study = generate_uid()
+        files = [tmp_path / f"s{n}-{i}.dcm" for i in range(5)]
+        for f in files:
+            _copy(CT, f, study=study)
+        senders.append(files)
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda fs: storescu(cfg.listener.port, *fs, aet="MOD"), senders))
+    assert [r.returncode for r in results] == [0, 0, 0, 0], [r.stderr for r in results]
+    assert _count(cfg, Instance) == 20
+    assert _count(cfg, Study) == 4
+
+
+def test_study_over_two_associations_completes_once_with_both_series(cfg: Config, ctx: IngestContext,
+                                                                      tmp_path: Path) -> None:
+    study, series_a, series_b = generate_uid(), generate_uid(), generate_uid()
+    a = [_copy(RG1, tmp_path / f"a{i}.dcm", study, series_a) for i in range(2)]
+    b = [_copy(RG1, tmp_path / f"b{i}.dcm", study, series_b) for i in range(2)]
+    service = CompletionService(cfg, ctx.tracker)
+
+    def associate() -> Any:
+        ae = _scu()
+        ae.add_requested_context(ComputedRadiographyImageStorage, [ExplicitVRLittleEndian])
+        assoc = ae.associate("127.0.0.1", cfg.listener.port, ae_title="PACSNODE")
+        assert assoc.is_established
+        return assoc
+
+    one, two = associate(), associate()
+    try:
+        assert int(two.send_c_store(b[0]).Status) == 0
+        assert [int(one.send_c_store(ds).Status) for ds in a] == [0, 0]
+        one.release()
+        assert service.tick() == []  # the other association still delivers this study
+        assert int(two.send_c_store(b[1]).Status) == 0
+    finally:
+        two.release()
+    job_ids = service.tick()
+    assert len(job_ids) == 1
+    assert service.tick() == []
+    with session_scope(cfg.database.url) as s:
+        job = s.get_one(Job, job_ids[0])
+        assert len(job.instance_ids) == 4
+        assert {se.series_instance_uid for se in job.study.series} == {series_a, series_b}
+        assert job.study.completion_rule == "quiet"
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+@pytest.mark.skipif(not have("Orthanc", "storescu"), reason="Orthanc or DCMTK not installed")
+def test_source_pacs_count_completes_the_study_before_the_quiet_time(tmp_path: Path) -> None:
+    from tests.peers import orthanc
+
+    study = generate_uid()
+    files = [tmp_path / f"i{i}.dcm" for i in range(3)]
+    for f in files:
+        _copy(CT, f, study=study, series=None)
+    with orthanc(tmp_path / "orthanc") as pacs:
+        assert storescu(pacs.dicom_port, *files, aec=pacs.aet).returncode == 0
+        cfg = _config(tmp_path, completion={
+            "quiet_seconds": 300, "query_source": {"ae_title": pacs.aet, "host": "127.0.0.1", "port": pacs.dicom_port}})
+        ctx = IngestContext(cfg)
+        server = start_listener(cfg, ctx)
+        try:
+            service = CompletionService(cfg, ctx.tracker)
+            assert storescu(cfg.listener.port, *files[:2]).returncode == 0
+            assert service.tick() == []  # 2 of 3: neither count nor quiet time
+            assert storescu(cfg.listener.port, files[2]).returncode == 0
+            service.tick()
+        finally:
+            server.shutdown()
+    with session_scope(cfg.database.url) as s:
+        st = s.scalar(select(Study).where(Study.study_instance_uid == study))
+        assert st is not None
+        assert (st.expected_instances, st.completion_rule) == (3, "count")
