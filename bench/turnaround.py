@@ -29,7 +29,7 @@ from pydicom.data import get_testdata_file  # noqa: E402
 from pydicom.uid import generate_uid  # noqa: E402
 from pynetdicom import AE, evt  # noqa: E402
 
-from node.listener import set_nodelay  # noqa: E402
+from node.listener import tune_connection  # noqa: E402
 from tests.peers import Node, Orthanc, node_config, storescu, wait_for  # noqa: E402
 
 QUIET = 0.3
@@ -40,7 +40,7 @@ def send(port: int, ds: pydicom.Dataset) -> float:
     ae = AE(ae_title="BENCHSCU")
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
     ae.add_requested_context(str(ds.SOPClassUID), [str(ds.file_meta.TransferSyntaxUID)])
-    assoc = ae.associate("127.0.0.1", port, ae_title="PACSNODE", evt_handlers=[(evt.EVT_CONN_OPEN, set_nodelay)])
+    assoc = ae.associate("127.0.0.1", port, ae_title="PACSNODE", evt_handlers=[(evt.EVT_CONN_OPEN, tune_connection)])
     assert assoc.is_established, "association refused"
     status = assoc.send_c_store(ds)
     assert int(status.Status) == 0, status

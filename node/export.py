@@ -14,7 +14,7 @@ from pynetdicom import AE, evt
 
 from node.config import Destination
 from node.db.models import utcnow
-from node.listener import set_nodelay
+from node.listener import tune_connection
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ def send_files(dest: Destination, paths: Sequence[Path], calling_ae_title: str) 
     ae.network_timeout = dest.timeout
     for sop_class in sorted({str(ds.SOPClassUID) for ds in datasets}):
         ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
-    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, evt_handlers=[(evt.EVT_CONN_OPEN, set_nodelay)])
+    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, evt_handlers=[(evt.EVT_CONN_OPEN, tune_connection)])
     if not assoc.is_established:
         why = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "no answer"
         raise DestinationUnavailable(f"association with {dest.name} ({dest.ae_title}@{dest.host}:{dest.port}) failed: {why}")

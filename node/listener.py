@@ -45,11 +45,19 @@ def accepted_transfer_syntaxes() -> list[UID]:
     return [*UNCOMPRESSED, *decodable]
 
 
-def set_nodelay(event: evt.Event) -> None:
-    """Small DIMSE messages otherwise wait for delayed ACKs (40-90 ms each)."""
+# pynetdicom's DUL thread sleeps this long between polls of an idle socket (default 1 ms);
+# measured on 200 small C-STOREs: 3.0 ms per instance with the default, 1.8-2.1 ms with 0.1 ms.
+# The cost is CPU while an association is open, not while the node is idle.
+DUL_POLL_SECONDS = 0.0001
+
+
+def tune_connection(event: evt.Event) -> None:
+    """EVT_CONN_OPEN: TCP_NODELAY (small DIMSE messages otherwise wait 40-90 ms for delayed
+    ACKs) and a shorter DUL poll interval."""
     sock = getattr(event.assoc.dul.socket, "socket", None)
     if sock is not None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    event.assoc.dul._run_loop_delay = DUL_POLL_SECONDS
 
 
 # A-ASSOCIATE-RJ diagnostics (PS3.8 9.3.4): rejected-permanent, by the service user.
@@ -152,7 +160,7 @@ def start_listener(config: Config, ctx: IngestContext) -> ThreadedAssociationSer
     config.storage.path.mkdir(parents=True, exist_ok=True)
     ae = build_ae(config)
     handlers = [
-        (evt.EVT_CONN_OPEN, set_nodelay),
+        (evt.EVT_CONN_OPEN, tune_connection),
         (evt.EVT_REQUESTED, handle_requested, [ctx]),
         (evt.EVT_REJECTED, handle_rejected, [ctx]),
         (evt.EVT_C_ECHO, handle_echo),
