@@ -48,13 +48,26 @@ def render_gsps(gsps_path: Path, image_path: Path) -> Image.Image:
     """``image_path`` through the GSPS's grayscale pipeline (dcmp2pgm), with its graphics drawn on top."""
     with tempfile.TemporaryDirectory(prefix="pacsnode-render-") as tmp:
         pgm = Path(tmp) / "out.pgm"
+        image = pydicom.dcmread(image_path)
+        if image.file_meta.TransferSyntaxUID.is_compressed:
+            # dcmp2pgm registers no decoders: give it the same image uncompressed.
+            image.decompress()
+            image_path = Path(tmp) / "image.dcm"
+            image.save_as(image_path, enforce_file_format=True)
+        gsps = pydicom.dcmread(gsps_path)
+        if not gsps.get("PatientName"):
+            # DCMTK will not load a GSPS without a Patient's Name (Type 2, so ours may have
+            # none); this copy exists only for rendering, and no name is drawn.
+            gsps.PatientName = "ANONYMOUS"
+            gsps_path = Path(tmp) / "gsps.dcm"
+            gsps.save_as(gsps_path, enforce_file_format=True)
         proc = subprocess.run(["dcmp2pgm", "-p", str(gsps_path), str(image_path), str(pgm)],
                               capture_output=True, text=True, timeout=DCMP2PGM_TIMEOUT_S, check=False)
         if proc.returncode != 0 or not pgm.exists():
             raise RuntimeError(f"dcmp2pgm failed on {gsps_path} + {image_path}: {proc.stderr.strip()[-500:]}")
         with Image.open(pgm) as im:
             picture = im.convert("RGB")
-    _draw_annotations(picture, pydicom.dcmread(gsps_path))
+    _draw_annotations(picture, gsps)
     return picture
 
 
@@ -69,6 +82,7 @@ def _layer_colours(gsps: Dataset) -> dict[str, tuple[int, int, int]]:
 
 def _draw_annotations(picture: Image.Image, gsps: Dataset) -> None:
     """Draw PIXEL-unit polylines and text objects of every graphic annotation (one-frame images)."""
+    from node.writers.sc import _wrap  # one word-wrapper for burned-in and drawn text
     draw = ImageDraw.Draw(picture)
     colours = _layer_colours(gsps)
     width = max(2, round(max(picture.size) / 400))
@@ -82,21 +96,28 @@ def _draw_annotations(picture: Image.Image, gsps: Dataset) -> None:
             draw.line(xy, fill=colour, width=width, joint="curve")
         for t in annotation.get("TextObjectSequence", []):
             left, top = (float(v) for v in t.BoundingBoxTopLeftHandCorner)
-            draw.text((left, top), str(t.UnformattedTextValue), fill=colour, font=font,
-                      stroke_width=max(1, width // 2), stroke_fill=(0, 0, 0))
+            right = float(t.BoundingBoxBottomRightHandCorner[0])
+            # Wrapped inside the bounding box, as viewers do.
+            lines = _wrap(draw, str(t.UnformattedTextValue), font, right - left)
+            draw.multiline_text((left, top), "\n".join(lines), fill=colour, font=font,
+                                stroke_width=max(1, width // 2), stroke_fill=(0, 0, 0))
 
 
 def save_png(picture: Image.Image, path: Path) -> Path:
-    """Save at most MAX_SIDE wide/high and under MAX_BYTES (palette colours if it must)."""
-    picture = picture.copy()
-    picture.thumbnail((MAX_SIDE, MAX_SIDE), Image.Resampling.LANCZOS)
+    """Save at most MAX_SIDE wide/high and under MAX_BYTES: palette colours, then smaller, if it must."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    picture.save(path, optimize=True)
-    if path.stat().st_size > MAX_BYTES:
-        picture.quantize(colors=256, method=Image.Quantize.MEDIANCUT).save(path, optimize=True)
-    if path.stat().st_size > MAX_BYTES:
-        raise RuntimeError(f"{path} is {path.stat().st_size} bytes, over {MAX_BYTES}")
-    return path
+    side = MAX_SIDE
+    while True:
+        small = picture.copy()
+        small.thumbnail((side, side), Image.Resampling.LANCZOS)
+        small.save(path, optimize=True)
+        if path.stat().st_size > MAX_BYTES:
+            small.quantize(colors=256, method=Image.Quantize.MEDIANCUT).save(path, optimize=True)
+        if path.stat().st_size <= MAX_BYTES:
+            return path
+        if side <= 256:
+            raise RuntimeError(f"{path} is {path.stat().st_size} bytes at {side} px, over {MAX_BYTES}")
+        side = int(side * 0.85)
 
 
 def render_files(image: Path, gsps: Path | None, sc: Path | None, out: Path, stem: str) -> list[Path]:

@@ -112,8 +112,9 @@ def test_radiograph_comes_back_as_sr_and_overlay_in_the_same_study(
     assert {"read", "pipeline", "encode", "send"} <= set(job["timings"])
     kinds = [o["kind"] for o in job["outputs"]]
     # By default (export.objects): one SR for the study's processed images, then per image an
-    # overlay SC, a lung SEG and a GSPS.
-    assert kinds == ["sr", "sc", "seg", "gsps"]
+    # overlay SC, a lung SEG and a GSPS (a late arrival makes the job process the study's images).
+    n = kinds.count("sc")
+    assert n >= 1 and kinds == ["sr"] + ["sc"] * n + ["seg"] * n + ["gsps"] * n
     for o in job["outputs"]:
         assert [(s["destination"], s["state"], s["remote_status"]) for s in o["sends"]] == [("orthanc", "sent", 0)]
 
