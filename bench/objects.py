@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--bundle", type=Path, default=REPO / "models" / "chest_xray")
-    p.add_argument("--image", type=Path, default=Path(get_testdata_file("RG1_UNCR.dcm")))
+    p.add_argument("--image", type=Path, default=Path(str(get_testdata_file("RG1_UNCR.dcm"))))
     p.add_argument("--repeat", type=int, default=5)
     args = p.parse_args(argv)
 

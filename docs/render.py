@@ -76,7 +76,7 @@ def _layer_colours(gsps: Dataset) -> dict[str, tuple[int, int, int]]:
     for layer in gsps.get("GraphicLayerSequence", []):
         lab = layer.get("GraphicLayerRecommendedDisplayCIELabValue")
         rgb = CIELabColor.from_dicom_value(tuple(int(v) for v in lab)).to_rgb() if lab else (255, 255, 0)
-        colours[str(layer.GraphicLayer)] = tuple(int(v) for v in rgb)
+        colours[str(layer.GraphicLayer)] = (int(rgb[0]), int(rgb[1]), int(rgb[2]))
     return colours
 
 

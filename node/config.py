@@ -73,8 +73,8 @@ class CompletionConfig(_Strict):
 
 
 #: Result objects a job can produce, in the order they are built (the SR goes out first).
-OBJECT_KINDS = ("sr", "sc", "seg", "gsps")
 ObjectKind = Literal["sr", "sc", "seg", "gsps"]
+OBJECT_KINDS: tuple[ObjectKind, ...] = ("sr", "sc", "seg", "gsps")
 
 
 class Destination(_Strict):

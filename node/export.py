@@ -17,14 +17,16 @@ import pydicom
 import requests
 from dicomweb_client.api import DICOMwebClient
 from pydicom import Dataset
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
-from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
 
 from node.config import Destination
 from node.db.models import utcnow
 from node.listener import set_nodelay
+
+#: Study Root Query/Retrieve Information Model - FIND (pynetdicom's constants are not typed).
+STUDY_ROOT_FIND = UID("1.2.840.10008.5.1.4.1.2.2.1")
 
 log = logging.getLogger(__name__)
 
@@ -126,12 +128,13 @@ def _stow(dest: Destination, paths: Sequence[Path]) -> list[SendOutcome]:
         raise DestinationUnavailable(f"STOW-RS to {dest.name} ({dest.url}) failed: {e}") from e
     except requests.HTTPError as e:
         code = e.response.status_code if e.response is not None else None
-        response = _stow_body(e.response)
-        if response is None:
+        body = _stow_body(e.response)
+        if body is None:
             # Overloaded or down (5xx, 408, 429): try later; anything else is an answer for every file.
             if code is None or code >= 500 or code in (408, 429):
                 raise DestinationUnavailable(f"STOW-RS to {dest.name} ({dest.url}) failed: HTTP {code}") from e
             return [SendOutcome(p, None, f"STOW-RS HTTP {code}: {e}", utcnow()) for p in paths]
+        response = body
     return _stow_outcomes(paths, datasets, response)
 
 
@@ -179,7 +182,7 @@ def confirm_held(dest: Destination, refs: Sequence[ObjectRef], calling_ae_title:
 
 def _confirm_cfind(dest: Destination, refs: Sequence[ObjectRef], calling_ae_title: str) -> dict[str, str | None]:
     ae = _ae(dest, calling_ae_title)
-    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+    ae.add_requested_context(STUDY_ROOT_FIND)
     assoc = _associate(ae, dest)
     result: dict[str, str | None] = {}
     try:
@@ -190,7 +193,7 @@ def _confirm_cfind(dest: Destination, refs: Sequence[ObjectRef], calling_ae_titl
             query.SeriesInstanceUID = ref.series_uid
             query.SOPInstanceUID = ref.sop_uid
             found, final = False, None
-            for status, identifier in assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind):
+            for status, identifier in assoc.send_c_find(query, STUDY_ROOT_FIND):
                 final = int(status.Status) if status is not None and "Status" in status else None
                 if final in (0xFF00, 0xFF01) and identifier is not None:
                     found = found or identifier.get("SOPInstanceUID") == ref.sop_uid

@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from functools import cache
+from functools import cache, partial
 from pathlib import Path
 from typing import TypeVar
 
@@ -127,7 +127,7 @@ def run_inference(config: Config, job_id: int, worker: str) -> None:
     timings: dict[str, float] = {}
     # Only what some destination wants is built (all four kinds by default).
     kinds = config.object_kinds()
-    per_image = {"sc": (build_overlay_sc, SC_SERIES_NUMBER), "seg": (build_segmentation, SEG_SERIES_NUMBER),
+    per_image: dict[str, tuple[Callable[..., Dataset], int]] = {"sc": (build_overlay_sc, SC_SERIES_NUMBER), "seg": (build_segmentation, SEG_SERIES_NUMBER),
                  "gsps": (build_presentation_state, GSPS_SERIES_NUMBER)}
     try:
         t0 = time.perf_counter()
@@ -173,10 +173,10 @@ def run_inference(config: Config, job_id: int, worker: str) -> None:
                     # An empty SEG carries nothing; the SR and GSPS still say what was found.
                     log.warning("job %d: no lung found in image %d: no SEG for it", ji.job_id, i)
                     continue
-                obj = _build(timings, kind, lambda b=builder, n=series_number, s=series_uid, src=src, res=res, i=i, k=kind: b(
-                    src, res, model, series_instance_uid=s,
-                    sop_instance_uid=result_uid(*key, k, str(i)),
-                    series_number=n, instance_number=i,
+                obj = _build(timings, kind, partial(
+                    builder, src, res, model, series_instance_uid=series_uid,
+                    sop_instance_uid=result_uid(*key, kind, str(i)),
+                    series_number=series_number, instance_number=i,
                 ))
                 _validate(timings, kind, obj, validate)
                 others.append((kind, obj))
