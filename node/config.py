@@ -118,12 +118,50 @@ class CompletionConfig(_Strict):
     )
 
 
+#: Result objects a job can produce, in the order they are built (the SR goes out first).
+ObjectKind = Literal["sr", "sc", "seg", "gsps"]
+OBJECT_KINDS: tuple[ObjectKind, ...] = ("sr", "sc", "seg", "gsps")
+
+
 class Destination(_Strict):
+    """Where results go: a DICOM node (C-STORE) or a DICOMweb service (STOW-RS)."""
+
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
-    ae_title: AE_TITLE
-    host: str
-    port: int = Field(ge=1, le=65535)
-    timeout: float = Field(30.0, gt=0, description="seconds for connect, ACSE and DIMSE")
+    protocol: Literal["dimse", "stow"] = "dimse"
+    ae_title: AE_TITLE | None = Field(None, description="dimse, and stow with confirm: cfind")
+    host: str | None = None
+    port: int | None = Field(None, ge=1, le=65535)
+    url: str | None = Field(None, description="stow: DICOMweb base URL, e.g. http://pacs/dicom-web")
+    timeout: float = Field(30.0, gt=0, description="seconds for connect, ACSE and DIMSE (or each HTTP request)")
+    objects: list[ObjectKind] | None = Field(
+        None, description="result objects this destination receives; null: export.objects"
+    )
+    confirm: Literal["none", "cfind", "qido"] = Field(
+        "none", description="read back what was sent (C-FIND or QIDO-RS); the job is done only when confirmed"
+    )
+
+    @model_validator(mode="after")
+    def _endpoints(self) -> Destination:
+        # Each protocol (and read-back) names the keys it needs, so a typo fails at start.
+        need: list[str] = []
+        if self.protocol == "dimse" or self.confirm == "cfind":
+            need += ["ae_title", "host", "port"]
+        if self.protocol == "stow" or self.confirm == "qido":
+            need.append("url")
+        missing = [k for k in need if getattr(self, k) is None]
+        if missing:
+            why = f"protocol {self.protocol}" + (f" with confirm {self.confirm}" if self.confirm != "none" else "")
+            raise ValueError(f"{', '.join(missing)} required for {why}")
+        if self.url is not None and not re.match(r"https?://", self.url):
+            raise ValueError(f"url must start with http:// or https://, not {self.url!r}")
+        if self.objects is not None and len(set(self.objects)) != len(self.objects):
+            raise ValueError(f"objects lists a kind twice: {self.objects}")
+        return self
+
+    def wants(self, export: ExportConfig) -> tuple[str, ...]:
+        """The object kinds this destination receives, in build order."""
+        chosen = export.objects if self.objects is None else self.objects
+        return tuple(k for k in OBJECT_KINDS if k in chosen)
 
 
 class ExportConfig(_Strict):
@@ -131,6 +169,9 @@ class ExportConfig(_Strict):
     max_retries: int = Field(8, ge=0)
     backoff_seconds: float = Field(2.0, gt=0, description="first retry delay; doubles each attempt")
     backoff_max_seconds: float = Field(300.0, gt=0)
+    objects: list[ObjectKind] = Field(
+        list(OBJECT_KINDS), description="result objects sent to destinations that do not choose their own"
+    )
 
 
 class PipelineConfig(_Strict):
@@ -305,6 +346,13 @@ class Config(_Strict):
                 if d not in dests:
                     raise ValueError(f"routing rule {rule.name!r}: unknown destination {d!r} (known: {sorted(dests)})")
         return self
+
+    def object_kinds(self) -> tuple[str, ...]:
+        """Kinds a job builds: what any destination wants (export.objects when there is none)."""
+        if not self.destinations:
+            return tuple(k for k in OBJECT_KINDS if k in self.export.objects)
+        wanted = {k for d in self.destinations for k in d.wants(self.export)}
+        return tuple(k for k in OBJECT_KINDS if k in wanted)
 
     @property
     def embedded_queue(self) -> bool:

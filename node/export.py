@@ -1,4 +1,9 @@
-"""C-STORE SCU: send result files to a destination, one association per batch, with timeouts."""
+"""Export: send result files to a destination and read them back, with timeouts.
+
+`send_files` uses one C-STORE association or one STOW-RS request per batch, as the destination's
+protocol says; `confirm_held` asks the destination (C-FIND or QIDO-RS) whether it holds each
+object, for destinations that must confirm before a job is done.
+"""
 
 from __future__ import annotations
 
@@ -9,12 +14,19 @@ from datetime import datetime
 from pathlib import Path
 
 import pydicom
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+import requests
+from dicomweb_client.api import DICOMwebClient
+from pydicom import Dataset
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
+from pynetdicom.association import Association
 
 from node.config import Destination
 from node.db.models import utcnow
 from node.listener import tune_connection
+
+#: Study Root Query/Retrieve Information Model - FIND (pynetdicom's constants are not typed).
+STUDY_ROOT_FIND = UID("1.2.840.10008.5.1.4.1.2.2.1")
 
 log = logging.getLogger(__name__)
 
@@ -35,20 +47,46 @@ class SendOutcome:
         return self.status is not None and (self.status == 0x0000 or self.status & 0xF000 == 0xB000)
 
 
+@dataclass(frozen=True)
+class ObjectRef:
+    """The UIDs that locate one sent object at the destination."""
+
+    study_uid: str
+    series_uid: str
+    sop_uid: str
+
+
 def send_files(dest: Destination, paths: Sequence[Path], calling_ae_title: str) -> list[SendOutcome]:
-    """C-STORE each file to dest; raise DestinationUnavailable if no association is possible."""
-    datasets = [pydicom.dcmread(p) for p in paths]
+    """Send each file to dest (C-STORE or STOW-RS); raise DestinationUnavailable if it cannot be reached."""
+    if dest.protocol == "stow":
+        return _stow(dest, paths)
+    return _c_store(dest, paths, calling_ae_title)
+
+
+def _ae(dest: Destination, calling_ae_title: str) -> AE:
     ae = AE(ae_title=calling_ae_title)
     ae.connection_timeout = dest.timeout
     ae.acse_timeout = dest.timeout
     ae.dimse_timeout = dest.timeout
     ae.network_timeout = dest.timeout
-    for sop_class in sorted({str(ds.SOPClassUID) for ds in datasets}):
-        ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+    return ae
+
+
+def _associate(ae: AE, dest: Destination) -> Association:
+    assert dest.host is not None and dest.port is not None and dest.ae_title is not None  # config checks
     assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, evt_handlers=[(evt.EVT_CONN_OPEN, tune_connection)])
     if not assoc.is_established:
         why = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "no answer"
         raise DestinationUnavailable(f"association with {dest.name} ({dest.ae_title}@{dest.host}:{dest.port}) failed: {why}")
+    return assoc
+
+
+def _c_store(dest: Destination, paths: Sequence[Path], calling_ae_title: str) -> list[SendOutcome]:
+    datasets = [pydicom.dcmread(p) for p in paths]
+    ae = _ae(dest, calling_ae_title)
+    for sop_class in sorted({str(ds.SOPClassUID) for ds in datasets}):
+        ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+    assoc = _associate(ae, dest)
     outcomes = []
     try:
         for path, ds in zip(paths, datasets, strict=True):
@@ -71,3 +109,124 @@ def send_files(dest: Destination, paths: Sequence[Path], calling_ae_title: str) 
     done = {o.path for o in outcomes}
     outcomes += [SendOutcome(p, None, "association lost before sending", utcnow()) for p in paths if p not in done]
     return outcomes
+
+
+def _dicomweb(dest: Destination) -> DICOMwebClient:
+    assert dest.url is not None  # config checks
+    client = DICOMwebClient(dest.url, timeout=dest.timeout)
+    # The export task retries with its own backoff; a retry inside the client would hide failures.
+    client.set_http_retry_params(retry=False)
+    return client
+
+
+def _stow(dest: Destination, paths: Sequence[Path]) -> list[SendOutcome]:
+    """STOW-RS all files in one multipart/related request; map the response to each file."""
+    datasets = [pydicom.dcmread(p) for p in paths]
+    try:
+        response = _dicomweb(dest).store_instances(datasets)
+    except (requests.ConnectionError, requests.Timeout) as e:
+        raise DestinationUnavailable(f"STOW-RS to {dest.name} ({dest.url}) failed: {e}") from e
+    except requests.HTTPError as e:
+        code = e.response.status_code if e.response is not None else None
+        body = _stow_body(e.response)
+        if body is None:
+            # Overloaded or down (5xx, 408, 429): try later; anything else is an answer for every file.
+            if code is None or code >= 500 or code in (408, 429):
+                raise DestinationUnavailable(f"STOW-RS to {dest.name} ({dest.url}) failed: HTTP {code}") from e
+            return [SendOutcome(p, None, f"STOW-RS HTTP {code}: {e}", utcnow()) for p in paths]
+        response = body
+    return _stow_outcomes(paths, datasets, response)
+
+
+def _stow_body(response: requests.Response | None) -> Dataset | None:
+    """The Store Instances Response Module of an error response, if it carries one."""
+    if response is None or "json" not in response.headers.get("Content-Type", ""):
+        return None
+    try:
+        return Dataset.from_json(response.json())
+    except (ValueError, TypeError):
+        return None
+
+
+def _stow_outcomes(paths: Sequence[Path], datasets: Sequence[Dataset], response: Dataset) -> list[SendOutcome]:
+    """Per-file outcome from ReferencedSOPSequence (stored) and FailedSOPSequence (not stored)."""
+    at = utcnow()
+    stored = {str(i.ReferencedSOPInstanceUID): int(i.get("WarningReason", 0))
+              for i in response.get("ReferencedSOPSequence", [])}
+    failed = {str(i.ReferencedSOPInstanceUID): int(i.get("FailureReason", 0xC000))
+              for i in response.get("FailedSOPSequence", [])}
+    outcomes = []
+    for path, ds in zip(paths, datasets, strict=True):
+        uid = str(ds.SOPInstanceUID)
+        if uid in stored:
+            outcomes.append(SendOutcome(path, stored[uid], None, at))
+        elif uid in failed:
+            outcomes.append(SendOutcome(path, failed[uid], f"remote failure reason 0x{failed[uid]:04X}", at))
+        else:
+            outcomes.append(SendOutcome(path, None, "not named in the STOW-RS response", at))
+    return outcomes
+
+
+def confirm_held(dest: Destination, refs: Sequence[ObjectRef], calling_ae_title: str) -> dict[str, str | None]:
+    """Ask dest whether it holds each object: SOP Instance UID -> None (held) or why not.
+
+    Uses C-FIND (Study Root, IMAGE level) or QIDO-RS as dest.confirm says; raises
+    DestinationUnavailable when the destination cannot be asked at all.
+    """
+    if dest.confirm == "cfind":
+        return _confirm_cfind(dest, refs, calling_ae_title)
+    if dest.confirm == "qido":
+        return _confirm_qido(dest, refs)
+    raise ValueError(f"destination {dest.name} has no read-back configured (confirm: {dest.confirm})")
+
+
+def _confirm_cfind(dest: Destination, refs: Sequence[ObjectRef], calling_ae_title: str) -> dict[str, str | None]:
+    ae = _ae(dest, calling_ae_title)
+    ae.add_requested_context(STUDY_ROOT_FIND)
+    assoc = _associate(ae, dest)
+    result: dict[str, str | None] = {}
+    try:
+        for ref in refs:
+            query = Dataset()
+            query.QueryRetrieveLevel = "IMAGE"
+            query.StudyInstanceUID = ref.study_uid
+            query.SeriesInstanceUID = ref.series_uid
+            query.SOPInstanceUID = ref.sop_uid
+            found, final = False, None
+            for status, identifier in assoc.send_c_find(query, STUDY_ROOT_FIND):
+                final = int(status.Status) if status is not None and "Status" in status else None
+                if final in (0xFF00, 0xFF01) and identifier is not None:
+                    found = found or identifier.get("SOPInstanceUID") == ref.sop_uid
+            if found:
+                result[ref.sop_uid] = None
+            elif final == 0x0000:
+                result[ref.sop_uid] = "C-FIND found no such instance"
+            else:
+                result[ref.sop_uid] = "C-FIND " + (f"status 0x{final:04X}" if final is not None else "got no response")
+            if not assoc.is_established:
+                break
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    for ref in refs:
+        result.setdefault(ref.sop_uid, "association lost before C-FIND")
+    return result
+
+
+def _confirm_qido(dest: Destination, refs: Sequence[ObjectRef]) -> dict[str, str | None]:
+    client = _dicomweb(dest)
+    result: dict[str, str | None] = {}
+    for ref in refs:
+        try:
+            hits = client.search_for_instances(
+                study_instance_uid=ref.study_uid, series_instance_uid=ref.series_uid,
+                search_filters={"SOPInstanceUID": ref.sop_uid},
+            )
+        except (requests.ConnectionError, requests.Timeout) as e:
+            raise DestinationUnavailable(f"QIDO-RS at {dest.name} ({dest.url}) failed: {e}") from e
+        except requests.HTTPError as e:
+            result[ref.sop_uid] = f"QIDO-RS {e}"
+            continue
+        uids = {Dataset.from_json(h).get("SOPInstanceUID") for h in hits}
+        result[ref.sop_uid] = None if ref.sop_uid in uids else "QIDO-RS found no such instance"
+    return result

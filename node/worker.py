@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from functools import cache
+from functools import cache, partial
 from pathlib import Path
 from typing import TypeVar
 
@@ -19,10 +19,10 @@ import pydicom
 from pydicom import Dataset
 from sqlalchemy import and_, func, or_, select, update
 
-from node.config import Config
+from node.config import Config, Destination
 from node.db.models import Instance, Job, JobState, Output, Send, SendState, utcnow
 from node.db.session import session_scope
-from node.export import DestinationUnavailable, SendOutcome, send_files
+from node.export import DestinationUnavailable, ObjectRef, SendOutcome, confirm_held, send_files
 from node.jobs import TransitionError, transition
 from node.queue import enqueue_export
 from node.spool import output_relpath, resolve, write_atomic
@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 
 SR_SERIES_NUMBER = 9901
 SC_SERIES_NUMBER = 9902
+SEG_SERIES_NUMBER = 9903
+GSPS_SERIES_NUMBER = 9904
 
 
 class PermanentError(Exception):
@@ -107,7 +109,9 @@ def _fail(config: Config, job_id: int, stage: str, message: str) -> None:
 
 def run_inference(config: Config, job_id: int, worker: str) -> None:
     """Run the job's pipeline, write its result objects and queue their export as each is ready."""
+    from node.writers.gsps import build_presentation_state
     from node.writers.sc import build_overlay_sc
+    from node.writers.seg import build_segmentation
     from node.writers.sr import build_comprehensive_3d_sr
     from node.writers.uids import result_uid
     from node.writers.validate import validate
@@ -121,6 +125,10 @@ def run_inference(config: Config, job_id: int, worker: str) -> None:
     if ji is None:
         return
     timings: dict[str, float] = {}
+    # Only what some destination wants is built (all four kinds by default).
+    kinds = config.object_kinds()
+    per_image: dict[str, tuple[Callable[..., Dataset], int]] = {"sc": (build_overlay_sc, SC_SERIES_NUMBER), "seg": (build_segmentation, SEG_SERIES_NUMBER),
+                 "gsps": (build_presentation_state, GSPS_SERIES_NUMBER)}
     try:
         t0 = time.perf_counter()
         try:
@@ -141,29 +149,38 @@ def run_inference(config: Config, job_id: int, worker: str) -> None:
 
         # Same sources and model -> same UIDs, so a re-run never gives the PACS duplicates.
         key = (ji.study_uid, ji.pipeline, model.version, model.device_uid, *ji.content_keys)
-        # The SR goes out first, while the overlays are still being drawn: it is what the
+        # The SR goes out first, while the other objects are still being drawn: it is what the
         # radiologist's worklist waits for. Each object is validated before it is written.
-        sr = _timed(timings, "encode", lambda: build_comprehensive_3d_sr(
-            sources, results, model,
-            series_instance_uid=result_uid(*key, "sr-series"),
-            sop_instance_uid=result_uid(*key, "sr", "1"),
-            series_number=SR_SERIES_NUMBER, instance_number=1,
-            supersedes=[ji.predecessor_sr] if ji.predecessor_sr else (),
-        ))
-        _timed(timings, "validate", lambda: _validate("sr", sr, validate))
-        _store_outputs(config, ji.job_id, [("sr", sr)], first=True)
-        enqueue_export(config, ji.job_id)
-        sc_series = result_uid(*key, "sc-series")
-        overlays = []
-        for i, (src, res) in enumerate(zip(sources, results, strict=True), start=1):
-            sc = _timed(timings, "encode", lambda src=src, res=res, i=i: build_overlay_sc(
-                src, res, model, series_instance_uid=sc_series,
-                sop_instance_uid=result_uid(*key, "sc", str(i)),
-                series_number=SC_SERIES_NUMBER, instance_number=i,
+        first = True
+        if "sr" in kinds:
+            sr = _build(timings, "sr", lambda: build_comprehensive_3d_sr(
+                sources, results, model,
+                series_instance_uid=result_uid(*key, "sr-series"),
+                sop_instance_uid=result_uid(*key, "sr", "1"),
+                series_number=SR_SERIES_NUMBER, instance_number=1,
+                supersedes=[ji.predecessor_sr] if ji.predecessor_sr else (),
             ))
-            _timed(timings, "validate", lambda sc=sc: _validate("sc", sc, validate))
-            overlays.append(("sc", sc))
-        _store_outputs(config, ji.job_id, overlays, first=False)
+            _validate(timings, "sr", sr, validate)
+            _store_outputs(config, ji.job_id, [("sr", sr)], first=True)
+            enqueue_export(config, ji.job_id)
+            first = False
+        others: list[tuple[str, Dataset]] = []
+        for kind in (k for k in kinds if k in per_image):
+            builder, series_number = per_image[kind]
+            series_uid = result_uid(*key, f"{kind}-series")
+            for i, (src, res) in enumerate(zip(sources, results, strict=True), start=1):
+                if kind == "seg" and not res.lung_mask.any():
+                    # An empty SEG carries nothing; the SR and GSPS still say what was found.
+                    log.warning("job %d: no lung found in image %d: no SEG for it", ji.job_id, i)
+                    continue
+                obj = _build(timings, kind, partial(
+                    builder, src, res, model, series_instance_uid=series_uid,
+                    sop_instance_uid=result_uid(*key, kind, str(i)),
+                    series_number=series_number, instance_number=i,
+                ))
+                _validate(timings, kind, obj, validate)
+                others.append((kind, obj))
+        _store_outputs(config, ji.job_id, others, first=first)
         with session_scope(config.database.url) as s:
             job = s.get(Job, ji.job_id)
             assert job is not None
@@ -195,8 +212,22 @@ def _timed(timings: dict[str, float], stage: str, fn: Callable[[], T]) -> T:
         timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - t0
 
 
-def _validate(kind: str, ds: Dataset, validate: Callable[[Dataset], list[str]]) -> None:
-    problems = validate(ds)
+def _build(timings: dict[str, float], kind: str, fn: Callable[[], Dataset]) -> Dataset:
+    """Build one object, timed under encode and encode_<kind>; a refused input fails the job."""
+    t0 = time.perf_counter()
+    try:
+        return _timed(timings, "encode", fn)
+    except ValueError as e:  # the writers' input checks (highdicom's included) raise ValueError
+        raise PermanentError("encode", f"{kind} cannot be built: {e}") from e
+    finally:
+        timings[f"encode_{kind}"] = timings.get(f"encode_{kind}", 0.0) + time.perf_counter() - t0
+
+
+def _validate(timings: dict[str, float], kind: str, ds: Dataset, validate: Callable[[Dataset], list[str]]) -> None:
+    """Run the validation gate on one object (timed); any error fails the job with its message."""
+    t0 = time.perf_counter()
+    problems = _timed(timings, "validate", lambda: validate(ds))
+    timings[f"validate_{kind}"] = timings.get(f"validate_{kind}", 0.0) + time.perf_counter() - t0
     if problems:
         raise PermanentError("validate", f"{kind} failed validation: " + "; ".join(problems[:10]))
 
@@ -230,24 +261,32 @@ def _store_outputs(config: Config, job_id: int, objects: list[tuple[str, Dataset
                          path=rel)
             s.add(out)
             s.flush()
-            for dest in config.destinations:
+            for dest in (d for d in config.destinations if kind in d.wants(config.export)):
                 s.add(Send(output_id=out.id, destination=dest.name, state=SendState.PENDING, attempts=0))
 
 
 SEND_CLAIM_SECONDS = 600  # a claim older than this belongs to an export worker that died
 
 
-def _claim_sends(config: Config, job_id: int) -> tuple[JobState | None, dict[str, list[tuple[int, Path]]]]:
-    """Mark the job's unsent outputs as in flight for this task; return them by destination.
+@dataclass(frozen=True)
+class _Claim:
+    send_id: int
+    path: Path
+    ref: ObjectRef
+    confirm_only: bool  # already stored there: only its read-back is due
 
-    The conditional UPDATE makes the claim atomic, so two export tasks for the same job (the
-    SR's and the overlays') never send one object twice.
+
+def _claim_sends(config: Config, job_id: int) -> tuple[JobState | None, dict[str, list[_Claim]]]:
+    """Mark the job's unsent (or unconfirmed) outputs as in flight for this task; return them by destination.
+
+    The conditional UPDATEs make each claim atomic, so two export tasks for the same job (the
+    SR's and the others') never send or confirm one object twice.
     """
     now = utcnow()
     stale = now - timedelta(seconds=SEND_CLAIM_SECONDS)
     claimable = or_(Send.state.in_((SendState.PENDING, SendState.FAILED)),
                     and_(Send.state == SendState.SENDING, Send.updated_at < stale))
-    claimed: dict[str, list[tuple[int, Path]]] = {}
+    claimed: dict[str, list[_Claim]] = {}
     with session_scope(config.database.url) as s:
         job = s.get(Job, job_id)
         if job is None or job.state not in (JobState.RUNNING, JobState.ENCODED, JobState.SENDING):
@@ -255,20 +294,73 @@ def _claim_sends(config: Config, job_id: int) -> tuple[JobState | None, dict[str
         if job.state == JobState.ENCODED:
             transition(job, JobState.SENDING)
         for out in job.outputs:
+            ref = ObjectRef(job.study.study_instance_uid, out.series_instance_uid, out.sop_instance_uid)
             for sd in out.sends:
-                res = s.execute(update(Send).where(Send.id == sd.id, claimable)
-                                .values(state=SendState.SENDING, updated_at=now)
-                                .execution_options(synchronize_session=False))
-                if res.rowcount == 1:  # type: ignore[attr-defined]
-                    claimed.setdefault(sd.destination, []).append((sd.id, resolve(config.storage.path, out.path)))
+                for condition, confirm_only in ((Send.state == SendState.STORED, True), (claimable, False)):
+                    res = s.execute(update(Send).where(Send.id == sd.id, condition)
+                                    .values(state=SendState.SENDING, updated_at=now)
+                                    .execution_options(synchronize_session=False))
+                    if res.rowcount == 1:  # type: ignore[attr-defined]
+                        path = resolve(config.storage.path, out.path)
+                        claimed.setdefault(sd.destination, []).append(_Claim(sd.id, path, ref, confirm_only))
+                        break
         return job.state, claimed
+
+
+def _export_to(config: Config, dest: Destination, items: list[_Claim]) -> list[str]:
+    """Send (and read back, where dest confirms) the claimed items; record each Send; return failures."""
+    failures: list[str] = []
+    to_send = [c for c in items if not c.confirm_only]
+    outcomes: dict[int, SendOutcome] = {}
+    unavailable: str | None = None
+    if to_send:
+        try:
+            sent = send_files(dest, [c.path for c in to_send], config.export.calling_ae_title)
+            outcomes = {c.send_id: o for c, o in zip(to_send, sent, strict=True)}
+        except (DestinationUnavailable, OSError) as e:
+            unavailable = f"{dest.name}: {e}"
+            failures.append(unavailable)
+    stored = [c for c in items if c.confirm_only or (c.send_id in outcomes and outcomes[c.send_id].ok)]
+    missing: dict[str, str | None] = {}
+    if dest.confirm != "none" and stored:
+        try:
+            missing = confirm_held(dest, [c.ref for c in stored], config.export.calling_ae_title)
+        except (DestinationUnavailable, OSError) as e:
+            missing = {c.ref.sop_uid: f"read-back failed: {e}" for c in stored}
+    with session_scope(config.database.url) as s:
+        for c in items:
+            sd = s.get(Send, c.send_id)
+            assert sd is not None
+            sd.updated_at = utcnow()
+            if not c.confirm_only:
+                sd.attempts += 1
+                o = outcomes.get(c.send_id)
+                if o is None:
+                    sd.state, sd.error = SendState.FAILED, unavailable
+                    continue
+                sd.remote_status, sd.error = o.status, o.error
+                if not o.ok:
+                    sd.state = SendState.FAILED
+                    failures.append(f"{dest.name}: {o.error}")
+                    continue
+                sd.sent_at = o.at
+            if dest.confirm == "none":
+                sd.state = SendState.SENT
+            elif missing.get(c.ref.sop_uid) is None:
+                sd.state, sd.confirmed_at, sd.error = SendState.SENT, utcnow(), None
+            else:
+                # Stored but not (yet) found: the next attempt only asks again, it does not resend.
+                sd.state, sd.error = SendState.STORED, f"not confirmed: {missing[c.ref.sop_uid]}"
+                failures.append(f"{dest.name}: {sd.error}")
+    return failures
 
 
 def run_export(config: Config, job_id: int) -> None:
     """Send the job's unsent outputs to each destination; raise RetryableExportError if some failed.
 
-    Runs for a job still encoding (its SR is out before its overlays are drawn) and once more
-    when all outputs are written; the job is done when every output reached every destination.
+    Runs for a job still encoding (its SR is out before the other objects are drawn) and once
+    more when all outputs are written; the job is done when every output reached every
+    destination that wants it, and was read back where the destination confirms.
     """
     state, claimed = _claim_sends(config, job_id)
     if state is None or (not claimed and state == JobState.RUNNING):
@@ -279,30 +371,15 @@ def run_export(config: Config, job_id: int) -> None:
     dests = {d.name: d for d in config.destinations}
     for name, items in claimed.items():
         dest = dests.get(name)
-        outcomes: list[SendOutcome] | None = None
-        if dest is None:
-            failures.append(f"{name}: destination no longer configured")
-        else:
-            try:
-                outcomes = send_files(dest, [p for _, p in items], config.export.calling_ae_title)
-            except (DestinationUnavailable, OSError) as e:
-                failures.append(f"{name}: {e}")
+        if dest is not None:
+            failures += _export_to(config, dest, items)
+            continue
+        failures.append(f"{name}: destination no longer configured")
         with session_scope(config.database.url) as s:
-            for i, (send_id, _) in enumerate(items):
-                sd = s.get(Send, send_id)
+            for c in items:
+                sd = s.get(Send, c.send_id)
                 assert sd is not None
-                sd.attempts += 1
-                sd.updated_at = utcnow()
-                if outcomes is None:
-                    sd.state, sd.error = SendState.FAILED, failures[-1]
-                    continue
-                o = outcomes[i]
-                sd.remote_status, sd.error = o.status, o.error
-                sd.state = SendState.SENT if o.ok else SendState.FAILED
-                if o.ok:
-                    sd.sent_at = o.at
-                else:
-                    failures.append(f"{name}: {o.error}")
+                sd.state, sd.error, sd.updated_at = SendState.FAILED, failures[-1], utcnow()
     elapsed = time.perf_counter() - t0
     with session_scope(config.database.url) as s:
         job = s.get(Job, job_id)

@@ -55,12 +55,22 @@ def wait_port(port: int, timeout: float = 30.0, host: str = "127.0.0.1") -> None
     wait_for(check, timeout, f"port {port}")
 
 
-class Orthanc:
-    """A real Orthanc (Debian package) on free ports, with its REST API for checks."""
+DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 
-    def __init__(self, workdir: Path, aet: str = "ORTHANC") -> None:
+
+class Orthanc:
+    """A real Orthanc (Debian package) on free ports, with its REST API for checks.
+
+    `allow_find` lets any AE C-FIND (for read-back); `dicomweb` loads the DICOMweb plugin
+    (package orthanc-dicomweb) and serves STOW-RS/QIDO-RS under `dicomweb_url`.
+    """
+
+    def __init__(self, workdir: Path, aet: str = "ORTHANC", *, allow_find: bool = False,
+                 dicomweb: bool = False) -> None:
         self.workdir = workdir
         self.aet = aet
+        self.allow_find = allow_find
+        self.dicomweb = dicomweb
         self.http_port = free_port()
         self.dicom_port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
@@ -77,9 +87,10 @@ class Orthanc:
             "RemoteAccessAllowed": False,
             "AuthenticationEnabled": False,
             "DicomAlwaysAllowStore": True,
-            "DicomAlwaysAllowFind": True,  # the node asks the source PACS for study sizes
             "DicomCheckCalledAet": True,
-            "Plugins": [],
+            "DicomAlwaysAllowFind": self.allow_find,
+            "Plugins": [str(DICOMWEB_PLUGIN)] if self.dicomweb else [],
+            "DicomWeb": {"Enable": self.dicomweb, "Root": "/dicom-web/"},
             "StableAge": 1,
         }
         cfg_path = self.workdir / "orthanc.json"
@@ -87,7 +98,25 @@ class Orthanc:
         log = open(self.workdir / "orthanc.log", "wb")  # noqa: SIM115 (closed with the process)
         self.proc = subprocess.Popen(["Orthanc", str(cfg_path)], stdout=log, stderr=subprocess.STDOUT)
         wait_for(lambda: self.get("/system"), 30, "Orthanc REST API")
+        if self.dicomweb and "dicom-web" not in self.get("/plugins"):
+            self.stop()
+            raise RuntimeError(f"Orthanc did not load {DICOMWEB_PLUGIN}; see {self.workdir / 'orthanc.log'}")
         return self
+
+    @property
+    def dicomweb_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}/dicom-web"
+
+    def lookup(self, uid: str) -> list[dict[str, Any]]:
+        """Orthanc's /tools/lookup: the resources (Type, ID) that a DICOM UID names."""
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{self.http_port}/tools/lookup", data=uid.encode(), method="POST"
+        )
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return list(json.loads(r.read()))
+
+    def has_instance(self, sop_uid: str) -> bool:
+        return any(h["Type"] == "Instance" for h in self.lookup(sop_uid))
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
@@ -107,11 +136,7 @@ class Orthanc:
             return bytes(r.read())
 
     def find_study(self, study_uid: str) -> str | None:
-        req = urllib.request.Request(
-            f"http://127.0.0.1:{self.http_port}/tools/lookup", data=study_uid.encode(), method="POST"
-        )
-        with urllib.request.urlopen(req, timeout=10) as r:
-            hits = [h for h in json.loads(r.read()) if h["Type"] == "Study"]
+        hits = [h for h in self.lookup(study_uid) if h["Type"] == "Study"]
         return hits[0]["ID"] if hits else None
 
     def study_series(self, study_uid: str) -> list[dict[str, Any]]:
@@ -123,8 +148,8 @@ class Orthanc:
 
 
 @contextmanager
-def orthanc(workdir: Path) -> Iterator[Orthanc]:
-    server = Orthanc(workdir).start()
+def orthanc(workdir: Path, **options: Any) -> Iterator[Orthanc]:
+    server = Orthanc(workdir, **options).start()
     try:
         yield server
     finally:

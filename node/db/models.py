@@ -92,7 +92,8 @@ ACTIVE_JOB_STATES = (JobState.QUEUED, JobState.RUNNING, JobState.ENCODED, JobSta
 class SendState(enum.StrEnum):
     PENDING = "pending"
     SENDING = "sending"  # claimed by an export task (updated_at is the claim time)
-    SENT = "sent"
+    STORED = "stored"  # the destination accepted it; its read-back (confirm) is still to come
+    SENT = "sent"  # accepted, and read back where the destination confirms
     FAILED = "failed"
 
 
@@ -230,6 +231,8 @@ class Send(Base):
     remote_status: Mapped[int | None] = mapped_column(Integer)
     error: Mapped[str | None] = mapped_column(Text)
     sent_at: Mapped[datetime | None] = _ts()
+    # When a read-back (C-FIND or QIDO-RS) found the object at the destination.
+    confirmed_at: Mapped[datetime | None] = _ts()
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
     output: Mapped[Output] = relationship(back_populates="sends")

@@ -31,6 +31,9 @@ CT = Path(get_testdata_file("CT_small.dcm"))
 CXR = REPO.parent / "shared" / "data" / "cxr-samples" / "pneumonia" / "person1946_bacteria_4874.jpeg"
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
 SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"
+SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
+GSPS_CLASS = "1.2.840.10008.5.1.4.1.1.11.1"
+RESULT_CLASSES = (SR_CLASS, SC_CLASS, SEG_CLASS, GSPS_CLASS)
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +59,7 @@ def _result_series(pacs: Orthanc, study_uid: str) -> dict[str, list[str]]:
     found: dict[str, list[str]] = {}
     for series in pacs.study_series(study_uid):
         first = pacs.get(f"/instances/{series['Instances'][0]}/tags?simplify")
-        if first["SOPClassUID"] in (SR_CLASS, SC_CLASS) and first.get("Manufacturer") != "DCMTK":
+        if first["SOPClassUID"] in RESULT_CLASSES and first.get("Manufacturer") != "DCMTK":
             found.setdefault(first["SOPClassUID"], []).extend(series["Instances"])
     return found
 
@@ -108,16 +111,18 @@ def test_radiograph_comes_back_as_sr_and_overlay_in_the_same_study(
         assert job[key], key
     assert {"read", "pipeline", "encode", "send"} <= set(job["timings"])
     kinds = [o["kind"] for o in job["outputs"]]
-    # One SR for the study's processed images, one overlay per image.
-    assert kinds[0] == "sr" and kinds[1:] == ["sc"] * (len(kinds) - 1) and len(kinds) >= 2
+    # By default (export.objects): one SR for the study's processed images, then per image an
+    # overlay SC, a lung SEG and a GSPS (a late arrival makes the job process the study's images).
+    n = kinds.count("sc")
+    assert n >= 1 and kinds == ["sr"] + ["sc"] * n + ["seg"] * n + ["gsps"] * n
     for o in job["outputs"]:
         assert [(s["destination"], s["state"], s["remote_status"]) for s in o["sends"]] == [("orthanc", "sent", 0)]
 
     results = _result_series(pacs, study_uid)
     sent = {o["sop_instance_uid"] for o in job["outputs"]}
-    for sop_class in (SR_CLASS, SC_CLASS):
+    for sop_class in RESULT_CLASSES:
         assert results.get(sop_class), f"Orthanc lacks the {sop_class} series of study {study_uid}"
-    for instance_id in results[SR_CLASS] + results[SC_CLASS]:
+    for instance_id in [i for c in RESULT_CLASSES for i in results[c]]:
         data = pacs.get_bytes(f"/instances/{instance_id}/file")
         ds = pydicom.dcmread(BytesIO(data))
         if str(ds.SOPInstanceUID) not in sent:

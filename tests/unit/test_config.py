@@ -25,7 +25,15 @@ def test_default_config_file_is_valid_and_paths_are_anchored() -> None:
         ({"listener": {"portt": 1}}, r"listener\.portt: unknown key"),
         ({"listener": {"port": 70000}}, r"listener\.port: Input should be less than or equal to 65535"),
         ({"listener": {"ae_title": "WAY_TOO_LONG_AE_TITLE"}}, r"listener\.ae_title"),
-        ({"destinations": [{"name": "a", "ae_title": "X", "host": "h"}]}, r"destinations\.0\.port: Field required"),
+        ({"destinations": [{"name": "a", "ae_title": "X", "host": "h"}]}, r"destinations\.0: .*port required for protocol dimse"),
+        ({"destinations": [{"name": "w", "protocol": "stow"}]}, r"destinations\.0: .*url required for protocol stow"),
+        ({"destinations": [{"name": "w", "protocol": "stow", "url": "http://x", "confirm": "cfind"}]},
+         r"ae_title, host, port required for protocol stow with confirm cfind"),
+        ({"destinations": [{"name": "w", "protocol": "stow", "url": "ftp://x"}]}, r"url must start with http"),
+        ({"destinations": [{"name": "a", "ae_title": "X", "host": "h", "port": 1, "objects": ["sr", "pdf"]}]},
+         r"destinations\.0\.objects\.1: Input should be 'sr', 'sc', 'seg' or 'gsps'"),
+        ({"destinations": [{"name": "a", "ae_title": "X", "host": "h", "port": 1, "confirm": "commitment"}]},
+         r"destinations\.0\.confirm"),
         ({"pipelines": {"chest_xray": {"bundle": "m", "device": "gpu"}}}, r"pipelines\.chest_xray\.device"),
         ({"completion": {"quiet_seconds": -1}}, r"completion\.quiet_seconds"),
         ([], r"top level must be a mapping"),
@@ -45,3 +53,15 @@ def test_duplicate_destination_names_fail() -> None:
 def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read config"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_objects_per_destination_default_to_export_objects_and_the_job_builds_their_union() -> None:
+    pacs = {"name": "pacs", "ae_title": "A", "host": "h", "port": 104}
+    web = {"name": "web", "protocol": "stow", "url": "http://h/dicom-web", "objects": ["gsps", "sr"]}
+    cfg = parse_config({"destinations": [pacs, web]})
+    assert [d.wants(cfg.export) for d in cfg.destinations] == [("sr", "sc", "seg", "gsps"), ("sr", "gsps")]
+    assert cfg.object_kinds() == ("sr", "sc", "seg", "gsps")
+    cfg = parse_config({"destinations": [web, {**pacs, "objects": ["seg"]}], "export": {"objects": ["sr"]}})
+    assert cfg.object_kinds() == ("sr", "seg", "gsps")
+    # Without destinations the job still keeps export.objects under the spool.
+    assert parse_config({"export": {"objects": ["sc", "sr"]}}).object_kinds() == ("sr", "sc")

@@ -203,7 +203,7 @@ def test_source_pacs_count_completes_the_study_before_the_quiet_time(tmp_path: P
     files = [tmp_path / f"i{i}.dcm" for i in range(3)]
     for f in files:
         _copy(CT, f, study=study, series=None)
-    with orthanc(tmp_path / "orthanc") as pacs:
+    with orthanc(tmp_path / "orthanc", allow_find=True) as pacs:  # the node asks it for study sizes
         assert storescu(pacs.dicom_port, *files, aec=pacs.aet).returncode == 0
         cfg = _config(tmp_path, completion={
             "quiet_seconds": 300, "query_source": {"ae_title": pacs.aet, "host": "127.0.0.1", "port": pacs.dicom_port}})

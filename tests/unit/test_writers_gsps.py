@@ -49,3 +49,20 @@ def test_gate_catches_missing_referenced_image(gsps):
     del broken.ReferencedSeriesSequence[0].ReferencedImageSequence[0].ReferencedSOPClassUID
     with pytest.raises(ValidationFailed, match="ReferencedSOPClassUID"):
         check(broken)
+
+
+@needs_dciodvfy
+def test_gate_takes_dcmpschk_verdict_not_only_its_error_lines(gsps):
+    # dcmpschk reports a failed semantic check as "W:" lines and exits 0.
+    broken = roundtrip(gsps)
+    broken.PresentationLUTShape = "BOGUS"
+    assert "dcmpschk: unknown presentationLUTShape keyword: BOGUS" in validate(broken)
+
+
+@needs_dciodvfy
+def test_gate_tolerates_an_empty_patient_name_that_only_dcmtk_refuses(gsps, caplog):
+    anonymous = roundtrip(gsps)
+    anonymous.PatientName = ""  # Type 2: empty is conformant
+    with caplog.at_level("WARNING", logger="node.writers.validate"):
+        assert validate(anonymous) == []
+    assert "patientName absent or empty" in caplog.text

@@ -1,0 +1,250 @@
+"""Result objects through the worker to real Orthancs: which objects, DIMSE and STOW-RS, read-back.
+
+`run_inference` and `run_export` run as plain function calls (no Celery); the export queue is
+replaced by a list, or by calling `run_export` at once, as the SR's export task would.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterator
+from io import BytesIO
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+from pydicom import Dataset
+from pydicom.data import get_testdata_file
+
+from node import worker
+from node.cli import db_upgrade
+from node.config import Config, parse_config
+from node.db.models import (
+    Instance,
+    Job,
+    JobState,
+    Send,
+    SendState,
+    Series,
+    SeriesState,
+    Study,
+    StudyState,
+)
+from node.db.session import session_scope
+from node.export import DestinationUnavailable, ObjectRef, confirm_held, send_files
+from node.spool import instance_relpath, write_atomic
+from node.writers.validate import validate
+from tests.peers import DICOMWEB_PLUGIN, REPO, Orthanc, free_port, have, img2dcm
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.slow,
+    pytest.mark.skipif(not have("Orthanc", "img2dcm", "dciodvfy", "dcmpschk"), reason="needs Orthanc, DCMTK, dicom3tools"),
+    pytest.mark.skipif(not DICOMWEB_PLUGIN.exists(), reason="needs Orthanc's DICOMweb plugin (orthanc-dicomweb)"),
+]
+
+RG1 = Path(get_testdata_file("RG1_UNCR.dcm"))
+CXR = REPO.parent / "shared" / "data" / "cxr-samples" / "pneumonia" / "person1946_bacteria_4874.jpeg"
+
+
+@pytest.fixture
+def orthancs(tmp_path: Path) -> Iterator[Callable[..., Orthanc]]:
+    """Start Orthancs for one test (fresh, so no earlier test's objects are there); stop them after."""
+    started: list[Orthanc] = []
+
+    def start(name: str, **options: Any) -> Orthanc:
+        started.append(Orthanc(tmp_path / name, **options).start())
+        return started[-1]
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+def _config(tmp: Path, bundle: Path, destinations: list[dict[str, Any]], **export: Any) -> Config:
+    cfg = parse_config({
+        "storage": {"path": str(tmp / "spool"), "min_free_mb": 0},
+        "database": {"url": f"sqlite:///{tmp / 'db.sqlite'}"},
+        "destinations": destinations,
+        "export": {"calling_ae_title": "PACSNODE", **export},
+        "pipelines": {"chest_xray": {"bundle": str(bundle), "device": "cpu"}},
+    })
+    db_upgrade(cfg)
+    return cfg
+
+
+def _dimse(name: str, pacs: Orthanc, **extra: Any) -> dict[str, Any]:
+    return {"name": name, "ae_title": pacs.aet, "host": "127.0.0.1", "port": pacs.dicom_port, "timeout": 10, **extra}
+
+
+def _queued_job(cfg: Config, source: Path) -> int:
+    """Spool one received image and record it with a queued job, as the listener and routing would."""
+    data = source.read_bytes()
+    ds = pydicom.dcmread(BytesIO(data), stop_before_pixels=True)
+    sha = hashlib.sha256(data).hexdigest()
+    rel = instance_relpath(str(ds.StudyInstanceUID), str(ds.SOPInstanceUID), sha)
+    write_atomic(cfg.storage.path, rel, data)
+    with session_scope(cfg.database.url) as s:
+        study = Study(study_instance_uid=str(ds.StudyInstanceUID), state=StudyState.COMPLETE, instance_count=1,
+                      pending_instances=0)
+        series = Series(study=study, series_instance_uid=str(ds.SeriesInstanceUID), modality=ds.get("Modality"),
+                        state=SeriesState.ROUTED)
+        inst = Instance(series=series, sop_instance_uid=str(ds.SOPInstanceUID), sop_class_uid=str(ds.SOPClassUID),
+                        transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID), path=rel, size=len(data),
+                        sha256=sha)
+        s.add_all([study, series, inst])
+        s.flush()
+        job = Job(study_id=study.id, pipeline="chest_xray", state=JobState.QUEUED, attempt=0,
+                  instance_ids=[inst.id], timings={})
+        s.add(job)
+        s.flush()
+        return job.id
+
+
+def _sends(cfg: Config, job_id: int) -> dict[tuple[str, str], Send]:
+    """(kind, destination) -> Send row, detached, for asserts."""
+    with session_scope(cfg.database.url) as s:
+        job = s.get(Job, job_id)
+        assert job is not None
+        rows = {(o.kind, sd.destination): sd for o in job.outputs for sd in o.sends}
+        s.expunge_all()
+        return rows
+
+
+def _job(cfg: Config, job_id: int) -> dict[str, Any]:
+    with session_scope(cfg.database.url) as s:
+        job = s.get(Job, job_id)
+        assert job is not None
+        return {"state": job.state, "error": job.error, "error_stage": job.error_stage, "timings": dict(job.timings),
+                "outputs": [(o.kind, o.sop_instance_uid, o.series_instance_uid) for o in job.outputs],
+                "study": job.study.study_instance_uid}
+
+
+def _read_back(pacs: Orthanc, sop_uid: str) -> Dataset:
+    [hit] = [h for h in pacs.lookup(sop_uid) if h["Type"] == "Instance"]
+    return pydicom.dcmread(BytesIO(pacs.get_bytes(f"/instances/{hit['ID']}/file")))
+
+
+@pytest.mark.parametrize("source", ["RG1_UNCR", "cxr-sample"])
+def test_each_destination_gets_the_objects_it_wants_over_dimse_and_stow_confirmed(
+    source: str, demo_bundle: Path, orthancs: Callable[..., Orthanc], tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    path = RG1 if source == "RG1_UNCR" else img2dcm(CXR, tmp_path / "cxr.dcm", "ViewPosition=PA")
+    pacs = orthancs("pacs", allow_find=True)
+    web = orthancs("web", dicomweb=True)
+    cfg = _config(tmp_path, demo_bundle, [
+        _dimse("pacs", pacs, confirm="cfind"),
+        {"name": "web", "protocol": "stow", "url": web.dicomweb_url, "timeout": 10, "objects": ["gsps", "sr"],
+         "confirm": "qido"},
+    ])
+    # The export task runs as soon as it is queued: the SR is out before the others are built.
+    monkeypatch.setattr(worker, "enqueue_export", worker.run_export)
+    job_id = _queued_job(cfg, path)
+    worker.run_inference(cfg, job_id, "test")
+
+    job = _job(cfg, job_id)
+    assert job["state"] == JobState.DONE, job["error"]
+    assert [k for k, _, _ in job["outputs"]] == ["sr", "sc", "seg", "gsps"]
+    sends = _sends(cfg, job_id)
+    assert sorted(sends) == sorted([("sr", "pacs"), ("sc", "pacs"), ("seg", "pacs"), ("gsps", "pacs"),
+                                    ("sr", "web"), ("gsps", "web")])
+    for sd in sends.values():
+        assert (sd.state, sd.remote_status, sd.attempts) == (SendState.SENT, 0, 1)
+        assert sd.confirmed_at is not None and sd.sent_at is not None and sd.confirmed_at >= sd.sent_at
+    for kind, sop_uid, series_uid in job["outputs"]:
+        ds = _read_back(pacs, sop_uid)
+        assert (ds.StudyInstanceUID, ds.SeriesInstanceUID) == (job["study"], series_uid)
+        # What the PACS holds passes the gate again: dciodvfy, dcmpschk for the GSPS, re-read.
+        assert validate(ds) == [], kind
+        assert web.has_instance(sop_uid) == (kind in ("sr", "gsps")), kind
+    for kind in ("sr", "sc", "seg", "gsps"):
+        print(f"{source} {kind}: build {job['timings'][f'encode_{kind}']:.3f} s, "
+              f"validate {job['timings'][f'validate_{kind}']:.3f} s")
+    print(f"{source}: pipeline {job['timings']['pipeline']:.2f} s, send+confirm {job['timings']['send']:.3f} s")
+
+
+def test_an_object_that_fails_the_gate_fails_the_job_and_never_reaches_orthanc(
+    demo_bundle: Path, orthancs: Callable[..., Orthanc], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import node.writers.seg as seg_writer
+
+    build = seg_writer.build_segmentation
+
+    def without_references(*args: Any, **kwargs: Any) -> Dataset:
+        seg = build(*args, **kwargs)
+        del seg.ReferencedSeriesSequence  # the SEG no longer says which image it segments
+        return seg
+
+    monkeypatch.setattr(seg_writer, "build_segmentation", without_references)
+    monkeypatch.setattr(worker, "enqueue_export", worker.run_export)
+    pacs = orthancs("pacs")
+    cfg = _config(tmp_path, demo_bundle, [_dimse("pacs", pacs)])
+    job_id = _queued_job(cfg, RG1)
+    worker.run_inference(cfg, job_id, "test")
+
+    job = _job(cfg, job_id)
+    assert job["state"] == JobState.FAILED
+    assert job["error_stage"] == "validate"
+    assert job["error"].startswith("seg failed validation: dciodvfy: Error - Missing attribute Type 1C")
+    assert "ReferencedSeriesSequence" in job["error"]
+    # The SR had passed and went first; nothing of the failed batch was written or sent.
+    assert [k for k, _, _ in job["outputs"]] == ["sr"]
+    assert pacs.has_instance(job["outputs"][0][1])
+    study = pacs.find_study(job["study"])
+    assert study is not None
+    series = pacs.get(f"/studies/{study}/series")
+    assert [s["MainDicomTags"].get("Modality") for s in series] == ["SR"]
+
+
+def test_a_job_is_done_only_when_read_back_and_a_retry_only_asks_again(
+    demo_bundle: Path, orthancs: Callable[..., Orthanc], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    pacs = orthancs("pacs", allow_find=True)
+    cfg = _config(tmp_path, demo_bundle, [_dimse("pacs", pacs, confirm="cfind", objects=["sr", "gsps"])])
+    queued: list[int] = []
+    monkeypatch.setattr(worker, "enqueue_export", lambda config, job_id: queued.append(job_id))
+    job_id = _queued_job(cfg, RG1)
+    worker.run_inference(cfg, job_id, "test")
+    assert [k for k, _, _ in _job(cfg, job_id)["outputs"]] == ["sr", "gsps"]  # only what someone wants
+
+    # First read-back: the PACS has not indexed them yet (as a slow archive might answer).
+    monkeypatch.setattr(worker, "confirm_held", lambda dest, refs, ae: {r.sop_uid: "C-FIND found no such instance"
+                                                                        for r in refs})
+    with pytest.raises(worker.RetryableExportError, match="not confirmed: C-FIND found no such instance"):
+        worker.run_export(cfg, job_id)
+    assert _job(cfg, job_id)["state"] == JobState.SENDING
+    assert {sd.state for sd in _sends(cfg, job_id).values()} == {SendState.STORED}
+
+    monkeypatch.setattr(worker, "confirm_held", confirm_held)
+    worker.run_export(cfg, job_id)
+    assert _job(cfg, job_id)["state"] == JobState.DONE
+    for sd in _sends(cfg, job_id).values():
+        assert (sd.state, sd.attempts, sd.error) == (SendState.SENT, 1, None)  # sent once, confirmed later
+        assert sd.confirmed_at is not None
+
+
+def test_read_back_by_cfind_and_qido_tells_held_from_missing(orthancs: Callable[..., Orthanc], tmp_path: Path) -> None:
+    pacs = orthancs("pacs", allow_find=True, dicomweb=True)
+    cfg = parse_config({"destinations": [
+        _dimse("dimse", pacs, confirm="cfind"),
+        {"name": "web", "protocol": "stow", "url": pacs.dicomweb_url, "timeout": 10, "confirm": "qido"},
+    ]})
+    dimse, web = cfg.destinations
+    [out] = send_files(web, [RG1], "PACSNODE")
+    assert out.ok and out.status == 0
+    ds = pydicom.dcmread(RG1, stop_before_pixels=True)
+    held = ObjectRef(str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID))
+    missing = ObjectRef(held.study_uid, held.series_uid, "1.2.3.4.5.6.7.8.9")
+    assert confirm_held(dimse, [held, missing], "PACSNODE") == {
+        held.sop_uid: None, missing.sop_uid: "C-FIND found no such instance"}
+    assert confirm_held(web, [held, missing], "PACSNODE") == {
+        held.sop_uid: None, missing.sop_uid: "QIDO-RS found no such instance"}
+
+
+def test_stow_to_nothing_is_unavailable_not_a_verdict() -> None:
+    web = parse_config({"destinations": [{"name": "web", "protocol": "stow", "timeout": 2,
+                                          "url": f"http://127.0.0.1:{free_port()}/dicom-web"}]}).destinations[0]
+    with pytest.raises(DestinationUnavailable, match=r"STOW-RS to web \(http://127\.0\.0\.1:\d+/dicom-web\) failed"):
+        send_files(web, [RG1], "PACSNODE")
