@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -347,12 +348,34 @@ class Config(_Strict):
                     raise ValueError(f"routing rule {rule.name!r}: unknown destination {d!r} (known: {sorted(dests)})")
         return self
 
-    def object_kinds(self) -> tuple[str, ...]:
-        """Kinds a job builds: what any destination wants (export.objects when there is none)."""
-        if not self.destinations:
+    def object_kinds(self, destinations: Sequence[Destination] | None = None) -> tuple[str, ...]:
+        """Kinds a job builds: what any of its destinations wants (export.objects when none)."""
+        dests = self.destinations if destinations is None else destinations
+        if not dests:
             return tuple(k for k in OBJECT_KINDS if k in self.export.objects)
-        wanted = {k for d in self.destinations for k in d.wants(self.export)}
+        wanted = {k for d in dests for k in d.wants(self.export)}
         return tuple(k for k in OBJECT_KINDS if k in wanted)
+
+    def destinations_for(self, names: Sequence[str] | None, calling_ae: str | None) -> list[Destination]:
+        """The destinations a routing decision names (None: all). "sender" is the configured
+        destination whose AE title is the study's calling AE: DICOM gives no return address."""
+        if names is None:
+            return list(self.destinations)
+        by_name = {d.name: d for d in self.destinations}
+        chosen: list[Destination] = []
+        for name in names:
+            if name == "sender":
+                match = [d for d in self.destinations if calling_ae and d.ae_title == calling_ae]
+                if not match:
+                    raise ValueError(f"results go back to the sender, but no destination has AE title {calling_ae!r}")
+                found = match[0]
+            elif name in by_name:
+                found = by_name[name]
+            else:
+                raise ValueError(f"destination {name!r} is no longer configured")
+            if found not in chosen:
+                chosen.append(found)
+        return chosen
 
     @property
     def embedded_queue(self) -> bool:

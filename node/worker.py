@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from functools import cache, partial
@@ -61,6 +61,8 @@ class JobInput:
     paths: list[Path]
     content_keys: list[str]  # "<sop uid>:<sha256>" of each source: re-sent content gets new results
     predecessor_sr: tuple[str, str, str] | None  # (study, series, sop) of the SR this one replaces
+    destinations: list[str] | None  # from routing; None: every configured destination
+    calling_ae: str | None
 
 
 @cache
@@ -96,7 +98,8 @@ def _start(config: Config, job_id: int, worker: str) -> JobInput | None:
                 predecessor = (job.study.study_instance_uid, sr.series_instance_uid, sr.sop_instance_uid)
         return JobInput(job_id, job.study.study_instance_uid, job.pipeline,
                         [resolve(config.storage.path, i.path) for i in instances],
-                        sorted(f"{i.sop_instance_uid}:{i.sha256}" for i in instances), predecessor)
+                        sorted(f"{i.sop_instance_uid}:{i.sha256}" for i in instances), predecessor,
+                        job.destinations, job.study.calling_ae)
 
 
 def _fail(config: Config, job_id: int, stage: str, message: str) -> None:
@@ -125,8 +128,13 @@ def run_inference(config: Config, job_id: int, worker: str) -> None:
     if ji is None:
         return
     timings: dict[str, float] = {}
-    # Only what some destination wants is built (all four kinds by default).
-    kinds = config.object_kinds()
+    try:
+        dests = config.destinations_for(ji.destinations, ji.calling_ae)
+    except ValueError as e:
+        _fail(config, job_id, "route", str(e))
+        return
+    # Only what some of the job's destinations wants is built (all four kinds by default).
+    kinds = config.object_kinds(dests)
     per_image: dict[str, tuple[Callable[..., Dataset], int]] = {"sc": (build_overlay_sc, SC_SERIES_NUMBER), "seg": (build_segmentation, SEG_SERIES_NUMBER),
                  "gsps": (build_presentation_state, GSPS_SERIES_NUMBER)}
     try:
@@ -161,7 +169,7 @@ def run_inference(config: Config, job_id: int, worker: str) -> None:
                 supersedes=[ji.predecessor_sr] if ji.predecessor_sr else (),
             ))
             _validate(timings, "sr", sr, validate)
-            _store_outputs(config, ji.job_id, [("sr", sr)], first=True)
+            _store_outputs(config, ji.job_id, [("sr", sr)], dests, first=True)
             enqueue_export(config, ji.job_id)
             first = False
         others: list[tuple[str, Dataset]] = []
@@ -180,7 +188,7 @@ def run_inference(config: Config, job_id: int, worker: str) -> None:
                 ))
                 _validate(timings, kind, obj, validate)
                 others.append((kind, obj))
-        _store_outputs(config, ji.job_id, others, first=first)
+        _store_outputs(config, ji.job_id, others, dests, first=first)
         with session_scope(config.database.url) as s:
             job = s.get(Job, ji.job_id)
             assert job is not None
@@ -232,7 +240,8 @@ def _validate(timings: dict[str, float], kind: str, ds: Dataset, validate: Calla
         raise PermanentError("validate", f"{kind} failed validation: " + "; ".join(problems[:10]))
 
 
-def _store_outputs(config: Config, job_id: int, objects: list[tuple[str, Dataset]], first: bool) -> None:
+def _store_outputs(config: Config, job_id: int, objects: list[tuple[str, Dataset]],
+                   destinations: Sequence[Destination], first: bool) -> None:
     """Write objects under the spool and record them with a pending send per destination.
 
     `first` marks the first batch of an attempt: what an interrupted earlier attempt wrote
@@ -261,7 +270,7 @@ def _store_outputs(config: Config, job_id: int, objects: list[tuple[str, Dataset
                          path=rel)
             s.add(out)
             s.flush()
-            for dest in (d for d in config.destinations if kind in d.wants(config.export)):
+            for dest in (d for d in destinations if kind in d.wants(config.export)):
                 s.add(Send(output_id=out.id, destination=dest.name, state=SendState.PENDING, attempts=0))
 
 

@@ -65,3 +65,17 @@ def test_objects_per_destination_default_to_export_objects_and_the_job_builds_th
     assert cfg.object_kinds() == ("sr", "seg", "gsps")
     # Without destinations the job still keeps export.objects under the spool.
     assert parse_config({"export": {"objects": ["sc", "sr"]}}).object_kinds() == ("sr", "sc")
+
+
+def test_destinations_for_resolves_names_and_the_sender() -> None:
+    cfg = parse_config({"destinations": [
+        {"name": "pacs", "ae_title": "MAINPACS", "host": "h", "port": 104},
+        {"name": "ed", "ae_title": "ED_CR", "host": "h2", "port": 104},
+    ]})
+    assert [d.name for d in cfg.destinations_for(None, "X")] == ["pacs", "ed"]
+    assert [d.name for d in cfg.destinations_for(["sender", "pacs", "ed"], "ED_CR")] == ["ed", "pacs"]
+    with pytest.raises(ValueError, match="no destination has AE title 'MODALITY9'"):
+        cfg.destinations_for(["sender"], "MODALITY9")
+    with pytest.raises(ValueError, match="destination 'gone' is no longer configured"):
+        cfg.destinations_for(["gone"], None)
+    assert cfg.object_kinds([]) == ("sr", "sc", "seg", "gsps")
