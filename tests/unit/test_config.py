@@ -45,3 +45,16 @@ def test_duplicate_destination_names_fail() -> None:
 def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read config"):
         load_config(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize(
+    ("queue", "match"),
+    [
+        ({"heartbeat_seconds": 40, "lost_after_seconds": 60}, r"lost_after_seconds must be at least twice heartbeat"),
+        ({"backoff_max_seconds": 400}, r"backoff_max_seconds must be shorter than requeue_queued_seconds"),
+        ({"task_time_limit": 900, "visibility_timeout": 600}, r"visibility_timeout must be longer than task_time_limit"),
+    ],
+)
+def test_queue_timings_that_would_lose_or_steal_jobs_fail(queue: dict, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        parse_config({"queue": queue})

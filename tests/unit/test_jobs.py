@@ -13,7 +13,7 @@ from node.cli import db_upgrade
 from node.config import Config, parse_config
 from node.db.models import Event, Job, JobState, Study, StudyState, utcnow
 from node.db.session import session_scope
-from node.jobs import TransitionError, cancel, reconcile, replay, transition
+from node.jobs import TransitionError, cancel, heartbeat, reconcile, replay, transition
 
 
 @pytest.fixture
@@ -95,3 +95,54 @@ def test_reconcile_requeues_only_stuck_jobs(config: Config) -> None:
 
     tasks = sorted((m["headers"]["task"], json.loads(base64.b64decode(m["body"]))[0][0]) for m in _queued_messages(config))
     assert tasks == sorted([("pacsnode.run_job", stuck_running), ("pacsnode.export_job", stuck_sending)])
+
+
+def _running(config: Config, worker: str, age_s: float) -> int:
+    job_id = _job(config, JobState.RUNNING, age_s=age_s)
+    with session_scope(config.database.url) as s:
+        job = s.get(Job, job_id)
+        assert job is not None
+        job.worker = worker
+    return job_id
+
+
+def test_heartbeat_keeps_a_long_running_job_from_being_taken_over(config: Config) -> None:
+    lost_after = config.queue.lost_after_seconds
+    job_id = _running(config, "inference@a", age_s=lost_after + 5)
+    assert heartbeat(config, job_id, "inference@a")
+    assert not heartbeat(config, job_id, "inference@b")  # only the holder beats
+    assert reconcile(config) == []
+    with session_scope(config.database.url) as s:
+        job = s.get(Job, job_id)
+        assert job is not None and job.state == JobState.RUNNING and job.worker == "inference@a"
+
+
+def test_reconcile_takes_over_a_running_job_whose_heartbeat_stopped(config: Config) -> None:
+    job_id = _running(config, "inference@a", age_s=config.queue.lost_after_seconds + 1)
+    assert reconcile(config) == [job_id]
+    with session_scope(config.database.url) as s:
+        job = s.get(Job, job_id)
+        assert job is not None and job.state == JobState.QUEUED and job.worker is None
+        ev = s.scalar(select(Event).where(Event.kind == "requeue", Event.job_id == job_id))
+        assert ev is not None and ev.actor == "reconciler" and "inference@a" in (ev.detail or "")
+
+
+def test_reconcile_resends_a_queued_job_once_per_period(config: Config) -> None:
+    """A queued job whose message was lost (Redis restarted empty) goes on the queue again."""
+    waited = config.queue.requeue_queued_seconds
+    lost = _job(config, JobState.QUEUED, age_s=waited + 1)
+    recent = _job(config, JobState.QUEUED, age_s=waited / 2)
+    assert reconcile(config) == [lost]
+    assert reconcile(config) == []  # the re-send counts as a change: not sent again at once
+    with session_scope(config.database.url) as s:
+        assert s.get(Job, recent).state == JobState.QUEUED  # type: ignore[union-attr]
+
+
+def test_a_duplicate_delivery_leaves_a_live_running_job_alone(config: Config) -> None:
+    from node.worker import run_inference
+
+    job_id = _running(config, "inference@a", age_s=1)
+    assert run_inference(config, job_id, "inference@b") is False
+    with session_scope(config.database.url) as s:
+        job = s.get(Job, job_id)
+        assert job is not None and job.state == JobState.RUNNING and job.worker == "inference@a"
