@@ -114,7 +114,10 @@ def cmd_worker(args: argparse.Namespace, config: Config) -> int:
 
     queues = args.queues.split(",")
     pool = ["--pool=threads", f"--concurrency={args.concurrency or 4}"] if queues == [EXPORT_QUEUE] else ["--pool=solo"]
-    argv = ["worker", "-Q", ",".join(queues), "--loglevel", config.logging.level, "-n", f"{'+'.join(queues)}@%h", *pool]
+    # Two workers on one host need distinct node names (-n inference1@%h): the name is the
+    # job's `worker` column and Celery's identity for remote control.
+    name = args.name or f"{'+'.join(queues)}@%h"
+    argv = ["worker", "-Q", ",".join(queues), "--loglevel", config.logging.level, "-n", name, *pool]
     app.worker_main(argv)
     return 0
 
@@ -237,6 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     w = add("worker", cmd_worker, "a Celery worker")
     w.add_argument("-Q", "--queues", default="inference", help="inference, export or both, comma separated")
     w.add_argument("--concurrency", type=int, default=None, help="threads for an export worker")
+    w.add_argument("-n", "--name", default=None, help="node name, default QUEUES@%%h; unique per process")
     db = add("db", cmd_db, "database administration")
     db.add_argument("action", choices=["upgrade"])
     for name, fn, hlp in (("studies", cmd_studies, "list studies"), ("jobs", cmd_jobs, "list jobs")):
