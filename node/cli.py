@@ -7,12 +7,14 @@ import getpass
 import json
 import logging
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -133,9 +135,9 @@ def _print(rows: list[dict[str, Any]], as_json: bool, columns: Sequence[str]) ->
         print(json.dumps(rows, indent=2, default=str))
         return
     widths = {c: max(len(c), *(len(str(r.get(c) if r.get(c) is not None else "-")) for r in rows)) if rows else len(c) for c in columns}
-    print("  ".join(c.upper().ljust(widths[c]) for c in columns))
+    print("  ".join(c.upper().ljust(widths[c]) for c in columns).rstrip())
     for r in rows:
-        print("  ".join(str(r.get(c) if r.get(c) is not None else "-").ljust(widths[c]) for c in columns))
+        print("  ".join(str(r.get(c) if r.get(c) is not None else "-").ljust(widths[c]) for c in columns).rstrip())
 
 
 def cmd_studies(args: argparse.Namespace, config: Config) -> int:
@@ -182,22 +184,52 @@ def cmd_jobs(args: argparse.Namespace, config: Config) -> int:
     for r in rows:
         t = r["timings"]
         r["total_s"] = round(sum(v for k, v in t.items() if k in ("read", "pipeline", "encode", "validate", "send")), 3) if t else None
-    _print(rows, args.json, ["id", "study_instance_uid", "pipeline", "model_version", "state", "attempt", "total_s", "error_stage", "error"])
+        if not args.json:
+            r["study_instance_uid"] = _ellipsis(r["study_instance_uid"], 28)
+            r["updated"] = (r["updated_at"] or "")[:19].replace("T", " ") or None
+            r["error"] = _ellipsis(" ".join(r["error"].split()), 80) if r["error"] else None
+    _print(rows, args.json, ["id", "study_instance_uid", "pipeline", "state", "attempt", "worker", "updated",
+                             "total_s", "error_stage", "error"])
     return 0
 
 
+def _ellipsis(text: str, width: int) -> str:
+    """Shorten text for a table cell (--json has the full value)."""
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def parse_since(value: str, now: datetime | None = None) -> datetime:
+    """`--since`: an ISO time (local time when it has no zone) or an age such as 30m, 12h, 2d."""
+    m = re.fullmatch(r"(\d+)([smhd])", value.strip())
+    if m:
+        unit = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}[m.group(2)]
+        return (now or datetime.now(UTC)) - timedelta(**{unit: int(m.group(1))})
+    try:
+        return datetime.fromisoformat(value).astimezone()
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"--since: {value!r} is neither an ISO time nor an age like 12h") from e
+
+
+def _actor() -> str:
+    """Who runs an admin command, for the audit trail: user@host (admins work from several machines)."""
+    return f"{getpass.getuser()}@{socket.gethostname()}"[:64]
+
+
 def cmd_replay(args: argparse.Namespace, config: Config) -> int:
+    """Re-run one job, or every failed job (since a time); each replay is an audited Event."""
     from node.db.models import Job, JobState
     from node.db.session import session_scope
-    from node.jobs import replay
+    from node.jobs import TransitionError, replay
     from node.queue import enqueue_job
 
     if args.failed:
         with session_scope(config.database.url) as s:
             q = select(Job.id).where(Job.state == JobState.FAILED)
             if args.since:
-                q = q.where(Job.failed_at >= datetime.fromisoformat(args.since).astimezone())
+                q = q.where(Job.failed_at >= args.since)
             ids = list(s.scalars(q.order_by(Job.id)))
+        if not ids:
+            print("no failed jobs to replay", file=sys.stderr)
     elif args.job_id is not None:
         ids = [args.job_id]
     else:
@@ -205,7 +237,12 @@ def cmd_replay(args: argparse.Namespace, config: Config) -> int:
         return 2
     new_ids = []
     for job_id in ids:
-        new_id = replay(config, job_id, actor=getpass.getuser(), reason=args.reason)
+        try:
+            new_id = replay(config, job_id, actor=_actor(), reason=args.reason)
+        except (LookupError, TransitionError) as e:
+            print(f"replay: {e}", file=sys.stderr)
+            return 1
+        # The row is committed: if the broker is down now, the reconciler sends it later.
         enqueue_job(config, new_id)
         new_ids.append({"replayed": job_id, "job": new_id})
     if args.json:
@@ -217,9 +254,14 @@ def cmd_replay(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_cancel(args: argparse.Namespace, config: Config) -> int:
-    from node.jobs import cancel
+    """Cancel a job that has not finished; audited like a replay."""
+    from node.jobs import TransitionError, cancel
 
-    cancel(config, args.job_id, actor=getpass.getuser(), reason=args.reason)
+    try:
+        cancel(config, args.job_id, actor=_actor(), reason=args.reason)
+    except (LookupError, TransitionError) as e:
+        print(f"cancel: {e}", file=sys.stderr)
+        return 1
     print(f"job {args.job_id} cancelled")
     return 0
 
@@ -252,12 +294,13 @@ def build_parser() -> argparse.ArgumentParser:
     r = add("replay", cmd_replay, "re-run a job, or all failed jobs")
     r.add_argument("job_id", nargs="?", type=int)
     r.add_argument("--failed", action="store_true")
-    r.add_argument("--since", help="with --failed: only jobs failed since this ISO time")
-    r.add_argument("--reason", default="manual replay")
+    r.add_argument("--since", type=parse_since,
+                   help="with --failed: only jobs failed since this ISO time or age (30m, 12h, 2d)")
+    r.add_argument("--reason", default="manual replay", help="recorded in the audit trail")
     r.add_argument("--json", action="store_true")
     c = add("cancel", cmd_cancel, "cancel a queued or running job")
     c.add_argument("job_id", type=int)
-    c.add_argument("--reason", default="cancelled by operator")
+    c.add_argument("--reason", default="cancelled by operator", help="recorded in the audit trail")
     return p
 
 

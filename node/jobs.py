@@ -221,6 +221,7 @@ def job_to_dict(job: Job) -> dict[str, Any]:
         "supersedes": job.supersedes_id,
         "timings": job.timings,
         "created_at": ts(job.created_at),
+        "updated_at": ts(job.updated_at),
         **{f"{st.value}_at": ts(getattr(job, f"{st.value}_at")) for st in JobState},
         "outputs": [
             {

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -11,9 +10,10 @@ from sqlalchemy import select
 
 from node.cli import db_upgrade
 from node.config import Config, parse_config
-from node.db.models import Event, Job, JobState, Study, StudyState, utcnow
+from node.db.models import Event, Job, JobState
 from node.db.session import session_scope
 from node.jobs import TransitionError, cancel, heartbeat, reconcile, replay, transition
+from tests.unit.jobs_data import make_job
 
 
 @pytest.fixture
@@ -27,27 +27,13 @@ def config(tmp_path: Path) -> Config:
     return cfg
 
 
-def _job(config: Config, state: JobState, age_s: float = 0) -> int:
-    then = utcnow() - timedelta(seconds=age_s)
-    with session_scope(config.database.url) as s:
-        study = Study(study_instance_uid=f"1.2.3.{int(then.timestamp() * 1e6)}", state=StudyState.COMPLETE,
-                      first_received_at=then, last_received_at=then, instance_count=1, pending_instances=0)
-        s.add(study)
-        s.flush()
-        job = Job(study_id=study.id, pipeline="chest_xray", state=state, attempt=0, instance_ids=[],
-                  timings={}, created_at=then, updated_at=then)
-        s.add(job)
-        s.flush()
-        return job.id
-
-
 def _queued_messages(config: Config) -> list[dict]:
     folder = config.storage.path / "queue" / "messages"
     return [json.loads(p.read_text()) for p in sorted(folder.glob("*"))] if folder.exists() else []
 
 
 def test_transition_stamps_each_state_and_refuses_illegal_moves(config: Config) -> None:
-    job_id = _job(config, JobState.QUEUED)
+    job_id = make_job(config, JobState.QUEUED)
     with session_scope(config.database.url) as s:
         job = s.get(Job, job_id)
         assert job is not None
@@ -59,7 +45,7 @@ def test_transition_stamps_each_state_and_refuses_illegal_moves(config: Config) 
 
 
 def test_replay_creates_an_audited_job_and_refuses_active_ones(config: Config) -> None:
-    failed = _job(config, JobState.FAILED)
+    failed = make_job(config, JobState.FAILED)
     new_id = replay(config, failed, actor="admin", reason="PACS was down")
     with session_scope(config.database.url) as s:
         new = s.get(Job, new_id)
@@ -73,7 +59,7 @@ def test_replay_creates_an_audited_job_and_refuses_active_ones(config: Config) -
 
 
 def test_cancel(config: Config) -> None:
-    job_id = _job(config, JobState.QUEUED)
+    job_id = make_job(config, JobState.QUEUED)
     cancel(config, job_id, actor="admin", reason="wrong patient")
     with session_scope(config.database.url) as s:
         job = s.get(Job, job_id)
@@ -81,10 +67,10 @@ def test_cancel(config: Config) -> None:
 
 
 def test_reconcile_requeues_only_stuck_jobs(config: Config) -> None:
-    fresh = _job(config, JobState.RUNNING, age_s=5)
-    stuck_running = _job(config, JobState.RUNNING, age_s=3600)
-    stuck_sending = _job(config, JobState.SENDING, age_s=3600)
-    done = _job(config, JobState.DONE, age_s=3600)
+    fresh = make_job(config, JobState.RUNNING, age_s=5)
+    stuck_running = make_job(config, JobState.RUNNING, age_s=3600)
+    stuck_sending = make_job(config, JobState.SENDING, age_s=3600)
+    done = make_job(config, JobState.DONE, age_s=3600)
     assert sorted(reconcile(config)) == sorted([stuck_running, stuck_sending])
     with session_scope(config.database.url) as s:
         assert s.get(Job, stuck_running).state == JobState.QUEUED  # type: ignore[union-attr]
@@ -98,7 +84,7 @@ def test_reconcile_requeues_only_stuck_jobs(config: Config) -> None:
 
 
 def _running(config: Config, worker: str, age_s: float) -> int:
-    job_id = _job(config, JobState.RUNNING, age_s=age_s)
+    job_id = make_job(config, JobState.RUNNING, age_s=age_s)
     with session_scope(config.database.url) as s:
         job = s.get(Job, job_id)
         assert job is not None
@@ -130,8 +116,8 @@ def test_reconcile_takes_over_a_running_job_whose_heartbeat_stopped(config: Conf
 def test_reconcile_resends_a_queued_job_once_per_period(config: Config) -> None:
     """A queued job whose message was lost (Redis restarted empty) goes on the queue again."""
     waited = config.queue.requeue_queued_seconds
-    lost = _job(config, JobState.QUEUED, age_s=waited + 1)
-    recent = _job(config, JobState.QUEUED, age_s=waited / 2)
+    lost = make_job(config, JobState.QUEUED, age_s=waited + 1)
+    recent = make_job(config, JobState.QUEUED, age_s=waited / 2)
     assert reconcile(config) == [lost]
     assert reconcile(config) == []  # the re-send counts as a change: not sent again at once
     with session_scope(config.database.url) as s:
