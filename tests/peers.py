@@ -89,13 +89,8 @@ class Orthanc:
         return self
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
+        if self.proc is not None:
+            _terminate(self.proc, 15)
 
     def get(self, path: str) -> Any:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=10) as r:
@@ -324,23 +319,10 @@ class Postgres:
         return f"postgresql+psycopg2://postgres@127.0.0.1:{self.port}/{name}"
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()  # SIGTERM: "smart" shutdown, then fast after the timeout
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
+        if self.proc is not None:
+            _terminate(self.proc, 30)
         shutil.rmtree(self.dir, ignore_errors=True)
 
-
-@contextmanager
-def postgres() -> Iterator[Postgres]:
-    server = Postgres().start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 class Redis:
@@ -383,21 +365,9 @@ class Redis:
             self.proc.wait(timeout=10)
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.kill()
+        if self.proc is not None:
+            _terminate(self.proc, 15)
 
-
-@contextmanager
-def redis_server(workdir: Path) -> Iterator[Redis]:
-    server = Redis(workdir).start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 class ProductionNode:
@@ -470,6 +440,17 @@ class ProductionNode:
     def log(self, name: str) -> str:
         path = self.dir / f"{name}.log"
         return path.read_text(errors="replace") if path.exists() else ""
+
+
+def _terminate(proc: subprocess.Popen[bytes], timeout: float) -> None:
+    """SIGTERM a server, SIGKILL it if it is still there after timeout."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
 
 
 def _stop_group(proc: subprocess.Popen[bytes], timeout: float = 30) -> None:

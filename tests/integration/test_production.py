@@ -138,6 +138,18 @@ def _sr_count(pacs: Orthanc, study_uid: str) -> int:
     return sum(len(se["Instances"]) for se in pacs.study_series(study_uid) if se["MainDicomTags"].get("Modality") == "SR")
 
 
+def _assert_one_sr_each(pacs: Orthanc, study_uids: list[str]) -> None:
+    assert {uid: _sr_count(pacs, uid) for uid in study_uids} == {uid: 1 for uid in study_uids}
+
+
+def _start(n: ProductionNode, *inference_workers: str) -> None:
+    """Listener, one export worker and the named inference workers (models loaded)."""
+    n.start_listener()
+    n.start_worker("export1", "export")
+    for name in inference_workers:
+        n.start_worker(name)
+
+
 def _study_uids(paths: list[Path]) -> list[str]:
     return [str(pydicom.dcmread(p, stop_before_pixels=True).StudyInstanceUID) for p in paths]
 
@@ -150,9 +162,7 @@ def _send(n: ProductionNode, files: list[Path]) -> None:
 def test_worker_killed_mid_job_is_taken_over_and_results_arrive_once(
     prod: ProductionNode, pacs: Orthanc, tmp_path: Path
 ) -> None:
-    prod.start_listener()
-    prod.start_worker("export1", "export")
-    prod.start_worker("inf1")
+    _start(prod, "inf1")
     files = synthetic_cr(tmp_path / "in", 6)
     uids = _study_uids(files)
     _send(prod, files)
@@ -173,15 +183,13 @@ def test_worker_killed_mid_job_is_taken_over_and_results_arrive_once(
     assert taken_over["attempt"] == 2 and taken_over["worker"].startswith("inf2@"), taken_over
     assert any("inf1@" in d for d in _requeue_events(prod)[victim["id"]])
     assert len(jobs) == len(uids)  # one job per study: nothing was duplicated
-    assert {uid: _sr_count(pacs, uid) for uid in uids} == {uid: 1 for uid in uids}
+    _assert_one_sr_each(pacs, uids)
 
 
 def test_pacs_down_then_up_gets_everything_once_with_retries(
     prod: ProductionNode, pacs: Orthanc, tmp_path: Path
 ) -> None:
-    prod.start_listener()
-    prod.start_worker("export1", "export")
-    prod.start_worker("inf1")
+    _start(prod, "inf1")
     pacs.stop()
     try:
         files = synthetic_cr(tmp_path / "in", 3)
@@ -199,7 +207,7 @@ def test_pacs_down_then_up_gets_everything_once_with_retries(
     for j in jobs:
         assert j["sends"] and all(state == "sent" and attempts > 1 for _, state, attempts in j["sends"]), j
         assert j["attempt"] == 1  # the GPU side ran once: only the export retried
-    assert {uid: _sr_count(pacs, uid) for uid in uids} == {uid: 1 for uid in uids}
+    _assert_one_sr_each(pacs, uids)
 
 
 def test_redis_restarted_empty_loses_no_queued_job(
@@ -223,16 +231,13 @@ def test_redis_restarted_empty_loses_no_queued_job(
     jobs = _all_done(prod, uids, 120)
     events = _requeue_events(prod)
     assert all(j["id"] in events for j in jobs), "the reconciler did not re-send every lost job"
-    assert {uid: _sr_count(pacs, uid) for uid in uids} == {uid: 1 for uid in uids}
+    _assert_one_sr_each(pacs, uids)
 
 
 def test_fifty_studies_from_four_senders_with_two_workers(
     prod: ProductionNode, pacs: Orthanc, tmp_path: Path
 ) -> None:
-    prod.start_listener()
-    prod.start_worker("export1", "export")
-    for name in ("inf1", "inf2"):
-        prod.start_worker(name)
+    _start(prod, "inf1", "inf2")
     files = synthetic_cr(tmp_path / "in", 50, size=256)
     uids = _study_uids(files)
     errors: list[str] = []
@@ -251,5 +256,4 @@ def test_fifty_studies_from_four_senders_with_two_workers(
     jobs = _all_done(prod, uids, 300)
     assert len(jobs) == 50
     assert {j["worker"].split("@")[0] for j in jobs} == {"inf1", "inf2"}  # both workers took a share
-    counts = {uid: _sr_count(pacs, uid) for uid in uids}
-    assert counts == {uid: 1 for uid in uids}
+    _assert_one_sr_each(pacs, uids)
