@@ -85,7 +85,7 @@ class Orthanc:
         cfg_path.write_text(json.dumps(cfg))
         log = open(self.workdir / "orthanc.log", "wb")  # noqa: SIM115 (closed with the process)
         self.proc = subprocess.Popen(["Orthanc", str(cfg_path)], stdout=log, stderr=subprocess.STDOUT)
-        wait_for(lambda: self.get("/system"), 30, "Orthanc REST API")
+        _started(self, lambda: self.get("/system"), 30, "Orthanc REST API")
         return self
 
     def stop(self) -> None:
@@ -290,7 +290,7 @@ class Postgres:
                                "-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "max_connections=200"]),
             stdout=log, stderr=subprocess.STDOUT,
         )
-        wait_for(self.ready, 60, "PostgreSQL")
+        _started(self, self.ready, 60, "PostgreSQL")
         return self
 
     def ready(self) -> bool:
@@ -345,7 +345,7 @@ class Redis:
              "--dir", str(self.workdir)],
             stdout=log, stderr=subprocess.STDOUT,
         )
-        wait_for(self.ping, 30, "redis-server")
+        _started(self, self.ping, 30, "redis-server")
         return self
 
     def ping(self) -> bool:
@@ -440,6 +440,15 @@ class ProductionNode:
     def log(self, name: str) -> str:
         path = self.dir / f"{name}.log"
         return path.read_text(errors="replace") if path.exists() else ""
+
+
+def _started(server: Orthanc | Postgres | Redis, check: Callable[[], object], timeout: float, what: str) -> None:
+    """Wait until a server answers; stop it if it does not, so a failed start leaves nothing running."""
+    try:
+        wait_for(check, timeout, what)
+    except BaseException:
+        server.stop()
+        raise
 
 
 def _terminate(proc: subprocess.Popen[bytes], timeout: float) -> None:
