@@ -233,7 +233,10 @@ def synthetic_cr(out_dir: Path, count: int, size: int = 512, seed_name: str = "R
     from pydicom.uid import generate_uid
     from skimage.transform import resize
 
-    src = pydicom.dcmread(get_testdata_file(seed_name))
+    seed = get_testdata_file(seed_name)
+    if not isinstance(seed, str):
+        raise FileNotFoundError(f"pydicom test file {seed_name} is not installed (pydicom-data)")
+    src = pydicom.dcmread(seed)
     pixels = resize(src.pixel_array.astype(np.float32), (size, size), order=1, anti_aliasing=True,
                     preserve_range=True).astype(np.uint16)
     out_dir.mkdir(parents=True, exist_ok=True)
