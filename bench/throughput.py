@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -76,7 +77,13 @@ def run_round(workers: int, files: list[Path], work: Path, pg: Postgres, pacs: O
                 return s.scalar(select(func.count()).where(Job.state == JobState.DONE)) == len(files)
 
         wait_for(done, 1800, f"{len(files)} studies done with {workers} worker(s)", interval=0.2)
-        return time.monotonic() - t0
+        elapsed = time.monotonic() - t0
+        with session_scope(url) as s:
+            timings = [j.timings for j in s.scalars(select(Job))]
+        stages = {k: statistics.median(t.get(k, 0.0) for t in timings) for k in ("read", "pipeline", "encode", "send")}
+        print(f"  median per job with {workers} worker(s): " + ", ".join(f"{k} {v:.2f} s" for k, v in stages.items()),
+              flush=True)
+        return elapsed
     finally:
         node.stop()
         redis.stop()
