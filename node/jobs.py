@@ -10,7 +10,7 @@ import logging
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
 from node.config import Config
@@ -158,30 +158,36 @@ def reconcile(config: Config, stale_after: float | None = None) -> list[int]:
       its worker (kill -9, power cut). This never steals from a live long-running task, however
       long it takes, and does not wait for Redis's visibility timeout (an hour) to notice.
     - queued: nothing touches a queued job until a worker takes it, so one unchanged for
-      `queue.requeue_queued_seconds` probably had its message lost (a Redis restart without
-      persistence). Its message may instead still wait behind a deep queue: sending it again is
-      then harmless, because a worker claims a job under a row lock and ignores a delivery for a
-      job that is no longer queued (or is running with a live heartbeat); `updated_at` is bumped
-      so each job is re-sent at most once per period.
+      `queue.requeue_queued_seconds` while the broker's inference queue is *empty* had its
+      message lost (a Redis restart without persistence). While messages still wait, the queue
+      is moving and a lost job is re-sent once the backlog drains: a deep queue is not flooded
+      with duplicates. A duplicate that does happen (a worker took the last message but has
+      not claimed its job yet) is harmless: a worker claims a job under a row lock and ignores
+      a delivery for a job that is no longer queued, or is running with a live heartbeat.
+      `updated_at` is bumped, so each job is re-sent at most once per period.
     - encoded/sending: export retries touch the row on every attempt, so the task hard limit
       plus the longest backoff plus a minute means the export message is gone.
 
     `stale_after` overrides all three (`pacsnode run` passes 0: its previous workers are gone).
     """
-    from node.queue import enqueue_export, enqueue_job
+    from node.queue import INFERENCE_QUEUE, enqueue_export, enqueue_job, waiting
 
     q = config.queue
+    # Asked before the transaction: an unreachable broker stops this pass before it changes rows.
+    backlog = 0 if stale_after is not None else waiting(config, INFERENCE_QUEUE)
     now = utcnow()
 
     def older_than(seconds: float) -> datetime:
         return now - timedelta(seconds=seconds if stale_after is None else stale_after)
 
     export_stale = q.task_time_limit + config.export.backoff_max_seconds + 60
-    stuck = (
-        (Job.state == JobState.RUNNING) & (Job.updated_at <= older_than(q.lost_after_seconds))
-        | (Job.state == JobState.QUEUED) & (Job.updated_at <= older_than(q.requeue_queued_seconds))
-        | Job.state.in_((JobState.ENCODED, JobState.SENDING)) & (Job.updated_at <= older_than(export_stale))
-    )
+    conditions = [
+        (Job.state == JobState.RUNNING) & (Job.updated_at <= older_than(q.lost_after_seconds)),
+        Job.state.in_((JobState.ENCODED, JobState.SENDING)) & (Job.updated_at <= older_than(export_stale)),
+    ]
+    if backlog == 0:
+        conditions.append((Job.state == JobState.QUEUED) & (Job.updated_at <= older_than(q.requeue_queued_seconds)))
+    stuck = or_(*conditions)
     requeued: list[tuple[int, JobState]] = []
     with session_scope(config.database.url) as s:
         # Row locks: two listeners reconciling at once must not both re-send (PostgreSQL; SQLite

@@ -63,6 +63,12 @@ def configure(config: Config) -> Celery:
         key = config.model_dump_json()
         if _configured == key:
             return app
+        if _configured is not None and app._pool is not None:
+            # Another broker than before (tests run several configs in one process): drop the
+            # pooled connections, or messages would still go to the old broker.
+            app.pool.force_close_all()
+            app._pool = None
+            app.amqp._producer_pool = None
         app.conf.update(
             task_serializer="json",
             accept_content=["json"],
@@ -103,3 +109,10 @@ def enqueue_job(config: Config, job_id: int) -> None:
 def enqueue_export(config: Config, job_id: int, countdown: float = 0.0) -> None:
     """Queue the sending of a job's encoded results."""
     configure(config).send_task(EXPORT_JOB, args=[job_id], queue=EXPORT_QUEUE, countdown=countdown or None)
+
+
+def waiting(config: Config, queue: str) -> int:
+    """Messages waiting in a broker queue (not counting those a worker already holds)."""
+    # Not passive: Redis has no key for an empty queue, and a passive declare would call it missing.
+    with configure(config).connection_or_acquire() as conn:
+        return int(conn.default_channel.queue_declare(queue=queue).message_count)

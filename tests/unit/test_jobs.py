@@ -132,3 +132,16 @@ def test_a_duplicate_delivery_leaves_a_live_running_job_alone(config: Config) ->
     with session_scope(config.database.url) as s:
         job = s.get(Job, job_id)
         assert job is not None and job.state == JobState.RUNNING and job.worker == "inference@a"
+
+
+def test_reconcile_waits_for_a_moving_queue_before_resending_queued_jobs(config: Config) -> None:
+    """Messages still waiting mean the queue moves: a deep backlog is not flooded with duplicates."""
+    from node.queue import enqueue_job
+
+    lost = make_job(config, JobState.QUEUED, age_s=config.queue.requeue_queued_seconds + 1)
+    behind = make_job(config, JobState.QUEUED)
+    enqueue_job(config, behind)
+    assert reconcile(config) == []
+    for message in (config.storage.path / "queue" / "messages").glob("*"):
+        message.unlink()  # the backlog drained
+    assert reconcile(config) == [lost]
