@@ -7,12 +7,14 @@ import getpass
 import json
 import logging
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -114,7 +116,10 @@ def cmd_worker(args: argparse.Namespace, config: Config) -> int:
 
     queues = args.queues.split(",")
     pool = ["--pool=threads", f"--concurrency={args.concurrency or 4}"] if queues == [EXPORT_QUEUE] else ["--pool=solo"]
-    argv = ["worker", "-Q", ",".join(queues), "--loglevel", config.logging.level, "-n", f"{'+'.join(queues)}@%h", *pool]
+    # Two workers on one host need distinct node names (-n inference1@%h): the name is the
+    # job's `worker` column and Celery's identity for remote control.
+    name = args.name or f"{'+'.join(queues)}@%h"
+    argv = ["worker", "-Q", ",".join(queues), "--loglevel", config.logging.level, "-n", name, *pool]
     app.worker_main(argv)
     return 0
 
@@ -130,9 +135,9 @@ def _print(rows: list[dict[str, Any]], as_json: bool, columns: Sequence[str]) ->
         print(json.dumps(rows, indent=2, default=str))
         return
     widths = {c: max(len(c), *(len(str(r.get(c) if r.get(c) is not None else "-")) for r in rows)) if rows else len(c) for c in columns}
-    print("  ".join(c.upper().ljust(widths[c]) for c in columns))
+    print("  ".join(c.upper().ljust(widths[c]) for c in columns).rstrip())
     for r in rows:
-        print("  ".join(str(r.get(c) if r.get(c) is not None else "-").ljust(widths[c]) for c in columns))
+        print("  ".join(str(r.get(c) if r.get(c) is not None else "-").ljust(widths[c]) for c in columns).rstrip())
 
 
 def cmd_studies(args: argparse.Namespace, config: Config) -> int:
@@ -179,22 +184,52 @@ def cmd_jobs(args: argparse.Namespace, config: Config) -> int:
     for r in rows:
         t = r["timings"]
         r["total_s"] = round(sum(v for k, v in t.items() if k in ("read", "pipeline", "encode", "validate", "send")), 3) if t else None
-    _print(rows, args.json, ["id", "study_instance_uid", "pipeline", "model_version", "state", "attempt", "total_s", "error_stage", "error"])
+        if not args.json:
+            r["study_instance_uid"] = _ellipsis(r["study_instance_uid"], 28)
+            r["updated"] = (r["updated_at"] or "")[:19].replace("T", " ") or None
+            r["error"] = _ellipsis(" ".join(r["error"].split()), 80) if r["error"] else None
+    _print(rows, args.json, ["id", "study_instance_uid", "pipeline", "state", "attempt", "worker", "updated",
+                             "total_s", "error_stage", "error"])
     return 0
 
 
+def _ellipsis(text: str, width: int) -> str:
+    """Shorten text for a table cell (--json has the full value)."""
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def parse_since(value: str, now: datetime | None = None) -> datetime:
+    """`--since`: an ISO time (local time when it has no zone) or an age such as 30m, 12h, 2d."""
+    m = re.fullmatch(r"(\d+)([smhd])", value.strip())
+    if m:
+        unit = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}[m.group(2)]
+        return (now or datetime.now(UTC)) - timedelta(**{unit: int(m.group(1))})
+    try:
+        return datetime.fromisoformat(value).astimezone()
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"--since: {value!r} is neither an ISO time nor an age like 12h") from e
+
+
+def _actor() -> str:
+    """Who runs an admin command, for the audit trail: user@host (admins work from several machines)."""
+    return f"{getpass.getuser()}@{socket.gethostname()}"[:64]
+
+
 def cmd_replay(args: argparse.Namespace, config: Config) -> int:
+    """Re-run one job, or every failed job (since a time); each replay is an audited Event."""
     from node.db.models import Job, JobState
     from node.db.session import session_scope
-    from node.jobs import replay
+    from node.jobs import TransitionError, replay
     from node.queue import enqueue_job
 
     if args.failed:
         with session_scope(config.database.url) as s:
             q = select(Job.id).where(Job.state == JobState.FAILED)
             if args.since:
-                q = q.where(Job.failed_at >= datetime.fromisoformat(args.since).astimezone())
+                q = q.where(Job.failed_at >= args.since)
             ids = list(s.scalars(q.order_by(Job.id)))
+        if not ids:
+            print("no failed jobs to replay", file=sys.stderr)
     elif args.job_id is not None:
         ids = [args.job_id]
     else:
@@ -202,9 +237,14 @@ def cmd_replay(args: argparse.Namespace, config: Config) -> int:
         return 2
     new_ids = []
     for job_id in ids:
-        new_id = replay(config, job_id, actor=getpass.getuser(), reason=args.reason)
+        try:
+            new_id = replay(config, job_id, actor=_actor(), reason=args.reason)
+        except (LookupError, TransitionError) as e:
+            print(f"replay: {e}", file=sys.stderr)
+            return 1
         with session_scope(config.database.url) as s:
             priority = s.get_one(Job, new_id).priority
+        # The row is committed: if the broker is down now, the reconciler sends it later.
         enqueue_job(config, new_id, priority)
         new_ids.append({"replayed": job_id, "job": new_id})
     if args.json:
@@ -226,9 +266,14 @@ def cmd_models(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_cancel(args: argparse.Namespace, config: Config) -> int:
-    from node.jobs import cancel
+    """Cancel a job that has not finished; audited like a replay."""
+    from node.jobs import TransitionError, cancel
 
-    cancel(config, args.job_id, actor=getpass.getuser(), reason=args.reason)
+    try:
+        cancel(config, args.job_id, actor=_actor(), reason=args.reason)
+    except (LookupError, TransitionError) as e:
+        print(f"cancel: {e}", file=sys.stderr)
+        return 1
     print(f"job {args.job_id} cancelled")
     return 0
 
@@ -281,6 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     w = add("worker", cmd_worker, "a Celery worker")
     w.add_argument("-Q", "--queues", default="inference", help="inference, export or both, comma separated")
     w.add_argument("--concurrency", type=int, default=None, help="threads for an export worker")
+    w.add_argument("-n", "--name", default=None, help="node name, default QUEUES@%%h; unique per process")
     db = add("db", cmd_db, "database administration")
     db.add_argument("action", choices=["upgrade"])
     for name, fn, hlp in (("studies", cmd_studies, "list studies"), ("jobs", cmd_jobs, "list jobs")):
@@ -292,8 +338,9 @@ def build_parser() -> argparse.ArgumentParser:
     r = add("replay", cmd_replay, "re-run a job, or all failed jobs")
     r.add_argument("job_id", nargs="?", type=int)
     r.add_argument("--failed", action="store_true")
-    r.add_argument("--since", help="with --failed: only jobs failed since this ISO time")
-    r.add_argument("--reason", default="manual replay")
+    r.add_argument("--since", type=parse_since,
+                   help="with --failed: only jobs failed since this ISO time or age (30m, 12h, 2d)")
+    r.add_argument("--reason", default="manual replay", help="recorded in the audit trail")
     r.add_argument("--json", action="store_true")
     m = add("models", cmd_models, "model bundles")
     m.add_argument("action", choices=["list"])
@@ -301,7 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--json", action="store_true")
     c = add("cancel", cmd_cancel, "cancel a queued or running job")
     c.add_argument("job_id", type=int)
-    c.add_argument("--reason", default="cancelled by operator")
+    c.add_argument("--reason", default="cancelled by operator", help="recorded in the audit trail")
     rl = add("rules", cmd_rules, "routing rules")
     rl.add_argument("action", choices=["test"])
     rl.add_argument("file", type=Path, help="a DICOM file, routed as the first instance of its series")

@@ -96,8 +96,33 @@ class DatabaseConfig(_Strict):
 class QueueConfig(_Strict):
     broker_url: str = Field("", description="empty: embedded filesystem broker under storage.path")
     task_time_limit: int = Field(900, ge=10, description="hard limit for one task, seconds")
-    visibility_timeout: int = Field(3600, ge=60)
+    visibility_timeout: int = Field(
+        3600, ge=60, description="Redis re-delivers an unacknowledged task after this; longer than any job"
+    )
     reconcile_seconds: float = Field(60.0, gt=0, description="how often stuck jobs are re-queued")
+    heartbeat_seconds: float = Field(10.0, gt=0, description="how often a running inference marks its job alive")
+    lost_after_seconds: float = Field(
+        60.0, gt=0, description="a running job without a heartbeat for this long has lost its worker"
+    )
+    requeue_queued_seconds: float = Field(
+        300.0, gt=0, description="a queued job unchanged this long has its message sent again (lost broker)"
+    )
+    max_retries: int = Field(5, ge=0, description="inference retries after a transient error (GPU out of memory)")
+    backoff_seconds: float = Field(10.0, gt=0, description="first inference retry delay; doubles each attempt")
+    backoff_max_seconds: float = Field(120.0, gt=0)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> QueueConfig:
+        # A heartbeat slower than the loss threshold would hand live jobs to a second worker.
+        if self.lost_after_seconds < 2 * self.heartbeat_seconds:
+            raise ValueError("lost_after_seconds must be at least twice heartbeat_seconds")
+        # A retry waiting longer than this would be sent again by the reconciler as if lost.
+        if self.backoff_max_seconds >= self.requeue_queued_seconds:
+            raise ValueError("backoff_max_seconds must be shorter than requeue_queued_seconds")
+        # Redis would hand a running task to a second worker before the hard limit stops it.
+        if self.visibility_timeout <= self.task_time_limit:
+            raise ValueError("visibility_timeout must be longer than task_time_limit")
+        return self
 
 
 class QuerySource(_Strict):

@@ -10,7 +10,7 @@ import logging
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
 from node.config import Config
@@ -151,25 +151,72 @@ def cancel(config: Config, job_id: int, actor: str, reason: str) -> None:
         s.add(Event(kind="cancel", job_id=job_id, actor=actor, detail=reason))
 
 
+def heartbeat(config: Config, job_id: int, worker: str) -> bool:
+    """Mark a running job alive (its `updated_at`) if `worker` still holds it; return whether it does."""
+    with session_scope(config.database.url) as s:
+        done = s.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.state == JobState.RUNNING, Job.worker == worker)
+            .values(updated_at=utcnow())
+        )
+        return bool(done.rowcount)  # type: ignore[attr-defined]
+
+
+def abandoned(job: Job, config: Config, now: datetime | None = None) -> bool:
+    """Whether a running job's worker has stopped beating (died, was killed, lost the database)."""
+    now = now or utcnow()
+    return job.state == JobState.RUNNING and (now - job.updated_at).total_seconds() >= config.queue.lost_after_seconds
+
+
 def reconcile(config: Config, stale_after: float | None = None) -> list[int]:
     """Find jobs whose worker died or whose message was lost and send their work again.
 
-    A job counts as stuck when its row has not moved for `stale_after` seconds (default: the
-    task hard time limit plus a minute, so a running task is never taken away from a live
-    worker). Inference is re-sent for queued/running jobs, export for encoded/sending ones;
-    a duplicate delivery is harmless because workers check the job's state first.
-    """
-    from node.queue import enqueue_export, enqueue_job
+    Each active state has its own staleness, because "nothing happened for a while" means
+    different things in each:
 
-    limit = config.queue.task_time_limit + 60 if stale_after is None else stale_after
+    - running: the worker updates `updated_at` every `queue.heartbeat_seconds` while the task
+      runs (node.tasks), so a job whose mark is older than `queue.lost_after_seconds` has lost
+      its worker (kill -9, power cut). This never steals from a live long-running task, however
+      long it takes, and does not wait for Redis's visibility timeout (an hour) to notice.
+    - queued: nothing touches a queued job until a worker takes it, so one unchanged for
+      `queue.requeue_queued_seconds` while the broker's inference queue is *empty* had its
+      message lost (a Redis restart without persistence). While messages still wait, the queue
+      is moving and a lost job is re-sent once the backlog drains: a deep queue is not flooded
+      with duplicates. A duplicate that does happen (a worker took the last message but has
+      not claimed its job yet) is harmless: a worker claims a job under a row lock and ignores
+      a delivery for a job that is no longer queued, or is running with a live heartbeat.
+      `updated_at` is bumped, so each job is re-sent at most once per period.
+    - encoded/sending: export retries touch the row on every attempt, so the task hard limit
+      plus the longest backoff plus a minute means the export message is gone.
+
+    `stale_after` overrides all three (`pacsnode run` passes 0: its previous workers are gone).
+    """
+    from node.queue import INFERENCE_QUEUE, enqueue_export, enqueue_job, waiting
+
+    q = config.queue
+    # Asked before the transaction: an unreachable broker stops this pass before it changes rows.
+    backlog = 0 if stale_after is not None else waiting(config, INFERENCE_QUEUE)
     now = utcnow()
-    stale = now - timedelta(seconds=limit)
+
+    def older_than(seconds: float) -> datetime:
+        return now - timedelta(seconds=seconds if stale_after is None else stale_after)
+
+    export_stale = q.task_time_limit + config.export.backoff_max_seconds + 60
+    conditions = [
+        (Job.state == JobState.RUNNING) & (Job.updated_at <= older_than(q.lost_after_seconds)),
+        Job.state.in_((JobState.ENCODED, JobState.SENDING)) & (Job.updated_at <= older_than(export_stale)),
+    ]
+    if backlog == 0:
+        conditions.append((Job.state == JobState.QUEUED) & (Job.updated_at <= older_than(q.requeue_queued_seconds)))
+    stuck = or_(*conditions)
     requeued: list[tuple[int, JobState, int]] = []
     with session_scope(config.database.url) as s:
-        for job in s.scalars(select(Job).where(Job.state.in_(ACTIVE_JOB_STATES), Job.updated_at <= stale)):
+        # Row locks: two listeners reconciling at once must not both re-send (PostgreSQL; SQLite
+        # serialises writers anyway). SKIP LOCKED leaves rows a worker is claiming right now.
+        for job in s.scalars(select(Job).where(stuck).with_for_update(skip_locked=True)):
             log.warning("job %d unchanged in %s since %s: sending it again", job.id, job.state.value, job.updated_at)
             s.add(Event(kind="requeue", job_id=job.id, actor="reconciler",
-                        detail=f"{job.state.value} since {job.updated_at.isoformat()}"))
+                        detail=f"{job.state.value} since {job.updated_at.isoformat()} (worker {job.worker})"))
             if job.state == JobState.RUNNING:
                 transition(job, JobState.QUEUED, worker=None)
             job.updated_at = now
@@ -203,6 +250,7 @@ def job_to_dict(job: Job) -> dict[str, Any]:
         "destinations": job.destinations,
         "timings": job.timings,
         "created_at": ts(job.created_at),
+        "updated_at": ts(job.updated_at),
         **{f"{st.value}_at": ts(getattr(job, f"{st.value}_at")) for st in JobState},
         "outputs": [
             {

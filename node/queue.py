@@ -73,9 +73,17 @@ def configure(config: Config) -> Celery:
             accept_content=["json"],
             task_ignore_result=True,
             result_backend=None,
+            # Acknowledge after the task: a worker killed mid-job leaves its message to be
+            # delivered again (the database heartbeat lets the reconciler act sooner).
             task_acks_late=True,
             task_reject_on_worker_lost=True,
+            # One message per process: a GPU worker never sits on studies another could run.
             worker_prefetch_multiplier=1,
+            # No worker_max_tasks_per_child: recycling a process reloads the models (seconds of
+            # GPU warm-up each time) and solo-pool inference workers have no child to recycle.
+            # A lost broker connection must not cancel a running GPU job: the job's row lock
+            # and heartbeat make the message's re-delivery harmless.
+            worker_cancel_long_running_tasks_on_connection_loss=False,
             task_time_limit=config.queue.task_time_limit,
             task_soft_time_limit=max(config.queue.task_time_limit - 30, 5),
             task_routes={RUN_JOB: {"queue": INFERENCE_QUEUE}, EXPORT_JOB: {"queue": EXPORT_QUEUE}},
@@ -118,3 +126,10 @@ def enqueue_job(config: Config, job_id: int, priority: int = 4) -> None:
 def enqueue_export(config: Config, job_id: int, countdown: float = 0.0) -> None:
     """Queue the sending of a job's encoded results."""
     configure(config).send_task(EXPORT_JOB, args=[job_id], queue=EXPORT_QUEUE, countdown=countdown or None)
+
+
+def waiting(config: Config, queue: str) -> int:
+    """Messages waiting in a broker queue (not counting those a worker already holds)."""
+    # Not passive: Redis has no key for an empty queue, and a passive declare would call it missing.
+    with configure(config).connection_or_acquire() as conn:
+        return int(conn.default_channel.queue_declare(queue=queue).message_count)

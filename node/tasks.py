@@ -8,17 +8,24 @@ from __future__ import annotations
 import gc
 import logging
 import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import cache
 
 from celery import Task
 from celery.signals import worker_ready
+from sqlalchemy.exc import SQLAlchemyError
 
 from node.config import Config
+from node.jobs import heartbeat
 from node.queue import EXPORT_JOB, INFERENCE_QUEUE, RUN_JOB, app
 from node.worker import (
     RetryableExportError,
     TransientError,
     fail_export,
+    fail_job,
     pipeline_for,
     run_export,
     run_inference,
@@ -36,12 +43,49 @@ def current_config() -> Config:
     return _config(app.conf.pacsnode_config)
 
 
-@app.task(name=RUN_JOB, bind=True, acks_late=True, autoretry_for=(TransientError,), retry_backoff=True,
-          retry_backoff_max=300, max_retries=5)
+@contextmanager
+def beating(config: Config, job_id: int, worker: str) -> Iterator[None]:
+    """Keep marking the job alive while the task runs, so the reconciler never takes it over.
+
+    The beat stops at the task time limit: the solo pool that inference workers use cannot
+    enforce Celery's time limits, so a task hung past it is treated like a dead worker.
+    """
+    stop = threading.Event()
+    qc = config.queue
+
+    def beat() -> None:
+        deadline = time.monotonic() + qc.task_time_limit
+        while not stop.wait(qc.heartbeat_seconds) and time.monotonic() < deadline:
+            try:
+                heartbeat(config, job_id, worker)
+            except SQLAlchemyError as e:  # a database blip: the next beat tries again
+                log.warning("job %d: heartbeat failed: %s", job_id, e)
+
+    thread = threading.Thread(target=beat, name=f"heartbeat-{job_id}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+
+
+@app.task(name=RUN_JOB, bind=True, acks_late=True, max_retries=None)
 def run_job(self: Task, job_id: int) -> None:
+    """Inference for one job; transient errors retry with exponential backoff, then fail the job."""
     config = current_config()
     worker = f"{self.request.hostname or socket.gethostname()}"
-    run_inference(config, job_id, worker)
+    try:
+        with beating(config, job_id, worker):
+            run_inference(config, job_id, worker)
+    except TransientError as e:
+        qc = config.queue
+        if self.request.retries >= qc.max_retries:
+            fail_job(config, job_id, "transient", f"gave up after {self.request.retries + 1} attempts: {e}")
+            return
+        delay = min(qc.backoff_seconds * 2**self.request.retries, qc.backoff_max_seconds)
+        log.warning("job %d: %s; retry %d in %.1f s", job_id, e, self.request.retries + 1, delay)
+        raise self.retry(countdown=delay, exc=e) from e
 
 
 @app.task(name=EXPORT_JOB, bind=True, acks_late=True, max_retries=None)

@@ -23,7 +23,7 @@ from node.config import Config, Destination
 from node.db.models import Instance, Job, JobState, Output, Send, SendState, utcnow
 from node.db.session import session_scope
 from node.export import DestinationUnavailable, ObjectRef, SendOutcome, confirm_held, send_files
-from node.jobs import TransitionError, transition
+from node.jobs import TransitionError, abandoned, transition
 from node.queue import enqueue_export
 from node.spool import output_relpath, resolve, write_atomic
 
@@ -80,13 +80,17 @@ def pipeline_for(config: Config, name: str):  # type: ignore[no-untyped-def]
 
 def _start(config: Config, job_id: int, worker: str) -> JobInput | None:
     with session_scope(config.database.url) as s:
-        job = s.get(Job, job_id)
+        # Row lock: two deliveries of one job (a re-sent message) must not both claim it.
+        job = s.get(Job, job_id, with_for_update=True)
         if job is None:
             raise PermanentError("queue", f"job {job_id} does not exist")
         if job.state not in (JobState.QUEUED, JobState.RUNNING):
             log.info("job %d is %s: nothing to do", job_id, job.state.value)
             return None
         if job.state == JobState.RUNNING:
+            if not abandoned(job, config):
+                log.info("job %d is running on %s, which is alive: duplicate delivery ignored", job_id, job.worker)
+                return None
             log.warning("job %d was running on %s, which stopped: running it again", job_id, job.worker)
             transition(job, JobState.QUEUED)
         transition(job, JobState.RUNNING, attempt=job.attempt + 1, worker=worker, error=None, error_stage=None)
@@ -408,4 +412,10 @@ def run_export(config: Config, job_id: int) -> None:
 
 
 def fail_export(config: Config, job_id: int, message: str) -> None:
+    """Fail a job whose results could not be sent within the retry schedule."""
     _fail(config, job_id, "send", message)
+
+
+def fail_job(config: Config, job_id: int, stage: str, message: str) -> None:
+    """Fail a job at `stage` (e.g. transient errors that outlasted the retry schedule)."""
+    _fail(config, job_id, stage, message)

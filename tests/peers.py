@@ -97,7 +97,7 @@ class Orthanc:
         cfg_path.write_text(json.dumps(cfg))
         log = open(self.workdir / "orthanc.log", "wb")  # noqa: SIM115 (closed with the process)
         self.proc = subprocess.Popen(["Orthanc", str(cfg_path)], stdout=log, stderr=subprocess.STDOUT)
-        wait_for(lambda: self.get("/system"), 30, "Orthanc REST API")
+        _started(self, lambda: self.get("/system"), 30, "Orthanc REST API")
         if self.dicomweb and "dicom-web" not in self.get("/plugins"):
             self.stop()
             raise RuntimeError(f"Orthanc did not load {DICOMWEB_PLUGIN}; see {self.workdir / 'orthanc.log'}")
@@ -119,13 +119,8 @@ class Orthanc:
         return any(h["Type"] == "Instance" for h in self.lookup(sop_uid))
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
+        if self.proc is not None:
+            _terminate(self.proc, 15)
 
     def get(self, path: str) -> Any:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=10) as r:
@@ -201,13 +196,8 @@ class Node:
         return self
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=10)
+        if self.proc is not None:
+            _stop_group(self.proc)
 
     def cli(self, *args: str, timeout: float = 60) -> str:
         out = subprocess.run(
@@ -278,3 +268,259 @@ def make_pki(folder: Path) -> dict[str, Path]:
             "-days", "2", "-out", f"{name}.crt", "-extfile", f"{name}.ext")
     return {"ca": folder / "ca.crt", "server_cert": folder / "server.crt", "server_key": folder / "server.key",
             "client_cert": folder / "client.crt", "client_key": folder / "client.key"}
+
+
+def synthetic_cr(out_dir: Path, count: int, size: int = 512, seed_name: str = "RG1_UNCR.dcm") -> list[Path]:
+    """`count` small chest CRs, each its own study: RG1 downscaled to size x size with new UIDs.
+
+    Load tests and benchmarks send many studies; 50 full RG1s (7 MB each) would measure disk and
+    network rather than the job engine. The UIDs come from the output folder and index, so a
+    re-run writes the same files.
+    """
+    import numpy as np
+    import pydicom
+    from pydicom.data import get_testdata_file
+    from pydicom.uid import generate_uid
+    from skimage.transform import resize
+
+    seed = get_testdata_file(seed_name)
+    if not isinstance(seed, str):
+        raise FileNotFoundError(f"pydicom test file {seed_name} is not installed (pydicom-data)")
+    src = pydicom.dcmread(seed)
+    pixels = resize(src.pixel_array.astype(np.float32), (size, size), order=1, anti_aliasing=True,
+                    preserve_range=True).astype(np.uint16)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(count):
+        ds = src.copy()
+        ds.PixelData = pixels.tobytes()
+        ds.Rows = ds.Columns = size
+        study = generate_uid(entropy_srcs=[str(out_dir), str(i), "study"])
+        ds.StudyInstanceUID = study
+        ds.SeriesInstanceUID = generate_uid(entropy_srcs=[study, "series"])
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid(entropy_srcs=[study, "sop"])
+        ds.AccessionNumber = f"SYN{i:05d}"
+        path = out_dir / f"cr{i:03d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+def _as_postgres_user(cmd: list[str]) -> list[str]:
+    """PostgreSQL refuses to run as root: drop to the `postgres` account when we are root."""
+    return ["runuser", "-u", "postgres", "--", *cmd] if os.geteuid() == 0 else cmd
+
+
+PG_BIN = Path("/usr/lib/postgresql/15/bin")
+
+
+def have_postgres() -> bool:
+    return (PG_BIN / "initdb").exists() and (os.geteuid() != 0 or have("runuser"))
+
+
+class Postgres:
+    """A throwaway PostgreSQL cluster on a free loopback port (trust auth, fsync off)."""
+
+    def __init__(self) -> None:
+        import tempfile
+
+        # Not under pytest's tmp folder: that is private to root, and the server runs as postgres.
+        self.dir = Path(tempfile.mkdtemp(prefix="pacsnode-pg-"))
+        self.data = self.dir / "data"
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Postgres:
+        if os.geteuid() == 0:
+            shutil.chown(self.dir, "postgres", "postgres")
+        subprocess.run(_as_postgres_user([str(PG_BIN / "initdb"), "-D", str(self.data), "-U", "postgres",
+                                          "--auth=trust", "--no-sync", "-E", "UTF8"]),
+                       check=True, capture_output=True, timeout=120)
+        log = open(self.dir / "postgres.log", "wb")  # noqa: SIM115 (closed with the process)
+        self.proc = subprocess.Popen(
+            _as_postgres_user([str(PG_BIN / "postgres"), "-D", str(self.data), "-p", str(self.port),
+                               "-c", "listen_addresses=127.0.0.1", "-c", f"unix_socket_directories={self.dir}",
+                               "-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "max_connections=200"]),
+            stdout=log, stderr=subprocess.STDOUT,
+        )
+        _started(self, self.ready, 60, "PostgreSQL")
+        return self
+
+    def ready(self) -> bool:
+        import psycopg2
+
+        try:
+            self._connect("postgres").close()
+        except psycopg2.OperationalError:  # "the database system is starting up"
+            return False
+        return True
+
+    def _connect(self, dbname: str):  # type: ignore[no-untyped-def]
+        import psycopg2
+
+        return psycopg2.connect(host="127.0.0.1", port=self.port, user="postgres", dbname=dbname, connect_timeout=5)
+
+    def create_database(self, name: str) -> str:
+        """Create database `name`; return its SQLAlchemy URL."""
+        conn = self._connect("postgres")
+        try:
+            conn.autocommit = True
+            with conn.cursor() as cur:
+                cur.execute(f'CREATE DATABASE "{name}"')
+        finally:
+            conn.close()
+        return f"postgresql+psycopg2://postgres@127.0.0.1:{self.port}/{name}"
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            _terminate(self.proc, 30)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+
+class Redis:
+    """redis-server on a free loopback port without persistence: a restart loses every message."""
+
+    def __init__(self, workdir: Path, port: int | None = None) -> None:
+        self.workdir = workdir
+        self.port = port or free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> Redis:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        log = open(self.workdir / "redis.log", "ab")  # noqa: SIM115 (closed with the process)
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", str(self.workdir)],
+            stdout=log, stderr=subprocess.STDOUT,
+        )
+        _started(self, self.ping, 30, "redis-server")
+        return self
+
+    def ping(self) -> bool:
+        import redis
+
+        return bool(redis.Redis(port=self.port, socket_timeout=2, socket_connect_timeout=2).ping())
+
+    def queue_length(self, queue: str) -> int:
+        import redis
+
+        return int(redis.Redis(port=self.port, socket_timeout=2, socket_connect_timeout=2).llen(queue))
+
+    def kill(self) -> None:
+        """SIGKILL: the data in memory is gone, as after a crash without persistence."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            _terminate(self.proc, 15)
+
+
+
+class ProductionNode:
+    """Production mode as separate processes: `pacsnode listener` and any number of workers.
+
+    The config must name a PostgreSQL database and a Redis broker. Each process has its own
+    log and its own session, so a test can kill -9 one worker and leave the rest running.
+    """
+
+    def __init__(self, config_path: Path) -> None:
+        self.config_path = config_path
+        self.config = yaml.safe_load(config_path.read_text())
+        self.port = int(self.config["listener"]["port"])
+        self.dir = config_path.parent
+        self.listener: subprocess.Popen[bytes] | None = None
+        self.workers: dict[str, subprocess.Popen[bytes]] = {}
+
+    def _spawn(self, name: str, *args: str) -> subprocess.Popen[bytes]:
+        log = open(self.dir / f"{name}.log", "ab")  # noqa: SIM115 (closed with the process)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "TCP_NODELAY": "1"}
+        return subprocess.Popen([sys.executable, "-m", "node.cli", "--config", str(self.config_path), *args],
+                                stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env, start_new_session=True)
+
+    def migrate(self) -> None:
+        self.cli("db", "upgrade", timeout=120)
+
+    def start_listener(self, timeout: float = 60.0) -> None:
+        self.listener = self._spawn("listener", "listener")
+        wait_port(self.port, timeout)
+
+    def start_worker(self, name: str, queue: str = "inference", ready_timeout: float = 120.0) -> None:
+        """Start `pacsnode worker -Q queue -n name@%h`; an inference worker is waited for until its model is loaded."""
+        log_path = self.dir / f"{name}.log"
+        offset = log_path.stat().st_size if log_path.exists() else 0
+        self.workers[name] = self._spawn(name, "worker", "-Q", queue, "-n", f"{name}@%h")
+        if queue == "inference":
+            def loaded() -> bool:
+                proc = self.workers[name]
+                if proc.poll() is not None:
+                    raise RuntimeError(f"worker {name} exited with {proc.returncode}: {self.log(name)[-3000:]}")
+                return "pipeline chest_xray loaded" in log_path.read_text(errors="replace")[offset:]
+
+            wait_for(loaded, ready_timeout, f"worker {name} to load its model", interval=0.2)
+
+    def kill_worker(self, name: str) -> None:
+        """kill -9 one worker process (no cleanup, no acknowledgement, no message restored)."""
+        proc = self.workers.pop(name)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+
+    def stop_worker(self, name: str) -> None:
+        _stop_group(self.workers.pop(name))
+
+    def stop(self) -> None:
+        for name in list(self.workers):
+            self.stop_worker(name)
+        if self.listener is not None:
+            _stop_group(self.listener)
+            self.listener = None
+
+    def cli(self, *args: str, timeout: float = 60) -> str:
+        out = subprocess.run(
+            [sys.executable, "-m", "node.cli", "--config", str(self.config_path), *args],
+            capture_output=True, text=True, timeout=timeout, cwd=REPO,
+        )
+        if out.returncode != 0:
+            raise RuntimeError(f"pacsnode {' '.join(args)} exited {out.returncode}: {out.stderr[-3000:]}")
+        return out.stdout
+
+    def log(self, name: str) -> str:
+        path = self.dir / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+
+def _started(server: Orthanc | Postgres | Redis, check: Callable[[], object], timeout: float, what: str) -> None:
+    """Wait until a server answers; stop it if it does not, so a failed start leaves nothing running."""
+    try:
+        wait_for(check, timeout, what)
+    except BaseException:
+        server.stop()
+        raise
+
+
+def _terminate(proc: subprocess.Popen[bytes], timeout: float) -> None:
+    """SIGTERM a server, SIGKILL it if it is still there after timeout."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+def _stop_group(proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
+    """SIGTERM a process group started with start_new_session, SIGKILL it after timeout."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)

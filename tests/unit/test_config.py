@@ -79,3 +79,16 @@ def test_destinations_for_resolves_names_and_the_sender() -> None:
     with pytest.raises(ValueError, match="destination 'gone' is no longer configured"):
         cfg.destinations_for(["gone"], None)
     assert cfg.object_kinds([]) == ("sr", "sc", "seg", "gsps")
+
+
+@pytest.mark.parametrize(
+    ("queue", "match"),
+    [
+        ({"heartbeat_seconds": 40, "lost_after_seconds": 60}, r"lost_after_seconds must be at least twice heartbeat"),
+        ({"backoff_max_seconds": 400}, r"backoff_max_seconds must be shorter than requeue_queued_seconds"),
+        ({"task_time_limit": 900, "visibility_timeout": 600}, r"visibility_timeout must be longer than task_time_limit"),
+    ],
+)
+def test_queue_timings_that_would_lose_or_steal_jobs_fail(queue: dict, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        parse_config({"queue": queue})

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -11,9 +10,10 @@ from sqlalchemy import select
 
 from node.cli import db_upgrade
 from node.config import Config, parse_config
-from node.db.models import Event, Job, JobState, Study, StudyState, utcnow
+from node.db.models import Event, Job, JobState
 from node.db.session import session_scope
-from node.jobs import TransitionError, cancel, reconcile, replay, transition
+from node.jobs import TransitionError, cancel, heartbeat, reconcile, replay, transition
+from tests.unit.jobs_data import make_job
 
 
 @pytest.fixture
@@ -27,27 +27,13 @@ def config(tmp_path: Path) -> Config:
     return cfg
 
 
-def _job(config: Config, state: JobState, age_s: float = 0) -> int:
-    then = utcnow() - timedelta(seconds=age_s)
-    with session_scope(config.database.url) as s:
-        study = Study(study_instance_uid=f"1.2.3.{int(then.timestamp() * 1e6)}", state=StudyState.COMPLETE,
-                      first_received_at=then, last_received_at=then, instance_count=1, pending_instances=0)
-        s.add(study)
-        s.flush()
-        job = Job(study_id=study.id, pipeline="chest_xray", state=state, attempt=0, instance_ids=[],
-                  timings={}, created_at=then, updated_at=then)
-        s.add(job)
-        s.flush()
-        return job.id
-
-
 def _queued_messages(config: Config) -> list[dict]:
     folder = config.storage.path / "queue" / "messages"
     return [json.loads(p.read_text()) for p in sorted(folder.glob("*"))] if folder.exists() else []
 
 
 def test_transition_stamps_each_state_and_refuses_illegal_moves(config: Config) -> None:
-    job_id = _job(config, JobState.QUEUED)
+    job_id = make_job(config, JobState.QUEUED)
     with session_scope(config.database.url) as s:
         job = s.get(Job, job_id)
         assert job is not None
@@ -59,7 +45,7 @@ def test_transition_stamps_each_state_and_refuses_illegal_moves(config: Config) 
 
 
 def test_replay_creates_an_audited_job_and_refuses_active_ones(config: Config) -> None:
-    failed = _job(config, JobState.FAILED)
+    failed = make_job(config, JobState.FAILED)
     new_id = replay(config, failed, actor="admin", reason="PACS was down")
     with session_scope(config.database.url) as s:
         new = s.get(Job, new_id)
@@ -73,7 +59,7 @@ def test_replay_creates_an_audited_job_and_refuses_active_ones(config: Config) -
 
 
 def test_cancel(config: Config) -> None:
-    job_id = _job(config, JobState.QUEUED)
+    job_id = make_job(config, JobState.QUEUED)
     cancel(config, job_id, actor="admin", reason="wrong patient")
     with session_scope(config.database.url) as s:
         job = s.get(Job, job_id)
@@ -81,10 +67,10 @@ def test_cancel(config: Config) -> None:
 
 
 def test_reconcile_requeues_only_stuck_jobs(config: Config) -> None:
-    fresh = _job(config, JobState.RUNNING, age_s=5)
-    stuck_running = _job(config, JobState.RUNNING, age_s=3600)
-    stuck_sending = _job(config, JobState.SENDING, age_s=3600)
-    done = _job(config, JobState.DONE, age_s=3600)
+    fresh = make_job(config, JobState.RUNNING, age_s=5)
+    stuck_running = make_job(config, JobState.RUNNING, age_s=3600)
+    stuck_sending = make_job(config, JobState.SENDING, age_s=3600)
+    done = make_job(config, JobState.DONE, age_s=3600)
     assert sorted(reconcile(config)) == sorted([stuck_running, stuck_sending])
     with session_scope(config.database.url) as s:
         assert s.get(Job, stuck_running).state == JobState.QUEUED  # type: ignore[union-attr]
@@ -95,3 +81,67 @@ def test_reconcile_requeues_only_stuck_jobs(config: Config) -> None:
 
     tasks = sorted((m["headers"]["task"], json.loads(base64.b64decode(m["body"]))[0][0]) for m in _queued_messages(config))
     assert tasks == sorted([("pacsnode.run_job", stuck_running), ("pacsnode.export_job", stuck_sending)])
+
+
+def _running(config: Config, worker: str, age_s: float) -> int:
+    job_id = make_job(config, JobState.RUNNING, age_s=age_s)
+    with session_scope(config.database.url) as s:
+        job = s.get(Job, job_id)
+        assert job is not None
+        job.worker = worker
+    return job_id
+
+
+def test_heartbeat_keeps_a_long_running_job_from_being_taken_over(config: Config) -> None:
+    lost_after = config.queue.lost_after_seconds
+    job_id = _running(config, "inference@a", age_s=lost_after + 5)
+    assert heartbeat(config, job_id, "inference@a")
+    assert not heartbeat(config, job_id, "inference@b")  # only the holder beats
+    assert reconcile(config) == []
+    with session_scope(config.database.url) as s:
+        job = s.get(Job, job_id)
+        assert job is not None and job.state == JobState.RUNNING and job.worker == "inference@a"
+
+
+def test_reconcile_takes_over_a_running_job_whose_heartbeat_stopped(config: Config) -> None:
+    job_id = _running(config, "inference@a", age_s=config.queue.lost_after_seconds + 1)
+    assert reconcile(config) == [job_id]
+    with session_scope(config.database.url) as s:
+        job = s.get(Job, job_id)
+        assert job is not None and job.state == JobState.QUEUED and job.worker is None
+        ev = s.scalar(select(Event).where(Event.kind == "requeue", Event.job_id == job_id))
+        assert ev is not None and ev.actor == "reconciler" and "inference@a" in (ev.detail or "")
+
+
+def test_reconcile_resends_a_queued_job_once_per_period(config: Config) -> None:
+    """A queued job whose message was lost (Redis restarted empty) goes on the queue again."""
+    waited = config.queue.requeue_queued_seconds
+    lost = make_job(config, JobState.QUEUED, age_s=waited + 1)
+    recent = make_job(config, JobState.QUEUED, age_s=waited / 2)
+    assert reconcile(config) == [lost]
+    assert reconcile(config) == []  # the re-send counts as a change: not sent again at once
+    with session_scope(config.database.url) as s:
+        assert s.get(Job, recent).state == JobState.QUEUED  # type: ignore[union-attr]
+
+
+def test_a_duplicate_delivery_leaves_a_live_running_job_alone(config: Config) -> None:
+    from node.worker import run_inference
+
+    job_id = _running(config, "inference@a", age_s=1)
+    run_inference(config, job_id, "inference@b")
+    with session_scope(config.database.url) as s:
+        job = s.get(Job, job_id)
+        assert job is not None and job.state == JobState.RUNNING and job.worker == "inference@a"
+
+
+def test_reconcile_waits_for_a_moving_queue_before_resending_queued_jobs(config: Config) -> None:
+    """Messages still waiting mean the queue moves: a deep backlog is not flooded with duplicates."""
+    from node.queue import enqueue_job
+
+    lost = make_job(config, JobState.QUEUED, age_s=config.queue.requeue_queued_seconds + 1)
+    behind = make_job(config, JobState.QUEUED)
+    enqueue_job(config, behind)
+    assert reconcile(config) == []
+    for message in (config.storage.path / "queue" / "messages").glob("*"):
+        message.unlink()  # the backlog drained
+    assert reconcile(config) == [lost]

@@ -1,0 +1,76 @@
+"""The Celery tasks' retry policy, run eagerly in this process (no broker, no worker)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from node.cli import db_upgrade
+from node.config import Config, parse_config
+from node.db.models import Instance, Job, JobState, Series, SeriesState
+from node.db.session import session_scope
+from node.queue import configure
+from node.worker import TransientError
+from tests.unit.jobs_data import make_job
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Config:
+    cfg = parse_config({
+        "storage": {"path": str(tmp_path / "spool")},
+        "database": {"url": f"sqlite:///{tmp_path / 'db.sqlite'}"},
+        "queue": {"max_retries": 3, "backoff_seconds": 0.01, "backoff_max_seconds": 0.05, "heartbeat_seconds": 0.01,
+                  "lost_after_seconds": 1},
+    })
+    db_upgrade(cfg)
+    configure(cfg)
+    return cfg
+
+
+def _state(config: Config, job_id: int) -> tuple[JobState, str | None, str | None, int]:
+    with session_scope(config.database.url) as s:
+        job = s.get(Job, job_id)
+        assert job is not None
+        return job.state, job.error_stage, job.error, job.attempt
+
+
+def test_transient_errors_retry_with_backoff_then_fail_the_job(config: Config, monkeypatch: pytest.MonkeyPatch) -> None:
+    import node.tasks
+
+    calls: list[int] = []
+
+    def out_of_memory(cfg: Config, job_id: int, worker: str) -> bool:
+        calls.append(job_id)
+        raise TransientError("CUDA out of memory")
+
+    monkeypatch.setattr(node.tasks, "run_inference", out_of_memory)
+    job_id = make_job(config, JobState.QUEUED)
+    node.tasks.run_job.apply(args=[job_id])
+    assert calls == [job_id] * (config.queue.max_retries + 1)
+    state, stage, error, _ = _state(config, job_id)
+    assert (state, stage) == (JobState.FAILED, "transient")
+    assert error is not None and "gave up after 4 attempts: CUDA out of memory" in error
+
+
+def test_an_undecodable_source_fails_at_once_without_retry(config: Config, tmp_path: Path) -> None:
+    import node.tasks
+
+    job_id = make_job(config, JobState.QUEUED)
+    (config.storage.path / "in").mkdir(parents=True)
+    (config.storage.path / "in" / "garbage.dcm").write_bytes(b"not DICOM at all")
+    with session_scope(config.database.url) as s:
+        job = s.get(Job, job_id)
+        assert job is not None
+        series = Series(study_id=job.study_id, series_instance_uid="1.2.3.4", modality="CR", state=SeriesState.ROUTED)
+        s.add(series)
+        s.flush()
+        inst = Instance(series_id=series.id, sop_instance_uid="1.2.3.4.5", sop_class_uid="1.2.840.10008.5.1.4.1.1.1",
+                        transfer_syntax_uid="1.2.840.10008.1.2.1", path="in/garbage.dcm", size=16, sha256="0" * 64)
+        s.add(inst)
+        s.flush()
+        job.instance_ids = [inst.id]
+    node.tasks.run_job.apply(args=[job_id])
+    state, stage, error, attempt = _state(config, job_id)
+    assert (state, stage, attempt) == (JobState.FAILED, "read", 1)
+    assert error is not None and "cannot read source instance" in error
