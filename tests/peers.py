@@ -407,9 +407,12 @@ class Redis:
         return bool(redis.Redis(port=self.port, socket_timeout=2, socket_connect_timeout=2).ping())
 
     def queue_length(self, queue: str) -> int:
+        """Messages in a kombu queue: one Redis list per priority step ("queue", "queue<sep>N")."""
         import redis
 
-        return int(redis.Redis(port=self.port, socket_timeout=2, socket_connect_timeout=2).llen(queue))
+        r = redis.Redis(port=self.port, socket_timeout=2, socket_connect_timeout=2)
+        keys = [k for k in r.scan_iter(match=f"{queue}*") if r.type(k) == b"list"]
+        return sum(int(r.llen(k)) for k in keys)
 
     def kill(self) -> None:
         """SIGKILL: the data in memory is gone, as after a crash without persistence."""
