@@ -26,7 +26,7 @@ from node.db.models import (
     utcnow,
 )
 from node.db.session import session_scope
-from node.routing import SeriesAttributes, route
+from node.routing import SeriesAttributes, merge_destinations, route
 
 log = logging.getLogger(__name__)
 
@@ -103,12 +103,7 @@ def create_jobs_for_study(s: Session, config: Config, study: Study) -> list[Job]
         instance_ids = s.scalars(
             select(Instance.id).where(Instance.series_id.in_([se.id for se in mine])).order_by(Instance.id)
         ).all()
-        destinations: list[str] | None = []
-        for se in mine:
-            if se.destinations is None or destinations is None:
-                destinations = None
-            else:
-                destinations += [d for d in se.destinations if d not in destinations]
+        destinations = merge_destinations(se.destinations for se in mine)
         previous = s.scalar(
             select(Job).where(Job.study_id == study.id, Job.pipeline == name).order_by(Job.id.desc()).limit(1)
         )

@@ -8,7 +8,7 @@ rule that made it and a trace of why, for the database and `pacsnode rules test`
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import pydicom
@@ -192,13 +192,9 @@ def route(attrs: SeriesAttributes, cfg: RoutingConfig, pipelines: tuple[str, ...
     if skips:
         return Decision((), _reason(skips[0], attrs), skips[0].name, skips[0].priority, trace=tuple(trace))
     chosen: list[str] = []
-    destinations: list[str] | None = []
     for rule in matched:
         chosen += [p for p in _pipelines(rule, pipelines) if p not in chosen]
-        if rule.destinations is None or destinations is None:
-            destinations = None
-        else:
-            destinations += [d for d in rule.destinations if d not in destinations]
+    destinations = merge_destinations(r.destinations for r in matched)
     names = ", ".join(r.name for r in matched)
     if not chosen:
         return Decision((), f"rule {names}: none of its pipelines is enabled", names, trace=tuple(trace))
@@ -206,6 +202,16 @@ def route(attrs: SeriesAttributes, cfg: RoutingConfig, pipelines: tuple[str, ...
         tuple(chosen), "; ".join(_reason(r, attrs) for r in matched), names,
         max(r.priority for r in matched), None if destinations is None else tuple(destinations), tuple(trace),
     )
+
+
+def merge_destinations(choices: Iterable[Sequence[str] | None]) -> list[str] | None:
+    """Union of destination lists in first-seen order; None (every destination) absorbs all."""
+    merged: list[str] = []
+    for choice in choices:
+        if choice is None:
+            return None
+        merged += [d for d in choice if d not in merged]
+    return merged
 
 
 def decision_for(ds: pydicom.Dataset, cfg: RoutingConfig, pipelines: tuple[str, ...],

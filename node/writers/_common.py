@@ -57,6 +57,16 @@ def ai_statement(model: ModelInfo) -> str:
     return text
 
 
+def device_attributes(model: ModelInfo) -> dict[str, str]:
+    """General Equipment keywords of highdicom constructors naming the algorithm as the device."""
+    return {
+        "manufacturer": model.manufacturer,
+        "manufacturer_model_name": model.name[:_LO_MAX],
+        "software_versions": model.version,
+        "device_serial_number": model.device_uid[:_LO_MAX],
+    }
+
+
 def processing_equipment(model: ModelInfo) -> ContributingEquipment:
     """Contributing Equipment item naming the algorithm that produced the object."""
     return ContributingEquipment(

@@ -17,6 +17,7 @@ from node.writers import codes
 from node.writers._common import (
     ai_description,
     check_result,
+    device_attributes,
     processing_equipment,
 )
 from node.writers.uids import result_uid
@@ -87,10 +88,7 @@ def build_segmentation(
         series_number=series_number,
         sop_instance_uid=sop_instance_uid,
         instance_number=instance_number,
-        manufacturer=model.manufacturer,
-        manufacturer_model_name=model.name[:64],
-        software_versions=model.version,
-        device_serial_number=model.device_uid[:64],
+        **device_attributes(model),
         content_label="AI_LUNG_SEG",
         content_description=ai_description("lung segmentation", model),
         transfer_syntax_uid=ExplicitVRLittleEndian,
