@@ -283,6 +283,9 @@ class RoutingRule(_Strict):
     reason: str | None = Field(None, description="for the record; {Keyword} is replaced by the value")
     priority: int = Field(4, ge=0, le=9, description="9 is the most urgent (STAT); 4 is routine")
     destinations: list[str] | None = Field(None, description='names or "sender"; null: every destination')
+    objects: list[ObjectKind] | None = Field(
+        None, description="result objects for what this rule routes; null: what each destination wants"
+    )
 
     @field_validator("match")
     @classmethod
@@ -373,12 +376,17 @@ class Config(_Strict):
                     raise ValueError(f"routing rule {rule.name!r}: unknown destination {d!r} (known: {sorted(dests)})")
         return self
 
-    def object_kinds(self, destinations: Sequence[Destination] | None = None) -> tuple[str, ...]:
-        """Kinds a job builds: what any of its destinations wants (export.objects when none)."""
+    def object_kinds(self, destinations: Sequence[Destination] | None = None,
+                     routed: Sequence[str] | None = None) -> tuple[str, ...]:
+        """Kinds a job builds: what any of its destinations wants (export.objects when none),
+        limited to what its routing rules ask for (`routed`; None: no limit)."""
         dests = self.destinations if destinations is None else destinations
         if not dests:
-            return tuple(k for k in OBJECT_KINDS if k in self.export.objects)
-        wanted = {k for d in dests for k in d.wants(self.export)}
+            wanted = set(self.export.objects)
+        else:
+            wanted = {k for d in dests for k in d.wants(self.export)}
+        if routed is not None:
+            wanted &= set(routed)
         return tuple(k for k in OBJECT_KINDS if k in wanted)
 
     def destinations_for(self, names: Sequence[str] | None, calling_ae: str | None) -> list[Destination]:

@@ -26,7 +26,7 @@ from node.db.models import (
     utcnow,
 )
 from node.db.session import session_scope
-from node.routing import SeriesAttributes, merge_destinations, route
+from node.routing import SeriesAttributes, merge_choices, route
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +88,7 @@ def create_jobs_for_study(s: Session, config: Config, study: Study) -> list[Job]
         series.pipelines = list(decision.pipelines) or None
         series.priority = decision.priority
         series.destinations = None if decision.destinations is None else list(decision.destinations)
+        series.objects = None if decision.objects is None else list(decision.objects)
         series.routed_at = now
         if decision.skipped:
             log.info("series %s skipped by rule %s: %s", series.series_instance_uid, decision.rule, decision.reason)
@@ -103,14 +104,15 @@ def create_jobs_for_study(s: Session, config: Config, study: Study) -> list[Job]
         instance_ids = s.scalars(
             select(Instance.id).where(Instance.series_id.in_([se.id for se in mine])).order_by(Instance.id)
         ).all()
-        destinations = merge_destinations(se.destinations for se in mine)
+        destinations = merge_choices(se.destinations for se in mine)
+        objects = merge_choices(se.objects for se in mine)
         previous = s.scalar(
             select(Job).where(Job.study_id == study.id, Job.pipeline == name).order_by(Job.id.desc()).limit(1)
         )
         job = Job(study_id=study.id, pipeline=name, state=JobState.QUEUED, attempt=0, instance_ids=list(instance_ids),
                   timings={}, created_at=now, queued_at=now, updated_at=now,
                   priority=max(se.priority if se.priority is not None else 4 for se in mine),
-                  destinations=destinations,
+                  destinations=destinations, objects=objects,
                   supersedes_id=previous.id if previous is not None else None)
         s.add(job)
         jobs.append(job)
@@ -130,6 +132,7 @@ def replay(config: Config, job_id: int, actor: str, reason: str) -> int:
         new = Job(study_id=old.study_id, pipeline=old.pipeline, state=JobState.QUEUED, attempt=0,
                   instance_ids=list(old.instance_ids), timings={}, created_at=now, queued_at=now,
                   updated_at=now, replay_of=old.id, priority=old.priority, destinations=old.destinations,
+                  objects=old.objects,
                   supersedes_id=old.id if old.state == JobState.DONE else old.supersedes_id)
         s.add(new)
         s.flush()
@@ -243,6 +246,7 @@ def job_to_dict(job: Job) -> dict[str, Any]:
         "supersedes": job.supersedes_id,
         "priority": job.priority,
         "destinations": job.destinations,
+        "objects": job.objects,
         "timings": job.timings,
         "created_at": ts(job.created_at),
         "updated_at": ts(job.updated_at),

@@ -56,6 +56,7 @@ class Decision:
     rule: str | None = None  # the rule(s) that decided, comma separated in mode "all"
     priority: int = 4
     destinations: tuple[str, ...] | None = None  # None: every configured destination
+    objects: tuple[str, ...] | None = None  # result objects the rules ask for; None: no limit
     trace: tuple[str, ...] = ()  # one line per rule tried: matched or the first failed condition
 
     @property
@@ -194,18 +195,20 @@ def route(attrs: SeriesAttributes, cfg: RoutingConfig, pipelines: tuple[str, ...
     chosen: list[str] = []
     for rule in matched:
         chosen += [p for p in _pipelines(rule, pipelines) if p not in chosen]
-    destinations = merge_destinations(r.destinations for r in matched)
+    destinations = merge_choices(r.destinations for r in matched)
+    objects = merge_choices(r.objects for r in matched)
     names = ", ".join(r.name for r in matched)
     if not chosen:
         return Decision((), f"rule {names}: none of its pipelines is enabled", names, trace=tuple(trace))
     return Decision(
         tuple(chosen), "; ".join(_reason(r, attrs) for r in matched), names,
-        max(r.priority for r in matched), None if destinations is None else tuple(destinations), tuple(trace),
+        max(r.priority for r in matched), None if destinations is None else tuple(destinations),
+        None if objects is None else tuple(objects), tuple(trace),
     )
 
 
-def merge_destinations(choices: Iterable[Sequence[str] | None]) -> list[str] | None:
-    """Union of destination lists in first-seen order; None (every destination) absorbs all."""
+def merge_choices(choices: Iterable[Sequence[str] | None]) -> list[str] | None:
+    """Union of destination (or object) lists in first-seen order; None ("all") absorbs all."""
     merged: list[str] = []
     for choice in choices:
         if choice is None:

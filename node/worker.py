@@ -62,6 +62,7 @@ class JobInput:
     content_keys: list[str]  # "<sop uid>:<sha256>" of each source: re-sent content gets new results
     predecessor_sr: tuple[str, str, str] | None  # (study, series, sop) of the SR this one replaces
     destinations: list[str] | None  # from routing; None: every configured destination
+    objects: list[str] | None  # from routing; None: what each destination wants
     calling_ae: str | None
 
 
@@ -103,7 +104,7 @@ def _start(config: Config, job_id: int, worker: str) -> JobInput | None:
         return JobInput(job_id, job.study.study_instance_uid, job.pipeline,
                         [resolve(config.storage.path, i.path) for i in instances],
                         sorted(f"{i.sop_instance_uid}:{i.sha256}" for i in instances), predecessor,
-                        job.destinations, job.study.calling_ae)
+                        job.destinations, job.objects, job.study.calling_ae)
 
 
 def _fail(config: Config, job_id: int, stage: str, message: str) -> None:
@@ -137,8 +138,8 @@ def run_inference(config: Config, job_id: int, worker: str) -> None:
     except ValueError as e:
         _fail(config, job_id, "route", str(e))
         return
-    # Only what some of the job's destinations wants is built (all four kinds by default).
-    kinds = config.object_kinds(dests)
+    # Only what some of the job's destinations wants (and the routing rules allow) is built.
+    kinds = config.object_kinds(dests, ji.objects)
     per_image: dict[str, tuple[Callable[..., Dataset], int]] = {"sc": (build_overlay_sc, SC_SERIES_NUMBER), "seg": (build_segmentation, SEG_SERIES_NUMBER),
                  "gsps": (build_presentation_state, GSPS_SERIES_NUMBER)}
     try:

@@ -139,6 +139,7 @@ class Series(Base):
     pipelines: Mapped[list[str] | None] = mapped_column(JSON)
     priority: Mapped[int | None] = mapped_column(Integer)
     destinations: Mapped[list[str] | None] = mapped_column(JSON)
+    objects: Mapped[list[str] | None] = mapped_column(JSON)  # result kinds the routing rules ask for
 
     study: Mapped[Study] = relationship(back_populates="series")
     instances: Mapped[list[Instance]] = relationship(back_populates="series", order_by="Instance.id")
@@ -181,6 +182,7 @@ class Job(Base):
     priority: Mapped[int] = mapped_column(Integer, default=4, server_default="4")
     # Destination names (or "sender") from the routing rule; null means every configured one.
     destinations: Mapped[list[str] | None] = mapped_column(JSON)
+    objects: Mapped[list[str] | None] = mapped_column(JSON)  # result kinds the routing rules ask for
     # The earlier job of the same study and pipeline whose results this one replaces.
     supersedes_id: Mapped[int | None] = mapped_column(ForeignKey("job.id"))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)

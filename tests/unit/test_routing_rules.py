@@ -59,7 +59,8 @@ def _rules(*rules: dict[str, Any], mode: str = "first", **extra: Any) -> Routing
     return parse_config({"routing": {"mode": mode, "rules": list(rules)}, **extra}).routing
 
 
-STAT = {"name": "stat", "match": {"CallingAE": "ED_CR"}, "priority": 9, "destinations": ["sender"]}
+STAT = {"name": "stat", "match": {"CallingAE": "ED_CR"}, "priority": 9, "destinations": ["sender"],
+        "objects": ["sr", "gsps"]}
 LATERAL = {"name": "lateral", "match": {"ViewPosition": ["LL", "RL"]}, "action": "skip",
            "reason": "lateral view {ViewPosition} from {CallingAE}"}
 CHEST = {"name": "chest", "match": {"BodyPartExamined": "CHEST"}, "destinations": ["pacs"]}
@@ -85,6 +86,7 @@ def test_all_matches_add_up_and_a_skip_wins() -> None:
     cfg = _rules(STAT, LATERAL, CHEST, mode="all", **DEST)
     d = route(_attrs("PA", "ED_CR"), cfg, PIPES)
     assert (d.rule, d.priority, d.destinations) == ("stat, chest", 9, ("sender", "pacs"))
+    assert d.objects is None  # "chest" limits nothing, so every object its destinations want
     assert route(_attrs("LL", "ED_CR"), cfg, PIPES).rule == "lateral"
 
 
@@ -157,8 +159,11 @@ def test_rule_decision_reaches_the_job_and_the_queue(tmp_path: Path) -> None:
     assert len(job_ids) == 2
     with session_scope(cfg.database.url) as s:
         jobs = {j.study.calling_ae: j for j in s.scalars(select(Job))}
-        assert (jobs["ED_CR"].priority, jobs["ED_CR"].destinations) == (9, ["sender"])
-        assert (jobs["WARD"].priority, jobs["WARD"].destinations) == (4, ["pacs"])
+        assert (jobs["ED_CR"].priority, jobs["ED_CR"].destinations, jobs["ED_CR"].objects) == (9, ["sender"], ["sr", "gsps"])
+        assert (jobs["WARD"].priority, jobs["WARD"].destinations, jobs["WARD"].objects) == (4, ["pacs"], None)
+        # What the worker builds for each: the rule's objects limit what the destinations want.
+        assert cfg.object_kinds(cfg.destinations, jobs["ED_CR"].objects) == ("sr", "gsps")
+        assert cfg.object_kinds(cfg.destinations, jobs["WARD"].objects) == ("sr", "sc", "seg", "gsps")
         series = {se.routing_rule: se for se in s.scalars(select(Series))}
         record = series["stat"].routing_attributes
         assert record is not None
