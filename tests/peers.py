@@ -131,8 +131,7 @@ class Orthanc:
             return bytes(r.read())
 
     def find_study(self, study_uid: str) -> str | None:
-        hits = [h for h in self.lookup(study_uid) if h["Type"] == "Study"]
-        return hits[0]["ID"] if hits else None
+        return next((h["ID"] for h in self.lookup(study_uid) if h["Type"] == "Study"), None)
 
     def study_series(self, study_uid: str) -> list[dict[str, Any]]:
         """Series of a study with their main tags and instance ids ([] if Orthanc lacks the study)."""

@@ -133,6 +133,18 @@ def test_radiograph_comes_back_as_sr_and_overlay_in_the_same_study(
         assert _dciodvfy_errors(data, tmp_path) == []
         sent.discard(str(ds.SOPInstanceUID))
     assert sent == set(), "some of the job's objects are not in Orthanc"
+    if before:
+        # A late instance (RG1 J2K joins RG1's study): the new SR replaces the earlier one.
+        jobs = {j["id"]: j for j in running_node.jobs()}
+        previous = jobs[job["supersedes"]]
+        assert previous["state"] == "superseded"
+        old_sr = next(o["sop_instance_uid"] for o in previous["outputs"] if o["kind"] == "sr")
+        new_sr = next(o for o in job["outputs"] if o["kind"] == "sr")
+        sr_id = next(h["ID"] for h in pacs.lookup(new_sr["sop_instance_uid"]) if h["Type"] == "Instance")
+        ds = pydicom.dcmread(BytesIO(pacs.get_bytes(f"/instances/{sr_id}/file")))
+        refs = [i.ReferencedSOPInstanceUID for st in ds.PredecessorDocumentsSequence
+                for se in st.ReferencedSeriesSequence for i in se.ReferencedSOPSequence]
+        assert refs == [old_sr]
 
 
 def test_ct_is_stored_and_skipped_with_a_reason(running_node: Node, pacs: Orthanc) -> None:
