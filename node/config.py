@@ -107,6 +107,10 @@ class QueueConfig(_Strict):
     requeue_queued_seconds: float = Field(
         300.0, gt=0, description="a queued job unchanged this long has its message sent again (lost broker)"
     )
+    batch_size: int = Field(
+        4, ge=1, le=64,
+        description="an inference worker takes up to this many waiting jobs into one forward pass",
+    )
     max_retries: int = Field(5, ge=0, description="inference retries after a transient error (GPU out of memory)")
     backoff_seconds: float = Field(10.0, gt=0, description="first inference retry delay; doubles each attempt")
     backoff_max_seconds: float = Field(120.0, gt=0)

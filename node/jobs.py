@@ -150,14 +150,16 @@ def cancel(config: Config, job_id: int, actor: str, reason: str) -> None:
 
 
 def heartbeat(config: Config, job_id: int, worker: str) -> bool:
-    """Mark a running job alive (its `updated_at`) if `worker` still holds it; return whether it does."""
+    """Mark running jobs alive (their `updated_at`): job_id if `worker` still holds it, and any
+    other job the same worker took into its batch. Return whether the worker still holds job_id."""
     with session_scope(config.database.url) as s:
-        done = s.execute(
+        s.execute(
             update(Job)
-            .where(Job.id == job_id, Job.state == JobState.RUNNING, Job.worker == worker)
+            .where(Job.state == JobState.RUNNING, Job.worker == worker)
             .values(updated_at=utcnow())
         )
-        return bool(done.rowcount)  # type: ignore[attr-defined]
+        return s.scalar(select(Job.id).where(Job.id == job_id, Job.state == JobState.RUNNING,
+                                             Job.worker == worker)) is not None
 
 
 def abandoned(job: Job, config: Config, now: datetime | None = None) -> bool:

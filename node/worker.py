@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from functools import cache, partial
@@ -26,6 +27,7 @@ from node.export import DestinationUnavailable, ObjectRef, SendOutcome, confirm_
 from node.jobs import TransitionError, abandoned, transition
 from node.queue import enqueue_export
 from node.spool import output_relpath, resolve, write_atomic
+from pipelines.base import ModelInfo, PipelineResult
 
 T = TypeVar("T")
 
@@ -115,99 +117,197 @@ def _fail(config: Config, job_id: int, stage: str, message: str) -> None:
     log.error("job %d failed at %s: %s", job_id, stage, message)
 
 
+class _Failed(Exception):
+    """Raised by `_guard` after it has failed a job, to skip the rest of that job's work."""
+
+
+@contextmanager
+def _guard(config: Config, job_ids: Sequence[int]) -> Iterator[None]:
+    """Map what goes wrong in a stage to the jobs it concerns: a permanent error or a bug fails
+    them with the reason (never left "running"), GPU out of memory puts them back to queued."""
+    try:
+        yield
+    except PermanentError as e:
+        for job_id in job_ids:
+            _fail(config, job_id, e.stage, str(e))
+        raise _Failed from e
+    except Exception as e:
+        if "out of memory" in str(e).lower():
+            for job_id in job_ids:
+                _requeue(config, job_id, str(e))
+            raise TransientError(str(e)) from e
+        log.exception("jobs %s: unexpected error", list(job_ids))
+        for job_id in job_ids:
+            _fail(config, job_id, "internal", f"{type(e).__name__}: {e}")
+        raise _Failed from e
+
+
+def _claim_more(config: Config, worker: str, first: JobInput) -> list[JobInput]:
+    """Other waiting jobs of the same pipeline, most urgent first, taken into this worker's batch.
+
+    Only when the queue is deep: one forward pass over several studies costs less per image
+    (DenseNet121 on CPU: 26 ms at batch 1, 17 ms at batch 8). Their own queue messages arrive
+    later and are ignored, since the jobs are no longer queued.
+    """
+    limit = config.queue.batch_size - 1
+    if limit <= 0:
+        return []
+    with session_scope(config.database.url) as s:
+        ids = s.scalars(
+            select(Job.id)
+            .where(Job.state == JobState.QUEUED, Job.pipeline == first.pipeline, Job.id != first.job_id)
+            .order_by(Job.priority.desc(), Job.id)
+            .limit(limit)
+        ).all()
+    taken = []
+    for job_id in ids:
+        try:
+            ji = _start(config, job_id, worker)  # re-checks under a row lock: another worker may win
+        except (TransitionError, PermanentError):
+            continue
+        if ji is not None:
+            taken.append(ji)
+    return taken
+
+
 def run_inference(config: Config, job_id: int, worker: str) -> None:
-    """Run the job's pipeline, write its result objects and queue their export as each is ready."""
+    """Run the job's pipeline (batched with other waiting jobs when the queue is deep), write
+    each job's result objects and queue their export as each is ready."""
+    from pipelines.base import InputError
+
+    try:
+        first = _start(config, job_id, worker)
+    except TransitionError as e:
+        log.warning("%s", e)
+        return
+    if first is None:
+        return
+    batch = [first, *_claim_more(config, worker, first)]
+    if len(batch) > 1:
+        log.info("job %d: %d waiting jobs in one forward pass", job_id, len(batch))
+    prepared: list[tuple[JobInput, list[Dataset], dict[str, float]]] = []
+    for ji in batch:
+        timings: dict[str, float] = {}
+        try:
+            with _guard(config, [ji.job_id]):
+                t0 = time.perf_counter()
+                try:
+                    sources = [pydicom.dcmread(p) for p in ji.paths]
+                except (OSError, pydicom.errors.InvalidDicomError) as e:
+                    raise PermanentError("read", f"cannot read source instance: {e}") from e
+                timings["read"] = time.perf_counter() - t0
+                prepared.append((ji, sources, timings))
+        except _Failed:
+            continue
+    if not prepared:
+        return
+    try:
+        with _guard(config, [ji.job_id for ji, _, _ in prepared]):
+            pipeline = pipeline_for(config, first.pipeline)
+    except _Failed:
+        return
+    groups: list[tuple[JobInput, list[Dataset], dict[str, float], list[PipelineResult]]] = []
+    batch_failed = len(prepared) == 1  # a single job goes straight to the per-job path below
+    if not batch_failed:
+        try:
+            with _guard(config, [ji.job_id for ji, _, _ in prepared]):
+                t0 = time.perf_counter()
+                try:
+                    results = pipeline.run([ds for _, sources, _ in prepared for ds in sources])
+                except InputError:
+                    # One undecodable image must not fail the other studies: run them apart.
+                    batch_failed = True
+                else:
+                    share = (time.perf_counter() - t0) / len(results)
+                    start = 0
+                    for ji, sources, timings in prepared:
+                        groups.append((ji, sources, timings, results[start:start + len(sources)]))
+                        start += len(sources)
+                        timings["pipeline"] = share * len(sources)
+        except _Failed:
+            return
+    if batch_failed:
+        for ji, sources, timings in prepared:
+            try:
+                with _guard(config, [ji.job_id]):
+                    t0 = time.perf_counter()
+                    try:
+                        mine = pipeline.run(sources)
+                    except InputError as e:
+                        raise PermanentError("decode", str(e)) from e
+                    timings["pipeline"] = time.perf_counter() - t0
+                    groups.append((ji, sources, timings, mine))
+            except _Failed:
+                continue
+    for ji, sources, timings, mine in groups:
+        for k in ("decode", "segmentation", "classification", "heatmap"):
+            timings[k] = sum(r.timings.get(k, 0.0) for r in mine)
+        try:
+            with _guard(config, [ji.job_id]):
+                _encode(config, ji, sources, mine, pipeline.model, timings)
+        except _Failed:
+            continue
+
+
+def _encode(config: Config, ji: JobInput, sources: list[Dataset], results: list[PipelineResult],
+            model: ModelInfo, timings: dict[str, float]) -> None:
+    """Build, validate and store the job's result objects (SR first, queued for export at once)."""
     from node.writers.gsps import build_presentation_state
     from node.writers.sc import build_overlay_sc
     from node.writers.seg import build_segmentation
     from node.writers.sr import build_comprehensive_3d_sr
     from node.writers.uids import result_uid
     from node.writers.validate import validate
-    from pipelines.base import InputError
 
-    try:
-        ji = _start(config, job_id, worker)
-    except TransitionError as e:
-        log.warning("%s", e)
-        return
-    if ji is None:
-        return
-    timings: dict[str, float] = {}
     try:
         dests = config.destinations_for(ji.destinations, ji.calling_ae)
     except ValueError as e:
-        _fail(config, job_id, "route", str(e))
-        return
+        raise PermanentError("route", str(e)) from e
     # Only what some of the job's destinations wants (and the routing rules allow) is built.
     kinds = config.object_kinds(dests, ji.objects)
-    per_image: dict[str, tuple[Callable[..., Dataset], int]] = {"sc": (build_overlay_sc, SC_SERIES_NUMBER), "seg": (build_segmentation, SEG_SERIES_NUMBER),
-                 "gsps": (build_presentation_state, GSPS_SERIES_NUMBER)}
-    try:
-        t0 = time.perf_counter()
-        try:
-            sources: list[Dataset] = [pydicom.dcmread(p) for p in ji.paths]
-        except (OSError, pydicom.errors.InvalidDicomError) as e:
-            raise PermanentError("read", f"cannot read source instance: {e}") from e
-        timings["read"] = time.perf_counter() - t0
-        pipeline = pipeline_for(config, ji.pipeline)
-        model = pipeline.model
-        t0 = time.perf_counter()
-        try:
-            results = pipeline.run(sources)
-        except InputError as e:
-            raise PermanentError("decode", str(e)) from e
-        timings["pipeline"] = time.perf_counter() - t0
-        for k in ("decode", "segmentation", "classification", "heatmap"):
-            timings[k] = sum(r.timings.get(k, 0.0) for r in results)
-
-        # Same sources and model -> same UIDs, so a re-run never gives the PACS duplicates.
-        key = (ji.study_uid, ji.pipeline, model.version, model.device_uid, *ji.content_keys)
-        # The SR goes out first, while the other objects are still being drawn: it is what the
-        # radiologist's worklist waits for. Each object is validated before it is written.
-        first = True
-        if "sr" in kinds:
-            sr = _build(timings, "sr", lambda: build_comprehensive_3d_sr(
-                sources, results, model,
-                series_instance_uid=result_uid(*key, "sr-series"),
-                sop_instance_uid=result_uid(*key, "sr", "1"),
-                series_number=SR_SERIES_NUMBER, instance_number=1,
-                supersedes=[ji.predecessor_sr] if ji.predecessor_sr else (),
-            ))
-            _validate(timings, "sr", sr, validate)
-            _store_outputs(config, ji.job_id, [("sr", sr)], dests, first=True)
-            enqueue_export(config, ji.job_id)
-            first = False
-        others: list[tuple[str, Dataset]] = []
-        for kind in (k for k in kinds if k in per_image):
-            builder, series_number = per_image[kind]
-            series_uid = result_uid(*key, f"{kind}-series")
-            for i, (src, res) in enumerate(zip(sources, results, strict=True), start=1):
-                if kind == "seg" and not res.lung_mask.any():
-                    # An empty SEG carries nothing; the SR and GSPS still say what was found.
-                    log.warning("job %d: no lung found in image %d: no SEG for it", ji.job_id, i)
-                    continue
-                obj = _build(timings, kind, partial(
-                    builder, src, res, model, series_instance_uid=series_uid,
-                    sop_instance_uid=result_uid(*key, kind, str(i)),
-                    series_number=series_number, instance_number=i,
-                ))
-                _validate(timings, kind, obj, validate)
-                others.append((kind, obj))
-        _store_outputs(config, ji.job_id, others, dests, first=first)
-        with session_scope(config.database.url) as s:
-            job = s.get(Job, ji.job_id)
-            assert job is not None
-            transition(job, JobState.ENCODED, model_version=model.version, timings={**job.timings, **timings})
+    per_image: dict[str, tuple[Callable[..., Dataset], int]] = {
+        "sc": (build_overlay_sc, SC_SERIES_NUMBER), "seg": (build_segmentation, SEG_SERIES_NUMBER),
+        "gsps": (build_presentation_state, GSPS_SERIES_NUMBER),
+    }
+    # Same sources and model -> same UIDs, so a re-run never gives the PACS duplicates.
+    key = (ji.study_uid, ji.pipeline, model.version, model.device_uid, *ji.content_keys)
+    # The SR goes out first, while the other objects are still being drawn: it is what the
+    # radiologist's worklist waits for. Each object is validated before it is written.
+    first = True
+    if "sr" in kinds:
+        sr = _build(timings, "sr", lambda: build_comprehensive_3d_sr(
+            sources, results, model,
+            series_instance_uid=result_uid(*key, "sr-series"),
+            sop_instance_uid=result_uid(*key, "sr", "1"),
+            series_number=SR_SERIES_NUMBER, instance_number=1,
+            supersedes=[ji.predecessor_sr] if ji.predecessor_sr else (),
+        ))
+        _validate(timings, "sr", sr, validate)
+        _store_outputs(config, ji.job_id, [("sr", sr)], dests, first=True)
         enqueue_export(config, ji.job_id)
-    except PermanentError as e:
-        _fail(config, job_id, e.stage, str(e))
-    except Exception as e:
-        if "out of memory" in str(e).lower():
-            _requeue(config, job_id, str(e))
-            raise TransientError(str(e)) from e
-        # A bug must not leave the job "running" forever: fail it with the reason, keep the trace in the log.
-        log.exception("job %d: unexpected error", job_id)
-        _fail(config, job_id, "internal", f"{type(e).__name__}: {e}")
+        first = False
+    others: list[tuple[str, Dataset]] = []
+    for kind in (k for k in kinds if k in per_image):
+        builder, series_number = per_image[kind]
+        series_uid = result_uid(*key, f"{kind}-series")
+        for i, (src, res) in enumerate(zip(sources, results, strict=True), start=1):
+            if kind == "seg" and not res.lung_mask.any():
+                # An empty SEG carries nothing; the SR and GSPS still say what was found.
+                log.warning("job %d: no lung found in image %d: no SEG for it", ji.job_id, i)
+                continue
+            obj = _build(timings, kind, partial(
+                builder, src, res, model, series_instance_uid=series_uid,
+                sop_instance_uid=result_uid(*key, kind, str(i)),
+                series_number=series_number, instance_number=i,
+            ))
+            _validate(timings, kind, obj, validate)
+            others.append((kind, obj))
+    _store_outputs(config, ji.job_id, others, dests, first=first)
+    with session_scope(config.database.url) as s:
+        job = s.get(Job, ji.job_id)
+        assert job is not None
+        transition(job, JobState.ENCODED, model_version=model.version, timings={**job.timings, **timings})
+    enqueue_export(config, ji.job_id)
 
 
 def _requeue(config: Config, job_id: int, why: str) -> None:

@@ -74,3 +74,59 @@ def test_an_undecodable_source_fails_at_once_without_retry(config: Config, tmp_p
     state, stage, error, attempt = _state(config, job_id)
     assert (state, stage, attempt) == (JobState.FAILED, "read", 1)
     assert error is not None and "cannot read source instance" in error
+
+
+def test_waiting_jobs_share_one_forward_pass_and_a_bad_image_fails_only_its_job(
+    tmp_path: Path, demo_bundle: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Three studies wait; the worker that takes the first runs all three in one batch. One of
+    them is undecodable: the batch falls back to one pass per job and only that job fails."""
+    from io import BytesIO
+
+    import pydicom
+    from pydicom.data import get_testdata_file
+    from pydicom.uid import generate_uid
+    from sqlalchemy import select
+
+    import node.worker
+    from node.completion import CompletionService
+    from node.handlers import AssociationTracker, IngestContext, ingest
+
+    cfg = parse_config({
+        "storage": {"path": str(tmp_path / "spool"), "min_free_mb": 1},
+        "database": {"url": f"sqlite:///{tmp_path / 'db.sqlite'}"},
+        "completion": {"quiet_seconds": 0},
+        "queue": {"batch_size": 3},
+        "pipelines": {"chest_xray": {"bundle": str(demo_bundle), "device": "cpu"}},
+    })
+    db_upgrade(cfg)
+    configure(cfg)
+    ctx = IngestContext(cfg)
+    src = pydicom.dcmread(get_testdata_file("RG1_UNCR.dcm"))
+    small = src.pixel_array[::4, ::4].copy()
+    for i in range(3):
+        ds = src.copy()
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = (generate_uid() for _ in range(3))
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.Rows, ds.Columns = small.shape
+        ds.PixelData = small.tobytes() if i != 1 else small.tobytes()[: small.nbytes // 2] + b"\0" * 2
+        buf = BytesIO()
+        ds.save_as(buf, enforce_file_format=True)
+        ingest(buf.getvalue(), ctx, "SCU")
+    job_ids = CompletionService(cfg, AssociationTracker()).tick()
+    assert len(job_ids) == 3
+    passes: list[int] = []
+    real = node.worker.pipeline_for(cfg, "chest_xray").run
+
+    def counting(datasets: list) -> list:  # type: ignore[type-arg]
+        passes.append(len(datasets))
+        return real(datasets)
+
+    monkeypatch.setattr(node.worker.pipeline_for(cfg, "chest_xray"), "run", counting)
+    node.worker.run_inference(cfg, job_ids[0], "inference@test")
+    assert passes[0] == 3  # one forward pass for the three waiting studies...
+    assert sorted(passes[1:]) == [1, 1, 1]  # ...which failed on the bad image, then one pass each
+    with session_scope(cfg.database.url) as s:
+        states = {j.id: (j.state, j.error_stage) for j in s.scalars(select(Job))}
+    assert states[job_ids[1]] == (JobState.FAILED, "decode")
+    assert states[job_ids[0]] == states[job_ids[2]] == (JobState.ENCODED, None)
