@@ -453,19 +453,41 @@ def config_path(explicit: str | os.PathLike[str] | None = None) -> Path:
 
 
 def load_config(path: str | os.PathLike[str] | None = None) -> Config:
-    """Read and validate a config file; raise ConfigError naming the bad key."""
+    """Read and validate a config file; raise ConfigError naming the bad key and its line."""
     p = config_path(path)
     try:
-        raw = yaml.safe_load(p.read_text()) or {}
+        text = p.read_text()
+        raw = yaml.safe_load(text) or {}
+        tree = yaml.compose(text)
     except OSError as e:
         raise ConfigError(f"cannot read config {p}: {e}") from e
     except yaml.YAMLError as e:
         raise ConfigError(f"config {p} is not valid YAML: {e}") from e
-    return parse_config(raw, source=str(p)).resolve(p.resolve().parent)
+    return parse_config(raw, source=str(p), tree=tree).resolve(p.resolve().parent)
 
 
-def parse_config(raw: object, source: str = "<config>") -> Config:
-    """Validate a mapping; errors name each bad key as a dotted path."""
+def _line(tree: yaml.Node | None, loc: tuple[int | str, ...]) -> int | None:
+    """1-based line of the deepest node of `loc` that the YAML document has (a missing key
+    points at its parent mapping)."""
+    node, line = tree, None
+    for part in loc:
+        if node is None:
+            break
+        line = node.start_mark.line + 1
+        if isinstance(node, yaml.MappingNode):
+            node = next((v for k, v in node.value if getattr(k, "value", None) == part), None)
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            node = node.value[part]
+        else:
+            node = None
+    if node is not None:
+        line = node.start_mark.line + 1
+    return line
+
+
+def parse_config(raw: object, source: str = "<config>", tree: yaml.Node | None = None) -> Config:
+    """Validate a mapping; errors name each bad key as a dotted path (and its line, given the
+    YAML node tree)."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: top level must be a mapping")
     try:
@@ -475,7 +497,8 @@ def parse_config(raw: object, source: str = "<config>") -> Config:
         for err in e.errors():
             key = ".".join(str(x) for x in _named_loc(raw, err["loc"])) or "<root>"
             msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
-            problems.append(f"{key}: {msg}")
+            line = _line(tree, err["loc"])
+            problems.append(f"line {line}: {key}: {msg}" if line else f"{key}: {msg}")
         raise ConfigError(f"{source}: invalid configuration:\n  " + "\n  ".join(problems)) from e
 
 

@@ -92,3 +92,23 @@ def test_destinations_for_resolves_names_and_the_sender() -> None:
 def test_queue_timings_that_would_lose_or_steal_jobs_fail(queue: dict, match: str) -> None:
     with pytest.raises(ConfigError, match=match):
         parse_config({"queue": queue})
+
+
+def test_errors_in_a_file_name_the_line(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        "listener:\n"
+        "  port: 11112\n"
+        "routing:\n"
+        "  rules:\n"
+        "    - name: fine\n"
+        "      match: {Modality: CR}\n"
+        "    - name: broken\n"
+        "      match:\n"
+        "        Modality: {regex: 'CR('}\n"
+        "storage:\n"
+        "  pathh: spool\n"
+    )
+    with pytest.raises(ConfigError, match=r"line 9: routing\.rules\[broken\]\.match\.Modality\.regex: .*invalid regex") as e:
+        load_config(path)
+    assert "line 11: storage.pathh: unknown key" in str(e.value)
