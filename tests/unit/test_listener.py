@@ -169,3 +169,17 @@ def test_malformed_files_are_refused_with_a_precise_status(config: Config, name:
         ingest(data, IngestContext(config), "SCU")
     assert e.value.status == 0xA900
     assert _count(config, Instance) == 0
+
+
+@pytest.mark.skipif(not have("storescu"), reason="DCMTK storescu not installed")
+@pytest.mark.parametrize(("flag", "syntax"), [("-xd", "1.2.840.10008.1.2.1.99"), ("-xi", "1.2.840.10008.1.2")])
+def test_other_transfer_syntaxes_from_storescu(config: Config, listener: IngestContext, flag: str, syntax: str) -> None:
+    """storescu converts on the fly (deflated explicit VR, implicit VR); we keep what came."""
+    out = storescu(config.listener.port, CT, extra=(flag,))
+    assert out.returncode == 0, out.stderr
+    with session_scope(config.database.url) as s:
+        inst = s.scalars(select(Instance)).one()
+        assert inst.transfer_syntax_uid == syntax
+        stored = pydicom.dcmread(config.storage.path / inst.path)
+    assert str(stored.file_meta.TransferSyntaxUID) == syntax
+    assert stored.pixel_array.shape == (128, 128)
