@@ -263,3 +263,34 @@ def test_fifty_studies_from_four_senders_with_two_workers(
     assert len(jobs) == 50
     assert {j["worker"].split("@")[0] for j in jobs} == {"inf1", "inf2"}  # both workers took a share
     _assert_one_sr_each(pacs, uids)
+
+
+def test_a_stat_study_jumps_the_queue(prod: ProductionNode, redis: Redis, tmp_path: Path) -> None:
+    """Routine studies wait in Redis; a STAT one (rule priority 9) sent after them runs first."""
+    import yaml
+
+    cfg = yaml.safe_load(prod.config_path.read_text())
+    cfg["routing"] = {"rules": [
+        {"name": "stat-ed", "match": {"CallingAE": "ED_CR"}, "priority": 9},
+        {"name": "routine", "match": {}, "priority": 4},
+    ]}
+    cfg["queue"]["batch_size"] = 1  # one job per pass, so the order is visible
+    prod.config_path.write_text(yaml.safe_dump(cfg))
+    prod.start_listener()  # no workers yet: everything waits in Redis
+    files = synthetic_cr(tmp_path / "in", 4)
+    routine, stat = files[:3], files[3:]
+    out = storescu(prod.port, *routine, aet="WARD", timeout=120)
+    assert out.returncode == 0, out.stderr
+    wait_for(lambda: len(_jobs(prod, _study_uids(routine))) == 3, 30, "three routine jobs", interval=0.2)
+    out = storescu(prod.port, *stat, aet="ED_CR", timeout=120)
+    assert out.returncode == 0, out.stderr
+    uids = _study_uids(files)
+    wait_for(lambda: len(_jobs(prod, uids)) == 4 and redis.queue_length("inference") == 4, 30,
+             "four jobs waiting in Redis", interval=0.2)
+    prod.start_worker("export1", "export")
+    prod.start_worker("inference1")
+    _all_done(prod, uids, 120)
+    with session_scope(_url(prod)) as s:
+        order = [j.study.study_instance_uid for j in s.scalars(select(Job).options(selectinload(Job.study))
+                                                             .order_by(Job.running_at))]
+    assert order[0] == _study_uids(stat)[0], "the STAT study did not run first"
