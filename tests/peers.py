@@ -23,6 +23,8 @@ from typing import Any, TypeVar
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
+#: Real chest radiographs (JPEG) in the shared folder beside the checkout.
+CXR_SAMPLES = REPO.parent / "shared" / "data" / "cxr-samples"
 T = TypeVar("T")
 
 

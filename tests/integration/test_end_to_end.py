@@ -17,7 +17,7 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
-from tests.peers import REPO, Node, Orthanc, have, img2dcm, node_config, storescu, wait_for
+from tests.peers import CXR_SAMPLES, Node, Orthanc, have, img2dcm, node_config, storescu, wait_for
 
 pytestmark = [
     pytest.mark.integration,
@@ -28,7 +28,7 @@ pytestmark = [
 RG1 = Path(get_testdata_file("RG1_UNCR.dcm"))
 RG1_J2K = Path(get_testdata_file("RG1_J2KR.dcm"))
 CT = Path(get_testdata_file("CT_small.dcm"))
-CXR = REPO.parent / "shared" / "data" / "cxr-samples" / "pneumonia" / "person1946_bacteria_4874.jpeg"
+CXR = CXR_SAMPLES / "pneumonia" / "person1946_bacteria_4874.jpeg"
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
 SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"
 SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"

@@ -35,7 +35,7 @@ from node.db.session import session_scope
 from node.export import DestinationUnavailable, ObjectRef, confirm_held, send_files
 from node.spool import instance_relpath, write_atomic
 from node.writers.validate import validate
-from tests.peers import DICOMWEB_PLUGIN, REPO, Orthanc, free_port, have, img2dcm
+from tests.peers import CXR_SAMPLES, DICOMWEB_PLUGIN, Orthanc, free_port, have, img2dcm
 
 pytestmark = [
     pytest.mark.integration,
@@ -45,7 +45,7 @@ pytestmark = [
 ]
 
 RG1 = Path(get_testdata_file("RG1_UNCR.dcm"))
-CXR = REPO.parent / "shared" / "data" / "cxr-samples" / "pneumonia" / "person1946_bacteria_4874.jpeg"
+CXR = CXR_SAMPLES / "pneumonia" / "person1946_bacteria_4874.jpeg"
 
 
 @pytest.fixture

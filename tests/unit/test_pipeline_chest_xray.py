@@ -29,8 +29,9 @@ from pipelines.chest_xray import (
 from pipelines.device import DeviceError, resolve_device
 from pipelines.imaging import to_display
 from pipelines.registry import UnknownPipelineError, load_pipeline
+from tests.peers import CXR_SAMPLES
 
-SAMPLES = Path("/work/shared/data/cxr-samples")
+SAMPLES = CXR_SAMPLES
 JPEG = SAMPLES / "pneumonia" / "person1946_bacteria_4874.jpeg"
 STAGES = {"decode", "segmentation", "classification", "heatmap", "total"}
 

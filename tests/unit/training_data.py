@@ -16,9 +16,10 @@ from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage
 
+from tests.peers import CXR_SAMPLES
 from training.synthetic import LABELS, generate
 
-SAMPLES = Path("/work/shared/data/cxr-samples")
+SAMPLES = CXR_SAMPLES
 SEED = 11
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from io import BytesIO
-from pathlib import Path
 
 import highdicom as hd
 import numpy as np
@@ -15,8 +14,8 @@ from pydicom.data import get_testdata_file
 from node.writers.codes import FINDING_CODES
 from node.writers.uids import result_uid
 from pipelines.base import Finding, ModelInfo, PipelineResult
+from tests.peers import CXR_SAMPLES
 
-CXR_SAMPLES = Path("/work/shared/data/cxr-samples")
 JPEG_SAMPLE = CXR_SAMPLES / "pneumonia" / "person1946_bacteria_4875.jpeg"
 
 MODEL = ModelInfo(
