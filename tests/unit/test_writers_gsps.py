@@ -1,19 +1,10 @@
-import shutil
 
 import pytest
 from pydicom.uid import GrayscaleSoftcopyPresentationStateStorage
-from writers_data import MODEL, fake_result, identity, jpeg_source, rg1, roundtrip
+from writers_data import MODEL, fake_result, identity, needs_dciodvfy, roundtrip
 
 from node.writers.gsps import build_presentation_state
 from node.writers.validate import ValidationFailed, check, validate
-
-needs_dciodvfy = pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="no dciodvfy")
-SOURCES = {"rg1": rg1, "jpeg": jpeg_source}
-
-
-@pytest.fixture(scope="module", params=sorted(SOURCES))
-def source(request):
-    return SOURCES[request.param]()
 
 
 @pytest.fixture(scope="module")

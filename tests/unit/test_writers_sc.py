@@ -1,22 +1,13 @@
-import shutil
 import time
 
 import numpy as np
 import pytest
 from pydicom.uid import SecondaryCaptureImageStorage
-from writers_data import MODEL, fake_result, identity, jpeg_source, rg1, roundtrip
+from writers_data import MODEL, fake_result, identity, needs_dciodvfy, rg1, roundtrip
 
 from node.writers import sc as sc_writer
 from node.writers.sc import build_overlay_sc, render_overlay
 from node.writers.validate import ValidationFailed, check, validate
-
-needs_dciodvfy = pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="no dciodvfy")
-SOURCES = {"rg1": rg1, "jpeg": jpeg_source}
-
-
-@pytest.fixture(scope="module", params=sorted(SOURCES))
-def source(request):
-    return SOURCES[request.param]()
 
 
 @pytest.fixture(scope="module")

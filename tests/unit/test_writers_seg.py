@@ -1,21 +1,12 @@
-import shutil
 
 import numpy as np
 import pytest
 from pydicom.uid import SegmentationStorage
-from writers_data import MODEL, fake_result, identity, jpeg_source, rg1, roundtrip
+from writers_data import MODEL, fake_result, identity, needs_dciodvfy, rg1, roundtrip
 
 from node.writers import codes
 from node.writers.seg import build_segmentation
 from node.writers.validate import validate
-
-needs_dciodvfy = pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="no dciodvfy")
-SOURCES = {"rg1": rg1, "jpeg": jpeg_source}
-
-
-@pytest.fixture(scope="module", params=sorted(SOURCES))
-def source(request):
-    return SOURCES[request.param]()
 
 
 @pytest.fixture(scope="module")

@@ -5,23 +5,15 @@ import subprocess
 
 import pytest
 from pydicom.uid import Comprehensive3DSRStorage
-from writers_data import MODEL, fake_result, identity, jpeg_source, probabilities, rg1, roundtrip
+from writers_data import MODEL, fake_result, identity, needs_dciodvfy, probabilities, rg1, roundtrip
 
 from node.writers.sr import build_comprehensive_3d_sr
 from node.writers.validate import ValidationFailed, check, validate
-
-needs_dciodvfy = pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="no dciodvfy")
-SOURCES = {"rg1": rg1, "jpeg": jpeg_source}
 
 
 def build(source, **kwargs):
     result = fake_result(source.Rows, source.Columns)
     return build_comprehensive_3d_sr([source], [result], MODEL, **identity("sr"), **kwargs)
-
-
-@pytest.fixture(scope="module", params=sorted(SOURCES))
-def source(request):
-    return SOURCES[request.param]()
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from io import BytesIO
 
 import highdicom as hd
@@ -104,3 +105,8 @@ def roundtrip(ds: Dataset) -> Dataset:
     if "PixelData" in back:
         back.pixel_array  # noqa: B018
     return back
+
+
+#: The real source images the writer tests build from (one module-scoped fixture run per entry).
+SOURCES = {"rg1": rg1, "jpeg": jpeg_source}
+needs_dciodvfy = pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="no dciodvfy")
