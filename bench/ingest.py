@@ -77,9 +77,14 @@ def run_node(work: Path, files: list[Path]) -> float:
     env = {**os.environ, "TCP_NODELAY": "1"}
     proc = subprocess.Popen([*cli, "listener"], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                             stderr=open(work / "listener.log", "wb"))  # noqa: SIM115
+    return _time_receiver(proc, port, "PACSNODE", files, startup=60)
+
+
+def _time_receiver(proc: subprocess.Popen[bytes], port: int, aec: str, files: list[Path], startup: float) -> float:
+    """Wait for a started receiver, time sending the files to it, stop it."""
     try:
-        wait_port(port, 60)
-        return timed_send(port, "PACSNODE", files)
+        wait_port(port, startup)
+        return timed_send(port, aec, files)
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -92,12 +97,7 @@ def run_storescp(work: Path, files: list[Path]) -> float:
     proc = subprocess.Popen(["storescp", "-aet", "STORESCP", "-od", str(out), "-pm", str(port)],
                             env={**os.environ, "TCP_NODELAY": "1"}, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    try:
-        wait_port(port, 30)
-        return timed_send(port, "STORESCP", files)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+    return _time_receiver(proc, port, "STORESCP", files, startup=30)
 
 
 def main() -> int:

@@ -24,6 +24,11 @@ class ConfigError(ValueError):
     """The configuration file is missing, unreadable or invalid."""
 
 
+def _require_unique(names: list[str], what: str) -> None:
+    if len(names) != len(set(names)):
+        raise ValueError(f"{what} names must be unique: {names}")
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -336,9 +341,7 @@ class RoutingConfig(_Strict):
     @field_validator("rules")
     @classmethod
     def _unique(cls, v: list[RoutingRule]) -> list[RoutingRule]:
-        names = [r.name for r in v]
-        if len(names) != len(set(names)):
-            raise ValueError(f"rule names must be unique: {names}")
+        _require_unique([r.name for r in v], "rule")
         return v
 
 
@@ -363,9 +366,7 @@ class Config(_Strict):
     @field_validator("destinations")
     @classmethod
     def _unique_names(cls, v: list[Destination]) -> list[Destination]:
-        names = [d.name for d in v]
-        if len(names) != len(set(names)):
-            raise ValueError(f"destination names must be unique: {names}")
+        _require_unique([d.name for d in v], "destination")
         return v
 
     @model_validator(mode="after")
