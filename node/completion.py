@@ -144,7 +144,6 @@ class CompletionService:
     def _complete(self, s: Session, study: Study, rule: str, now: datetime) -> list[tuple[int, int]]:
         study.completed_at = now
         study.completion_rule = rule
-        study.pending_instances = 0
         jobs = create_jobs_for_study(s, self.config, study)
         study.state = StudyState.COMPLETE if jobs or study.jobs else StudyState.SKIPPED
         s.flush()

@@ -167,7 +167,7 @@ def _record(
     study = s.scalar(select(Study).where(Study.study_instance_uid == study_uid))
     if study is None:
         study = Study(study_instance_uid=study_uid, state=StudyState.RECEIVING, calling_ae=calling_ae,
-                      first_received_at=now, instance_count=0, pending_instances=0)
+                      first_received_at=now, instance_count=0)
         s.add(study)
         s.flush()
     elif study.state != StudyState.RECEIVING:
@@ -178,7 +178,6 @@ def _record(
         study.expected_instances = expected
     study.last_received_at = now
     study.released_at = None
-    study.pending_instances += 1
     series = s.scalar(select(Series).where(Series.series_instance_uid == series_uid))
     if series is None:
         series = Series(study_id=study.id, series_instance_uid=series_uid, state=SeriesState.PENDING,

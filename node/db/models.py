@@ -112,8 +112,6 @@ class Study(Base):
     released_at: Mapped[datetime | None] = _ts()
     completed_at: Mapped[datetime | None] = _ts()
     completion_rule: Mapped[str | None] = mapped_column(String(32))
-    # Instances that arrived after the last completion; a new completion starts a new job.
-    pending_instances: Mapped[int] = mapped_column(Integer, default=0)
 
     series: Mapped[list[Series]] = relationship(back_populates="study", order_by="Series.id")
     jobs: Mapped[list[Job]] = relationship(back_populates="study", order_by="Job.id")

@@ -86,8 +86,7 @@ def _queued_job(cfg: Config, source: Path) -> int:
     rel = instance_relpath(str(ds.StudyInstanceUID), str(ds.SOPInstanceUID), sha)
     write_atomic(cfg.storage.path, rel, data)
     with session_scope(cfg.database.url) as s:
-        study = Study(study_instance_uid=str(ds.StudyInstanceUID), state=StudyState.COMPLETE, instance_count=1,
-                      pending_instances=0)
+        study = Study(study_instance_uid=str(ds.StudyInstanceUID), state=StudyState.COMPLETE, instance_count=1)
         series = Series(study=study, series_instance_uid=str(ds.SeriesInstanceUID), modality=ds.get("Modality"),
                         state=SeriesState.ROUTED)
         inst = Instance(series=series, sop_instance_uid=str(ds.SOPInstanceUID), sop_class_uid=str(ds.SOPClassUID),

@@ -15,7 +15,7 @@ def make_job(config: Config, state: JobState, age_s: float = 0, **fields: Any) -
     then = utcnow() - timedelta(seconds=age_s)
     with session_scope(config.database.url) as s:
         study = Study(study_instance_uid=f"1.2.3.{int(then.timestamp() * 1e6)}", state=StudyState.COMPLETE,
-                      first_received_at=then, last_received_at=then, instance_count=1, pending_instances=0)
+                      first_received_at=then, last_received_at=then, instance_count=1)
         s.add(study)
         s.flush()
         job = Job(study_id=study.id, pipeline="chest_xray", state=state, attempt=0, instance_ids=[],
