@@ -24,7 +24,6 @@ from node.queue import EXPORT_JOB, INFERENCE_QUEUE, RUN_JOB, app
 from node.worker import (
     RetryableExportError,
     TransientError,
-    fail_export,
     fail_job,
     pipeline_for,
     run_export,
@@ -96,7 +95,7 @@ def export_job(self: Task, job_id: int) -> None:
     except RetryableExportError as e:
         ec = config.export
         if self.request.retries >= ec.max_retries:
-            fail_export(config, job_id, f"gave up after {self.request.retries + 1} attempts: {e}")
+            fail_job(config, job_id, "send", f"gave up after {self.request.retries + 1} attempts: {e}")
             return
         delay = min(ec.backoff_seconds * 2**self.request.retries, ec.backoff_max_seconds)
         log.warning("job %d: send failed (%s); retry %d in %.1f s", job_id, e, self.request.retries + 1, delay)

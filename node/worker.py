@@ -109,7 +109,8 @@ def _start(config: Config, job_id: int, worker: str) -> JobInput | None:
                         job.destinations, job.objects, job.study.calling_ae)
 
 
-def _fail(config: Config, job_id: int, stage: str, message: str) -> None:
+def fail_job(config: Config, job_id: int, stage: str, message: str) -> None:
+    """Fail a job at `stage` with the reason, unless it already ended."""
     with session_scope(config.database.url) as s:
         job = s.get(Job, job_id)
         if job is not None and job.state not in (JobState.FAILED, JobState.CANCELLED, JobState.DONE):
@@ -129,7 +130,7 @@ def _guard(config: Config, job_ids: Sequence[int]) -> Iterator[None]:
         yield
     except PermanentError as e:
         for job_id in job_ids:
-            _fail(config, job_id, e.stage, str(e))
+            fail_job(config, job_id, e.stage, str(e))
         raise _Failed from e
     except Exception as e:
         if "out of memory" in str(e).lower():
@@ -138,7 +139,7 @@ def _guard(config: Config, job_ids: Sequence[int]) -> Iterator[None]:
             raise TransientError(str(e)) from e
         log.exception("jobs %s: unexpected error", list(job_ids))
         for job_id in job_ids:
-            _fail(config, job_id, "internal", f"{type(e).__name__}: {e}")
+            fail_job(config, job_id, "internal", f"{type(e).__name__}: {e}")
         raise _Failed from e
 
 
@@ -514,13 +515,3 @@ def run_export(config: Config, job_id: int) -> None:
             transition(job, JobState.DONE, error=None, error_stage=None)
             if job.supersedes is not None and job.supersedes.state == JobState.DONE:
                 transition(job.supersedes, JobState.SUPERSEDED)
-
-
-def fail_export(config: Config, job_id: int, message: str) -> None:
-    """Fail a job whose results could not be sent within the retry schedule."""
-    _fail(config, job_id, "send", message)
-
-
-def fail_job(config: Config, job_id: int, stage: str, message: str) -> None:
-    """Fail a job at `stage` (e.g. transient errors that outlasted the retry schedule)."""
-    _fail(config, job_id, stage, message)

@@ -214,15 +214,6 @@ class Node:
         return self.log_path.read_text(errors="replace")
 
 
-@contextmanager
-def node(config_path: Path) -> Iterator[Node]:
-    n = Node(config_path).start()
-    try:
-        yield n
-    finally:
-        n.stop()
-
-
 def storescu(port: int, *files: Path, aec: str = "PACSNODE", aet: str = "STORESCU", timeout: float = 60,
              extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
     """DCMTK storescu as the modality (TCP_NODELAY set, as DCMTK reads it from the environment).
