@@ -249,7 +249,7 @@ def job_to_dict(job: Job) -> dict[str, Any]:
         "priority": job.priority,
         "destinations": job.destinations,
         "objects": job.objects,
-        "timings": job.timings,
+        "timings": job.stage_seconds,
         "created_at": ts(job.created_at),
         "updated_at": ts(job.updated_at),
         **{f"{st.value}_at": ts(getattr(job, f"{st.value}_at")) for st in JobState},

@@ -499,11 +499,7 @@ def run_export(config: Config, job_id: int) -> None:
     with session_scope(config.database.url) as s:
         job = s.get(Job, job_id)
         assert job is not None
-        if job.state != JobState.RUNNING:
-            # While the job is still encoding, its worker rewrites `timings` when it finishes;
-            # adding ours now would race with that write (lost update). The SR's own send time
-            # is on its Send row (sent_at).
-            job.timings = {**job.timings, "send": round(job.timings.get("send", 0.0) + elapsed, 4)}
+        s.execute(update(Job).where(Job.id == job_id).values(send_seconds=Job.send_seconds + elapsed))
         if failures:
             job.error, job.error_stage = "; ".join(failures)[:4000], "send"
             job.updated_at = utcnow()

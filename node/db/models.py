@@ -14,6 +14,7 @@ from sqlalchemy import (
     DateTime,
     Dialect,
     Enum,
+    Float,
     ForeignKey,
     Integer,
     MetaData,
@@ -175,6 +176,9 @@ class Job(Base):
     # Which instances the job processes (ids), fixed at creation so a replay is reproducible.
     instance_ids: Mapped[list[int]] = mapped_column(JSON, default=list)
     timings: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    # Export time, added with one atomic UPDATE by each export pass: export tasks run while the
+    # inference worker is still writing `timings`, so a read-modify-write of the JSON would race.
+    send_seconds: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
     replay_of: Mapped[int | None] = mapped_column(ForeignKey("job.id"))
     # 0-9 from the routing rule, 9 most urgent; passed to the queue so STAT studies go first.
     priority: Mapped[int] = mapped_column(Integer, default=4, server_default="4")
@@ -193,6 +197,11 @@ class Job(Base):
     cancelled_at: Mapped[datetime | None] = _ts()
     superseded_at: Mapped[datetime | None] = _ts()
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+    @property
+    def stage_seconds(self) -> dict[str, Any]:
+        """Seconds per stage: what the inference worker recorded, plus the export time."""
+        return {**self.timings, "send": round(self.send_seconds or 0.0, 4)} if self.send_seconds else dict(self.timings)
 
     study: Mapped[Study] = relationship(back_populates="jobs")
     supersedes: Mapped[Job | None] = relationship(remote_side="Job.id", foreign_keys=[supersedes_id])

@@ -115,7 +115,7 @@ def _job(cfg: Config, job_id: int) -> dict[str, Any]:
     with session_scope(cfg.database.url) as s:
         job = s.get(Job, job_id)
         assert job is not None
-        return {"state": job.state, "error": job.error, "error_stage": job.error_stage, "timings": dict(job.timings),
+        return {"state": job.state, "error": job.error, "error_stage": job.error_stage, "timings": job.stage_seconds,
                 "outputs": [(o.kind, o.sop_instance_uid, o.series_instance_uid) for o in job.outputs],
                 "study": job.study.study_instance_uid}
 
