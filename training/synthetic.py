@@ -17,12 +17,16 @@ bright lateral pleural rim. "No Finding" when none is drawn.
 
 from __future__ import annotations
 
+import csv
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
+from PIL import Image
 from scipy import ndimage
 
-__all__ = ["LABELS", "Sample", "generate", "generate_set"]
+__all__ = ["LABELS", "Sample", "generate", "generate_set", "write_dataset"]
 
 LABELS: tuple[str, ...] = (
     "Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Effusion", "Emphysema",
@@ -187,3 +191,33 @@ def generate(index: int, seed: int, size: int = 256) -> Sample:
     labels = np.array([present[lab] for lab in LABELS], np.float32)
     labels[-1] = float(not labels[:-1].any())
     return Sample(image=img.astype(np.float32), mask=mask, labels=labels)
+
+
+def write_dataset(out: Path, n_train: int, n_val: int, seed: int, size: int = 256) -> Path:
+    """Write samples 0..n_train+n_val-1 as a generic-CSV data set the recipes read.
+
+    Layout: images/NNNNNN.png (16-bit), masks/NNNNNN.png, labels.csv (path, mask, split, one
+    column per label; the first n_train are `train`, the rest `val`) and dataset.json, whose
+    `synthetic: true` makes `training export` mark any bundle trained on it as demo weights.
+    """
+    out = Path(out)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    (out / "masks").mkdir(exist_ok=True)
+    with (out / "labels.csv").open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "mask", "split", *LABELS])
+        for i in range(n_train + n_val):
+            s = generate(i, seed, size)
+            name = f"{i:06d}.png"
+            Image.fromarray(np.round(s.image * 65535).astype(np.uint16)).save(out / "images" / name)
+            Image.fromarray(s.mask.astype(np.uint8) * 255).save(out / "masks" / name)
+            w.writerow([f"images/{name}", f"masks/{name}", "train" if i < n_train else "val",
+                        *(int(v) for v in s.labels)])  # fmt: skip
+    manifest = {
+        "name": "synthetic", "synthetic": True, "generator": "training.synthetic", "seed": seed,
+        "image_size": size,
+        "train_images": n_train, "val_images": n_val,
+        "source": "procedural chest-like radiographs, no patient data",
+    }  # fmt: skip
+    (out / "dataset.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return out

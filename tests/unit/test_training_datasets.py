@@ -14,7 +14,7 @@ from tests.unit import training_data
 from training.datasets import DatasetError, load_dataset, load_image, load_mask
 from training.datasets.kermany import kermany_patient
 from training.datasets.rsna import RSNA_CLASSES
-from training.synthetic import LABELS, generate
+from training.synthetic import LABELS, generate, write_dataset
 
 
 def test_kermany_real_samples(tmp_path: Path) -> None:
@@ -113,6 +113,22 @@ def test_generic_csv_and_dicom_folder(tmp_path: Path) -> None:
     (tmp_path / "labels.csv").write_text("path,Effusion\ndcm/sub0/0.dcm,2\n")
     with pytest.raises(DatasetError, match="label values must be 0 or 1"):
         load_dataset({"format": "csv"}, tmp_path)
+
+
+def test_synthetic_set_reads_back_as_generic_csv_with_masks(tmp_path: Path) -> None:
+    write_dataset(tmp_path / "syn", n_train=3, n_val=2, seed=4, size=64)
+    ds = load_dataset({"format": "csv"}, tmp_path / "syn")
+    assert ds.name == "synthetic" and ds.labels == LABELS
+    assert [r.split for r in ds.records] == ["train"] * 3 + ["val"] * 2
+    assert ds.summary()["synthetic"] == "true"  # what `training export` turns into demo: true
+    s = generate(4, seed=4, size=64)
+    img = load_image(ds.records[4].image)
+    np.testing.assert_allclose(img, s.image, atol=1 / 65535)  # 16-bit PNG keeps the pixels
+    np.testing.assert_array_equal(load_mask(ds.records[4].masks, img.shape), s.mask)
+    assert ds.records[4].labels == tuple(float(v) for v in s.labels)
+    (tmp_path / "syn" / "masks" / "000001.png").unlink()
+    with pytest.raises(DatasetError, match="000001.png is listed in .*labels.csv but missing"):
+        load_dataset({"format": "csv"}, tmp_path / "syn")
 
 
 def test_unknown_format(tmp_path: Path) -> None:

@@ -1,7 +1,9 @@
 """Label tables: a generic CSV (path, label columns) and a DICOM folder with a labels CSV.
 
-Generic CSV: a `path` column (relative to the CSV's folder), optional `patient_id` and
-`split`, and one 0/1 column per label (the label names are the column names).
+Generic CSV: a `path` column (relative to the CSV's folder), optional `patient_id`, `split`
+and `mask` (a lung mask file, for segmentation recipes), and one 0/1 column per label (the
+label names are the column names). An optional `dataset.json` beside the CSV names the set and
+adds notes to its summary (`training.synthetic.write_dataset` marks its sets `synthetic`).
 DICOM folder: every DICOM under the folder is indexed by SOP Instance UID and by relative path;
 the CSV names each image by `sop_instance_uid` or `path`, label columns as above; the patient
 comes from the CSV's `patient_id` or else the file's Patient ID.
@@ -10,6 +12,7 @@ comes from the CSV's `patient_id` or else the file's Patient ID.
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import pydicom
@@ -18,7 +21,7 @@ from training.datasets.common import SPLITS, DatasetError, LabelledSet, Record, 
 
 __all__ = ["load_csv", "load_dicom_folder"]
 
-_META = {"path", "patient_id", "split", "sop_instance_uid"}
+_META = {"path", "patient_id", "split", "sop_instance_uid", "mask"}
 
 
 def _read_table(path: Path) -> tuple[list[str], list[dict[str, str]]]:
@@ -42,9 +45,25 @@ def _read_table(path: Path) -> tuple[list[str], list[dict[str, str]]]:
     return labels, rows
 
 
-def _record(row: dict[str, str], labels: list[str], image: Path, patient: str | None) -> Record:
+def _record(row: dict[str, str], labels: list[str], image: Path, patient: str | None,
+            masks: tuple[Path, ...] = ()) -> Record:  # fmt: skip
     y = tuple(float(row[c]) for c in labels)
-    return Record(image, y, row.get("patient_id") or patient, row.get("split") or None)
+    return Record(image, y, row.get("patient_id") or patient, row.get("split") or None, masks=masks)
+
+
+def _manifest(folder: Path) -> tuple[str | None, dict[str, str]]:
+    """(name, notes) from an optional dataset.json."""
+    path = folder / "dataset.json"
+    if not path.is_file():
+        return None, {}
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise DatasetError(f"cannot read {path}: {e}") from e
+    if not isinstance(meta, dict):
+        raise DatasetError(f"{path}: top level must be an object")
+    name = meta.pop("name", None)
+    return (str(name) if name else None), {k: json.dumps(v) if not isinstance(v, str) else v for k, v in meta.items()}
 
 
 def load_csv(table: Path, root: Path | None = None, multi_label: bool = True) -> LabelledSet:
@@ -56,11 +75,13 @@ def load_csv(table: Path, root: Path | None = None, multi_label: bool = True) ->
     for row in rows:
         if not row.get("path"):
             raise DatasetError(f"{table}: every row needs a path")
-        p = root / row["path"]
-        if not p.is_file():
-            raise DatasetError(f"{p} is listed in {table} but missing")
-        records.append(_record(row, labels, p, None))
-    ds = LabelledSet(table.stem, tuple(labels), records, multi_label=multi_label)
+        files = [root / row["path"], *([root / row["mask"]] if row.get("mask") else [])]
+        for p in files:
+            if not p.is_file():
+                raise DatasetError(f"{p} is listed in {table} but missing")
+        records.append(_record(row, labels, files[0], None, tuple(files[1:])))
+    name, notes = _manifest(table.parent)
+    ds = LabelledSet(name or table.stem, tuple(labels), records, multi_label=multi_label, notes=notes)
     count_log(ds)
     return ds
 
