@@ -1,4 +1,4 @@
-"""`python -m training {demo,train,export}`: demo weights, recipe training, bundle export."""
+"""`python -m training {demo,synthetic,train,export}`: demo weights, data, recipe training, bundles."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import argparse
 import json
 import logging
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 from pipelines.base import DEMO_DISCLAIMER
@@ -20,6 +19,13 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--out", type=Path, required=True, help="bundle folder to (re)create")
     demo.add_argument("--quick", action="store_true", help="tiny run (seconds) for tests")
     demo.add_argument("--seed", type=int, default=None)
+    demo.add_argument("--work", type=Path, default=None, help="folder for the data and runs (default: beside --out)")
+    syn = sub.add_parser("synthetic", help="write a synthetic data set (generic CSV layout with lung masks)")
+    syn.add_argument("--out", type=Path, required=True)
+    syn.add_argument("--train", type=int, default=800, help="training images")
+    syn.add_argument("--val", type=int, default=240, help="validation images")
+    syn.add_argument("--size", type=int, default=256)
+    syn.add_argument("--seed", type=int, default=20240601)
     tr = sub.add_parser("train", help="train a recipe (training/recipes/*.yaml) into a run folder")
     tr.add_argument("--recipe", type=Path, required=True)
     tr.add_argument("--data", type=Path, required=True, help="the data set folder, as downloaded")
@@ -54,12 +60,16 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"bundle": str(out), "version": args.version}))
         return 0
 
-    from training.demo import FULL, QUICK, train_demo  # imports torch
+    if args.command == "synthetic":
+        from training.synthetic import write_dataset
 
-    cfg = QUICK if args.quick else FULL
-    if args.seed is not None:
-        cfg = replace(cfg, seed=args.seed)
-    metrics = train_demo(args.out, cfg)
+        path = write_dataset(args.out, args.train, args.val, args.seed, args.size)
+        print(json.dumps({"data": str(path), "train": args.train, "val": args.val}))
+        return 0
+
+    from training.demo import SEED, train_demo  # imports torch
+
+    metrics = train_demo(args.out, args.quick, SEED if args.seed is None else args.seed, args.work)
     print(json.dumps({"bundle": str(args.out), **metrics}, indent=2))
     print(f"NOTE: {DEMO_DISCLAIMER}", file=sys.stderr)
     return 0

@@ -142,6 +142,8 @@ def export_run(run: Path, out: Path, version: str, changelog: str | None = None)
     if meta["preprocessing"].get("crop") != "lung" or not meta.get("segmentation_run"):
         raise ValueError(f"{run} was trained on whole images; the node classifies lung crops (train with crop: lung)")
     seg, seg_meta = load_run_network(Path(meta["segmentation_run"]))
+    # weights trained on synthetic images are demo weights whatever the caller says
+    demo = any(m["data"].get("synthetic") == "true" for m in (meta, seg_meta))
     post = seg_meta["preprocessing"]
     labels = list(meta["labels"])
     return export_bundle(
@@ -163,7 +165,7 @@ def export_run(run: Path, out: Path, version: str, changelog: str | None = None)
         },  # fmt: skip
         version=version,
         changelog={version: changelog or f"trained with training/ recipes on {meta['data']['dataset']}"},
-        demo=False,
+        demo=demo,
         description=(
             f"Lung segmentation (UNet) and {len(labels)}-label chest radiograph classifier "
             f"(DenseNet121) trained on {meta['data']['dataset']}"

@@ -21,6 +21,7 @@ DEFAULTS: dict[str, Any] = {
     "seed": 0,
     "split": {"val": 0.1, "test": 0.2, "seed": 0},
     "image_size": 224,
+    "inference_size": None,  # size the bundle runs at and validation uses; None = image_size
     "pretrained": None,  # local state-dict path; None = random initialisation (nothing is downloaded)
     "epochs": 10,
     "batch_size": 16,
@@ -30,6 +31,7 @@ DEFAULTS: dict[str, Any] = {
     "postprocess": {"mask_threshold": 0.5, "opening_radius": 2, "crop_margin": 0.08},
     "crop": "none",  # "lung": classify lung boxes from a segmentation run (as the node does)
     "class_weighting": True,
+    "pos_weight_max": 50.0,  # cap on a rare label's positive weight (weighted BCE)
     "threshold_rule": "youden",
     "num_workers": 0,
     "cache": True,  # keep preprocessed images in memory (per split)

@@ -138,8 +138,8 @@ def _augmenter(aug: dict[str, Any], size: int, segmentation: bool, seed: int) ->
     return c
 
 
-def _preparer(recipe: dict[str, Any], cropper: LungCropper | None) -> Prepare:
-    size = int(recipe["image_size"])
+def _preparer(recipe: dict[str, Any], cropper: LungCropper | None, size: int) -> Prepare:
+    """Record -> (network input at `size`, target), with the node's preprocessing."""
     if recipe["task"] == "segmentation":
         def prepare_seg(r: Record) -> tuple[torch.Tensor, torch.Tensor]:
             img = load_image(r.image)
@@ -187,11 +187,11 @@ def _seg_scores(logits: torch.Tensor, y: torch.Tensor, post: dict[str, Any]) -> 
     return {"dice": dice(pred, truth), "pixel_accuracy": float((pred == truth).mean())}
 
 
-def _class_weights(ds: LabelledSet, records: Sequence[Record]) -> torch.Tensor:
-    """pos_weight = negatives / positives per label (on the training split), clamped to [1, 50]."""
+def _class_weights(records: Sequence[Record], most: float) -> torch.Tensor:
+    """pos_weight = negatives / positives per label (on the training split), clamped to [1, most]."""
     y = torch.tensor([r.labels for r in records], dtype=torch.float32)
     pos = y.sum(0)
-    return ((len(y) - pos) / pos.clamp_min(1)).clamp(1.0, 50.0)
+    return ((len(y) - pos) / pos.clamp_min(1)).clamp(1.0, most)
 
 
 def train(
@@ -228,9 +228,15 @@ def train(
         if segmentation_run is None:
             raise RunError("crop: lung needs --segmentation-run (a finished lung segmentation run)")
         cropper = LungCropper(segmentation_run)
-    prepare = _preparer(recipe, cropper)
+    if task == "segmentation" and not all(r.masks for s in splits.values() for r in s):
+        raise RunError(f"a segmentation recipe needs a mask for every image; {ds.name} has images without one")
+    # fully convolutional networks may train smaller than they run: validation, thresholds and
+    # the bundle use the inference size
+    infer_size = int(recipe["inference_size"] or size)
+    prepare = _preparer(recipe, cropper, infer_size)
     cache = bool(recipe["cache"])
-    train_set = Prepared(splits["train"], prepare, _augmenter(recipe["augment"], size, task == "segmentation", seed), cache)
+    train_set = Prepared(splits["train"], _preparer(recipe, cropper, size),
+                         _augmenter(recipe["augment"], size, task == "segmentation", seed), cache)  # fmt: skip
     val_set = Prepared(splits["val"], prepare, None, cache)
 
     net = build_network(recipe["network"])
@@ -243,7 +249,7 @@ def train(
     if task == "segmentation":
         loss_fn: torch.nn.Module = DiceLoss(sigmoid=True)
     else:
-        pos_weight = _class_weights(ds, splits["train"]) if recipe["class_weighting"] else None
+        pos_weight = _class_weights(splits["train"], float(recipe["pos_weight_max"])) if recipe["class_weighting"] else None
         loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=None if pos_weight is None else pos_weight.to(dev))
     opt = _optimizer(recipe, net.parameters())
     sc = recipe["scheduler"] or {"name": "none"}
@@ -328,7 +334,7 @@ def train(
     report = _final_report(recipe, ds, splits, prepare, net, dev, out)
     run = {
         "task": task, "recipe": recipe, "network": recipe["network"], "weights": "model.pt",
-        "labels": list(ds.labels), "thresholds": report.get("thresholds"), "input_size": size,
+        "labels": list(ds.labels), "thresholds": report.get("thresholds"), "input_size": infer_size,
         "preprocessing": {**recipe["postprocess"], "crop": recipe["crop"]},
         "segmentation_run": str(cropper.run) if cropper else None,
         "pretrained": pretrained, "data": summary, "metrics": report["metrics"],

@@ -31,10 +31,30 @@ def test_round_trip(demo_bundle: Path) -> None:
     assert b.model.device_uid == device_uid_for(shas)
     for key in ("monai_version", "pytorch_version", "network_data_format", "intended_use", "metrics"):
         assert meta[key]
-    assert 0 <= meta["metrics"]["val_dice"] <= 1
-    assert set(meta["metrics"]["val_roc_auc"]) == set(b.labels)
+    assert 0 <= meta["metrics"]["segmentation"]["val"]["dice"] <= 1
+    per_label = meta["metrics"]["classifier"]["val"]["per_label"]
+    assert [row["label"] for row in per_label] == list(b.labels)
     x = torch.zeros(1, 1, b.classifier_size, b.classifier_size)
     assert b.classifier(x).shape == (1, 15)
+
+
+def test_demo_bundle_comes_from_train_and_export(demo_bundle: Path) -> None:
+    """`training demo` = synthetic data set -> two recipe runs -> `export` (the runs stay beside it)."""
+    meta = read_metadata(demo_bundle)
+    runs = demo_bundle.parent / ".chest_xray-training"
+    cls_run = json.loads((runs / "cls" / "run.json").read_text())
+    assert meta["training_data"]["classifier"]["run"] == str((runs / "cls").resolve())
+    assert meta["training_data"]["classifier"]["synthetic"] == "true" and meta["demo"] is True
+    assert meta["thresholds"] == dict(zip(cls_run["labels"], cls_run["thresholds"], strict=True))
+    # trained at 64 px (--quick), validated, thresholded and bundled at its inference size
+    assert cls_run["recipe"]["image_size"] == 64 and meta["input_size"]["classifier"] == 224
+    assert meta["training_data"]["recipes"]["segmentation"]["network"]["architecture"] == "UNet"
+
+
+def test_pinned_version(demo_bundle: Path) -> None:
+    assert load_bundle(demo_bundle, "0.1.0").model.version == "0.1.0"
+    with pytest.raises(BundleError, match=r"is version 0.1.0; the configuration asks for 1.0.0"):
+        read_metadata(demo_bundle, "1.0.0")
 
 
 def test_device_uid_changes_with_weights() -> None:
