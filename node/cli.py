@@ -48,12 +48,35 @@ def db_upgrade(config: Config) -> None:
     command.upgrade(cfg, "head")
 
 
+class BundleCheckError(RuntimeError):
+    """A configured model bundle is missing, unreadable or not the version config.yaml pins."""
+
+
 def ensure_bundles(config: Config) -> None:
-    """Train demo weights into any configured bundle folder that is missing (first run)."""
+    """Check every enabled pipeline's bundle (and pinned version) before anything starts.
+
+    A missing bundle with no version pinned gets demo weights (first run); a pinned version is
+    never replaced by demo weights.
+    """
+    from pipelines.bundle import BundleError, read_metadata  # metadata only: no torch here
+
     for name, pc in config.pipelines.items():
-        if pc.enabled and not (pc.bundle / "configs" / "metadata.json").exists():
+        if not pc.enabled:
+            continue
+        if not (pc.bundle / "configs" / "metadata.json").exists():
+            if pc.version is not None:
+                raise BundleCheckError(
+                    f"pipelines.{name}: model bundle {pc.bundle} (version {pc.version}) is missing; "
+                    "install it with `python -m training export`, or drop `version` to start on demo weights"
+                )
             log.warning("model bundle %s for %s is missing: training demo weights (a few minutes)", pc.bundle, name)
             subprocess.run([sys.executable, "-m", "training", "demo", "--out", str(pc.bundle)], check=True)
+        try:
+            meta = read_metadata(pc.bundle, pc.version)
+        except BundleError as e:
+            raise BundleCheckError(f"pipelines.{name}: {e}") from e
+        log.info("pipeline %s: bundle %s version %s%s", name, pc.bundle, meta["version"],
+                 " (demo weights)" if meta["demo"] else "")  # fmt: skip
 
 
 def _worker_argv(config_file: Path, queue: str) -> list[str]:
@@ -65,7 +88,11 @@ def cmd_run(args: argparse.Namespace, config: Config) -> int:
     from node.jobs import reconcile
 
     db_upgrade(config)
-    ensure_bundles(config)
+    try:
+        ensure_bundles(config)
+    except BundleCheckError as e:
+        print(f"pacsnode: {e}", file=sys.stderr)
+        return 2
     # The workers of a previous run were ours and are gone: every unfinished job goes again.
     reconcile(config, stale_after=0)
     env = {**os.environ, "PACSNODE_CONFIG": str(args.config_file)}
@@ -259,8 +286,13 @@ def cmd_models(args: argparse.Namespace, config: Config) -> int:
     """List the model bundles the config names (and any bundles in --path folders)."""
     from pipelines.bundle import list_bundles
 
+    pinned = {str(pc.bundle): pc.version for pc in config.pipelines.values() if pc.version}
     paths = [pc.bundle for pc in config.pipelines.values()] + [Path(p) for p in args.path]
     rows = list_bundles(paths)
+    for r in rows:
+        want = pinned.get(r["path"])
+        if want and r.get("status") == "ok" and str(r["version"]) != want:
+            r["status"] = f"config.yaml pins version {want}"
     _print(rows, args.json, ["name", "version", "demo", "status", "path"])
     return 0 if all(r.get("status") == "ok" for r in rows) else 1
 

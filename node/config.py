@@ -211,6 +211,9 @@ class ExportConfig(_Strict):
 
 class PipelineConfig(_Strict):
     bundle: Path = Field(description="model bundle folder (configs/metadata.json, models/)")
+    version: str | None = Field(
+        None, description="bundle version to run; the node refuses to start with any other (None: any)"
+    )
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
     enabled: bool = True
 

@@ -69,16 +69,16 @@ class JobInput:
 
 
 @cache
-def get_pipeline(name: str, bundle: str, device: str):  # type: ignore[no-untyped-def]
-    """Load a pipeline once per process (per bundle and device)."""
+def get_pipeline(name: str, bundle: str, device: str, version: str | None = None):  # type: ignore[no-untyped-def]
+    """Load a pipeline once per process (per bundle, device and pinned version)."""
     from pipelines.registry import load_pipeline
 
-    return load_pipeline(name, Path(bundle), device)
+    return load_pipeline(name, Path(bundle), device, version)
 
 
 def pipeline_for(config: Config, name: str):  # type: ignore[no-untyped-def]
     pc = config.pipelines[name]
-    return get_pipeline(name, str(pc.bundle), pc.device)
+    return get_pipeline(name, str(pc.bundle), pc.device, pc.version)
 
 
 def _start(config: Config, job_id: int, worker: str) -> JobInput | None:

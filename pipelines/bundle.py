@@ -7,6 +7,8 @@
 `load_bundle` checks the metadata, verifies each weight file's sha256 and builds the networks
 (on the CPU, in eval mode) from the architecture names and arguments the metadata records.
 Only the architectures in `ARCHITECTURES` can be built: metadata never names code to import.
+torch and MONAI are imported only when networks are built, so reading metadata stays cheap
+(the listener checks the configured bundles at start).
 """
 
 from __future__ import annotations
@@ -18,10 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-from monai.networks.nets import DenseNet121, UNet
+from typing import TYPE_CHECKING
 
 from pipelines.base import DEMO_DISCLAIMER, ModelInfo
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "ARCHITECTURES",
@@ -44,7 +48,7 @@ NETWORK_FILES = {
     "segmentation": Path("models/segmentation.pt"),
     "classifier": Path("models/classifier.pt"),
 }
-ARCHITECTURES: dict[str, type[torch.nn.Module]] = {"UNet": UNet, "DenseNet121": DenseNet121}
+ARCHITECTURES = ("UNet", "DenseNet121")  # monai.networks.nets classes the node can build
 REQUIRED_FIELDS = (
     "version", "changelog", "monai_version", "pytorch_version", "name", "authors", "manufacturer",
     "description", "intended_use", "network_data_format", "labels", "thresholds", "input_size",
@@ -95,18 +99,23 @@ def build_network(spec: dict[str, Any]) -> torch.nn.Module:
     """Instantiate an allowed architecture from {"architecture": name, "args": {...}}."""
     name = spec.get("architecture")
     if name not in ARCHITECTURES:
-        raise BundleError(f"unknown architecture {name!r}; allowed: {sorted(ARCHITECTURES)}")
+        raise BundleError(f"unknown architecture {name!r}; allowed: {list(ARCHITECTURES)}")
     args = spec.get("args", {})
     if not isinstance(args, dict):
         raise BundleError(f"architecture {name} args must be a mapping, not {type(args).__name__}")
+    from monai.networks import nets  # heavy: only where networks are built
+
     try:
-        return ARCHITECTURES[name](**args)
+        return getattr(nets, name)(**args)  # type: ignore[no-any-return]
     except (TypeError, ValueError) as e:
         raise BundleError(f"cannot build {name} with args {args}: {e}") from e
 
 
-def read_metadata(path: Path) -> dict[str, Any]:
-    """Read and check configs/metadata.json (without touching the weights)."""
+def read_metadata(path: Path, version: str | None = None) -> dict[str, Any]:
+    """Read and check configs/metadata.json (without touching the weights).
+
+    `version`: the version the configuration pins; any other is refused.
+    """
     meta_file = Path(path) / METADATA_PATH
     try:
         meta = json.loads(meta_file.read_text())
@@ -139,13 +148,17 @@ def read_metadata(path: Path) -> dict[str, Any]:
         raise BundleError(f"{meta_file}: demo must be true or false")
     if meta["demo"] and DEMO_DISCLAIMER not in meta["description"]:
         raise BundleError(f"{meta_file}: a demo bundle's description must contain the disclaimer")
+    if version is not None and str(meta["version"]) != version:
+        raise BundleError(f"model bundle {path} is version {meta['version']}; the configuration asks for {version}")
     return meta
 
 
-def load_bundle(path: Path | str) -> Bundle:
-    """Load and verify a bundle; raise BundleError naming the file at fault."""
+def load_bundle(path: Path | str, version: str | None = None) -> Bundle:
+    """Load and verify a bundle (of `version`, when given); raise BundleError naming the fault."""
+    import torch
+
     path = Path(path)
-    meta = read_metadata(path)
+    meta = read_metadata(path, version)
     nets: dict[str, torch.nn.Module] = {}
     shas: list[str] = []
     for key, rel in NETWORK_FILES.items():

@@ -155,9 +155,9 @@ class ChestXrayPipeline:
 
     id = "chest_xray"
 
-    def __init__(self, bundle: Path | str, device: str = "auto") -> None:
+    def __init__(self, bundle: Path | str, device: str = "auto", version: str | None = None) -> None:
         self.device = resolve_device(device)
-        self.bundle: Bundle = load_bundle(bundle)
+        self.bundle: Bundle = load_bundle(bundle, version)
         self.model: ModelInfo = self.bundle.model
         pre = self.bundle.preprocessing
         self.mask_threshold = float(pre["mask_threshold"])

@@ -23,8 +23,10 @@ class UnknownPipelineError(KeyError):
         return str(self.args[0])
 
 
-def load_pipeline(pipeline_id: str, bundle: Path, device: str = "auto") -> Pipeline:
-    """Build the pipeline `pipeline_id` from its bundle on `device` (auto, cpu, cuda, cuda:N)."""
+def load_pipeline(pipeline_id: str, bundle: Path, device: str = "auto", version: str | None = None) -> Pipeline:
+    """Build the pipeline `pipeline_id` from its bundle on `device` (auto, cpu, cuda, cuda:N).
+
+    `version`: the bundle version the configuration pins (None: whatever is installed)."""
     try:
         target = PIPELINES[pipeline_id]
     except KeyError as e:
@@ -33,5 +35,5 @@ def load_pipeline(pipeline_id: str, bundle: Path, device: str = "auto") -> Pipel
         ) from e
     module_name, cls_name = target.split(":")
     cls = getattr(importlib.import_module(module_name), cls_name)
-    pipeline: Pipeline = cls(bundle, device)
+    pipeline: Pipeline = cls(bundle, device, version)
     return pipeline

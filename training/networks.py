@@ -18,7 +18,6 @@ import torch
 from monai.networks.nets import DenseNet121, UNet, resnet50
 from torch import nn
 
-from pipelines.bundle import ARCHITECTURES
 
 __all__ = ["SmallCNN", "VGG16", "build_network", "load_pretrained"]
 
@@ -87,7 +86,7 @@ def _resnet50(**args: Any) -> nn.Module:
 
 
 TRAINABLE: dict[str, Any] = {
-    **ARCHITECTURES, "UNet": UNet, "DenseNet121": DenseNet121, "ResNet50": _resnet50, "VGG16": VGG16, "SmallCNN": SmallCNN,
+    "UNet": UNet, "DenseNet121": DenseNet121, "ResNet50": _resnet50, "VGG16": VGG16, "SmallCNN": SmallCNN,
 }  # fmt: skip
 
 

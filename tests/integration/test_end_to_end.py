@@ -46,8 +46,11 @@ def pacs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
 @pytest.fixture(scope="module")
 def running_node(tmp_path_factory: pytest.TempPathFactory, pacs: Orthanc, demo_bundle: Path) -> Iterator[Node]:
     work = tmp_path_factory.mktemp("node")
+    # the bundle `training demo` made with `train` + `export`, named with its version as an
+    # admin would pin a bundle they installed
     cfg = node_config(work, demo_bundle, [{"name": "orthanc", "ae_title": pacs.aet, "host": "127.0.0.1",
-                                           "port": pacs.dicom_port, "timeout": 10}])
+                                           "port": pacs.dicom_port, "timeout": 10}],
+                      pipelines={"chest_xray": {"bundle": str(demo_bundle), "device": "cpu", "version": "0.1.0"}})
     n = Node(cfg).start(timeout=120)
     yield n
     n.stop()
@@ -106,7 +109,7 @@ def test_radiograph_comes_back_as_sr_and_overlay_in_the_same_study(
 
     job = wait_for(new_done_job, 180, f"a new done job for {source}", interval=0.5)
     assert job["pipeline"] == "chest_xray"
-    assert job["model_version"]
+    assert job["model_version"] == "0.1.0"
     for key in ("created_at", "queued_at", "running_at", "encoded_at", "sending_at", "done_at"):
         assert job[key], key
     assert {"read", "pipeline", "encode", "send"} <= set(job["timings"])
