@@ -10,7 +10,7 @@ import yaml
 
 __all__ = ["DEFAULTS", "TASKS", "RecipeError", "load_recipe"]
 
-TASKS = ("segmentation", "multilabel", "binary")
+TASKS = ("segmentation", "multilabel", "binary", "detection")
 
 
 class RecipeError(ValueError):

@@ -222,6 +222,10 @@ def train(
         raise RunError(f"split gives {len(splits['train'])} training and {len(splits['val'])} validation images")
     summary = ds.summary(splits)
     log.info("data: %s", json.dumps(summary["splits"]))
+    if task == "detection":  # its own loop: box targets, RSNA score (training/detection.py)
+        from training.detection import train_detection
+
+        return train_detection(recipe, ds, splits, summary, out, dev=dev, resume=resume, started=t_start)
 
     cropper = None
     if task != "segmentation" and recipe["crop"] == "lung":

@@ -151,7 +151,7 @@ def test_recipe_overrides_and_errors(tmp_path: Path) -> None:
     assert r["epochs"] == 1 and r["network"]["args"]["channels"] == [4, 8] and r["optimizer"]["name"] == "adam"
     with pytest.raises(RecipeError, match="must look like key.sub=value"):
         load_recipe(RECIPES / "lung_segmentation.yaml", ["epochs"])
-    (tmp_path / "bad.yaml").write_text("task: detection\n")
+    (tmp_path / "bad.yaml").write_text("task: regression\n")
     with pytest.raises(RecipeError, match="task must be one of"):
         load_recipe(tmp_path / "bad.yaml")
     flip = load_recipe(RECIPES / "pneumonia_small_cnn.yaml", ["augment.flip_lr=true"])

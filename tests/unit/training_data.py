@@ -101,16 +101,27 @@ def nih(root: Path, n: int = 16, size: int = 96, patients: int = 6) -> Path:
     return root
 
 
-def rsna(root: Path, size: int = 96) -> Path:
-    """6 patients: 2 Lung Opacity (one with two boxes), 2 Not Normal, 2 Normal."""
+def rsna(root: Path, size: int = 96, n: int = 6, opacity: float = 0.0) -> Path:
+    """n patients cycling through 2 Lung Opacity (one with two boxes), 2 Not Normal, 2 Normal.
+
+    Boxes are given for 96 px and scaled to `size`. opacity > 0 adds a bright ellipse filling
+    each box (clipped to 1), so a detector has something to find; 0 leaves the radiograph as
+    generated.
+    """
     classes = ["Lung Opacity", "Lung Opacity", "No Lung Opacity / Not Normal",
                "No Lung Opacity / Not Normal", "Normal", "Normal"]  # fmt: skip
-    boxes = {0: [(10, 20, 30, 25), (55, 20, 25, 30)], 1: [(15, 30, 20, 20)]}
+    boxes96 = {0: [(10, 20, 30, 25), (55, 20, 25, 30)], 1: [(15, 30, 20, 20)]}
     lab_rows, cls_rows = [], []
-    for i, c in enumerate(classes):
-        pid = f"pid-{i:04d}"
-        write_dicom(generate(i, SEED, size).image, root / "stage_2_train_images" / f"{pid}.dcm", pid, f"1.2.826.0.1.3680043.8.498.{i + 1}")
-        for b in boxes.get(i, [None]):  # type: ignore[list-item]
+    yy, xx = np.mgrid[:size, :size] + 0.5
+    for i in range(n):
+        pid, c = f"pid-{i:04d}", classes[i % 6]
+        boxes = [tuple(round(v * size / 96) for v in b) for b in boxes96.get(i % 6, [])]
+        img = generate(i, SEED, size).image
+        for x, y, w, h in boxes:
+            inside = ((xx - x - w / 2) / (w / 2)) ** 2 + ((yy - y - h / 2) / (h / 2)) ** 2 <= 1
+            img = np.where(inside, np.clip(img + opacity, 0, 1), img)
+        write_dicom(img, root / "stage_2_train_images" / f"{pid}.dcm", pid, f"1.2.826.0.1.3680043.8.498.{i + 1}")
+        for b in boxes or [None]:  # type: ignore[list-item]
             lab_rows.append([pid, *(b if b else ["", "", "", ""]), 1 if b else 0])
             cls_rows.append([pid, c])
     with (root / "stage_2_train_labels.csv").open("w", newline="") as f:

@@ -1,0 +1,432 @@
+"""Lung-opacity detection (RSNA): MONAI's RetinaNet detector, scored with the RSNA metric.
+
+    display image -> `classifier_input` (whole image: resize + equalise, as the classifiers)
+    -> ResNet + FPN -> RetinaNet heads -> ATSS matching, hard-negative sampling (training)
+    or box selection + NMS (inference) -> boxes in source pixels -> `metrics.rsna_score`
+
+`train.train()` hands detection recipes to `train_detection` after loading and splitting the
+data; the run folder has the same files as the other tasks (no ROC/confusion PNGs).
+
+Box conventions. RSNA labels are (x, y, width, height) in source pixels, x along the columns.
+MONAI's detector works in StandardMode "xyxy" whose first coordinate runs along the tensor's
+first spatial axis, which for a (C, H, W) image is the row: a detector box here is
+(row0, col0, row1, col1) at the training size, and anchor shapes are (height, width).
+`to_detector` and `from_detector` are the only conversions.
+
+Without torchvision (this environment) two MONAI helpers cannot be used:
+`resnet_fpn_feature_extractor` (torchvision's IntermediateLayerGetter) and the detector's
+matcher dispatch (an isinstance check against torchvision's Matcher raises even when the ATSS
+matcher is set). `ResNetFPN` and `_Detector` below replace exactly those two pieces.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, cast
+
+import numpy as np
+import torch
+import yaml
+from monai.apps.detection.networks.retinanet_detector import RetinaNetDetector
+from monai.apps.detection.networks.retinanet_network import RetinaNet
+from monai.apps.detection.utils.anchor_utils import AnchorGeneratorWithAnchorShape
+from monai.networks.blocks.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
+from monai.networks.nets import resnet
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from pipelines.chest_xray import classifier_input
+from pipelines.device import autocast
+from training.datasets import LabelledSet, Record, load_image
+from training.metrics import RSNA_IOU_THRESHOLDS, rsna_image_score
+from training.networks import load_pretrained
+from training.recipe import _merge
+
+__all__ = [
+    "DETECTION_DEFAULTS",
+    "THRESHOLD_GRID",
+    "BoxSet",
+    "ResNetFPN",
+    "build_detector",
+    "choose_score_threshold",
+    "from_detector",
+    "load_detection_run",
+    "predict",
+    "score_split",
+    "to_detector",
+    "train_detection",
+]
+
+log = logging.getLogger(__name__)
+
+# (boxes (N, 4) as RSNA x, y, w, h in source pixels, scores (N,)) for one image
+Prediction = tuple[np.ndarray, np.ndarray]
+
+BACKBONES = {name: getattr(resnet, name) for name in ("resnet10", "resnet18", "resnet34", "resnet50", "resnet101")}
+
+DETECTION_DEFAULTS: dict[str, Any] = {
+    "atss_candidates": 4,  # anchors per level per box that ATSS considers
+    "center_in_gt": False,  # MONAI's advice for small objects; keeps more candidates
+    "hard_negative": {"batch_size_per_image": 64, "positive_fraction": 0.3, "min_neg": 16, "pool_size": 20},
+    "box_selector": {"score_thresh": 0.05, "topk_candidates_per_level": 1000, "nms_thresh": 0.22,
+                     "detections_per_img": 8},  # fmt: skip
+}
+
+# candidate detection-score thresholds; the one maximising the validation RSNA score is kept
+THRESHOLD_GRID = tuple(round(0.05 * i, 2) for i in range(1, 20))
+
+
+# ---- network ---------------------------------------------------------------------------------
+
+
+class ResNetFPN(nn.Module):
+    """MONAI ResNet stages -> MONAI FPN (+ a max-pooled top level), without torchvision.
+
+    The same network as `resnet_fpn_feature_extractor` (whose layer getter needs torchvision):
+    `body` keeps the ResNet's module names up to the last returned stage, so torchvision/MONAI
+    ResNet state dicts load into it by name. Output: one map per returned stage, plus one.
+    """
+
+    def __init__(self, backbone: resnet.ResNet, returned_layers: Sequence[int], out_channels: int) -> None:
+        super().__init__()
+        self.returned = [f"layer{k}" for k in returned_layers]
+        stem = ["conv1", "bn1", "act"] + ([] if backbone.no_max_pool else ["maxpool"])
+        keep = stem + [f"layer{k}" for k in range(1, max(returned_layers) + 1)]
+        self.body = nn.Sequential(OrderedDict((n, getattr(backbone, n)) for n in keep))
+        # stage k has (layer-4 channels / 8) * 2**(k-1) channels, as MONAI's _resnet_fpn_extractor assumes
+        in_channels = [backbone.in_planes // 8 * 2 ** (k - 1) for k in returned_layers]
+        self.fpn = FeaturePyramidNetwork(spatial_dims=2, in_channels_list=in_channels, out_channels=out_channels,
+                                         extra_blocks=LastLevelMaxPool(2))  # fmt: skip
+        self.out_channels = out_channels
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        feats: OrderedDict[str, torch.Tensor] = OrderedDict()
+        for name, module in self.body.named_children():
+            x = module(x)
+            if name in self.returned:
+                feats[name] = x
+        out: dict[str, torch.Tensor] = self.fpn(feats)
+        return out
+
+
+class _Detector(RetinaNetDetector):
+    """RetinaNetDetector whose anchor matching never touches torchvision.
+
+    MONAI's `compute_anchor_matched_idxs` tests isinstance(matcher, torchvision Matcher) before
+    the ATSS branch; without torchvision that test raises OptionalImportError. This is its ATSS
+    branch alone (`build_detector` always sets the ATSS matcher).
+    """
+
+    def compute_anchor_matched_idxs(
+        self, anchors: list[torch.Tensor], targets: list[dict[str, torch.Tensor]], num_anchor_locs_per_level: Sequence[int]
+    ) -> list[torch.Tensor]:  # fmt: skip
+        out = []
+        for a, t in zip(anchors, targets, strict=True):
+            boxes = t[self.target_box_key].to(a.device)
+            if boxes.numel() == 0:  # no opacity: every anchor is background
+                out.append(torch.full((a.shape[0],), -1, dtype=torch.int64, device=a.device))
+                continue
+            _, matched = self.proposal_matcher(boxes, a, num_anchor_locs_per_level, self.num_anchors_per_loc)
+            out.append(matched)
+        return out
+
+
+def build_detector(network: dict[str, Any], detection: dict[str, Any] | None = None) -> RetinaNetDetector:
+    """A 2D, one-channel, one-class RetinaNet detector from a recipe's `network` and `detection`.
+
+    network: {"architecture": "RetinaNet", "args": {backbone: resnet10..resnet101,
+    widen_factor, conv1_t_stride, returned_layers, fpn_channels, anchor_shapes: [[h, w], ...]}}.
+    Anchor shapes are for the first (finest) level in training pixels; level l uses them x 2**l,
+    matching the FPN's stride doubling.
+    """
+    if network.get("architecture") != "RetinaNet":
+        raise ValueError(f"detection needs architecture: RetinaNet, not {network.get('architecture')!r}")
+    a = dict(network.get("args", {}))
+    name = a.pop("backbone", "resnet50")
+    if name not in BACKBONES:
+        raise ValueError(f"unknown RetinaNet backbone {name!r}; known: {sorted(BACKBONES)}")
+    returned = [int(k) for k in a.pop("returned_layers", [1, 2, 3])]
+    if not returned or min(returned) < 1 or max(returned) > 4:
+        raise ValueError(f"returned_layers must be stages 1..4, not {returned}")
+    fpn_channels = int(a.pop("fpn_channels", 256))
+    shapes = a.pop("anchor_shapes", [[32, 32], [48, 32], [64, 32]])
+    stride = int(a.setdefault("conv1_t_stride", 2))
+    backbone = BACKBONES[name](pretrained=False, spatial_dims=2, n_input_channels=1, feed_forward=False, **a)
+    anchors = AnchorGeneratorWithAnchorShape(
+        feature_map_scales=[2**level for level in range(len(returned) + 1)], base_anchor_shapes=shapes
+    )
+    net = RetinaNet(
+        spatial_dims=2, num_classes=1, num_anchors=anchors.num_anchors_per_location()[0],
+        feature_extractor=ResNetFPN(backbone, returned, fpn_channels),
+        # input sides must survive every downsampling: conv1 stride x maxpool x stages x extra pool
+        size_divisible=stride * 2 * 2 ** max(returned),
+    )  # fmt: skip
+    det = _Detector(net, anchors)
+    cfg = _merge(DETECTION_DEFAULTS, detection or {})
+    det.set_atss_matcher(num_candidates=int(cfg["atss_candidates"]), center_in_gt=bool(cfg["center_in_gt"]))
+    det.set_hard_negative_sampler(**cfg["hard_negative"])
+    det.set_box_selector_parameters(**cfg["box_selector"])
+    return det
+
+
+def load_detection_run(run: Path) -> tuple[RetinaNetDetector, dict[str, Any]]:
+    """A finished detection run's best detector (CPU, eval mode) and its run.json."""
+    meta = json.loads((Path(run) / "run.json").read_text())
+    det = build_detector(meta["network"], meta["detection"])
+    det.network.load_state_dict(torch.load(Path(run) / "model.pt", map_location="cpu", weights_only=True))
+    return det.eval(), meta
+
+
+# ---- boxes and data --------------------------------------------------------------------------
+
+
+def to_detector(boxes: Sequence[Sequence[float]], shape: tuple[int, int], size: int) -> np.ndarray:
+    """RSNA (x, y, w, h) in an (H, W) source image -> (N, 4) detector boxes at size x size."""
+    h, w = shape
+    b = np.asarray(boxes, np.float64).reshape(-1, 4)
+    x, y, bw, bh = b.T
+    return np.stack([y * size / h, x * size / w, (y + bh) * size / h, (x + bw) * size / w], 1)
+
+
+def from_detector(boxes: np.ndarray, shape: tuple[int, int], size: int) -> np.ndarray:
+    """Inverse of `to_detector`: (N, 4) (row0, col0, row1, col1) at size -> RSNA (x, y, w, h)."""
+    h, w = shape
+    r0, c0, r1, c1 = np.asarray(boxes, np.float64).reshape(-1, 4).T
+    return np.stack([c0 * w / size, r0 * h / size, (c1 - c0) * w / size, (r1 - r0) * h / size], 1)
+
+
+class BoxSet(Dataset):  # type: ignore[type-arg]
+    """Records -> (image (1, S, S), detector boxes (N, 4) float32, source (H, W)), cached when asked."""
+
+    def __init__(self, records: Sequence[Record], size: int, cache: bool) -> None:
+        self.records, self.size = list(records), size
+        self.cache: dict[int, tuple[torch.Tensor, torch.Tensor, tuple[int, int]]] | None = {} if cache else None
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+        if self.cache is not None and i in self.cache:
+            return self.cache[i]
+        r = self.records[i]
+        img = load_image(r.image)
+        shape = (int(img.shape[0]), int(img.shape[1]))
+        item = (
+            classifier_input(img, (0, shape[0], 0, shape[1]), self.size),
+            torch.from_numpy(to_detector(r.boxes, shape, self.size)).float(),
+            shape,
+        )
+        if self.cache is not None:
+            self.cache[i] = item
+        return item
+
+
+def _collate(batch: list[tuple[torch.Tensor, torch.Tensor, tuple[int, int]]]) -> tuple[torch.Tensor, list[torch.Tensor], list[tuple[int, int]]]:
+    # boxes differ in number per image: a list, not a stacked tensor
+    return torch.stack([b[0] for b in batch]), [b[1] for b in batch], [b[2] for b in batch]
+
+
+# ---- evaluation ------------------------------------------------------------------------------
+
+
+def predict(detector: nn.Module, data: BoxSet, batch: int, dev: torch.device) -> list[Prediction]:
+    """Detections for a split, in order, mapped back to source pixels (RSNA x, y, w, h)."""
+    detector.eval()
+    out: list[Prediction] = []
+    with torch.inference_mode():
+        for x, _, shapes in DataLoader(data, batch_size=batch, shuffle=False, collate_fn=_collate):
+            with autocast(dev):
+                dets = detector(x.to(dev))
+            for d, shape in zip(dets, shapes, strict=True):
+                boxes = d[detector.target_box_key].float().cpu().numpy()
+                scores = d[detector.pred_score_key].float().cpu().numpy()
+                out.append((from_detector(boxes, shape, data.size), scores))
+    return out
+
+
+def score_split(
+    preds: Sequence[Prediction], truths: Sequence[Sequence[Sequence[float]]], threshold: float
+) -> tuple[float | None, list[float | None]]:  # fmt: skip
+    """(RSNA score, per-image scores) keeping detections with score >= threshold.
+
+    Per image as `metrics.rsna_image_score` (None: no boxes and no detections, not counted);
+    the split's score is the mean over the images that count, None if none does.
+    """
+    if len(preds) != len(truths):
+        raise ValueError(f"{len(preds)} predictions for {len(truths)} images")
+    per = []
+    for (boxes, scores), truth in zip(preds, truths, strict=True):
+        keep = scores >= threshold
+        per.append(rsna_image_score(boxes[keep].tolist(), scores[keep].tolist(), [list(b) for b in truth]))
+    kept = [v for v in per if v is not None]
+    return (float(np.mean(kept)) if kept else None), per
+
+
+def _rank(score: float | None) -> float:
+    # no image counts only when nothing was there and nothing was found: as good as it gets
+    return 1.0 if score is None else score
+
+
+def choose_score_threshold(
+    preds: Sequence[Prediction], truths: Sequence[Sequence[Sequence[float]]], grid: Sequence[float] = THRESHOLD_GRID
+) -> tuple[float, float | None]:  # fmt: skip
+    """(threshold, RSNA score there): the grid value with the best score; ties keep the higher one."""
+    scored = [(float(t), score_split(preds, truths, t)[0]) for t in grid]
+    return max(scored, key=lambda ts: (_rank(ts[1]), ts[0]))
+
+
+def _split_report(records: Sequence[Record], preds: Sequence[Prediction], threshold: float) -> dict[str, Any]:
+    """RSNA score and its breakdown for one split at the chosen threshold, plus per-image rows."""
+    score, per = score_split(preds, [r.boxes for r in records], threshold)
+    rows: list[dict[str, Any]] = []
+    for r, (_, scores), s in zip(records, preds, per, strict=True):
+        keep = scores >= threshold
+        rows.append({"image": r.image.name, "true_boxes": len(r.boxes), "predicted_boxes": int(keep.sum()),
+                     "score": s})  # fmt: skip
+    pos = [float(s) for r, s in zip(records, per, strict=True) if r.boxes and s is not None]
+    neg = [row for row in rows if not row["true_boxes"]]
+    summary = {
+        "rsna_score": score, "images": len(rows), "images_counted": sum(s is not None for s in per),
+        "with_opacity": len(pos), "mean_score_with_opacity": float(np.mean(pos)) if pos else None,
+        "without_opacity": len(neg), "false_positive_images": sum(row["predicted_boxes"] > 0 for row in neg),
+    }  # fmt: skip
+    return {"summary": summary, "per_image": rows}
+
+
+# ---- training --------------------------------------------------------------------------------
+
+
+def train_detection(
+    recipe: dict[str, Any], ds: LabelledSet, splits: dict[str, list[Record]], summary: dict[str, Any], out: Path,
+    *, dev: torch.device, resume: bool, started: float,
+) -> dict[str, Any]:  # fmt: skip
+    """The detection loop behind `train.train()` (run folder checked, data loaded and split).
+
+    Model selection and the detection-score threshold both maximise the validation RSNA score.
+    """
+    from training.train import RunError, _optimizer  # train imports this module lazily
+
+    recipe = {**recipe, "detection": _merge(DETECTION_DEFAULTS, recipe.get("detection") or {})}
+    if recipe["crop"] != "none":
+        raise RunError("detection runs on whole images: crop must be 'none'")
+    if recipe["augment"] and float(recipe["augment"].get("prob", 0)) > 0:
+        raise RunError("augmentation is not implemented for detection (it must move the boxes): set augment.prob: 0")
+    if not any(r.boxes for r in splits["train"]):
+        raise RunError(f"{ds.name}: no boxes in the training split; detection needs box labels (format: rsna)")
+    seed, size, batch = int(recipe["seed"]), int(recipe["image_size"]), int(recipe["batch_size"])
+    ckpt = out / "checkpoint.pt"
+
+    detector = build_detector(recipe["network"], recipe["detection"])
+    pretrained = None
+    if recipe["pretrained"]:
+        body = cast(ResNetFPN, detector.network.feature_extractor).body
+        pretrained = {"path": str(recipe["pretrained"]), **load_pretrained(body, Path(recipe["pretrained"]))}
+    else:
+        log.info("no pretrained weights given: random initialisation (nothing is downloaded)")
+    detector = detector.to(dev)
+    net = detector.network  # holds every trainable parameter
+    cache = bool(recipe["cache"])
+    train_set, val_set = BoxSet(splits["train"], size, cache), BoxSet(splits["val"], size, cache)
+    opt = _optimizer(recipe, net.parameters())
+    sc = recipe["scheduler"] or {"name": "none"}
+    sched = (
+        torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=float(sc["factor"]), patience=int(sc["patience"]))
+        if sc["name"] == "plateau" else None
+    )  # fmt: skip
+    scaler = torch.amp.GradScaler("cuda", enabled=dev.type == "cuda")
+
+    state: dict[str, Any] = {"epoch": 0, "best": -math.inf, "history": []}
+    if resume:
+        c = torch.load(ckpt, map_location="cpu", weights_only=False)  # our own file: holds RNG states
+        net.load_state_dict(c["net"])
+        opt.load_state_dict(c["opt"])
+        if sched is not None and c["sched"] is not None:
+            sched.load_state_dict(c["sched"])
+        scaler.load_state_dict(c["scaler"])
+        torch.set_rng_state(c["torch_rng"])
+        if dev.type == "cuda" and c.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state_all(c["cuda_rng"])  # the hard-negative sampler draws on the device
+        state = {k: c[k] for k in ("epoch", "best", "history")}
+        log.info("resuming %s after epoch %d", out, state["epoch"])
+    (out / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+
+    epochs, max_steps = int(recipe["epochs"]), recipe["max_steps"]
+    images_seen, t_train = 0, 0.0
+    for epoch in range(state["epoch"], epochs):
+        detector.train()
+        loader = DataLoader(train_set, batch_size=batch, shuffle=True, drop_last=len(train_set) > batch,
+                            num_workers=int(recipe["num_workers"]), collate_fn=_collate,
+                            generator=torch.Generator().manual_seed(seed * 1000 + epoch))  # fmt: skip
+        steps = len(loader) if not max_steps else min(len(loader), int(max_steps))
+        bar = tqdm(loader, total=steps, desc=f"detection epoch {epoch + 1}/{epochs}", unit="batch")
+        t0, losses = time.perf_counter(), []
+        parts: dict[str, list[float]] = {detector.cls_key: [], detector.box_reg_key: []}
+        for step, (x, boxes, _) in enumerate(bar):
+            if step >= steps:
+                break
+            targets = [{detector.target_box_key: b.to(dev), detector.target_label_key: torch.zeros(len(b), dtype=torch.long, device=dev)}
+                       for b in boxes]  # fmt: skip
+            opt.zero_grad(set_to_none=True)
+            with autocast(dev):
+                loss_parts = detector(x.to(dev, non_blocking=True), targets)
+            loss = sum(v.float() for v in loss_parts.values())
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            losses.append(loss.item())
+            for k, v in loss_parts.items():
+                parts[k].append(float(v.detach()))
+            images_seen += len(x)
+            bar.set_postfix(loss=f"{np.mean(losses):.4f}", cls=f"{np.mean(parts[detector.cls_key]):.3f}",
+                            box=f"{np.mean(parts[detector.box_reg_key]):.3f}", lr=f"{opt.param_groups[0]['lr']:.2g}")  # fmt: skip
+        bar.close()
+        t_train += time.perf_counter() - t0
+        threshold, score = choose_score_threshold(predict(detector, val_set, batch, dev), [r.boxes for r in splits["val"]])
+        if sched is not None:
+            sched.step(_rank(score))
+        entry = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)),
+                 "cls_loss": float(np.mean(parts[detector.cls_key])), "box_loss": float(np.mean(parts[detector.box_reg_key])),
+                 "val_rsna_score": score, "val_score_threshold": threshold}  # fmt: skip
+        state["history"].append(entry)
+        log.info("epoch %d: %s", epoch + 1, json.dumps(entry))
+        if _rank(score) > state["best"]:
+            state["best"] = _rank(score)
+            torch.save({k: v.detach().cpu() for k, v in net.state_dict().items()}, out / "model.pt")
+        state["epoch"] = epoch + 1
+        tmp = ckpt.with_suffix(".tmp")
+        torch.save({**state, "net": net.state_dict(), "opt": opt.state_dict(),
+                    "sched": sched.state_dict() if sched else None, "scaler": scaler.state_dict(),
+                    "torch_rng": torch.get_rng_state(),
+                    "cuda_rng": torch.cuda.get_rng_state_all() if dev.type == "cuda" else None}, tmp)  # fmt: skip
+        tmp.replace(ckpt)  # a crash mid-write leaves the previous checkpoint intact
+
+    net.load_state_dict(torch.load(out / "model.pt", map_location="cpu", weights_only=True))
+    preds = {s: predict(detector, BoxSet(splits[s], size, False), batch, dev) for s in ("val", "test") if splits[s]}
+    threshold, _ = choose_score_threshold(preds["val"], [r.boxes for r in splits["val"]])
+    per_split = {s: _split_report(splits[s], p, threshold) for s, p in preds.items()}
+    report = {
+        "final_split": "test" if "test" in preds else "val", "score_threshold": threshold,
+        "threshold_rule": "maximises the RSNA score on validation", "iou_thresholds": list(RSNA_IOU_THRESHOLDS),
+        "metrics": {s: r["summary"] for s, r in per_split.items()},
+        "per_image": {s: r["per_image"] for s, r in per_split.items()},
+    }  # fmt: skip
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    run = {
+        "task": "detection", "recipe": recipe, "network": recipe["network"], "detection": recipe["detection"],
+        "weights": "model.pt", "labels": [ds.labels[0]], "score_threshold": threshold, "input_size": size,
+        "preprocessing": {"crop": "none", "input": "pipelines.chest_xray.classifier_input on the whole image"},
+        "box_convention": "detector: (row0, col0, row1, col1) at input_size; reported: RSNA (x, y, w, h) in source pixels",
+        "pretrained": pretrained, "data": summary, "metrics": report["metrics"],
+        "history": state["history"], "device": str(dev),
+        "throughput_images_per_s": round(images_seen / t_train, 2) if t_train > 0 else None,
+        "seconds": round(time.perf_counter() - started, 1),
+    }  # fmt: skip
+    (out / "run.json").write_text(json.dumps(run, indent=2, default=str) + "\n")
+    return run
