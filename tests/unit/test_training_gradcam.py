@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -9,11 +10,18 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 
+from pipelines.chest_xray import classifier_input
+from tests.unit import training_data
+from training.__main__ import main
+from training.datasets import load_image
 from training.gradcam import DEFAULT_LAYERS, gradcam, pick_examples, target_layer
 from training.networks import SmallCNN, build_network
 from training.recipe import load_recipe
+from training.synthetic import generate
+from training.train import LungCropper, RunError, load_run_network
 
 RECIPES = Path(__file__).resolve().parents[2] / "training" / "recipes"
 
@@ -158,3 +166,68 @@ def test_pick_examples() -> None:
     p = np.array([[0.1, 0.2, 0.95], [0.6, 0.1, 0.9], [0.3, 0.8, 0.1], [0.2, 0.1, 0.3]])
     labels = ["A", "B", "No Finding"]
     assert pick_examples(p, np.zeros_like(p), [0.5] * 3, labels, n=3) == [(0, 2), (2, 1), (1, 0)]
+
+
+def _sets(*items: str) -> list[str]:
+    return [a for s in items for a in ("--set", s)]
+
+
+@pytest.fixture(scope="module")
+def lung_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(segmentation run, SmallCNN pneumonia run on its lung crops), both tiny."""
+    tmp = tmp_path_factory.mktemp("gradcam")
+    base = ["--device", "cpu", *_sets("num_workers=0")]
+    # just enough training for a lung box smaller than the image (the check below needs one)
+    seg = _sets("image_size=64", "epochs=2", "batch_size=4", "split.val=0.25", "split.test=0.25",
+                "network.args.channels=[4,8,16]", "network.args.strides=[2,2]", "network.args.num_res_units=1")  # fmt: skip
+    assert main(["train", "--recipe", str(RECIPES / "lung_segmentation.yaml"), "--out", str(tmp / "seg"),
+                 "--data", str(training_data.lung_masks(tmp / "montgomery", n=12, size=96)), *base, *seg]) == 0  # fmt: skip
+    cls = _sets("image_size=48", "epochs=1", "max_steps=2", "batch_size=2", "split.val=0.0", "crop=lung")
+    assert main(["train", "--recipe", str(RECIPES / "pneumonia_small_cnn.yaml"), "--out", str(tmp / "cls"),
+                 "--data", str(training_data.kermany(tmp / "kermany")), "--segmentation-run", str(tmp / "seg"),
+                 *base, *cls]) == 0  # fmt: skip
+    return tmp / "seg", tmp / "cls"
+
+
+def test_classifier_run_writes_gradcam_panel(lung_run: tuple[Path, Path]) -> None:
+    _, run = lung_run
+    report = json.loads((run / "report.json").read_text())["gradcam"]
+    assert report["layer"] == "features.19" and report["file"] == "gradcam.png"
+    # the test split is the 2 test JPEGs: its positive and its negative, both for Pneumonia
+    assert [(Path(d["image"]).parent.name, d["label"], d["truth"]) for d in report["images"]] == [
+        ("PNEUMONIA", "Pneumonia", True), ("NORMAL", "Pneumonia", False)]  # fmt: skip
+    with Image.open(run / "gradcam.png") as im:
+        assert im.size == (2 * (256 + 8) + 8, 256 + 32 + 8)
+
+
+def test_gradcam_command_preprocesses_like_the_run(
+    lung_run: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    seg, run = lung_run
+    image = training_data.SAMPLES / "pneumonia" / "person1946_bacteria_4874.jpeg"
+    assert main(["gradcam", "--run", str(run), "--image", str(image), "--out", str(tmp_path / "cam.png")]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["label"] == "Pneumonia" and out["layer"] == "features.19"
+    with Image.open(tmp_path / "cam.png") as im:
+        assert im.size == (256 + 16, 256 + 32 + 8) and im.mode == "RGB"
+    # the probability of the lung crop the segmentation run gives, not of the whole image
+    display = load_image(image)
+    box, full = LungCropper(seg)(display), (0, display.shape[0], 0, display.shape[1])
+    net, _ = load_run_network(run)
+    with torch.inference_mode():
+        cropped = torch.sigmoid(net(classifier_input(display, box, 48)[None]))[0, 0].item()
+        whole = torch.sigmoid(net(classifier_input(display, full, 48)[None]))[0, 0].item()
+    assert box != full and abs(whole - cropped) > 1e-4  # so the check below can fail
+    assert out["probability"] == pytest.approx(cropped, abs=1e-4)
+
+    # DICOM through the node decoder, an explicit label and layer
+    dcm = tmp_path / "cxr.dcm"
+    training_data.write_dicom(generate(0, 1, 96).image, dcm, "p1", "1.2.826.0.1.3680043.8.498.99")
+    args = ["gradcam", "--run", str(run), "--image", str(dcm), "--label", "Pneumonia", "--layer", "features.14"]
+    assert main([*args, "--out", str(tmp_path / "dcm.png")]) == 0
+    assert json.loads(capsys.readouterr().out)["layer"] == "features.14" and (tmp_path / "dcm.png").is_file()
+
+    with pytest.raises(ValueError, match="has no label 'Effusion'; its labels: Pneumonia"):
+        main(["gradcam", "--run", str(run), "--image", str(image), "--label", "Effusion", "--out", str(tmp_path / "x.png")])
+    with pytest.raises(RunError, match="is a segmentation run: Grad-CAM needs a classifier run"):
+        main(["gradcam", "--run", str(seg), "--image", str(image), "--out", str(tmp_path / "x.png")])
