@@ -28,8 +28,8 @@ RECIPES = Path(__file__).resolve().parents[2] / "training" / "recipes"
 
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread() -> Iterator[None]:
-    # tiny networks gain nothing from a second thread, and on a shared 2-core machine two
-    # OpenMP threads per process made this file 15-20x slower (74 s against 4 s)
+    # tiny networks gain nothing from a second thread, and with other jobs on a 2-core machine two
+    # OpenMP threads per process made this file 15-20x slower (74 s against 4 s, load 4-6)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
