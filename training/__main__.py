@@ -1,4 +1,4 @@
-"""`python -m training {demo,synthetic,train,export}`: demo weights, data, recipe training, bundles."""
+"""`python -m training {demo,synthetic,train,export,gradcam}`: demo weights, data, training, bundles, Grad-CAM."""
 
 from __future__ import annotations
 
@@ -40,6 +40,12 @@ def main(argv: list[str] | None = None) -> int:
     ex.add_argument("--out", type=Path, required=True, help="bundle folder, e.g. models/chest_xray")
     ex.add_argument("--version", required=True, help="bundle version, e.g. 1.0.0")
     ex.add_argument("--changelog", default=None)
+    gc = sub.add_parser("gradcam", help="Grad-CAM panel of one image for a finished classifier run")
+    gc.add_argument("--run", type=Path, required=True)
+    gc.add_argument("--image", type=Path, required=True, help="DICOM, JPEG or PNG")
+    gc.add_argument("--label", default=None, help="run label to explain (default: the node's heatmap label)")
+    gc.add_argument("--layer", default=None, help="target module name (default: the run's Grad-CAM layer)")
+    gc.add_argument("--out", type=Path, required=True, help="PNG to write")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
@@ -60,6 +66,11 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"bundle": str(out), "version": args.version}))
         return 0
 
+    if args.command == "gradcam":
+        from training.gradcam import explain_image
+
+        print(json.dumps(explain_image(args.run, args.image, args.out, args.label, args.layer)))
+        return 0
     if args.command == "synthetic":
         from training.synthetic import write_dataset
 

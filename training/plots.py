@@ -1,4 +1,4 @@
-"""ROC and confusion-matrix PNGs drawn with Pillow (matplotlib is not a dependency)."""
+"""ROC, confusion-matrix and Grad-CAM PNGs drawn with Pillow (matplotlib is not a dependency)."""
 
 from __future__ import annotations
 
@@ -8,10 +8,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-__all__ = ["confusion_png", "roc_png"]
+__all__ = ["confusion_png", "gradcam_png", "roc_png"]
 
 _COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
            (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]  # fmt: skip
+# heatmap colours, cold to hot ("jet"): dark blue, blue, cyan, yellow, red, dark red
+_JET = np.array([(0, 0, 128), (0, 0, 255), (0, 255, 255), (255, 255, 0), (255, 0, 0), (128, 0, 0)], np.float32)
 
 
 def roc_png(curves: dict[str, tuple[np.ndarray, np.ndarray, float | None]], path: Path, size: int = 480) -> Path:
@@ -54,6 +56,28 @@ def confusion_png(cm: np.ndarray, labels: Sequence[str], path: Path, cell: int =
             box = (left + j * cell, top + i * cell, left + (j + 1) * cell, top + (i + 1) * cell)
             d.rectangle(box, fill=(shade, shade, 255), outline="black")
             d.text((box[0] + cell // 2 - 8, box[1] + cell // 2 - 6), str(int(cm[i, j])), fill="black")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+    return path
+
+
+def gradcam_png(panels: Sequence[tuple[np.ndarray, np.ndarray, str]], path: Path, cell: int = 256) -> Path:
+    """Panels side by side: each (H, W) image in [0, 1] with its (H, W) heatmap in [0, 1] overlaid
+    in "jet" colours (the hotter, the more opaque), under its title (lines split by newlines)."""
+    title_h = 32
+    img = Image.new("RGB", (len(panels) * (cell + 8) + 8, cell + title_h + 8), "white")
+    d = ImageDraw.Draw(img)
+    stops = np.linspace(0, 1, len(_JET))
+    for k, (image, heat, title) in enumerate(panels):
+        gray = np.clip(np.asarray(image, np.float32), 0, 1)[..., None] * 255
+        h = np.clip(np.nan_to_num(np.asarray(heat, np.float32)), 0, 1)
+        color = np.stack([np.interp(h, stops, _JET[:, c]) for c in range(3)], axis=-1)
+        alpha = 0.6 * h[..., None]  # cold regions show the radiograph
+        rgb = (gray * (1 - alpha) + color * alpha).round().astype(np.uint8)
+        x0 = 8 + k * (cell + 8)
+        img.paste(Image.fromarray(rgb).resize((cell, cell), Image.Resampling.BILINEAR), (x0, title_h))
+        for i, line in enumerate(title.splitlines()[:2]):
+            d.text((x0, 2 + 14 * i), line[: cell // 6], fill="black")
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path)
     return path

@@ -37,6 +37,7 @@ DEFAULTS: dict[str, Any] = {
     "cache": True,  # keep preprocessed images in memory (per split)
     "max_steps": None,  # cap on optimiser steps per epoch (smoke tests)
     "limit": None,  # cap on images per split (smoke tests)
+    "gradcam_layer": None,  # classifiers: Grad-CAM target module name; None = the architecture's default
 }
 
 

@@ -7,7 +7,7 @@ via the loaders. A run folder holds:
 
     recipe.yaml      the resolved recipe          checkpoint.pt  last epoch (for --resume)
     model.pt         best weights (state dict)    run.json       what export needs
-    report.json      metrics per split            roc.png, confusion.png
+    report.json      metrics per split            roc.png, confusion.png, gradcam.png
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from tqdm import tqdm
 from pipelines.chest_xray import classifier_input, lung_box, postprocess_mask, segmentation_input
 from pipelines.device import autocast, resolve_device
 from training.datasets import LabelledSet, Record, load_dataset, load_image, load_mask
+from training.gradcam import run_gradcam, target_layer
 from training.metrics import (
     binary_metrics,
     calibration,
@@ -244,6 +245,8 @@ def train(
     val_set = Prepared(splits["val"], prepare, None, cache)
 
     net = build_network(recipe["network"])
+    if task != "segmentation":  # a wrong gradcam_layer fails now, not after training
+        target_layer(net, recipe["network"], recipe.get("gradcam_layer"))
     pretrained = None
     if recipe["pretrained"]:
         pretrained = {"path": str(recipe["pretrained"]), **load_pretrained(net, Path(recipe["pretrained"]))}
@@ -385,5 +388,7 @@ def _final_report(
             cm = confusion_matrix(y[:, 0] > 0.5, p[:, 0] >= thresholds[0], 2)
             confusion_png(cm, [f"not {ds.labels[0]}", ds.labels[0]], out / "confusion.png")
             report["metrics"][final]["confusion_matrix"] = cm.tolist()
+        report["gradcam"] = run_gradcam(net, recipe, splits[final], prepare, p, y, thresholds, ds.labels,
+                                        out / "gradcam.png")  # fmt: skip
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report

@@ -16,6 +16,7 @@ from pipelines.bundle import list_bundles, load_bundle
 from pipelines.chest_xray import ChestXrayPipeline
 from tests.unit import training_data
 from training.__main__ import main
+from training.gradcam import DEFAULT_LAYERS
 from training.networks import VGG16, build_network, load_pretrained
 from training.recipe import RecipeError, load_recipe
 from training.train import RunError
@@ -76,6 +77,8 @@ def test_multilabel_on_lung_crops_exports_a_bundle_the_node_runs(seg_run: Path, 
     report = json.loads((tmp_path / "cls" / "report.json").read_text())
     assert report["threshold_rule"] == "youden on validation" and len(report["metrics"]["test"]["per_label"]) == 15
     assert (tmp_path / "cls" / "roc.png").stat().st_size > 1000
+    cam = report["gradcam"]  # up to 4 test images (there are 3), each with its heatmap label
+    assert cam["layer"] == "class_layers.relu" and len(cam["images"]) == 3 and (tmp_path / "cls" / "gradcam.png").is_file()
 
     bundle = tmp_path / "models" / "chest_xray"
     assert main(["export", "--run", str(tmp_path / "cls"), "--out", str(bundle), "--version", "0.2.0"]) == 0
@@ -128,6 +131,9 @@ def test_pneumonia_recipes_on_real_jpegs(recipe: str, kermany_real: Path, tmp_pa
     assert row["label"] == "Pneumonia" and row["n"] == 2 and row["positives"] == 1  # the 2 test JPEGs
     assert test["confusion_matrix"] is not None and np.sum(test["confusion_matrix"]) == 2
     assert (tmp_path / "run" / "confusion.png").is_file()
+    cam = json.loads((tmp_path / "run" / "report.json").read_text())["gradcam"]
+    assert cam["layer"] == DEFAULT_LAYERS[run["network"]["architecture"]] and (tmp_path / "run" / "gradcam.png").is_file()
+    assert [d["truth"] for d in cam["images"]] == [True, False]  # the top-scoring positive and negative
     assert run["recipe"]["augment"]["flip_lr"] is False  # no left-right flip by default
     # whole-image classifiers are not node bundles: export says why
     with pytest.raises(ValueError, match="DenseNet121|whole images"):
