@@ -2,10 +2,12 @@
 
 Our side is `pacsnode listener` as a subprocess on the normal path (fsync'd file + committed
 SQLite row before each success status); storescp writes to a temporary folder (no fsync).
-Files: N copies of a small CR (256x256, 16 bit, new UIDs each) plus RG1_UNCR.dcm (7 MB), sent
-in one association per run. Prints instances/second of both and our ratio (target >= 0.6).
+Two workloads, each sent in one association per run: `small`, N copies of a 256 x 256 CR
+(128 KB, new UIDs each) plus RG1_UNCR.dcm, where per-message overhead dominates; `cxr`, N copies
+of RG1_UNCR.dcm (a real 7 MB chest radiograph), the node's actual input. Prints instances/second
+of both receivers and our ratio (target >= 0.6) per workload.
 
-    python bench/ingest.py [--copies 200] [--runs 3]
+    python bench/ingest.py [--workload small|cxr|both] [--copies 200] [--cxr-copies 30] [--runs 3]
 """
 
 from __future__ import annotations
@@ -33,22 +35,25 @@ from tests.peers import free_port, storescu, wait_port  # noqa: E402
 RG1 = Path(get_testdata_file("RG1_UNCR.dcm"))
 
 
-def make_files(folder: Path, copies: int) -> list[Path]:
-    """copies small CRs (one study, new instance UIDs) plus RG1 itself."""
+def make_files(folder: Path, copies: int, workload: str) -> list[Path]:
+    """`small`: copies of a 256 x 256 CR (128 KB) plus RG1; `cxr`: copies of RG1 itself (full-size
+    chest radiographs, 7 MB). One study, new instance UIDs for every copy."""
     src = pydicom.dcmread(RG1)
-    small = src.pixel_array[::8, ::8][:256, :256].astype(np.uint16)
-    src.Rows, src.Columns = small.shape
-    src.PixelData = small.tobytes()
+    if workload == "small":
+        small = src.pixel_array[::8, ::8][:256, :256].astype(np.uint16)
+        src.Rows, src.Columns = small.shape
+        src.PixelData = small.tobytes()
     study, series = generate_uid(), generate_uid()
     files = []
     for i in range(copies):
         src.StudyInstanceUID, src.SeriesInstanceUID = study, series
         src.SOPInstanceUID = src.file_meta.MediaStorageSOPInstanceUID = generate_uid()
         src.InstanceNumber = i + 1
-        path = folder / f"cr{i:04d}.dcm"
+        path = folder / f"{workload}{i:04d}.dcm"
         src.save_as(path, enforce_file_format=True)
         files.append(path)
-    files.append(RG1)
+    if workload == "small":
+        files.append(RG1)
     return files
 
 
@@ -100,33 +105,43 @@ def run_storescp(work: Path, files: list[Path]) -> float:
     return _time_receiver(proc, port, "STORESCP", files, startup=30)
 
 
+def compare(base: Path, workload: str, copies: int, runs: int) -> float:
+    """Time both receivers on one workload (alternating runs); print and return our ratio."""
+    (base / workload).mkdir()
+    files = make_files(base / workload, copies, workload)
+    ours, theirs = [], []
+    for run in range(runs):  # alternate, so both see the same machine load
+        (base / f"{workload}-node{run}").mkdir()
+        (base / f"{workload}-scp{run}").mkdir()
+        ours.append(run_node(base / f"{workload}-node{run}", files))
+        theirs.append(run_storescp(base / f"{workload}-scp{run}", files))
+    n, mb = len(files), sum(f.stat().st_size for f in files) / 2**20
+    ips_ours, ips_theirs = n / statistics.median(ours), n / statistics.median(theirs)
+    print(f"[{workload}] {n} instances, {mb:.0f} MB, {runs} runs, median wall time per run")
+    print(f"  pacsnode listener: {statistics.median(ours):.2f} s  {ips_ours:.1f} instances/s  (runs: "
+          + ", ".join(f"{t:.2f}" for t in ours) + ")")
+    print(f"  DCMTK storescp:    {statistics.median(theirs):.2f} s  {ips_theirs:.1f} instances/s  (runs: "
+          + ", ".join(f"{t:.2f}" for t in theirs) + ")")
+    ratio = ips_ours / ips_theirs
+    print(f"  ratio pacsnode/storescp: {ratio:.2f} (target >= 0.6) {'OK' if ratio >= 0.6 else 'BELOW TARGET'}")
+    return ratio
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--copies", type=int, default=200)
+    ap.add_argument("--copies", type=int, default=200, help="small instances per run")
+    ap.add_argument("--cxr-copies", type=int, default=30, help="full-size radiographs per run")
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--workload", choices=["small", "cxr", "both"], default="both")
     args = ap.parse_args()
     if not shutil.which("storescp"):
         print("DCMTK storescp is not installed", file=sys.stderr)
         return 2
     with tempfile.TemporaryDirectory(prefix="pacsnode-ingest-") as tmp:
-        base = Path(tmp)
-        (base / "files").mkdir()
-        files = make_files(base / "files", args.copies)
-        ours, theirs = [], []
-        for run in range(args.runs):  # alternate, so both see the same machine load
-            (base / f"node{run}").mkdir()
-            (base / f"scp{run}").mkdir()
-            ours.append(run_node(base / f"node{run}", files))
-            theirs.append(run_storescp(base / f"scp{run}", files))
-    n = len(files)
-    ips_ours, ips_theirs = n / statistics.median(ours), n / statistics.median(theirs)
-    print(f"{n} instances ({args.copies} small CR + RG1), {args.runs} runs, median wall time per run")
-    print(f"pacsnode listener: {statistics.median(ours):.2f} s  {ips_ours:.1f} instances/s  (runs: "
-          + ", ".join(f"{t:.2f}" for t in ours) + ")")
-    print(f"DCMTK storescp:    {statistics.median(theirs):.2f} s  {ips_theirs:.1f} instances/s  (runs: "
-          + ", ".join(f"{t:.2f}" for t in theirs) + ")")
-    ratio = ips_ours / ips_theirs
-    print(f"ratio pacsnode/storescp: {ratio:.2f} (target >= 0.6) {'OK' if ratio >= 0.6 else 'BELOW TARGET'}")
+        if args.workload in ("small", "both"):
+            compare(Path(tmp), "small", args.copies, args.runs)
+        if args.workload in ("cxr", "both"):
+            compare(Path(tmp), "cxr", args.cxr_copies, args.runs)
     return 0
 
 

@@ -18,7 +18,6 @@ import torch
 from monai.networks.nets import DenseNet121, UNet, resnet50
 from torch import nn
 
-
 __all__ = ["SmallCNN", "VGG16", "build_network", "load_pretrained"]
 
 log = logging.getLogger(__name__)
