@@ -178,7 +178,9 @@ def build_detector(network: dict[str, Any], detection: dict[str, Any] | None = N
 
 def load_detection_run(run: Path) -> tuple[RetinaNetDetector, dict[str, Any]]:
     """A finished detection run's best detector (CPU, eval mode) and its run.json."""
-    meta = json.loads((Path(run) / "run.json").read_text())
+    from training.train import read_run  # train imports this module lazily: no import cycle
+
+    meta = read_run(run)
     det = build_detector(meta["network"], meta["detection"])
     det.network.load_state_dict(torch.load(Path(run) / "model.pt", map_location="cpu", weights_only=True))
     return det.eval(), meta

@@ -132,8 +132,10 @@ def export_run(run: Path, out: Path, version: str, changelog: str | None = None)
     so only `crop: lung` DenseNet121 runs can become node bundles; anything else is refused
     with the reason.
     """
-    from training.train import load_run_network  # the training stack, only when exporting
+    from training.train import load_run_network, read_run  # the training stack, only when exporting
 
+    if read_run(run)["task"] == "detection":
+        raise ValueError(f"{run} is a detection run: the node has no detection pipeline yet, so it cannot be bundled")
     cls, meta = load_run_network(Path(run))
     if meta["task"] == "segmentation":
         raise ValueError(f"{run} is a segmentation run: export the classifier run that used it (crop: lung)")

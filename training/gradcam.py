@@ -180,7 +180,7 @@ def explain_image(
     if label is not None and label not in labels:
         raise ValueError(f"{run} has no label {label!r}; its labels: {', '.join(labels)}")
     cropper = LungCropper(Path(meta["segmentation_run"])) if recipe["crop"] == "lung" else None
-    x, _ = _preparer(recipe, cropper)(Record(Path(image), (0.0,) * len(labels)))
+    x, _ = _preparer(recipe, cropper, int(meta["input_size"]))(Record(Path(image), (0.0,) * len(labels)))
     with torch.inference_mode():
         probs = torch.sigmoid(net(x[None]))[0].numpy()
     j = labels.index(label) if label is not None else heatmap_label_index(probs, meta["thresholds"], labels)

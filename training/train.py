@@ -46,7 +46,7 @@ from training.metrics import (
 from training.networks import build_network, load_pretrained
 from training.plots import confusion_png, roc_png
 
-__all__ = ["RunError", "LungCropper", "load_run_network", "train"]
+__all__ = ["RunError", "LungCropper", "load_run_network", "read_run", "train"]
 
 log = logging.getLogger(__name__)
 
@@ -65,12 +65,18 @@ def seed_everything(seed: int) -> None:
     torch.backends.cudnn.benchmark = False
 
 
-def load_run_network(run: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """A finished run's best network (CPU, eval mode) and its run.json."""
+def read_run(run: Path) -> dict[str, Any]:
+    """A finished run's run.json; RunError when the folder holds no finished run."""
     try:
-        meta = json.loads((Path(run) / "run.json").read_text())
+        meta: dict[str, Any] = json.loads((Path(run) / "run.json").read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise RunError(f"{run} is not a finished run (run.json: {e})") from e
+    return meta
+
+
+def load_run_network(run: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """A finished run's best network (CPU, eval mode) and its run.json."""
+    meta = read_run(run)
     net = build_network(meta["network"])
     net.load_state_dict(torch.load(Path(run) / "model.pt", map_location="cpu", weights_only=True))
     return net.eval(), meta

@@ -70,9 +70,10 @@ def test_dsr2html_names_each_finding_with_its_probability_and_decision(
     groups = text.split("Measurement Group")[1:]  # findings, and the lung region groups
     for finding in result.findings:
         [group] = [g for g in groups if f'Tracking Identifier = "{finding.label}"' in g]
-        # The probability is rendered as "<value> 1" (UCUM unity), then the decision.
-        m = re.search(r" (\d\.\d+) 1 1 (Present|Absent) ", group)
-        assert m, f"no probability and decision for {finding.label} in: {group[:400]}"
+        # The probability is rendered as "<value> 1" (UCUM unity), then the decision; small
+        # values are written as DS in exponent form (2.8e-05).
+        m = re.search(r" (\d(?:\.\d+)?(?:e[-+]?\d+)?) 1 1 (Present|Absent) ", group)
+        assert m, f"no probability and decision for {finding.label} in: {group[:1200]}"
         assert float(m.group(1)) == pytest.approx(finding.probability, abs=1e-5), finding.label
         assert m.group(2) == ("Present" if finding.present else "Absent"), finding.label
 
