@@ -389,6 +389,7 @@ class Config(_Strict):
         """Kinds a job builds: what any of its destinations wants (export.objects when none),
         limited to what its routing rules ask for (`routed`; None: no limit)."""
         dests = self.destinations if destinations is None else destinations
+        wanted: set[str]
         if not dests:
             wanted = set(self.export.objects)
         else:

@@ -7,6 +7,7 @@ import logging
 import socket
 import ssl
 from functools import cache
+from typing import Any
 
 from pydicom.pixels import get_decoder
 from pydicom.uid import (
@@ -18,7 +19,7 @@ from pydicom.uid import (
 )
 from pynetdicom import AE, evt
 from pynetdicom.presentation import AllStoragePresentationContexts
-from pynetdicom.sop_class import Verification
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # generated at import
 from pynetdicom.transport import ThreadedAssociationServer
 
 from node.config import Config, ListenerConfig
@@ -151,7 +152,8 @@ def build_ae(config: Config) -> AE:
     syntaxes = accepted_transfer_syntaxes()
     ae.add_supported_context(Verification)
     for cx in AllStoragePresentationContexts:
-        ae.add_supported_context(cx.abstract_syntax, syntaxes)
+        if cx.abstract_syntax is not None:
+            ae.add_supported_context(cx.abstract_syntax, syntaxes)
     return ae
 
 
@@ -159,7 +161,7 @@ def start_listener(config: Config, ctx: IngestContext) -> ThreadedAssociationSer
     """Start serving in background threads; the caller stops it with server.shutdown()."""
     config.storage.path.mkdir(parents=True, exist_ok=True)
     ae = build_ae(config)
-    handlers = [
+    handlers: list[Any] = [
         (evt.EVT_CONN_OPEN, tune_connection),
         (evt.EVT_REQUESTED, handle_requested, [ctx]),
         (evt.EVT_REJECTED, handle_rejected, [ctx]),
@@ -171,6 +173,8 @@ def start_listener(config: Config, ctx: IngestContext) -> ThreadedAssociationSer
     ]
     server = ae.start_server((config.listener.host, config.listener.port), block=False, evt_handlers=handlers,
                              ssl_context=server_ssl_context(config.listener))
+    if server is None:  # pynetdicom returns the server whenever block=False
+        raise RuntimeError("pynetdicom did not return the association server")
     log.info(
         "listening as %s on %s:%d%s (%d transfer syntaxes)",
         config.listener.ae_title, config.listener.host, config.listener.port,

@@ -10,7 +10,7 @@ import logging
 
 from pydicom import Dataset
 from pynetdicom import AE
-from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind  # type: ignore[attr-defined]  # generated at import
 
 from node.config import QuerySource
 

@@ -193,7 +193,7 @@ def run_inference(config: Config, job_id: int, worker: str) -> None:
             with _guard(config, [ji.job_id]):
                 t0 = time.perf_counter()
                 try:
-                    sources = [pydicom.dcmread(p) for p in ji.paths]
+                    sources: list[Dataset] = [pydicom.dcmread(p) for p in ji.paths]
                 except (OSError, pydicom.errors.InvalidDicomError) as e:
                     raise PermanentError("read", f"cannot read source instance: {e}") from e
                 timings["read"] = time.perf_counter() - t0

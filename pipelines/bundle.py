@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -202,7 +203,7 @@ def load_bundle(path: Path | str, version: str | None = None) -> Bundle:
     )
 
 
-def list_bundles(paths: list[Path | str]) -> list[dict[str, Any]]:
+def list_bundles(paths: Sequence[Path | str]) -> list[dict[str, Any]]:
     """Describe the bundles at `paths` (each a bundle folder or a folder of bundles).
 
     One dict per bundle found: path, name, version, demo, labels, device_uid, sha256 check

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+from typing import TypedDict
 
 import numpy as np
 from highdicom import ContributingEquipment
@@ -57,14 +58,23 @@ def ai_statement(model: ModelInfo) -> str:
     return text
 
 
-def device_attributes(model: ModelInfo) -> dict[str, str]:
+class DeviceAttributes(TypedDict):
+    """General Equipment keyword arguments of highdicom's constructors."""
+
+    manufacturer: str
+    manufacturer_model_name: str
+    software_versions: str
+    device_serial_number: str
+
+
+def device_attributes(model: ModelInfo) -> DeviceAttributes:
     """General Equipment keywords of highdicom constructors naming the algorithm as the device."""
-    return {
-        "manufacturer": model.manufacturer,
-        "manufacturer_model_name": model.name[:_LO_MAX],
-        "software_versions": model.version,
-        "device_serial_number": model.device_uid[:_LO_MAX],
-    }
+    return DeviceAttributes(
+        manufacturer=model.manufacturer,
+        manufacturer_model_name=model.name[:_LO_MAX],
+        software_versions=model.version,
+        device_serial_number=model.device_uid[:_LO_MAX],
+    )
 
 
 def processing_equipment(model: ModelInfo) -> ContributingEquipment:

@@ -100,10 +100,10 @@ def load_dicom_folder(root: Path, table: Path, multi_label: bool = True) -> Labe
     records = []
     for i, row in enumerate(rows, start=2):
         key = row.get("sop_instance_uid") or row.get("path")
-        entry = by_uid.get(key or "") if row.get("sop_instance_uid") else by_path.get(key or "")
-        if entry is None:
+        found = by_uid.get(key or "") if row.get("sop_instance_uid") else by_path.get(key or "")
+        if found is None:
             raise DatasetError(f"{table} line {i}: no DICOM file under {root} for {key!r}")
-        records.append(_record(row, labels, entry[0], entry[1]))
+        records.append(_record(row, labels, found[0], found[1]))
     ds_ = LabelledSet(table.stem, tuple(labels), records, multi_label=multi_label)
     count_log(ds_)
     return ds_
