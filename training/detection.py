@@ -47,7 +47,7 @@ from pipelines.device import autocast
 from training.datasets import LabelledSet, Record, load_image
 from training.metrics import RSNA_IOU_THRESHOLDS, rsna_image_score
 from training.networks import load_pretrained
-from training.recipe import _merge
+from training.recipe import merge_settings
 
 __all__ = [
     "DETECTION_DEFAULTS",
@@ -169,7 +169,7 @@ def build_detector(network: dict[str, Any], detection: dict[str, Any] | None = N
         size_divisible=stride * 2 * 2 ** max(returned),
     )  # fmt: skip
     det = _Detector(net, anchors)
-    cfg = _merge(DETECTION_DEFAULTS, detection or {})
+    cfg = merge_settings(DETECTION_DEFAULTS, detection or {})
     det.set_atss_matcher(num_candidates=int(cfg["atss_candidates"]), center_in_gt=bool(cfg["center_in_gt"]))
     det.set_hard_negative_sampler(**cfg["hard_negative"])
     det.set_box_selector_parameters(**cfg["box_selector"])
@@ -315,7 +315,7 @@ def train_detection(
     """
     from training.train import RunError, _optimizer  # train imports this module lazily
 
-    recipe = {**recipe, "detection": _merge(DETECTION_DEFAULTS, recipe.get("detection") or {})}
+    recipe = {**recipe, "detection": merge_settings(DETECTION_DEFAULTS, recipe.get("detection") or {})}
     if recipe["crop"] != "none":
         raise RunError("detection runs on whole images: crop must be 'none'")
     if recipe["augment"] and float(recipe["augment"].get("prob", 0)) > 0:

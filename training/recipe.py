@@ -8,7 +8,7 @@ from typing import Any
 
 import yaml
 
-__all__ = ["DEFAULTS", "TASKS", "RecipeError", "load_recipe"]
+__all__ = ["DEFAULTS", "TASKS", "RecipeError", "load_recipe", "merge_settings"]
 
 TASKS = ("segmentation", "multilabel", "binary", "detection")
 
@@ -41,10 +41,11 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
-def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+def merge_settings(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """A deep copy of `base` with `over` applied (nested mappings merge, other values replace)."""
     out = copy.deepcopy(base)
     for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = merge_settings(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 
@@ -56,7 +57,7 @@ def load_recipe(path: Path, overrides: list[str] | None = None) -> dict[str, Any
         raise RecipeError(f"cannot read recipe {path}: {e}") from e
     if not isinstance(recipe, dict):
         raise RecipeError(f"recipe {path}: top level must be a mapping")
-    recipe = _merge(DEFAULTS, recipe)
+    recipe = merge_settings(DEFAULTS, recipe)
     for item in overrides or []:
         key, sep, raw = item.partition("=")
         if not sep or not key:
