@@ -47,7 +47,8 @@ NETWORK_FILES = {
     "segmentation": Path("models/segmentation.pt"),
     "classifier": Path("models/classifier.pt"),
 }
-ARCHITECTURES = ("UNet", "DenseNet121")  # monai.networks.nets classes the node can build
+# pipelines/networks.py builds these; the names live here so reading metadata needs no torch
+ARCHITECTURES = ("UNet", "DenseNet121", "ResNet50", "VGG16", "SmallCNN")
 REQUIRED_FIELDS = (
     "version", "changelog", "monai_version", "pytorch_version", "name", "authors", "manufacturer",
     "description", "intended_use", "network_data_format", "labels", "thresholds", "input_size",
@@ -102,10 +103,10 @@ def build_network(spec: dict[str, Any]) -> torch.nn.Module:
     args = spec.get("args", {})
     if not isinstance(args, dict):
         raise BundleError(f"architecture {name} args must be a mapping, not {type(args).__name__}")
-    from monai.networks import nets  # heavy: only where networks are built
+    from pipelines.networks import ARCHITECTURES as BUILDERS  # heavy: only where networks are built
 
     try:
-        return getattr(nets, name)(**args)  # type: ignore[no-any-return]
+        return BUILDERS[name](**args)
     except (TypeError, ValueError) as e:
         raise BundleError(f"cannot build {name} with args {args}: {e}") from e
 
@@ -143,6 +144,8 @@ def read_metadata(path: Path, version: str | None = None) -> dict[str, Any]:
             raise BundleError(f"{meta_file}: input_size.{key} must be an integer >= 32")
         if key not in meta["networks"]:
             raise BundleError(f"{meta_file}: networks.{key} is missing")
+    if meta["preprocessing"].get("crop", "lung") not in ("lung", "none"):
+        raise BundleError(f"{meta_file}: preprocessing.crop must be 'lung' or 'none'")
     if not isinstance(meta["demo"], bool):
         raise BundleError(f"{meta_file}: demo must be true or false")
     if meta["demo"] and DEMO_DISCLAIMER not in meta["description"]:

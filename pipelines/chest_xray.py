@@ -1,21 +1,28 @@
-"""Chest radiograph pipeline: lung segmentation -> lung crop -> 15-label classifier -> Grad-CAM.
+"""Chest radiograph pipeline: lung segmentation -> lung crop -> classifier -> Grad-CAM.
 
     to_display -> resize (area) + histogram equalisation -> UNet -> threshold, opening,
     two largest components -> lung box (+margin; whole image if empty) -> crop at source
-    resolution -> resize + equalisation -> DenseNet121 -> sigmoid -> findings at the bundle's
+    resolution -> resize + equalisation -> classifier -> sigmoid -> findings at the bundle's
     thresholds; Grad-CAM of the heatmap label; mask and heatmap mapped back to (Rows, Columns).
+
+The classifier is whatever the bundle holds (pipelines/networks.py): the 15-label DenseNet121
+of the demo and ChestX-ray14 recipes, or a pneumonia model (DenseNet121, ResNet50, VGG16, the
+seeds' small CNN). Bundles whose `preprocessing.crop` is "none" classify the whole image, as
+the pneumonia recipes train; the lungs are still segmented for the SEG and the outlines.
 
 The preprocessing functions here (`segmentation_input`, `lung_box`, `classifier_input`) are the
 recipe: training imports them, so training and inference see the same pixels.
 
-Grad-CAM without a backward pass: MONAI's DenseNet121 ends with relu -> global average pool ->
-linear, so d logit_c / d A_k(i, j) = w_ck / HW everywhere, and Grad-CAM for class c is exactly
-ReLU(sum_k (w_ck / HW) A_k) over the post-ReLU feature maps A. One forward pass of `features`
-gives both the logits and the CAM.
+Grad-CAM without a backward pass for DenseNet121: MONAI's DenseNet121 ends with relu -> global
+average pool -> linear, so d logit_c / d A_k(i, j) = w_ck / HW everywhere, and Grad-CAM for
+class c is exactly ReLU(sum_k (w_ck / HW) A_k) over the post-ReLU feature maps A. One forward
+pass of `features` gives both the logits and the CAM. Other architectures get MONAI's GradCAM
+(pipelines/gradcam.py), one backward pass per image.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 import warnings
@@ -34,6 +41,7 @@ from skimage.morphology import disk
 from pipelines.base import Finding, InputError, ModelInfo, PipelineResult
 from pipelines.bundle import Bundle, load_bundle
 from pipelines.device import autocast, resolve_device
+from pipelines.gradcam import gradcam
 from pipelines.imaging import to_display
 
 __all__ = [
@@ -163,13 +171,20 @@ class ChestXrayPipeline:
         self.mask_threshold = float(pre["mask_threshold"])
         self.opening_radius = int(pre["opening_radius"])
         self.crop_margin = float(pre["crop_margin"])
+        self.crop_to_lungs = pre.get("crop", "lung") == "lung"
         self.labels = self.bundle.labels
         self.thresholds = self.bundle.thresholds
         s, c = self.bundle.segmentation_size, self.bundle.classifier_size
-        head = FeatureHead(self.bundle.classifier)
-        self._cam_weight = head.out.weight.detach().to(self.device, torch.float32)
+        self._cls_spec: dict[str, Any] = self.bundle.metadata["networks"]["classifier"]
         self._seg = self._optimise(self.bundle.segmentation, (1, 1, s, s))
-        self._cls = self._optimise(head, (1, 1, c, c))
+        if self._cls_spec["architecture"] == "DenseNet121":
+            head = FeatureHead(self.bundle.classifier)
+            self._cam_weight: torch.Tensor | None = head.out.weight.detach().to(self.device, torch.float32)
+            self._cls = self._optimise(head, (1, 1, c, c))
+        else:  # logits from the optimised copy; Grad-CAM needs the eager network's backward pass
+            self._cam_weight = None
+            self._cam_net = self.bundle.classifier.eval().to(self.device)
+            self._cls = self._optimise(copy.deepcopy(self.bundle.classifier), (1, 1, c, c))
         self._warm_up(s, c)
         log.info("loaded %s %s (device %s, uid %s)", self.model.name, self.model.version,
                  self.device, self.model.device_uid)  # fmt: skip
@@ -226,7 +241,7 @@ class ChestXrayPipeline:
             masks, boxes = [], []
             for d, p in zip(displays, probs, strict=True):
                 m = postprocess_mask(p, self.mask_threshold, self.opening_radius)
-                box = lung_box(m, d.shape, self.crop_margin)
+                box = lung_box(m, d.shape, self.crop_margin) if self.crop_to_lungs else (0, d.shape[0], 0, d.shape[1])
                 if box is None:
                     log.warning("empty lung mask: classifying the whole image")
                     box = (0, d.shape[0], 0, d.shape[1])
@@ -238,14 +253,19 @@ class ChestXrayPipeline:
             t0 = time.perf_counter()
             c = self.bundle.classifier_size
             cls_in = torch.stack([classifier_input(d, b, c) for d, b in zip(displays, boxes, strict=True)])
-            cls_logits, feats = self._forward(self._cls, cls_in)
+            out = self._forward(self._cls, cls_in)
+            cls_logits, feats = out if self._cam_weight is not None else (out, None)
             cls_probs = torch.sigmoid(cls_logits.float()).cpu().numpy()
             t_cls = time.perf_counter() - t0
 
             t0 = time.perf_counter()
             top = [heatmap_label_index(p, self.thresholds, self.labels) for p in cls_probs]
-            cams = cam_from_features(feats.float(), self._cam_weight, torch.tensor(top, device=self.device))
-            cams = _minmax(cams).cpu()
+            if self._cam_weight is not None and feats is not None:
+                cams = cam_from_features(feats.float(), self._cam_weight, torch.tensor(top, device=self.device))
+                cams = _minmax(cams).cpu()
+            else:
+                cams = torch.stack([gradcam(self._cam_net, self._cls_spec, x[None], j)[0]
+                                    for x, j in zip(cls_in, top, strict=True)])  # fmt: skip
             heatmaps = [self._place(cam, b, d.shape) for cam, b, d in zip(cams, boxes, displays, strict=True)]
             t_heat = time.perf_counter() - t0
 

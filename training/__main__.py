@@ -35,11 +35,13 @@ def main(argv: list[str] | None = None) -> int:
     tr.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     tr.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override a recipe value, e.g. --set epochs=1 --set image_size=64")  # fmt: skip
-    ex = sub.add_parser("export", help="write a model bundle from a classifier run (+ its segmentation run)")
+    ex = sub.add_parser("export", help="write a node model bundle from a classifier run and a lung segmentation run")
     ex.add_argument("--run", type=Path, required=True)
     ex.add_argument("--out", type=Path, required=True, help="bundle folder, e.g. models/chest_xray")
     ex.add_argument("--version", required=True, help="bundle version, e.g. 1.0.0")
     ex.add_argument("--changelog", default=None)
+    ex.add_argument("--segmentation-run", type=Path, default=None,
+                    help="lung segmentation run for a whole-image classifier (crop: lung runs bring their own)")
     gc = sub.add_parser("gradcam", help="Grad-CAM panel of one image for a finished classifier run")
     gc.add_argument("--run", type=Path, required=True)
     gc.add_argument("--image", type=Path, required=True, help="DICOM, JPEG or PNG")
@@ -62,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "export":
         from training.export import export_run
 
-        out = export_run(args.run, args.out, args.version, args.changelog)
+        out = export_run(args.run, args.out, args.version, args.changelog, args.segmentation_run)
         print(json.dumps({"bundle": str(out), "version": args.version}))
         return 0
 

@@ -86,7 +86,9 @@ def export_bundle(
                         "type": "image", "format": "magnitude", "modality": "CR/DX chest PA/AP",
                         "num_channels": 1, "spatial_shape": [c, c], "dtype": "float32",
                         "value_range": [0, 1], "is_patch_data": False,
-                        "channel_def": {"0": "lung bounding box crop of the display image, histogram-equalised"},
+                        "channel_def": {"0": "lung bounding box crop of the display image, histogram-equalised"
+                                        if preprocessing.get("crop", "lung") == "lung"
+                                        else "whole display image, histogram-equalised"},
                     },
                 },
                 "outputs": {
@@ -125,12 +127,15 @@ def export_bundle(
     return out
 
 
-def export_run(run: Path, out: Path, version: str, changelog: str | None = None) -> Path:
-    """Bundle a finished classifier run with the segmentation run it cropped with.
+def export_run(
+    run: Path, out: Path, version: str, changelog: str | None = None, segmentation_run: Path | None = None
+) -> Path:
+    """Bundle a finished classifier run with a lung segmentation run.
 
-    The node crops to the lung box and runs DenseNet121 (its Grad-CAM needs that structure),
-    so only `crop: lung` DenseNet121 runs can become node bundles; anything else is refused
-    with the reason.
+    A `crop: lung` run brings the segmentation run it cropped with (a different one is refused:
+    the crops would change). A whole-image run (the pneumonia recipes) needs `segmentation_run`
+    for the lung mask the node's SEG and outlines show; its classifier still sees the whole
+    image. Segmentation and detection runs are refused with the reason.
     """
     from training.train import load_run_network, read_run  # the training stack, only when exporting
 
@@ -139,28 +144,36 @@ def export_run(run: Path, out: Path, version: str, changelog: str | None = None)
     cls, meta = load_run_network(Path(run))
     if meta["task"] == "segmentation":
         raise ValueError(f"{run} is a segmentation run: export the classifier run that used it (crop: lung)")
-    if meta["network"]["architecture"] != "DenseNet121":
-        raise ValueError(f"{run}: the node runs DenseNet121 classifiers, this run trained {meta['network']['architecture']}")
-    if meta["preprocessing"].get("crop") != "lung" or not meta.get("segmentation_run"):
-        raise ValueError(f"{run} was trained on whole images; the node classifies lung crops (train with crop: lung)")
-    seg, seg_meta = load_run_network(Path(meta["segmentation_run"]))
+    crop = meta["preprocessing"].get("crop", "none")
+    if crop == "lung":
+        seg_path = Path(meta["segmentation_run"])
+        if segmentation_run is not None and Path(segmentation_run).resolve() != seg_path.resolve():
+            raise ValueError(f"{run} was trained on lung crops from {seg_path}; the bundle must use that segmentation run")
+    elif segmentation_run is None:
+        raise ValueError(f"{run} classifies whole images: pass --segmentation-run (a lung segmentation run) "
+                         "for the lung mask the node's SEG and outlines show")  # fmt: skip
+    else:
+        seg_path = Path(segmentation_run)
+    seg, seg_meta = load_run_network(seg_path)
+    if seg_meta["task"] != "segmentation":
+        raise ValueError(f"{seg_path} is a {seg_meta['task']} run, not a lung segmentation run")
     # weights trained on synthetic images are demo weights whatever the caller says
     demo = any(m["data"].get("synthetic") == "true" for m in (meta, seg_meta))
     post = seg_meta["preprocessing"]
-    labels = list(meta["labels"])
+    labels, arch = list(meta["labels"]), meta["network"]["architecture"]
     return export_bundle(
         out,
         networks={"segmentation": (seg, seg_meta["network"]), "classifier": (cls, meta["network"])},
         labels=labels,
         thresholds=[float(t) for t in meta["thresholds"]],
         input_size={"segmentation": int(seg_meta["input_size"]), "classifier": int(meta["input_size"])},
-        preprocessing={k: post[k] for k in ("mask_threshold", "opening_radius", "crop_margin")},
+        preprocessing={**{k: post[k] for k in ("mask_threshold", "opening_radius", "crop_margin")}, "crop": crop},
         metrics={
             "segmentation": seg_meta["metrics"], "classifier": meta["metrics"],
             "threshold_rule": f"{meta['recipe']['threshold_rule']} on the validation split",
         },  # fmt: skip
         training_data={
-            "segmentation": {**seg_meta["data"], "run": str(Path(meta["segmentation_run"]))},
+            "segmentation": {**seg_meta["data"], "run": str(seg_path)},
             "classifier": {**meta["data"], "run": str(Path(run).resolve())},
             "recipes": {"segmentation": seg_meta["recipe"], "classifier": meta["recipe"]},
             "pretrained": meta.get("pretrained"),
@@ -169,7 +182,7 @@ def export_run(run: Path, out: Path, version: str, changelog: str | None = None)
         changelog={version: changelog or f"trained with training/ recipes on {meta['data']['dataset']}"},
         demo=demo,
         description=(
-            f"Lung segmentation (UNet) and {len(labels)}-label chest radiograph classifier "
-            f"(DenseNet121) trained on {meta['data']['dataset']}"
+            f"Lung segmentation (UNet) and {len(labels)}-label chest radiograph classifier ({arch}, "
+            f"{'lung crops' if crop == 'lung' else 'whole image'}) trained on {meta['data']['dataset']}"
         ),
     )

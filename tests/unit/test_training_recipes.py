@@ -13,13 +13,13 @@ import torch
 from pydicom.data import get_testdata_file
 
 from pipelines.bundle import list_bundles, load_bundle
-from pipelines.chest_xray import ChestXrayPipeline
+from pipelines.chest_xray import ChestXrayPipeline, classifier_input
 from tests.unit import training_data
 from training.__main__ import main
 from training.gradcam import DEFAULT_LAYERS
 from training.networks import VGG16, build_network, load_pretrained
 from training.recipe import RecipeError, load_recipe
-from training.train import RunError
+from training.train import RunError, load_run_network
 
 RECIPES = Path(__file__).resolve().parents[2] / "training" / "recipes"
 TINY = ["num_workers=0", "cache=true"]
@@ -123,7 +123,7 @@ def kermany_real(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.parametrize(
     "recipe", [pytest.param(r, marks=pytest.mark.slow) if "densenet" in r else r for r in sorted(PNEUMONIA)]
 )  # DenseNet121's first backward on this CPU takes ~10 s
-def test_pneumonia_recipes_on_real_jpegs(recipe: str, kermany_real: Path, tmp_path: Path) -> None:
+def test_pneumonia_recipes_on_real_jpegs(recipe: str, kermany_real: Path, seg_run: Path, tmp_path: Path) -> None:
     sets = [*TINY, *PNEUMONIA[recipe], "epochs=1", "batch_size=2", "max_steps=2", "split.val=0.0"]
     run = _train(recipe, kermany_real, tmp_path / "run", sets)
     test = run["metrics"]["test"]
@@ -135,9 +135,24 @@ def test_pneumonia_recipes_on_real_jpegs(recipe: str, kermany_real: Path, tmp_pa
     assert cam["layer"] == DEFAULT_LAYERS[run["network"]["architecture"]] and (tmp_path / "run" / "gradcam.png").is_file()
     assert [d["truth"] for d in cam["images"]] == [True, False]  # the top-scoring positive and negative
     assert run["recipe"]["augment"]["flip_lr"] is False  # no left-right flip by default
-    # whole-image classifiers are not node bundles: export says why
-    with pytest.raises(ValueError, match="DenseNet121|whole images"):
-        main(["export", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "b"), "--version", "1"])
+    # a whole-image classifier becomes a node bundle with a lung segmentation run beside it
+    export = ["export", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "b"), "--version", "1.0.0"]
+    with pytest.raises(ValueError, match="classifies whole images: pass --segmentation-run"):
+        main(export)
+    assert main([*export, "--segmentation-run", str(seg_run)]) == 0
+    meta = load_bundle(tmp_path / "b").metadata
+    assert meta["preprocessing"]["crop"] == "none" and meta["labels"] == ["Pneumonia"] and not meta["demo"]
+    assert meta["networks"]["classifier"]["architecture"] == run["network"]["architecture"]
+    ds = pydicom.dcmread(get_testdata_file("RG1_UNCR.dcm"))
+    (result,) = ChestXrayPipeline(tmp_path / "b", "cpu").run([ds])
+    assert [f.label for f in result.findings] == ["Pneumonia"] and result.heatmap_label == "Pneumonia"
+    # the classifier saw the whole image: its probability is the run's own on the whole display
+    net, _ = load_run_network(tmp_path / "run")
+    with torch.inference_mode():
+        x = classifier_input(result.display, (0, ds.Rows, 0, ds.Columns), run["input_size"])
+        expected = float(torch.sigmoid(net(x[None]))[0, 0])
+    assert result.findings[0].probability == pytest.approx(expected, abs=1e-4)
+    assert result.heatmap.shape == (ds.Rows, ds.Columns) and 0 <= result.heatmap.min() <= result.heatmap.max() <= 1
 
 
 def test_pretrained_local_file_rgb_to_gray(tmp_path: Path) -> None:
