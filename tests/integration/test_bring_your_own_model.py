@@ -1,0 +1,93 @@
+"""An ML engineer's model, end to end: a pneumonia classifier trained by a recipe on the real
+cxr-samples JPEGs (whole image, ResNet50, the seeds' transfer-learning recipe), exported with a
+lung segmentation run, pinned by version in config.yaml, run by `pacsnode run` on a storescu'd
+radiograph; Orthanc receives an SR that names that model, its version and its one finding.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Iterator
+from io import BytesIO
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+
+from tests.peers import Node, Orthanc, have, node_config, storescu, wait_for
+from tests.unit import training_data
+from training.__main__ import main
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.slow,
+    pytest.mark.skipif(not have("Orthanc", "storescu", "dciodvfy"), reason="needs Orthanc, DCMTK, dicom3tools"),
+]
+
+RECIPES = Path(__file__).resolve().parents[2] / "training" / "recipes"
+RG1 = Path(get_testdata_file("RG1_UNCR.dcm"))
+SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
+TINY = ["--device", "cpu", "--set", "num_workers=0", "--set", "epochs=1", "--set", "batch_size=2"]
+
+
+def _train(recipe: str, data: Path, out: Path, *sets: str) -> None:
+    args = ["train", "--recipe", str(RECIPES / recipe), "--data", str(data), "--out", str(out), *TINY]
+    for s in sets:
+        args += ["--set", s]
+    assert main(args) == 0
+
+
+@pytest.fixture(scope="module")
+def pneumonia_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tmp = tmp_path_factory.mktemp("byom")
+    _train("lung_segmentation.yaml", training_data.lung_masks(tmp / "masks", n=12, size=96), tmp / "seg",
+           "image_size=64", "split.val=0.25", "split.test=0.25", "network.args.channels=[4,8,16]",
+           "network.args.strides=[2,2]", "network.args.num_res_units=1")  # fmt: skip
+    _train("pneumonia_resnet50.yaml", training_data.kermany(tmp / "kermany"), tmp / "pn",
+           "image_size=64", "network.args.widen_factor=0.125", "max_steps=2", "split.val=0.0")  # fmt: skip
+    bundle = tmp / "models" / "pneumonia"
+    assert main(["export", "--run", str(tmp / "pn"), "--segmentation-run", str(tmp / "seg"),
+                 "--out", str(bundle), "--version", "2.1.0"]) == 0  # fmt: skip
+    return bundle
+
+
+@pytest.fixture(scope="module")
+def pacs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
+    server = Orthanc(tmp_path_factory.mktemp("orthanc")).start()
+    yield server
+    server.stop()
+
+
+def test_a_recipe_trained_resnet50_runs_in_the_node_and_its_sr_reaches_the_pacs(
+    pneumonia_bundle: Path, pacs: Orthanc, tmp_path: Path
+) -> None:
+    cfg = node_config(tmp_path / "node", pneumonia_bundle,
+                      [{"name": "orthanc", "ae_title": pacs.aet, "host": "127.0.0.1", "port": pacs.dicom_port, "timeout": 10}],
+                      pipelines={"chest_xray": {"bundle": str(pneumonia_bundle), "device": "cpu", "version": "2.1.0"}},
+                      export={"calling_ae_title": "PACSNODE", "objects": ["sr", "gsps"]})  # fmt: skip
+    node = Node(cfg).start(timeout=120)
+    try:
+        assert storescu(node.port, RG1).returncode == 0
+        study_uid = str(pydicom.dcmread(RG1, stop_before_pixels=True).StudyInstanceUID)
+
+        def done() -> dict | None:
+            jobs = [j for j in node.jobs() if j["study_instance_uid"] == study_uid]
+            assert not [j for j in jobs if j["state"] == "failed"], jobs
+            return next((j for j in jobs if j["state"] == "done"), None)
+
+        job = wait_for(done, 180, "the pneumonia job", interval=0.5)
+    finally:
+        node.stop()
+    assert job["model_version"] == "2.1.0" and [o["kind"] for o in job["outputs"]] == ["sr", "gsps"]
+    sr_uid = next(o["sop_instance_uid"] for o in job["outputs"] if o["kind"] == "sr")
+    sr_id = next(h["ID"] for h in pacs.lookup(sr_uid) if h["Type"] == "Instance")
+    data = pacs.get_bytes(f"/instances/{sr_id}/file")
+    sr = pydicom.dcmread(BytesIO(data))
+    assert sr.SOPClassUID == SR_CLASS and sr.StudyInstanceUID == study_uid and sr.SoftwareVersions == "2.1.0"
+    text = json.dumps(sr.to_json_dict())
+    assert "Pneumonia" in text and "No abnormality detected" not in text  # the bundle's one label
+    (tmp_path / "sr.dcm").write_bytes(data)
+    out = subprocess.run(["dciodvfy", "-new", str(tmp_path / "sr.dcm")], capture_output=True, text=True, timeout=60)
+    assert not [line for line in (out.stdout + out.stderr).splitlines() if line.startswith("Error")]
