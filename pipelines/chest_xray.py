@@ -22,7 +22,6 @@ pass of `features` gives both the logits and the CAM. Other architectures get MO
 
 from __future__ import annotations
 
-import copy
 import logging
 import time
 import warnings
@@ -41,7 +40,7 @@ from skimage.morphology import disk
 from pipelines.base import Finding, InputError, ModelInfo, PipelineResult
 from pipelines.bundle import Bundle, load_bundle
 from pipelines.device import autocast, resolve_device
-from pipelines.gradcam import gradcam
+from pipelines.gradcam import GradCamExplainer
 from pipelines.imaging import to_display
 
 __all__ = [
@@ -183,8 +182,9 @@ class ChestXrayPipeline:
             self._cls = self._optimise(head, (1, 1, c, c))
         else:  # logits from the optimised copy; Grad-CAM needs the eager network's backward pass
             self._cam_weight = None
-            self._cam_net = self.bundle.classifier.eval().to(self.device)
-            self._cls = self._optimise(copy.deepcopy(self.bundle.classifier), (1, 1, c, c))
+            net = self.bundle.classifier.eval().to(self.device)
+            self._explain = GradCamExplainer(net, self._cls_spec, self._cls_spec.get("gradcam_layer"))
+            self._cls = self._optimise(net, (1, 1, c, c))
         self._warm_up(s, c)
         log.info("loaded %s %s (device %s, uid %s)", self.model.name, self.model.version,
                  self.device, self.model.device_uid)  # fmt: skip
@@ -264,8 +264,7 @@ class ChestXrayPipeline:
                 cams = cam_from_features(feats.float(), self._cam_weight, torch.tensor(top, device=self.device))
                 cams = _minmax(cams).cpu()
             else:
-                cams = torch.stack([gradcam(self._cam_net, self._cls_spec, x[None], j)[0]
-                                    for x, j in zip(cls_in, top, strict=True)])  # fmt: skip
+                cams = torch.stack([self._explain(x[None], j)[0] for x, j in zip(cls_in, top, strict=True)])
             heatmaps = [self._place(cam, b, d.shape) for cam, b, d in zip(cams, boxes, displays, strict=True)]
             t_heat = time.perf_counter() - t0
 

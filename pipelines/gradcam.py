@@ -13,8 +13,9 @@ In-place ReLUs: torch's full backward hook (which MONAI registers on the target)
 output is overwritten in place: by the target itself (an `nn.ReLU(inplace=True)`) or by the next
 module (a conv followed by an in-place ReLU). MONAI switches `inplace` off on the target only,
 on the caller's network, and leaves its hooks registered for good. So Grad-CAM runs on a copy
-of the network with every `inplace` flag off: any module can be the target and the caller's
-network is left untouched. An in-place tensor operation in a `forward` (ResNet's
+of the network with every `inplace` flag off (`GradCamExplainer`, made once per network): any
+module can be the target and the caller's network is left untouched. MONAI's hook state is
+cleared after every call; left in place, its autograd graph keeps each copy alive. An in-place tensor operation in a `forward` (ResNet's
 `out += residual` after `bn3`) cannot be switched off: such a target is refused with a clear
 error (the block's output, e.g. `layer4.2`, is the one to use), and so is a module that runs
 more than once per forward pass (ResNet's `act`, shared by the three stages of a bottleneck).
@@ -29,7 +30,7 @@ import torch
 from monai.transforms import ScaleIntensity
 from monai.visualize import GradCAM
 
-__all__ = ["DEFAULT_LAYERS", "gradcam", "target_layer"]
+__all__ = ["DEFAULT_LAYERS", "GradCamExplainer", "gradcam", "target_layer"]
 
 DEFAULT_LAYERS = {
     "DenseNet121": "class_layers.relu",
@@ -61,45 +62,68 @@ def _unit_range(maps: torch.Tensor) -> torch.Tensor:
     return torch.stack([torch.as_tensor(scale(m)).as_subclass(torch.Tensor) for m in maps])  # no MetaTensor
 
 
-def gradcam(
-    net: torch.nn.Module, spec: dict[str, Any], x: torch.Tensor, class_idx: int, layer: str | None = None
-) -> torch.Tensor:
-    """Grad-CAM of output `class_idx` for a batch (N, C, H, W) -> (N, H, W) float32 in [0, 1], CPU.
+class GradCamExplainer:
+    """Grad-CAM of one network at one layer, prepared once and reused for every call.
 
-    Each map is scaled to [0, 1] on its own; all zero where no feature raises the class score.
-    Works under `torch.inference_mode()` too (a backward pass is needed); `net` is not changed.
+    Holds a copy of `net` with every `inplace` flag off and its weights frozen (the input
+    carries the gradient instead, so no weight gradients are kept). After each call MONAI's
+    hook state (score, activations, gradients) is cleared: its autograd graph refers back to
+    the hooks and the network, a cycle that would otherwise keep every copy alive.
     """
-    name = target_layer(net, spec, layer)
-    # copied and fed outside inference mode: tensors made inside it cannot enter autograd
-    with torch.inference_mode(False), torch.enable_grad():
-        work = copy.deepcopy(net).eval()
+
+    def __init__(self, net: torch.nn.Module, spec: dict[str, Any], layer: str | None = None) -> None:
+        self.layer = target_layer(net, spec, layer)
+        # copied outside inference mode: tensors made inside it cannot enter autograd
+        with torch.inference_mode(False):
+            work = copy.deepcopy(net).eval()
         for m in work.modules():
             if getattr(m, "inplace", False):
                 m.inplace = False  # type: ignore[assignment]
-        device = next(work.parameters()).device
-        cam = GradCAM(nn_module=work, target_layers=name, postprocessing=_unit_range)
+        work.requires_grad_(False)
+        self.device = next(work.parameters()).device
+        self._cam = GradCAM(nn_module=work, target_layers=self.layer, postprocessing=_unit_range)
         # MONAI keeps one activation and one gradient per name: a module run several times per
         # forward (ResNet's shared `act`) would pair the last activation with the first gradient
-        calls: list[int] = []
-        dict(work.named_modules())[name].register_forward_hook(lambda *_: calls.append(1))
-        # the input needs a gradient too: with frozen weights the target would get none
-        inp = x.detach().clone().float().to(device).requires_grad_(True)
-        try:
-            maps = cam(inp, class_idx=int(class_idx))
-            failure: Exception | None = None
-        except (RuntimeError, ValueError) as e:  # reworded below when the cause is known
-            failure = e
-    if len(calls) > 1:
-        raise ValueError(f"Grad-CAM layer {name!r} runs {len(calls)} times per forward pass; "
-                         "choose a module that runs once") from failure  # fmt: skip
-    if failure is not None:
-        acti = cam.nn_module.activations.get(name)
-        if acti is not None and acti.ndim != inp.ndim:
-            raise ValueError(f"Grad-CAM layer {name!r} gives {tuple(acti.shape)}, not feature maps") from failure
-        if "modified inplace" in str(failure):
-            raise ValueError(
-                f"Grad-CAM layer {name!r}: its output is changed in place by the operation after it "
-                "(e.g. a residual `+=`); choose the module that ends the block"
-            ) from failure
-        raise failure
-    return maps[:, 0].detach().float().cpu()
+        self._calls: list[int] = []
+        dict(work.named_modules())[self.layer].register_forward_hook(lambda *_: self._calls.append(1))
+
+    def __call__(self, x: torch.Tensor, class_idx: int) -> torch.Tensor:
+        """(N, C, H, W) -> (N, H, W) float32 in [0, 1] on the CPU, each map scaled on its own
+        (all zero where no feature raises the class score). Works under inference mode too."""
+        name, hooks = self.layer, self._cam.nn_module
+        self._calls.clear()
+        failure: Exception | None = None
+        with torch.inference_mode(False), torch.enable_grad():
+            inp = x.detach().clone().float().to(self.device).requires_grad_(True)
+            try:
+                maps = self._cam(inp, class_idx=int(class_idx)).detach()
+            except (RuntimeError, ValueError) as e:  # reworded below when the cause is known
+                failure = e
+        acti = hooks.activations.get(name)
+        shape = None if acti is None else tuple(acti.shape)
+        hooks.score = None
+        hooks.activations.clear()
+        hooks.gradients.clear()
+        if len(self._calls) > 1:
+            raise ValueError(f"Grad-CAM layer {name!r} runs {len(self._calls)} times per forward pass; "
+                             "choose a module that runs once") from failure  # fmt: skip
+        if failure is not None:
+            if shape is not None and len(shape) != inp.ndim:
+                raise ValueError(f"Grad-CAM layer {name!r} gives {shape}, not feature maps") from failure
+            if "modified inplace" in str(failure):
+                raise ValueError(
+                    f"Grad-CAM layer {name!r}: its output is changed in place by the operation after it "
+                    "(e.g. a residual `+=`); choose the module that ends the block"
+                ) from failure
+            raise failure
+        return maps[:, 0].float().cpu()
+
+
+def gradcam(
+    net: torch.nn.Module, spec: dict[str, Any], x: torch.Tensor, class_idx: int, layer: str | None = None
+) -> torch.Tensor:
+    """One-off Grad-CAM of output `class_idx` for a batch (N, C, H, W) -> (N, H, W) in [0, 1], CPU.
+
+    `net` is not changed. For many calls on one network, keep a `GradCamExplainer`.
+    """
+    return GradCamExplainer(net, spec, layer)(x, class_idx)

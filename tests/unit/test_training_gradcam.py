@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +15,7 @@ from PIL import Image
 from torch import nn
 
 from pipelines.chest_xray import classifier_input
+from pipelines.gradcam import GradCamExplainer
 from tests.unit import training_data
 from training.__main__ import main
 from training.datasets import load_image
@@ -155,6 +157,29 @@ def test_layer_errors_and_in_place_successors() -> None:
         gradcam(resnet, rspec, x, 0, layer="layer4.2.bn3")
     with pytest.raises(ValueError, match=r"'layer4\.2\.act' runs 3 times per forward pass"):
         gradcam(resnet, rspec, x, 0, layer="layer4.2.act")
+
+
+def test_explainer_keeps_no_network_copies() -> None:
+    """MONAI's hook state holds an autograd graph that points back at the hooks and the network:
+    unless cleared after each call, every Grad-CAM leaks a copy of the network (the node's
+    worker ran out of memory this way)."""
+    net, spec = _tiny("pneumonia_small_cnn.yaml")
+    x = torch.rand(1, 1, 48, 48)
+
+    def live() -> int:
+        gc.collect()
+        return sum(isinstance(o, SmallCNN) for o in gc.get_objects())
+
+    before = live()
+    explain = GradCamExplainer(net, spec)
+    for _ in range(3):
+        explain(x, 0)
+    assert live() == before + 1  # the explainer's own copy, made once
+    for _ in range(3):
+        gradcam(net, spec, x, 0)
+    assert live() == before + 1
+    del explain
+    assert live() == before
 
 
 def test_pick_examples() -> None:
