@@ -52,11 +52,12 @@ class BundleCheckError(RuntimeError):
     """A configured model bundle is missing, unreadable or not the version config.yaml pins."""
 
 
-def ensure_bundles(config: Config) -> None:
+def ensure_bundles(config: Config, train_missing: bool = True) -> None:
     """Check every enabled pipeline's bundle (and pinned version) before anything starts.
 
-    A missing bundle with no version pinned gets demo weights (first run); a pinned version is
-    never replaced by demo weights.
+    train_missing (`pacsnode run`): a missing bundle with no version pinned gets demo weights
+    (first run); a pinned version is never replaced by demo weights. An inference worker
+    (train_missing=False) only checks.
     """
     from pipelines.bundle import BundleError, read_metadata  # metadata only: no torch here
 
@@ -64,10 +65,12 @@ def ensure_bundles(config: Config) -> None:
         if not pc.enabled:
             continue
         if not (pc.bundle / "configs" / "metadata.json").exists():
-            if pc.version is not None:
+            if pc.version is not None or not train_missing:
+                pinned = f" (version {pc.version})" if pc.version else ""
                 raise BundleCheckError(
-                    f"pipelines.{name}: model bundle {pc.bundle} (version {pc.version}) is missing; "
-                    "install it with `python -m training export`, or drop `version` to start on demo weights"
+                    f"pipelines.{name}: model bundle {pc.bundle}{pinned} is missing; install it with "
+                    "`python -m training export`"
+                    + (", or drop `version` to start on demo weights" if pc.version else "")
                 )
             log.warning("model bundle %s for %s is missing: training demo weights (a few minutes)", pc.bundle, name)
             subprocess.run([sys.executable, "-m", "training", "demo", "--out", str(pc.bundle)], check=True)
@@ -138,6 +141,12 @@ def _serve(config: Config) -> int:
 def cmd_worker(args: argparse.Namespace, config: Config) -> int:
     from node.queue import EXPORT_QUEUE, configure
 
+    if args.queues.split(",") != [EXPORT_QUEUE]:  # it runs models: the bundles must be right
+        try:
+            ensure_bundles(config, train_missing=False)
+        except BundleCheckError as e:
+            print(f"pacsnode: {e}", file=sys.stderr)
+            return 2
     app = configure(config)
     import node.tasks  # noqa: F401  (registers the tasks)
 

@@ -122,7 +122,7 @@ def test_cancel_is_audited_and_refused_for_finished_jobs(config_file: Path, conf
     assert out.returncode == 1 and "cancelled -> cancelled is not allowed" in out.stderr
 
 
-def _pin(config_file: Path, bundle: Path, version: str) -> None:
+def _pin(config_file: Path, bundle: Path, version: str | None) -> None:
     cfg = yaml.safe_load(config_file.read_text())
     cfg["pipelines"] = {"chest_xray": {"bundle": str(bundle), "device": "cpu", "version": version}}
     config_file.write_text(yaml.safe_dump(cfg))
@@ -136,11 +136,18 @@ def test_run_refuses_a_bundle_other_than_the_pinned_version(config_file: Path, d
     assert "listening" not in out.stdout
     listed = pacsnode(config_file, "models", "list")
     assert listed.returncode == 1 and "config.yaml pins version 2.0.0" in listed.stdout
+    # production starts `pacsnode worker -Q inference` itself: it refuses just the same
+    out = pacsnode(config_file, "worker", "-Q", "inference")
+    assert out.returncode == 2 and "is version 0.1.0; the configuration asks for 2.0.0" in out.stderr
 
     # a pinned version is never replaced by demo weights
     _pin(config_file, tmp_path / "missing", "2.0.0")
     out = pacsnode(config_file, "run")
     assert out.returncode == 2 and "(version 2.0.0) is missing; install it with `python -m training export`" in out.stderr
+    assert not (tmp_path / "missing").exists()
+    _pin(config_file, tmp_path / "missing", None)  # a worker never trains demo weights either
+    out = pacsnode(config_file, "worker", "-Q", "inference")
+    assert out.returncode == 2 and "missing; install it with `python -m training export`" in out.stderr
     assert not (tmp_path / "missing").exists()
 
     _pin(config_file, demo_bundle, "0.1.0")
