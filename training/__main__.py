@@ -19,7 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--out", type=Path, required=True, help="bundle folder to (re)create")
     demo.add_argument("--quick", action="store_true", help="tiny run (seconds) for tests")
     demo.add_argument("--seed", type=int, default=None)
-    demo.add_argument("--work", type=Path, default=None, help="folder for the data and runs (default: beside --out)")
+    demo.add_argument("--work", type=Path, default=None, help="folder for the data and runs (default: beside --out); its data/, seg/ and cls/ are replaced")
     syn = sub.add_parser("synthetic", help="write a synthetic data set (generic CSV layout with lung masks)")
     syn.add_argument("--out", type=Path, required=True)
     syn.add_argument("--train", type=int, default=800, help="training images")

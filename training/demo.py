@@ -44,15 +44,17 @@ QUICK: dict[str, Any] = {
 def train_demo(out: Path, quick: bool = False, seed: int = SEED, work: Path | None = None) -> dict[str, Any]:
     """Synthetic data -> segmentation run -> classifier run -> demo bundle at `out`.
 
-    The work folder (default: `.<name>-training` beside `out`) keeps the runs and their reports;
-    it is replaced on every call.
+    The work folder (default: `.<name>-training` beside `out`) keeps the data, the runs and
+    their reports; its `data`, `seg` and `cls` folders are replaced on every call, nothing else
+    in it is touched.
     """
     t0 = time.perf_counter()
     plan = QUICK if quick else FULL
     out = Path(out)
     work = Path(work) if work else out.parent / f".{out.name}-training"
-    if work.exists():
-        shutil.rmtree(work)
+    for part in ("data", "seg", "cls"):
+        if (work / part).exists():
+            shutil.rmtree(work / part)
     n_train, n_val, size = plan["data"]
     data = write_dataset(work / "data", n_train, n_val, seed, size)
     sets = [f"seed={seed}"]
