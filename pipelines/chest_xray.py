@@ -40,7 +40,7 @@ from skimage.morphology import disk
 from pipelines.base import Finding, InputError, ModelInfo, PipelineResult
 from pipelines.bundle import Bundle, load_bundle
 from pipelines.device import autocast, resolve_device
-from pipelines.gradcam import GradCamExplainer
+from pipelines.gradcam import DEFAULT_LAYERS, GradCamExplainer
 from pipelines.imaging import to_display
 
 __all__ = [
@@ -176,18 +176,21 @@ class ChestXrayPipeline:
         s, c = self.bundle.segmentation_size, self.bundle.classifier_size
         self._cls_spec: dict[str, Any] = self.bundle.metadata["networks"]["classifier"]
         self._seg = self._optimise(self.bundle.segmentation, (1, 1, s, s))
-        if self._cls_spec["architecture"] == "DenseNet121":
+        layer = self._cls_spec.get("gradcam_layer")
+        if self._cls_spec["architecture"] == "DenseNet121" and layer in (None, DEFAULT_LAYERS["DenseNet121"]):
             head = FeatureHead(self.bundle.classifier)
             self._cam_weight: torch.Tensor | None = head.out.weight.detach().to(self.device, torch.float32)
             self._cls = self._optimise(head, (1, 1, c, c))
+            self.cam_layer = DEFAULT_LAYERS["DenseNet121"]  # what the backward-free CAM equals
         else:  # logits from the optimised copy; Grad-CAM needs the eager network's backward pass
             self._cam_weight = None
             net = self.bundle.classifier.eval().to(self.device)
-            self._explain = GradCamExplainer(net, self._cls_spec, self._cls_spec.get("gradcam_layer"))
+            self._explain = GradCamExplainer(net, self._cls_spec, layer)
             self._cls = self._optimise(net, (1, 1, c, c))
+            self.cam_layer = self._explain.layer
         self._warm_up(s, c)
-        log.info("loaded %s %s (device %s, uid %s)", self.model.name, self.model.version,
-                 self.device, self.model.device_uid)  # fmt: skip
+        log.info("loaded %s %s (device %s, uid %s, Grad-CAM at %s)", self.model.name, self.model.version,
+                 self.device, self.model.device_uid, self.cam_layer)  # fmt: skip
 
     def _optimise(self, net: torch.nn.Module, shape: tuple[int, ...]) -> torch.nn.Module:
         """CPU: TorchScript trace + freeze, channels_last. CUDA: eager, channels_last (autocast)."""

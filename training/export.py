@@ -161,9 +161,12 @@ def export_run(
     demo = any(m["data"].get("synthetic") == "true" for m in (meta, seg_meta))
     post = seg_meta["preprocessing"]
     labels, arch = list(meta["labels"]), meta["network"]["architecture"]
+    cls_spec = dict(meta["network"])
+    if meta["recipe"].get("gradcam_layer"):  # the node explains with the layer the run used
+        cls_spec["gradcam_layer"] = meta["recipe"]["gradcam_layer"]
     return export_bundle(
         out,
-        networks={"segmentation": (seg, seg_meta["network"]), "classifier": (cls, meta["network"])},
+        networks={"segmentation": (seg, seg_meta["network"]), "classifier": (cls, cls_spec)},
         labels=labels,
         thresholds=[float(t) for t in meta["thresholds"]],
         input_size={"segmentation": int(seg_meta["input_size"]), "classifier": int(meta["input_size"])},

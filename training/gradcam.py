@@ -80,11 +80,12 @@ def explain_image(
     layer: overrides the run's Grad-CAM layer. Returns the label, probability and layer used.
     """
     # training.train imports this module: import it when called
-    from training.train import LungCropper, RunError, _preparer, load_run_network
+    from training.train import LungCropper, RunError, _preparer, load_run_network, read_run
 
+    task = read_run(run)["task"]
+    if task not in ("binary", "multilabel"):  # before building: a detector is no registry network
+        raise RunError(f"{run} is a {task} run: Grad-CAM needs a classifier run")
     net, meta = load_run_network(run)
-    if meta["task"] not in ("binary", "multilabel"):
-        raise RunError(f"{run} is a {meta['task']} run: Grad-CAM needs a classifier run")
     recipe, labels = meta["recipe"], list(meta["labels"])
     if label is not None and label not in labels:
         raise ValueError(f"{run} has no label {label!r}; its labels: {', '.join(labels)}")

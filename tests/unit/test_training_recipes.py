@@ -111,7 +111,8 @@ PNEUMONIA = {
     "pneumonia_small_cnn.yaml": ["image_size=48"],
     "pneumonia_densenet121.yaml": ["image_size=32"],
     "pneumonia_resnet50.yaml": ["image_size=32", "network.args.widen_factor=0.125"],
-    "pneumonia_vgg16.yaml": ["image_size=32", "network.args.width=0.0625", "network.args.hidden=16"],
+    "pneumonia_vgg16.yaml": ["image_size=32", "network.args.width=0.0625", "network.args.hidden=16",
+                             "gradcam_layer=features.27"],  # a recipe's own layer reaches the node
 }
 
 
@@ -132,7 +133,8 @@ def test_pneumonia_recipes_on_real_jpegs(recipe: str, kermany_real: Path, seg_ru
     assert test["confusion_matrix"] is not None and np.sum(test["confusion_matrix"]) == 2
     assert (tmp_path / "run" / "confusion.png").is_file()
     cam = json.loads((tmp_path / "run" / "report.json").read_text())["gradcam"]
-    assert cam["layer"] == DEFAULT_LAYERS[run["network"]["architecture"]] and (tmp_path / "run" / "gradcam.png").is_file()
+    layer = run["recipe"]["gradcam_layer"] or DEFAULT_LAYERS[run["network"]["architecture"]]
+    assert cam["layer"] == layer and (tmp_path / "run" / "gradcam.png").is_file()
     assert [d["truth"] for d in cam["images"]] == [True, False]  # the top-scoring positive and negative
     assert run["recipe"]["augment"]["flip_lr"] is False  # no left-right flip by default
     # a whole-image classifier becomes a node bundle with a lung segmentation run beside it
@@ -144,7 +146,9 @@ def test_pneumonia_recipes_on_real_jpegs(recipe: str, kermany_real: Path, seg_ru
     assert meta["preprocessing"]["crop"] == "none" and meta["labels"] == ["Pneumonia"] and not meta["demo"]
     assert meta["networks"]["classifier"]["architecture"] == run["network"]["architecture"]
     ds = pydicom.dcmread(get_testdata_file("RG1_UNCR.dcm"))
-    (result,) = ChestXrayPipeline(tmp_path / "b", "cpu").run([ds])
+    pipeline = ChestXrayPipeline(tmp_path / "b", "cpu")
+    assert pipeline.cam_layer == layer  # the node explains with the layer the run's panel used
+    (result,) = pipeline.run([ds])
     assert [f.label for f in result.findings] == ["Pneumonia"] and result.heatmap_label == "Pneumonia"
     # the classifier saw the whole image: its probability is the run's own on the whole display
     net, _ = load_run_network(tmp_path / "run")
@@ -177,6 +181,8 @@ def test_recipe_overrides_and_errors(tmp_path: Path) -> None:
         load_recipe(tmp_path / "bad.yaml")
     flip = load_recipe(RECIPES / "pneumonia_small_cnn.yaml", ["augment.flip_lr=true"])
     assert "heart laterality" in flip["warnings"][0]
+    with pytest.raises(RecipeError, match="pos_weight_max must be >= 1, not 0.5"):
+        load_recipe(RECIPES / "pneumonia_small_cnn.yaml", ["pos_weight_max=0.5"])
 
 
 def test_crop_lung_needs_a_segmentation_run(tmp_path: Path) -> None:
