@@ -74,6 +74,8 @@ def load_recipe(path: Path, overrides: list[str] | None = None) -> dict[str, Any
     for key in ("dataset", "network"):
         if not isinstance(recipe.get(key), dict):
             raise RecipeError(f"recipe {path}: {key} section is missing")
+    if float(recipe["pos_weight_max"]) < 1:
+        raise RecipeError(f"recipe {path}: pos_weight_max must be >= 1, not {recipe['pos_weight_max']}")
     if recipe["crop"] not in ("none", "lung"):
         raise RecipeError(f"recipe {path}: crop must be 'none' or 'lung', not {recipe['crop']!r}")
     if recipe["augment"].get("flip_lr"):

@@ -294,6 +294,8 @@ def train(
             sched.load_state_dict(c["sched"])
         scaler.load_state_dict(c["scaler"])
         torch.set_rng_state(c["torch_rng"])
+        if dev.type == "cuda" and c.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state_all(c["cuda_rng"])  # dropout on the GPU draws from these
         state = {k: c[k] for k in ("epoch", "best", "history")}
         log.info("resuming %s after epoch %d", out, state["epoch"])
     (out / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
@@ -340,7 +342,8 @@ def train(
         tmp = ckpt.with_suffix(".tmp")
         torch.save({**state, "net": net.state_dict(), "opt": opt.state_dict(),
                     "sched": sched.state_dict() if sched else None, "scaler": scaler.state_dict(),
-                    "torch_rng": torch.get_rng_state()}, tmp)  # fmt: skip
+                    "torch_rng": torch.get_rng_state(),
+                    "cuda_rng": torch.cuda.get_rng_state_all() if dev.type == "cuda" else None}, tmp)  # fmt: skip
         tmp.replace(ckpt)  # a crash mid-write leaves the previous checkpoint intact
 
     net.load_state_dict(torch.load(out / "model.pt", map_location="cpu", weights_only=True))

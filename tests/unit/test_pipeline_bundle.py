@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pipelines.base import DEMO_DISCLAIMER
-from pipelines.bundle import BundleError, device_uid_for, load_bundle, read_metadata
+from pipelines.bundle import ARCHITECTURES, BundleError, device_uid_for, load_bundle, read_metadata
 
 
 @pytest.fixture
@@ -55,6 +55,12 @@ def test_pinned_version(demo_bundle: Path) -> None:
     assert load_bundle(demo_bundle, "0.1.0").model.version == "0.1.0"
     with pytest.raises(BundleError, match=r"is version 0.1.0; the configuration asks for 1.0.0"):
         read_metadata(demo_bundle, "1.0.0")
+
+
+def test_bundle_and_network_registry_name_the_same_architectures() -> None:
+    from pipelines.networks import ARCHITECTURES as BUILDERS  # bundle.py keeps the names torch-free
+
+    assert set(ARCHITECTURES) == set(BUILDERS)
 
 
 def test_device_uid_changes_with_weights() -> None:

@@ -126,6 +126,11 @@ def test_synthetic_set_reads_back_as_generic_csv_with_masks(tmp_path: Path) -> N
     np.testing.assert_allclose(img, s.image, atol=1 / 65535)  # 16-bit PNG keeps the pixels
     np.testing.assert_array_equal(load_mask(ds.records[4].masks, img.shape), s.mask)
     assert ds.records[4].labels == tuple(float(v) for v in s.labels)
+    manifest = tmp_path / "syn" / "dataset.json"
+    manifest.write_text('{"name": "x", "images": 3}')
+    with pytest.raises(DatasetError, match=r"keys \['images'\] are computed from the data"):
+        load_dataset({"format": "csv"}, tmp_path / "syn")
+    manifest.unlink()
     (tmp_path / "syn" / "masks" / "000001.png").unlink()
     with pytest.raises(DatasetError, match="000001.png is listed in .*labels.csv but missing"):
         load_dataset({"format": "csv"}, tmp_path / "syn")

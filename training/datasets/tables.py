@@ -62,6 +62,9 @@ def _manifest(folder: Path) -> tuple[str | None, dict[str, str]]:
         raise DatasetError(f"cannot read {path}: {e}") from e
     if not isinstance(meta, dict):
         raise DatasetError(f"{path}: top level must be an object")
+    reserved = {"dataset", "images", "patients", "labels", "class_counts", "splits"} & set(meta)
+    if reserved:  # notes join the summary beside these: they must not overwrite the real counts
+        raise DatasetError(f"{path}: keys {sorted(reserved)} are computed from the data, not set here")
     name = meta.pop("name", None)
     return (str(name) if name else None), {k: json.dumps(v) if not isinstance(v, str) else v for k, v in meta.items()}
 
