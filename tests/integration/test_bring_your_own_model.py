@@ -65,8 +65,7 @@ def test_a_recipe_trained_resnet50_runs_in_the_node_and_its_sr_reaches_the_pacs(
 ) -> None:
     cfg = node_config(tmp_path / "node", pneumonia_bundle,
                       [{"name": "orthanc", "ae_title": pacs.aet, "host": "127.0.0.1", "port": pacs.dicom_port, "timeout": 10}],
-                      pipelines={"chest_xray": {"bundle": str(pneumonia_bundle), "device": "cpu", "version": "2.1.0"}},
-                      export={"calling_ae_title": "PACSNODE", "objects": ["sr", "gsps"]})  # fmt: skip
+                      pipelines={"chest_xray": {"bundle": str(pneumonia_bundle), "device": "cpu", "version": "2.1.0"}})
     node = Node(cfg).start(timeout=120)
     try:
         assert storescu(node.port, RG1).returncode == 0
@@ -80,14 +79,17 @@ def test_a_recipe_trained_resnet50_runs_in_the_node_and_its_sr_reaches_the_pacs(
         job = wait_for(done, 180, "the pneumonia job", interval=0.5)
     finally:
         node.stop()
-    assert job["model_version"] == "2.1.0" and [o["kind"] for o in job["outputs"]] == ["sr", "gsps"]
-    sr_uid = next(o["sop_instance_uid"] for o in job["outputs"] if o["kind"] == "sr")
-    sr_id = next(h["ID"] for h in pacs.lookup(sr_uid) if h["Type"] == "Instance")
-    data = pacs.get_bytes(f"/instances/{sr_id}/file")
-    sr = pydicom.dcmread(BytesIO(data))
-    assert sr.SOPClassUID == SR_CLASS and sr.StudyInstanceUID == study_uid and sr.SoftwareVersions == "2.1.0"
-    text = json.dumps(sr.to_json_dict())
-    assert "Pneumonia" in text and "No abnormality detected" not in text  # the bundle's one label
-    (tmp_path / "sr.dcm").write_bytes(data)
-    out = subprocess.run(["dciodvfy", "-new", str(tmp_path / "sr.dcm")], capture_output=True, text=True, timeout=60)
-    assert not [line for line in (out.stdout + out.stderr).splitlines() if line.startswith("Error")]
+    assert job["model_version"] == "2.1.0" and [o["kind"] for o in job["outputs"]] == ["sr", "sc", "seg", "gsps"]
+    for output in job["outputs"]:  # every object in Orthanc, from this model, valid
+        found = next(h["ID"] for h in pacs.lookup(output["sop_instance_uid"]) if h["Type"] == "Instance")
+        data = pacs.get_bytes(f"/instances/{found}/file")
+        ds = pydicom.dcmread(BytesIO(data))
+        assert ds.StudyInstanceUID == study_uid and ds.SoftwareVersions == "2.1.0", output["kind"]
+        path = tmp_path / f"{output['kind']}.dcm"
+        path.write_bytes(data)
+        out = subprocess.run(["dciodvfy", "-new", str(path)], capture_output=True, text=True, timeout=60)
+        assert not [line for line in (out.stdout + out.stderr).splitlines() if line.startswith("Error")], output["kind"]
+        if output["kind"] == "sr":
+            assert ds.SOPClassUID == SR_CLASS
+            text = json.dumps(ds.to_json_dict())
+            assert "Pneumonia" in text and "No abnormality detected" not in text  # the bundle's one label
