@@ -5,7 +5,9 @@ SQLite row before each success status); storescp writes to a temporary folder (n
 Two workloads, each sent in one association per run: `small`, N copies of a 256 x 256 CR
 (128 KB, new UIDs each) plus RG1_UNCR.dcm, where per-message overhead dominates; `cxr`, N copies
 of RG1_UNCR.dcm (a real 7 MB chest radiograph), the node's actual input. Prints instances/second
-of both receivers and our ratio (target >= 0.6) per workload.
+of both receivers and our ratio (target >= 0.6) per workload. A third receiver, pynetdicom with
+our listener's AE settings and a C-STORE handler that does nothing, shows the ceiling any
+pynetdicom-based handler can reach.
 
     python bench/ingest.py [--workload small|cxr|both] [--copies 200] [--cxr-copies 30] [--runs 3]
 """
@@ -95,6 +97,29 @@ def _time_receiver(proc: subprocess.Popen[bytes], port: int, aec: str, files: li
         proc.wait(timeout=30)
 
 
+def noop_scp(config_path: Path) -> None:
+    """Serve C-STORE with our listener's AE (contexts, PDU size, TCP_NODELAY) and do nothing."""
+    from pynetdicom import evt
+
+    from node.config import load_config
+    from node.listener import build_ae, tune_connection
+
+    ae = build_ae(load_config(config_path))
+    ae.require_calling_aet = []
+    ae.start_server(("127.0.0.1", int(load_config(config_path).listener.port)), block=True,
+                    evt_handlers=[(evt.EVT_CONN_OPEN, tune_connection), (evt.EVT_C_STORE, lambda _: 0)])  # fmt: skip
+
+
+def run_noop(work: Path, files: list[Path]) -> float:
+    port = free_port()
+    cfg = work / "config.yaml"
+    cfg.write_text(f"listener: {{ae_title: PACSNODE, host: 127.0.0.1, port: {port}, max_pdu: 0}}\n"
+                   f"storage: {{path: {work / 'spool'}}}\n")  # fmt: skip
+    proc = subprocess.Popen([sys.executable, __file__, "--noop-scp", str(cfg)], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    return _time_receiver(proc, port, "PACSNODE", files, startup=60)
+
+
 def run_storescp(work: Path, files: list[Path]) -> float:
     port = free_port()
     out = work / "storescp"
@@ -109,12 +134,13 @@ def compare(base: Path, workload: str, copies: int, runs: int) -> float:
     """Time both receivers on one workload (alternating runs); print and return our ratio."""
     (base / workload).mkdir()
     files = make_files(base / workload, copies, workload)
-    ours, theirs = [], []
-    for run in range(runs):  # alternate, so both see the same machine load
-        (base / f"{workload}-node{run}").mkdir()
-        (base / f"{workload}-scp{run}").mkdir()
+    ours, theirs, noop = [], [], []
+    for run in range(runs):  # alternate, so all see the same machine load
+        for name in ("node", "scp", "noop"):
+            (base / f"{workload}-{name}{run}").mkdir()
         ours.append(run_node(base / f"{workload}-node{run}", files))
         theirs.append(run_storescp(base / f"{workload}-scp{run}", files))
+        noop.append(run_noop(base / f"{workload}-noop{run}", files))
     n, mb = len(files), sum(f.stat().st_size for f in files) / 2**20
     ips_ours, ips_theirs = n / statistics.median(ours), n / statistics.median(theirs)
     print(f"[{workload}] {n} instances, {mb:.0f} MB, {runs} runs, median wall time per run")
@@ -122,8 +148,13 @@ def compare(base: Path, workload: str, copies: int, runs: int) -> float:
           + ", ".join(f"{t:.2f}" for t in ours) + ")")
     print(f"  DCMTK storescp:    {statistics.median(theirs):.2f} s  {ips_theirs:.1f} instances/s  (runs: "
           + ", ".join(f"{t:.2f}" for t in theirs) + ")")
+    ips_noop = n / statistics.median(noop)
+    print(f"  pynetdicom no-op:  {statistics.median(noop):.2f} s  {ips_noop:.1f} instances/s  (runs: "
+          + ", ".join(f"{t:.2f}" for t in noop) + ")")
     ratio = ips_ours / ips_theirs
     print(f"  ratio pacsnode/storescp: {ratio:.2f} (target >= 0.6) {'OK' if ratio >= 0.6 else 'BELOW TARGET'}")
+    print(f"  ceiling for any pynetdicom handler (no-op/storescp): {ips_noop / ips_theirs:.2f}; "
+          f"pacsnode/no-op: {ips_ours / ips_noop:.2f}")
     return ratio
 
 
@@ -133,7 +164,11 @@ def main() -> int:
     ap.add_argument("--cxr-copies", type=int, default=30, help="full-size radiographs per run")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--workload", choices=["small", "cxr", "both"], default="both")
+    ap.add_argument("--noop-scp", type=Path, help=argparse.SUPPRESS)  # internal: the no-op receiver
     args = ap.parse_args()
+    if args.noop_scp:
+        noop_scp(args.noop_scp)
+        return 0
     if not shutil.which("storescp"):
         print("DCMTK storescp is not installed", file=sys.stderr)
         return 2
