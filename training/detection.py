@@ -44,6 +44,7 @@ from tqdm import tqdm
 
 from pipelines.chest_xray import classifier_input
 from pipelines.device import autocast
+from training.checkpoint import restore_checkpoint, save_checkpoint
 from training.datasets import LabelledSet, Record, load_image
 from training.metrics import RSNA_IOU_THRESHOLDS, rsna_image_score
 from training.networks import load_pretrained
@@ -346,17 +347,7 @@ def train_detection(
 
     state: dict[str, Any] = {"epoch": 0, "best": -math.inf, "history": []}
     if resume:
-        c = torch.load(ckpt, map_location="cpu", weights_only=False)  # our own file: holds RNG states
-        net.load_state_dict(c["net"])
-        opt.load_state_dict(c["opt"])
-        if sched is not None and c["sched"] is not None:
-            sched.load_state_dict(c["sched"])
-        scaler.load_state_dict(c["scaler"])
-        torch.set_rng_state(c["torch_rng"])
-        if dev.type == "cuda" and c.get("cuda_rng") is not None:
-            torch.cuda.set_rng_state_all(c["cuda_rng"])  # the hard-negative sampler draws on the device
-        state = {k: c[k] for k in ("epoch", "best", "history")}
-        log.info("resuming %s after epoch %d", out, state["epoch"])
+        state = restore_checkpoint(ckpt, net, opt, sched, scaler, dev)
     (out / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
 
     epochs, max_steps = int(recipe["epochs"]), recipe["max_steps"]
@@ -402,12 +393,7 @@ def train_detection(
             state["best"] = _rank(score)
             torch.save({k: v.detach().cpu() for k, v in net.state_dict().items()}, out / "model.pt")
         state["epoch"] = epoch + 1
-        tmp = ckpt.with_suffix(".tmp")
-        torch.save({**state, "net": net.state_dict(), "opt": opt.state_dict(),
-                    "sched": sched.state_dict() if sched else None, "scaler": scaler.state_dict(),
-                    "torch_rng": torch.get_rng_state(),
-                    "cuda_rng": torch.cuda.get_rng_state_all() if dev.type == "cuda" else None}, tmp)  # fmt: skip
-        tmp.replace(ckpt)  # a crash mid-write leaves the previous checkpoint intact
+        save_checkpoint(ckpt, state, net, opt, sched, scaler, dev)
 
     net.load_state_dict(torch.load(out / "model.pt", map_location="cpu", weights_only=True))
     preds = {s: predict(detector, BoxSet(splits[s], size, False), batch, dev) for s in ("val", "test") if splits[s]}

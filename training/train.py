@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from pipelines.chest_xray import classifier_input, lung_box, postprocess_mask, segmentation_input
 from pipelines.device import autocast, resolve_device
+from training.checkpoint import restore_checkpoint, save_checkpoint
 from training.datasets import LabelledSet, Record, load_dataset, load_image, load_mask
 from training.gradcam import run_gradcam, target_layer
 from training.metrics import (
@@ -287,17 +288,7 @@ def train(
 
     state: dict[str, Any] = {"epoch": 0, "best": -math.inf, "history": []}
     if resume:
-        c = torch.load(ckpt, map_location="cpu", weights_only=False)  # our own file: holds RNG states
-        net.load_state_dict(c["net"])
-        opt.load_state_dict(c["opt"])
-        if sched is not None and c["sched"] is not None:
-            sched.load_state_dict(c["sched"])
-        scaler.load_state_dict(c["scaler"])
-        torch.set_rng_state(c["torch_rng"])
-        if dev.type == "cuda" and c.get("cuda_rng") is not None:
-            torch.cuda.set_rng_state_all(c["cuda_rng"])  # dropout on the GPU draws from these
-        state = {k: c[k] for k in ("epoch", "best", "history")}
-        log.info("resuming %s after epoch %d", out, state["epoch"])
+        state = restore_checkpoint(ckpt, net, opt, sched, scaler, dev)
     (out / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
 
     epochs, batch, max_steps = int(recipe["epochs"]), int(recipe["batch_size"]), recipe["max_steps"]
@@ -339,12 +330,7 @@ def train(
             state["best"] = score
             torch.save({k: v.detach().cpu() for k, v in net.state_dict().items()}, out / "model.pt")
         state["epoch"] = epoch + 1
-        tmp = ckpt.with_suffix(".tmp")
-        torch.save({**state, "net": net.state_dict(), "opt": opt.state_dict(),
-                    "sched": sched.state_dict() if sched else None, "scaler": scaler.state_dict(),
-                    "torch_rng": torch.get_rng_state(),
-                    "cuda_rng": torch.cuda.get_rng_state_all() if dev.type == "cuda" else None}, tmp)  # fmt: skip
-        tmp.replace(ckpt)  # a crash mid-write leaves the previous checkpoint intact
+        save_checkpoint(ckpt, state, net, opt, sched, scaler, dev)
 
     net.load_state_dict(torch.load(out / "model.pt", map_location="cpu", weights_only=True))
     report = _final_report(recipe, ds, splits, prepare, net, dev, out)
