@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 from pydicom import Dataset
@@ -69,3 +70,11 @@ class Pipeline(Protocol):
     def run(self, datasets: Sequence[Dataset]) -> list[PipelineResult]:
         """Process a batch of single-frame images (pixel data not yet decoded)."""
         ...
+
+
+def merge_settings(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """A deep copy of `base` with `over` applied (nested mappings merge, other values replace)."""
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        out[k] = merge_settings(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from pipelines.base import merge_settings
 
 __all__ = ["DEFAULTS", "TASKS", "RecipeError", "load_recipe", "merge_settings"]
 
@@ -39,14 +40,6 @@ DEFAULTS: dict[str, Any] = {
     "limit": None,  # cap on images per split (smoke tests)
     "gradcam_layer": None,  # classifiers: Grad-CAM target module name; None = the architecture's default
 }
-
-
-def merge_settings(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    """A deep copy of `base` with `over` applied (nested mappings merge, other values replace)."""
-    out = copy.deepcopy(base)
-    for k, v in over.items():
-        out[k] = merge_settings(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
 
 
 def load_recipe(path: Path, overrides: list[str] | None = None) -> dict[str, Any]:
