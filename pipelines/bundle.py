@@ -3,6 +3,7 @@
     <bundle>/configs/metadata.json   identity, labels, thresholds, sizes, networks + sha256
     <bundle>/models/segmentation.pt  lung UNet state dict
     <bundle>/models/classifier.pt    DenseNet121 state dict
+    <bundle>/models/detector.pt      optional: lung-opacity RetinaNet (pipelines/detector.py)
 
 `load_bundle` checks the metadata, verifies each weight file's sha256 and builds the networks
 (on the CPU, in eval mode) from the architecture names and arguments the metadata records.
@@ -19,7 +20,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from pipelines.base import DEMO_DISCLAIMER, ModelInfo
 
@@ -30,6 +31,7 @@ __all__ = [
     "ARCHITECTURES",
     "METADATA_PATH",
     "NETWORK_FILES",
+    "OPTIONAL_NETWORK_FILES",
     "REQUIRED_FIELDS",
     "Bundle",
     "BundleError",
@@ -37,6 +39,7 @@ __all__ = [
     "device_uid_for",
     "list_bundles",
     "load_bundle",
+    "network_files",
     "read_metadata",
     "sha256_file",
 ]
@@ -47,6 +50,9 @@ NETWORK_FILES = {
     "segmentation": Path("models/segmentation.pt"),
     "classifier": Path("models/classifier.pt"),
 }
+# present only when the bundle has them; their hashes then join the device_uid
+OPTIONAL_NETWORK_FILES = {"detector": Path("models/detector.pt")}
+DETECTOR_ARCHITECTURE = "RetinaNet"  # pipelines/detector.py builds it
 # pipelines/networks.py builds these; the names live here so reading metadata needs no torch
 ARCHITECTURES = ("UNet", "DenseNet121", "ResNet50", "VGG16", "SmallCNN")
 REQUIRED_FIELDS = (
@@ -73,6 +79,9 @@ class Bundle:
     classifier_size: int
     segmentation: torch.nn.Module
     classifier: torch.nn.Module
+    detector: torch.nn.Module | None = None  # lung-opacity RetinaNetDetector, when the bundle has one
+    detector_size: int | None = None  # square input size of the detector
+    detector_threshold: float | None = None  # detection score threshold (chosen on validation)
 
     @property
     def preprocessing(self) -> dict[str, Any]:
@@ -111,6 +120,23 @@ def build_network(spec: dict[str, Any]) -> torch.nn.Module:
         raise BundleError(f"cannot build {name} with args {args}: {e}") from e
 
 
+def network_files(meta: dict[str, Any]) -> dict[str, Path]:
+    """{network: weight file} of a bundle: the required ones, then the optional ones it has.
+
+    The order is the device_uid's: a bundle without optional networks hashes as before.
+    """
+    return {**NETWORK_FILES, **{k: rel for k, rel in OPTIONAL_NETWORK_FILES.items() if k in meta["networks"]}}
+
+
+def _build_detector(spec: dict[str, Any]) -> torch.nn.Module:
+    from pipelines.detector import build_detector  # heavy: only where networks are built
+
+    try:
+        return build_detector(spec, spec.get("detection"))
+    except (TypeError, ValueError) as e:
+        raise BundleError(f"cannot build {DETECTOR_ARCHITECTURE} with args {spec.get('args')}: {e}") from e
+
+
 def read_metadata(path: Path, version: str | None = None) -> dict[str, Any]:
     """Read and check configs/metadata.json (without touching the weights).
 
@@ -144,6 +170,15 @@ def read_metadata(path: Path, version: str | None = None) -> dict[str, Any]:
             raise BundleError(f"{meta_file}: input_size.{key} must be an integer >= 32")
         if key not in meta["networks"]:
             raise BundleError(f"{meta_file}: networks.{key} is missing")
+    det = meta["networks"].get("detector")
+    if det is not None:
+        if not isinstance(det, dict) or det.get("architecture") != DETECTOR_ARCHITECTURE:
+            raise BundleError(f"{meta_file}: networks.detector.architecture must be {DETECTOR_ARCHITECTURE!r}")
+        if not isinstance(det.get("input_size"), int) or det["input_size"] < 32:
+            raise BundleError(f"{meta_file}: networks.detector.input_size must be an integer >= 32")
+        t = det.get("score_threshold")
+        if not isinstance(t, int | float) or not 0 <= t <= 1:
+            raise BundleError(f"{meta_file}: networks.detector.score_threshold must be in [0, 1]")
     if meta["preprocessing"].get("crop", "lung") not in ("lung", "none"):
         raise BundleError(f"{meta_file}: preprocessing.crop must be 'lung' or 'none'")
     if not isinstance(meta["demo"], bool):
@@ -163,7 +198,7 @@ def load_bundle(path: Path | str, version: str | None = None) -> Bundle:
     meta = read_metadata(path, version)
     nets: dict[str, torch.nn.Module] = {}
     shas: list[str] = []
-    for key, rel in NETWORK_FILES.items():
+    for key, rel in network_files(meta).items():
         spec = meta["networks"][key]
         weights = path / rel
         if not weights.is_file():
@@ -175,10 +210,12 @@ def load_bundle(path: Path | str, version: str | None = None) -> Bundle:
                 f"{spec.get('sha256')} (corrupt or replaced weights)"
             )
         shas.append(actual)
-        net = build_network(spec)
+        net = _build_detector(spec) if key == "detector" else build_network(spec)
+        # a detector's weights are its RetinaNet's (what training saves); the rest load whole
+        target = cast(torch.nn.Module, net.network) if key == "detector" else net
         try:
             state = torch.load(weights, map_location="cpu", weights_only=True)
-            net.load_state_dict(state)
+            target.load_state_dict(state)
         except (RuntimeError, KeyError, OSError, ValueError) as e:
             raise BundleError(f"model bundle {path}: cannot load {rel} into {spec['architecture']}: {e}") from e
         nets[key] = net.eval()
@@ -203,6 +240,9 @@ def load_bundle(path: Path | str, version: str | None = None) -> Bundle:
         classifier_size=int(meta["input_size"]["classifier"]),
         segmentation=nets["segmentation"],
         classifier=nets["classifier"],
+        detector=nets.get("detector"),
+        detector_size=int(meta["networks"]["detector"]["input_size"]) if "detector" in nets else None,
+        detector_threshold=float(meta["networks"]["detector"]["score_threshold"]) if "detector" in nets else None,
     )
 
 
@@ -232,7 +272,7 @@ def list_bundles(paths: Sequence[Path | str]) -> list[dict[str, Any]]:
                 out.append(entry | {"status": str(e)})
                 continue
             status = "ok"
-            for key, rel in NETWORK_FILES.items():
+            for key, rel in network_files(meta).items():
                 weights = path / rel
                 if not weights.is_file():
                     status = f"weight file {rel} is missing"

@@ -42,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     ex.add_argument("--changelog", default=None)
     ex.add_argument("--segmentation-run", type=Path, default=None,
                     help="lung segmentation run for a whole-image classifier (crop: lung runs bring their own)")
+    ex.add_argument("--detection-run", type=Path, default=None,
+                    help="RetinaNet lung-opacity run: adds the optional detector to the bundle")
     gc = sub.add_parser("gradcam", help="Grad-CAM panel of one image for a finished classifier run")
     gc.add_argument("--run", type=Path, required=True)
     gc.add_argument("--image", type=Path, required=True, help="DICOM, JPEG or PNG")
@@ -64,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "export":
         from training.export import export_run
 
-        out = export_run(args.run, args.out, args.version, args.changelog, args.segmentation_run)
+        out = export_run(args.run, args.out, args.version, args.changelog, args.segmentation_run, args.detection_run)
         print(json.dumps({"bundle": str(out), "version": args.version}))
         return 0
 

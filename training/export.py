@@ -6,13 +6,21 @@ import json
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import monai
 import torch
 
 from pipelines.base import DEMO_DISCLAIMER
-from pipelines.bundle import METADATA_PATH, NETWORK_FILES, device_uid_for, load_bundle, sha256_file
+from pipelines.bundle import (
+    METADATA_PATH,
+    NETWORK_FILES,
+    OPTIONAL_NETWORK_FILES,
+    device_uid_for,
+    load_bundle,
+    network_files,
+    sha256_file,
+)
 
 __all__ = ["export_bundle", "export_run"]
 
@@ -38,10 +46,13 @@ def export_bundle(
     """Write `out` (replaced atomically if it exists) and check it loads. Returns `out`.
 
     networks: {"segmentation": (module, {"architecture": "UNet", "args": {...}}),
-               "classifier": (module, {"architecture": "DenseNet121", "args": {...}})}
+               "classifier": (module, {"architecture": "DenseNet121", "args": {...}}),
+               optional "detector": (RetinaNet module, {"architecture": "RetinaNet", "args", "detection",
+                                     "score_threshold", "input_size"})}
     """
-    if set(networks) != set(NETWORK_FILES):
-        raise ValueError(f"networks must be exactly {sorted(NETWORK_FILES)}, not {sorted(networks)}")
+    if not set(NETWORK_FILES) <= set(networks) <= set(NETWORK_FILES) | set(OPTIONAL_NETWORK_FILES):
+        raise ValueError(f"networks must be {sorted(NETWORK_FILES)} (optionally with {sorted(OPTIONAL_NETWORK_FILES)}), "
+                         f"not {sorted(networks)}")
     if len(thresholds) != len(labels):
         raise ValueError(f"{len(thresholds)} thresholds for {len(labels)} labels")
     if demo and DEMO_DISCLAIMER not in description:
@@ -51,7 +62,7 @@ def export_bundle(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         specs: dict[str, Any] = {}
-        for key, rel in NETWORK_FILES.items():
+        for key, rel in network_files({"networks": networks}).items():
             net, spec = networks[key]
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
             state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
@@ -110,7 +121,7 @@ def export_bundle(
             "input_size": dict(input_size),
             "preprocessing": dict(preprocessing),
             "networks": specs,
-            "device_uid": device_uid_for([specs[k]["sha256"] for k in NETWORK_FILES]),
+            "device_uid": device_uid_for([specs[k]["sha256"] for k in network_files({"networks": specs})]),
             "demo": demo,
             "training_data": training_data,
             "metrics": metrics,
@@ -128,14 +139,16 @@ def export_bundle(
 
 
 def export_run(
-    run: Path, out: Path, version: str, changelog: str | None = None, segmentation_run: Path | None = None
+    run: Path, out: Path, version: str, changelog: str | None = None, segmentation_run: Path | None = None,
+    detection_run: Path | None = None,
 ) -> Path:
     """Bundle a finished classifier run with a lung segmentation run.
 
     A `crop: lung` run brings the segmentation run it cropped with (a different one is refused:
     the crops would change). A whole-image run (the pneumonia recipes) needs `segmentation_run`
     for the lung mask the node's SEG and outlines show; its classifier still sees the whole
-    image. Segmentation and detection runs are refused with the reason.
+    image. Segmentation and detection runs are refused with the reason. `detection_run` (a
+    finished RetinaNet run) adds the optional lung-opacity detector.
     """
     from training.train import load_run_network, read_run  # the training stack, only when exporting
 
@@ -157,8 +170,21 @@ def export_run(
     seg, seg_meta = load_run_network(seg_path)
     if seg_meta["task"] != "segmentation":
         raise ValueError(f"{seg_path} is a {seg_meta['task']} run, not a lung segmentation run")
+    networks: dict[str, tuple[torch.nn.Module, dict[str, Any]]] = {}
+    det_meta: dict[str, Any] | None = None
+    if detection_run is not None:
+        if read_run(detection_run)["task"] != "detection":
+            raise ValueError(f"{detection_run} is not a detection run: --detection-run takes a RetinaNet run")
+        from training.detection import load_detection_run
+
+        detector, det_meta = load_detection_run(Path(detection_run))
+        networks["detector"] = (
+            cast(torch.nn.Module, detector.network),  # what the run saved and the bundle loads into
+            {**det_meta["network"], "detection": det_meta["detection"],
+             "score_threshold": float(det_meta["score_threshold"]), "input_size": int(det_meta["input_size"])},
+        )  # fmt: skip
     # weights trained on synthetic images are demo weights whatever the caller says
-    demo = any(m["data"].get("synthetic") == "true" for m in (meta, seg_meta))
+    demo = any(m["data"].get("synthetic") == "true" for m in (meta, seg_meta, det_meta) if m is not None)
     post = seg_meta["preprocessing"]
     labels, arch = list(meta["labels"]), meta["network"]["architecture"]
     cls_spec = dict(meta["network"])
@@ -166,7 +192,7 @@ def export_run(
         cls_spec["gradcam_layer"] = meta["recipe"]["gradcam_layer"]
     return export_bundle(
         out,
-        networks={"segmentation": (seg, seg_meta["network"]), "classifier": (cls, cls_spec)},
+        networks={"segmentation": (seg, seg_meta["network"]), "classifier": (cls, cls_spec), **networks},
         labels=labels,
         thresholds=[float(t) for t in meta["thresholds"]],
         input_size={"segmentation": int(seg_meta["input_size"]), "classifier": int(meta["input_size"])},
@@ -174,12 +200,17 @@ def export_run(
         metrics={
             "segmentation": seg_meta["metrics"], "classifier": meta["metrics"],
             "threshold_rule": f"{meta['recipe']['threshold_rule']} on the validation split",
+            **({"detector": det_meta["metrics"], "detector_threshold_rule": "maximises the RSNA score on validation"}
+               if det_meta is not None else {}),
         },  # fmt: skip
         training_data={
             "segmentation": {**seg_meta["data"], "run": str(seg_path)},
             "classifier": {**meta["data"], "run": str(Path(run).resolve())},
             "recipes": {"segmentation": seg_meta["recipe"], "classifier": meta["recipe"]},
             "pretrained": meta.get("pretrained"),
+            **({"detector": {**det_meta["data"], "run": str(Path(detection_run).resolve()),
+                             "recipe": det_meta["recipe"], "pretrained": det_meta.get("pretrained")}}
+               if det_meta is not None and detection_run is not None else {}),
         },  # fmt: skip
         version=version,
         changelog={version: changelog or f"trained with training/ recipes on {meta['data']['dataset']}"},
@@ -187,5 +218,6 @@ def export_run(
         description=(
             f"Lung segmentation (UNet) and {len(labels)}-label chest radiograph classifier ({arch}, "
             f"{'lung crops' if crop == 'lung' else 'whole image'}) trained on {meta['data']['dataset']}"
+            + (f"; lung-opacity detector (RetinaNet) trained on {det_meta['data']['dataset']}" if det_meta else "")
         ),
     )
