@@ -52,6 +52,9 @@ class PipelineResult:
     heatmap_label: str
     display: np.ndarray  # float32 in [0, 1], (rows, cols): the image as a viewer shows it
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
+    # lung-opacity detections (x, y, width, height, score) in source pixels, x along the columns;
+    # empty when the bundle has no detector
+    boxes: list[tuple[float, float, float, float, float]] = field(default_factory=list)
 
     def top(self, n: int = 3) -> list[Finding]:
         return sorted(self.findings, key=lambda f: f.probability, reverse=True)[:n]

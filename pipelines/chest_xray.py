@@ -4,6 +4,8 @@
     two largest components -> lung box (+margin; whole image if empty) -> crop at source
     resolution -> resize + equalisation -> classifier -> sigmoid -> findings at the bundle's
     thresholds; Grad-CAM of the heatmap label; mask and heatmap mapped back to (Rows, Columns).
+    With a detector in the bundle: whole image -> resize + equalisation -> RetinaNet -> boxes
+    with score >= the bundle's score threshold, in source pixels.
 
 The classifier is whatever the bundle holds (pipelines/networks.py): the 15-label DenseNet121
 of the demo and ChestX-ray14 recipes, or a pneumonia model (DenseNet121, ResNet50, VGG16, the
@@ -39,6 +41,7 @@ from skimage.morphology import disk
 
 from pipelines.base import Finding, InputError, ModelInfo, PipelineResult
 from pipelines.bundle import Bundle, load_bundle
+from pipelines.detector import from_detector
 from pipelines.device import autocast, resolve_device
 from pipelines.gradcam import DEFAULT_LAYERS, GradCamExplainer
 from pipelines.imaging import to_display
@@ -188,6 +191,9 @@ class ChestXrayPipeline:
             self._explain = GradCamExplainer(net, self._cls_spec, layer)
             self._cls = self._optimise(net, (1, 1, c, c))
             self.cam_layer = self._explain.layer
+        self._det: torch.nn.Module | None = None
+        if self.bundle.detector is not None:  # eager: MONAI's detector post-processing is not traceable
+            self._det = self.bundle.detector.eval().to(self.device)
         self._warm_up(s, c)
         log.info("loaded %s %s (device %s, uid %s, Grad-CAM at %s)", self.model.name, self.model.version,
                  self.device, self.model.device_uid, self.cam_layer)  # fmt: skip
@@ -213,6 +219,8 @@ class ChestXrayPipeline:
             for _ in range(runs):
                 self._forward(self._seg, torch.zeros(1, 1, seg_size, seg_size))
                 self._forward(self._cls, torch.zeros(1, 1, cls_size, cls_size))
+            if self._det is not None:
+                self._detect([np.zeros((cls_size, cls_size), np.float32)])
 
     def _forward(self, net: torch.nn.Module, x: torch.Tensor) -> Any:
         x = x.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
@@ -271,6 +279,10 @@ class ChestXrayPipeline:
             heatmaps = [self._place(cam, b, d.shape) for cam, b, d in zip(cams, boxes, displays, strict=True)]
             t_heat = time.perf_counter() - t0
 
+            t0 = time.perf_counter()
+            detections = self._detect(displays) if self._det is not None else [[] for _ in displays]
+            t_det = time.perf_counter() - t0
+
         share = (time.perf_counter() - t_start - sum(t_decode)) / n
         results = []
         for i in range(n):
@@ -285,16 +297,43 @@ class ChestXrayPipeline:
                     heatmap=heatmaps[i],
                     heatmap_label=self.labels[top[i]],
                     display=displays[i],
+                    boxes=detections[i],
                     timings={
                         "decode": t_decode[i],
                         "segmentation": t_seg / n,
                         "classification": t_cls / n,
                         "heatmap": t_heat / n,
+                        **({"detection": t_det / n} if self._det is not None else {}),
                         "total": t_decode[i] + share,
                     },
                 )
             )
         return results
+
+    def _detect(self, displays: Sequence[np.ndarray]) -> list[list[tuple[float, float, float, float, float]]]:
+        """Lung-opacity boxes per image: (x, y, w, h, score) in source pixels, score >= threshold.
+
+        The detector sees the whole display image as training/detection.py's BoxSet gives it.
+        """
+        det, size = cast(torch.nn.Module, self._det), cast(int, self.bundle.detector_size)
+        threshold = cast(float, self.bundle.detector_threshold)
+        x = torch.stack([classifier_input(d, (0, d.shape[0], 0, d.shape[1]), size) for d in displays])
+        with autocast(self.device):
+            outputs = det(x.to(self.device))
+        out = []
+        for d, o in zip(displays, outputs, strict=True):
+            h, w = d.shape
+            scores = o[det.pred_score_key].float().cpu().numpy()
+            keep = scores >= threshold
+            xywh = from_detector(o[det.target_box_key].float().cpu().numpy()[keep], (h, w), size)
+            found = []
+            for (bx, by, bw, bh), score in zip(xywh, scores[keep], strict=True):
+                x0, y0 = min(max(float(bx), 0.0), w), min(max(float(by), 0.0), h)  # clipped to the image
+                x1, y1 = min(max(float(bx + bw), 0.0), w), min(max(float(by + bh), 0.0), h)
+                if x1 > x0 and y1 > y0:
+                    found.append((x0, y0, x1 - x0, y1 - y0, float(score)))
+            out.append(sorted(found, key=lambda b: -b[4]))
+        return out
 
     @staticmethod
     def _to_source(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
