@@ -29,12 +29,27 @@ def check_result(source: Dataset, result: PipelineResult) -> None:
             )
     if not result.findings:
         raise ValueError(f"result for {sop} has no findings")
+    rows, cols = shape
+    for x, y, w, h, score in result.boxes:
+        if not (0 <= x and 0 <= y and w > 0 and h > 0 and x + w <= cols and y + h <= rows):
+            raise ValueError(f"box {(x, y, w, h)} is not inside source {sop} (Rows, Columns) {shape}")
+        if not 0.0 <= score <= 1.0:
+            raise ValueError(f"box score {score} is not in [0, 1]")
     for finding in result.findings:
         codes.finding_code(finding.label)  # raises for unknown labels
         if not 0.0 <= finding.probability <= 1.0:
             raise ValueError(
                 f"probability of {finding.label!r} is {finding.probability}, not in [0, 1]"
             )
+
+
+def box_outline(box: tuple[float, float, float, float, float]) -> np.ndarray:
+    """A detection (x, y, w, h, score) as a closed rectangle: float32 (5, 2) of (column, row).
+
+    Box edges are pixel edges, which is DICOM's sub-pixel convention (see ``lung_contours``).
+    """
+    x, y, w, h, _ = box
+    return np.array([(x, y), (x + w, y), (x + w, y + h), (x, y + h), (x, y)], dtype=np.float32)
 
 
 def ai_description(kind: str, model: ModelInfo) -> str:

@@ -82,6 +82,11 @@ CHEST_XRAY_PROCEDURE = CodedConcept("399208008", "SCT", "Plain chest X-ray")
 #: Anatomy: lung (DICOM CID 7151 / 4).
 LUNG = CodedConcept.from_code(codes.SCT.Lung)
 ANATOMICAL_STRUCTURE = CodedConcept.from_code(codes.SCT.AnatomicalStructure)
+#: Lung-opacity detections (the RSNA detector's boxes): finding type "Opacity" (DICOM CID 6102 /
+#: 6104, chest CAD findings: "any circumscribed area that appears more nearly white than its
+#: surround") with finding site LUNG. No SNOMED CT concept for "lung opacity" could be checked
+#: against a SNOMED CT release here, so the DICOM context-group code is used (provenance: dicom).
+OPACITY = CodedConcept.from_code(codes.DCM.Opacity)
 #: Numeric measurement name and unit for a classifier output in [0, 1].
 PROBABILITY = CodedConcept.from_code(codes.DCM.Probability)
 NO_UNITS = CodedConcept.from_code(codes.UCUM.NoUnits)

@@ -20,6 +20,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 from node.writers._common import (
     ai_description,
     ai_statement,
+    box_outline,
     check_result,
     device_attributes,
     lung_contours,
@@ -29,6 +30,7 @@ from pipelines.base import ModelInfo, PipelineResult
 
 OUTLINE_LAYER = "AI_LUNG_OUTLINE"
 TEXT_LAYER = "AI_FINDINGS"
+BOX_LAYER = "AI_LUNG_OPACITY"
 
 
 def _findings_text(result: PipelineResult) -> str:
@@ -48,7 +50,8 @@ def build_presentation_state(
     series_number: int,
     instance_number: int,
 ) -> GrayscaleSoftcopyPresentationState:
-    """GSPS over ``source``: lung outline (closed POLYLINE) and an "AI RESULT" findings label.
+    """GSPS over ``source``: lung outline (closed POLYLINE) and an "AI RESULT" findings label;
+    each lung-opacity box (``result.boxes``) as a closed rectangle labelled "Opacity 0.xx".
 
     Window and modality LUT come from the source image; a MONOCHROME1 source gets an
     INVERSE presentation LUT so it displays as it does without the presentation state.
@@ -101,6 +104,39 @@ def build_presentation_state(
                 referenced_images=[source], graphic_layer=outline_layer, graphic_objects=outlines
             ),
         )
+    layers = [outline_layer, text_layer] if outlines else [text_layer]
+    if result.boxes:
+        box_layer = GraphicLayer(
+            layer_name=BOX_LAYER,
+            order=3,
+            description="AI lung opacity boxes",
+            display_color=CIELabColor.from_rgb(255, 128, 0),
+        )
+        annotations.append(
+            GraphicAnnotation(
+                referenced_images=[source],
+                graphic_layer=box_layer,
+                graphic_objects=[
+                    GraphicObject(
+                        graphic_type=GraphicTypeValues.POLYLINE,
+                        graphic_data=box_outline(box),
+                        units=AnnotationUnitsValues.PIXEL,
+                    )
+                    for box in result.boxes
+                ],
+                text_objects=[
+                    TextObject(
+                        text_value=f"Opacity {box[4]:.2f}",
+                        units=AnnotationUnitsValues.PIXEL,
+                        anchor_point=(box[0], box[1]),  # the box's top left corner
+                        anchor_point_visible=False,
+                        text_justification=TextJustificationValues.LEFT,
+                    )
+                    for box in result.boxes
+                ],
+            )
+        )
+        layers.append(box_layer)
     inverse = source.get("PhotometricInterpretation") == "MONOCHROME1"
     gsps = GrayscaleSoftcopyPresentationState(
         referenced_images=[source],
@@ -112,7 +148,7 @@ def build_presentation_state(
         content_label="AI_RESULT",
         content_description=ai_description("CXR findings", model),
         graphic_annotations=annotations,
-        graphic_layers=[outline_layer, text_layer] if outlines else [text_layer],
+        graphic_layers=layers,
         presentation_lut_transformation=PresentationLUTTransformation(
             presentation_lut_shape=(
                 PresentationLUTShapeValues.INVERSE if inverse else PresentationLUTShapeValues.IDENTITY

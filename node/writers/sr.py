@@ -12,6 +12,7 @@ from highdicom.sr import (
     ContainerContentItem,
     ContentSequence,
     DeviceObserverIdentifyingAttributes,
+    FindingSite,
     GraphicTypeValues,
     ImageRegion,
     Measurement,
@@ -34,6 +35,7 @@ from node.writers import codes
 from node.writers._common import (
     ai_description,
     ai_statement,
+    box_outline,
     check_result,
     lung_contours,
     processing_equipment,
@@ -117,6 +119,40 @@ def _lung_groups(
     return groups
 
 
+def _opacity_groups(
+    source: Dataset, result: PipelineResult, model: ModelInfo, uid_parts: tuple[str, ...]
+) -> list[PlanarROIMeasurementsAndQualitativeEvaluations]:
+    """One TID 1410 group per detected lung opacity: closed rectangle and detection score."""
+    groups = []
+    for index, box in enumerate(result.boxes):
+        algorithm = _algorithm(model)
+        region = ImageRegion(
+            graphic_type=GraphicTypeValues.POLYLINE,  # closed rectangle: first point == last
+            graphic_data=box_outline(box),
+            source_image=_reference(SourceImageForRegion, source),
+        )
+        score = Measurement(
+            name=codes.PROBABILITY,  # the detector's score: sigmoid of its opacity logit
+            value=round(float(box[4]), 6),
+            unit=codes.NO_UNITS,
+            algorithm_id=algorithm,
+        )
+        groups.append(
+            PlanarROIMeasurementsAndQualitativeEvaluations(
+                tracking_identifier=TrackingIdentifier(
+                    uid=result_uid(*uid_parts, "opacity", str(index)),
+                    identifier=f"Lung opacity {index + 1}",
+                ),
+                referenced_region=region,
+                finding_type=codes.OPACITY,
+                finding_sites=[FindingSite(codes.LUNG)],
+                algorithm_id=algorithm,
+                measurements=[score],
+            )
+        )
+    return groups
+
+
 def _text_container(texts: Sequence[str]) -> ContainerContentItem:
     """TID 1500 "Qualitative Evaluations" container holding free-text comments."""
     container = ContainerContentItem(
@@ -164,7 +200,9 @@ def build_comprehensive_3d_sr(
 
     Per source image and finding: one TID 1501 group with the finding type, the algorithm
     (TID 4019), the probability (UCUM "1") and the decision at the threshold (present /
-    absent); per lung outline: one TID 1410 group with a closed SCOORD POLYLINE. Tracking UIDs are
+    absent); per lung outline: one TID 1410 group with a closed SCOORD POLYLINE; per detected
+    lung opacity (``result.boxes``): one TID 1410 group with a closed rectangle, finding "Opacity"
+    at site lung and the detection score. Tracking UIDs are
     derived from ``sop_instance_uid`` so a re-run gives the same document.
     """
     if len(sources) == 0 or len(sources) != len(results):
@@ -199,6 +237,7 @@ def build_comprehensive_3d_sr(
             tracking_uid = result_uid(*uid_parts, "finding", finding.label)
             groups.append(_finding_group(source, finding, model, tracking_uid))
         groups.extend(_lung_groups(source, result, model, uid_parts))
+        groups.extend(_opacity_groups(source, result, model, uid_parts))
 
     report = MeasurementReport(
         observation_context=ObservationContext(observer_device_context=observer),

@@ -97,3 +97,53 @@ def _walk(items):
     for item in items:
         yield item
         yield from _walk(item.get("ContentSequence", []))
+
+
+def _boxes(source):
+    """Two hand-made lung-opacity boxes (x, y, w, h, score) inside the source image."""
+    rows, cols = int(source.Rows), int(source.Columns)
+    return [(0.2 * cols, 0.3 * rows, 0.15 * cols, 0.2 * rows, 0.87), (0.6 * cols, 0.4 * rows, 0.1 * cols, 0.25 * rows, 0.42)]
+
+
+def _opacity_groups(ds):
+    report = ds.ContentSequence
+    measurements = next(i for i in report if i.ConceptNameCodeSequence[0].CodeValue == "126010")
+    return [g for g in measurements.ContentSequence
+            if any(getattr(c, "TextValue", "").startswith("Lung opacity") for c in g.ContentSequence)]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def sr_with_boxes(source):
+    result = fake_result(source.Rows, source.Columns)
+    result.boxes = _boxes(source)
+    return build_comprehensive_3d_sr([source], [result], MODEL, **identity("sr"))
+
+
+@needs_dciodvfy
+def test_sr_with_boxes_has_no_dciodvfy_errors(sr_with_boxes):
+    assert validate(sr_with_boxes) == []
+
+
+def test_sr_boxes_are_closed_rectangles_with_their_scores(source, sr, sr_with_boxes):
+    back = roundtrip(sr_with_boxes)
+    groups = _opacity_groups(back)
+    assert len(groups) == 2 and _opacity_groups(roundtrip(sr)) == []
+    for group, (x, y, w, h, score) in zip(groups, _boxes(source), strict=True):
+        items = {c.ConceptNameCodeSequence[0].CodeValue: c for c in group.ContentSequence}
+        assert items["121071"].ConceptCodeSequence[0].CodeValue == "112001"  # finding: Opacity
+        assert items["363698007"].ConceptCodeSequence[0].CodeValue == "39607008"  # finding site: lung
+        assert "111001" in items  # algorithm name, as the other groups carry
+        region = items["111030"]
+        assert region.GraphicType == "POLYLINE"
+        assert region.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+        expected = [x, y, x + w, y, x + w, y + h, x, y + h, x, y]
+        assert list(region.GraphicData) == pytest.approx(expected, abs=1e-3)
+        probability = [c for c in group.ContentSequence if c.ValueType == "NUM"]
+        assert len(probability) == 1 and float(probability[0].MeasuredValueSequence[0].NumericValue) == pytest.approx(score)
+
+
+def test_box_outside_the_image_is_rejected(source):
+    result = fake_result(source.Rows, source.Columns)
+    result.boxes = [(float(source.Columns) - 5, 0.0, 10.0, 10.0, 0.5)]
+    with pytest.raises(ValueError, match="is not inside source"):
+        build_comprehensive_3d_sr([source], [result], MODEL, **identity("sr"))
