@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import highdicom as hd
+import numpy as np
 from highdicom.sr import (
     AlgorithmIdentification,
     Comprehensive3DSR,
@@ -94,63 +95,50 @@ def _finding_group(
     )
 
 
+def _region_group(
+    source: Dataset, outline: np.ndarray, uid: str, identifier: str, model: ModelInfo, **kwargs: Any
+) -> PlanarROIMeasurementsAndQualitativeEvaluations:
+    """TID 1410 group: a closed SCOORD POLYLINE on ``source`` plus ``kwargs`` (finding type, ...)."""
+    region = ImageRegion(
+        graphic_type=GraphicTypeValues.POLYLINE,  # closed: first point == last
+        graphic_data=outline,
+        source_image=_reference(SourceImageForRegion, source),
+    )
+    return PlanarROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=TrackingIdentifier(uid=uid, identifier=identifier),
+        referenced_region=region,
+        algorithm_id=_algorithm(model),
+        **kwargs,
+    )
+
+
 def _lung_groups(
     source: Dataset, result: PipelineResult, model: ModelInfo, uid_parts: tuple[str, ...]
 ) -> list[PlanarROIMeasurementsAndQualitativeEvaluations]:
-    groups = []
-    for index, outline in enumerate(lung_contours(result.lung_mask)):
-        region = ImageRegion(
-            graphic_type=GraphicTypeValues.POLYLINE,  # closed: first point == last
-            graphic_data=outline,
-            source_image=_reference(SourceImageForRegion, source),
+    return [
+        _region_group(
+            source, outline, result_uid(*uid_parts, "lung-region", str(index)), f"Lung field {index + 1}", model,
+            finding_type=codes.LUNG, finding_category=codes.ANATOMICAL_STRUCTURE,
         )
-        groups.append(
-            PlanarROIMeasurementsAndQualitativeEvaluations(
-                tracking_identifier=TrackingIdentifier(
-                    uid=result_uid(*uid_parts, "lung-region", str(index)),
-                    identifier=f"Lung field {index + 1}",
-                ),
-                referenced_region=region,
-                finding_type=codes.LUNG,
-                algorithm_id=_algorithm(model),
-                finding_category=codes.ANATOMICAL_STRUCTURE,
-            )
-        )
-    return groups
+        for index, outline in enumerate(lung_contours(result.lung_mask))
+    ]  # fmt: skip
 
 
 def _opacity_groups(
     source: Dataset, result: PipelineResult, model: ModelInfo, uid_parts: tuple[str, ...]
 ) -> list[PlanarROIMeasurementsAndQualitativeEvaluations]:
     """One TID 1410 group per detected lung opacity: closed rectangle and detection score."""
-    groups = []
-    for index, box in enumerate(result.boxes):
-        algorithm = _algorithm(model)
-        region = ImageRegion(
-            graphic_type=GraphicTypeValues.POLYLINE,  # closed rectangle: first point == last
-            graphic_data=box_outline(box),
-            source_image=_reference(SourceImageForRegion, source),
+    return [
+        _region_group(
+            source, box_outline(box), result_uid(*uid_parts, "opacity", str(index)), f"Lung opacity {index + 1}", model,
+            finding_type=codes.OPACITY, finding_sites=[FindingSite(codes.LUNG)],
+            measurements=[Measurement(
+                name=codes.PROBABILITY,  # the detector's score: sigmoid of its opacity logit
+                value=round(float(box[4]), 6), unit=codes.NO_UNITS, algorithm_id=_algorithm(model),
+            )],
         )
-        score = Measurement(
-            name=codes.PROBABILITY,  # the detector's score: sigmoid of its opacity logit
-            value=round(float(box[4]), 6),
-            unit=codes.NO_UNITS,
-            algorithm_id=algorithm,
-        )
-        groups.append(
-            PlanarROIMeasurementsAndQualitativeEvaluations(
-                tracking_identifier=TrackingIdentifier(
-                    uid=result_uid(*uid_parts, "opacity", str(index)),
-                    identifier=f"Lung opacity {index + 1}",
-                ),
-                referenced_region=region,
-                finding_type=codes.OPACITY,
-                finding_sites=[FindingSite(codes.LUNG)],
-                algorithm_id=algorithm,
-                measurements=[score],
-            )
-        )
-    return groups
+        for index, box in enumerate(result.boxes)
+    ]  # fmt: skip
 
 
 def _text_container(texts: Sequence[str]) -> ContainerContentItem:
