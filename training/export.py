@@ -153,7 +153,8 @@ def export_run(
     from training.train import load_run_network, read_run  # the training stack, only when exporting
 
     if read_run(run)["task"] == "detection":
-        raise ValueError(f"{run} is a detection run: the node has no detection pipeline yet, so it cannot be bundled")
+        raise ValueError(f"{run} is a detection run: pass it as --detection-run beside a classifier --run "
+                         "(a bundle's detector only adds boxes to a classifier's findings)")  # fmt: skip
     cls, meta = load_run_network(Path(run))
     if meta["task"] == "segmentation":
         raise ValueError(f"{run} is a segmentation run: export the classifier run that used it (crop: lung)")

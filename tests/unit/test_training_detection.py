@@ -131,7 +131,7 @@ def test_recipe_end_to_end_and_resume(rsna_data: Path, tmp_path: Path) -> None:
     assert out["boxes"].shape[1] == 4 and len(out["boxes"]) <= 8
     with pytest.raises(RunError, match="is a detection run: Grad-CAM needs a classifier run"):
         main(["gradcam", "--run", str(tmp_path / "run"), "--image", str(rsna_data), "--out", str(tmp_path / "c.png")])
-    with pytest.raises(ValueError, match="is a detection run: the node has no detection pipeline yet"):
+    with pytest.raises(ValueError, match="is a detection run: pass it as --detection-run beside a classifier --run"):
         main(["export", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "bundle"), "--version", "1.0.0"])
     assert not (tmp_path / "bundle").exists()
 
