@@ -241,7 +241,8 @@ def run_inference(config: Config, job_id: int, worker: str) -> None:
             except _Failed:
                 continue
     for ji, sources, timings, mine in groups:
-        for k in ("decode", "segmentation", "classification", "heatmap"):
+        stages = ("decode", "segmentation", "classification", "heatmap", "detection")
+        for k in (k for k in stages if any(k in r.timings for r in mine)):  # detection: only with a detector
             timings[k] = sum(r.timings.get(k, 0.0) for r in mine)
         try:
             with _guard(config, [ji.job_id]):
