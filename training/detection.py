@@ -41,7 +41,6 @@ from pipelines.device import autocast
 from training.checkpoint import restore_checkpoint, save_checkpoint
 from training.datasets import LabelledSet, Record, load_image
 from training.metrics import RSNA_IOU_THRESHOLDS, rsna_image_score
-from training.networks import load_pretrained
 from training.recipe import merge_settings
 
 __all__ = [
@@ -190,7 +189,11 @@ def train_detection(
 
     Model selection and the detection-score threshold both maximise the validation RSNA score.
     """
-    from training.train import RunError, _optimizer  # train imports this module lazily
+    from training.train import (  # train imports this module lazily
+        RunError,
+        optimisation,
+        recipe_pretrained,
+    )
 
     recipe = {**recipe, "detection": merge_settings(DETECTION_DEFAULTS, recipe.get("detection") or {})}
     if recipe["crop"] != "none":
@@ -203,23 +206,12 @@ def train_detection(
     ckpt = out / "checkpoint.pt"
 
     detector = build_detector(recipe["network"], recipe["detection"])
-    pretrained = None
-    if recipe["pretrained"]:
-        body = cast(ResNetFPN, detector.network.feature_extractor).body
-        pretrained = {"path": str(recipe["pretrained"]), **load_pretrained(body, Path(recipe["pretrained"]))}
-    else:
-        log.info("no pretrained weights given: random initialisation (nothing is downloaded)")
+    pretrained = recipe_pretrained(recipe, cast(ResNetFPN, detector.network.feature_extractor).body)
     detector = detector.to(dev)
     net = detector.network  # holds every trainable parameter
     cache = bool(recipe["cache"])
     train_set, val_set = BoxSet(splits["train"], size, cache), BoxSet(splits["val"], size, cache)
-    opt = _optimizer(recipe, net.parameters())
-    sc = recipe["scheduler"] or {"name": "none"}
-    sched = (
-        torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=float(sc["factor"]), patience=int(sc["patience"]))
-        if sc["name"] == "plateau" else None
-    )  # fmt: skip
-    scaler = torch.amp.GradScaler("cuda", enabled=dev.type == "cuda")
+    opt, sched, scaler = optimisation(recipe, net.parameters(), dev, mode="max")  # on the validation RSNA score
 
     state: dict[str, Any] = {"epoch": 0, "best": -math.inf, "history": []}
     if resume:

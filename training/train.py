@@ -19,7 +19,7 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -163,6 +163,28 @@ def _preparer(recipe: dict[str, Any], cropper: LungCropper | None, size: int) ->
     return prepare_cls
 
 
+def optimisation(
+    recipe: dict[str, Any], params: Any, dev: torch.device, mode: Literal["min", "max"]
+) -> tuple[torch.optim.Optimizer, Any, torch.amp.GradScaler]:
+    """The recipe's optimiser, its scheduler (ReduceLROnPlateau on a score to `mode`: "min" for
+    a loss, "max" for a metric; None without one) and the gradient scaler (active on CUDA)."""
+    opt = _optimizer(recipe, params)
+    sc = recipe["scheduler"] or {"name": "none"}
+    sched = (
+        torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode=mode, factor=float(sc["factor"]), patience=int(sc["patience"]))
+        if sc["name"] == "plateau" else None
+    )  # fmt: skip
+    return opt, sched, torch.amp.GradScaler("cuda", enabled=dev.type == "cuda")
+
+
+def recipe_pretrained(recipe: dict[str, Any], module: torch.nn.Module) -> dict[str, Any] | None:
+    """Load the recipe's local `pretrained` file into `module`; what was loaded, or None."""
+    if not recipe["pretrained"]:
+        log.info("no pretrained weights given: random initialisation (nothing is downloaded)")
+        return None
+    return {"path": str(recipe["pretrained"]), **load_pretrained(module, Path(recipe["pretrained"]))}
+
+
 def _optimizer(recipe: dict[str, Any], params: Any) -> torch.optim.Optimizer:
     o = recipe["optimizer"]
     name, lr, wd = o["name"].lower(), float(o["lr"]), float(o.get("weight_decay", 0.0))
@@ -254,24 +276,14 @@ def train(
     net = build_network(recipe["network"])
     if task != "segmentation":  # a wrong gradcam_layer fails now, not after training
         target_layer(net, recipe["network"], recipe.get("gradcam_layer"))
-    pretrained = None
-    if recipe["pretrained"]:
-        pretrained = {"path": str(recipe["pretrained"]), **load_pretrained(net, Path(recipe["pretrained"]))}
-    else:
-        log.info("no pretrained weights given: random initialisation (nothing is downloaded)")
+    pretrained = recipe_pretrained(recipe, net)
     net = net.to(dev)
     if task == "segmentation":
         loss_fn: torch.nn.Module = DiceLoss(sigmoid=True)
     else:
         pos_weight = _class_weights(splits["train"], float(recipe["pos_weight_max"])) if recipe["class_weighting"] else None
         loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=None if pos_weight is None else pos_weight.to(dev))
-    opt = _optimizer(recipe, net.parameters())
-    sc = recipe["scheduler"] or {"name": "none"}
-    sched = (
-        torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=float(sc["factor"]), patience=int(sc["patience"]))
-        if sc["name"] == "plateau" else None
-    )  # fmt: skip
-    scaler = torch.amp.GradScaler("cuda", enabled=dev.type == "cuda")
+    opt, sched, scaler = optimisation(recipe, net.parameters(), dev, mode="min")  # on the validation loss
 
     def evaluate() -> tuple[float, float, dict[str, float]]:
         logits, y = _predict(net, val_set, int(recipe["batch_size"]), dev)
