@@ -104,9 +104,10 @@ def noop_scp(config_path: Path) -> None:
     from node.config import load_config
     from node.listener import build_ae, tune_connection
 
-    ae = build_ae(load_config(config_path))
+    config = load_config(config_path)
+    ae = build_ae(config)
     ae.require_calling_aet = []
-    ae.start_server(("127.0.0.1", int(load_config(config_path).listener.port)), block=True,
+    ae.start_server(("127.0.0.1", config.listener.port), block=True,
                     evt_handlers=[(evt.EVT_CONN_OPEN, tune_connection), (evt.EVT_C_STORE, lambda _: 0)])  # fmt: skip
 
 

@@ -2,7 +2,7 @@
 
     <bundle>/configs/metadata.json   identity, labels, thresholds, sizes, networks + sha256
     <bundle>/models/segmentation.pt  lung UNet state dict
-    <bundle>/models/classifier.pt    DenseNet121 state dict
+    <bundle>/models/classifier.pt    classifier state dict (an ARCHITECTURES network)
     <bundle>/models/detector.pt      optional: lung-opacity RetinaNet (pipelines/detector.py)
 
 `load_bundle` checks the metadata, verifies each weight file's sha256 and builds the networks
