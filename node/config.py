@@ -348,6 +348,28 @@ class RoutingConfig(_Strict):
         return v
 
 
+class ApiTLS(_Strict):
+    certificate: Path = Field(description="server certificate chain, PEM")
+    private_key: Path = Field(description="server private key, PEM, unencrypted")
+
+
+class ApiConfig(_Strict):
+    """The HTTP service: REST API, dashboard, metrics, STOW-RS."""
+
+    enabled: bool = Field(True, description="`pacsnode run` starts the API beside the listener")
+    host: str = "127.0.0.1"
+    port: int = Field(8040, ge=1, le=65535)
+    tls: ApiTLS | None = Field(None, description="null: plain HTTP (put a TLS proxy in front)")
+    state_dir: Path = Field(Path("var"), description="where the first admin password file is written")
+    identifier_key: str | None = Field(
+        None, min_length=16,
+        description="secret for keyed hashes of Accession Number / Patient ID; null: var/identifier.key (made once)",
+    )
+    session_hours: float = Field(8.0, gt=0, le=24 * 30, description="a login lasts this long")
+    login_attempts: int = Field(5, ge=1, description="failed logins per name or address in login_window_seconds")
+    login_window_seconds: float = Field(300.0, gt=0)
+
+
 class LoggingConfig(_Strict):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
@@ -365,6 +387,7 @@ class Config(_Strict):
     )
     routing: RoutingConfig = RoutingConfig()
     logging: LoggingConfig = LoggingConfig()
+    api: ApiConfig = ApiConfig()
 
     @field_validator("destinations")
     @classmethod
@@ -442,9 +465,14 @@ class Config(_Strict):
                 "private_key": _anchor(tls.private_key, base),
                 "ca_certificates": _anchor(tls.ca_certificates, base) if tls.ca_certificates else None,
             })})
+        api = self.api.model_copy(update={"state_dir": _anchor(self.api.state_dir, base)})
+        if api.tls is not None:
+            api = api.model_copy(update={"tls": api.tls.model_copy(update={
+                "certificate": _anchor(api.tls.certificate, base),
+                "private_key": _anchor(api.tls.private_key, base)})})
         return self.model_copy(
             update={"listener": listener, "storage": storage, "database": DatabaseConfig(url=url),
-                    "pipelines": pipelines}
+                    "pipelines": pipelines, "api": api}
         )
 
 

@@ -25,6 +25,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from node.config import Config
 from node.db.models import Event, Instance, Series, SeriesState, Study, StudyState, utcnow
 from node.db.session import session_scope
+from node.identifiers import keyed_hash
 from node.routing import routing_record, rule_keys
 from node.spool import SpoolError, instance_relpath, sha256_hex, write_atomic
 
@@ -150,7 +151,7 @@ def ingest(data: bytes, ctx: IngestContext, calling_ae: str | None, peer: Peer |
             try:
                 _record(s, ds, study_uid, series_uid, sop_uid, sop_class, relpath, digest, len(data), calling_ae, existing,
                         routing_record(ds, ctx.routing_keys, calling_ae, peer.called_ae if peer else None,
-                                       peer.address if peer else None))
+                                       peer.address if peer else None), ctx.config)
                 s.flush()
             except BaseException:
                 path.unlink(missing_ok=True)
@@ -161,7 +162,7 @@ def ingest(data: bytes, ctx: IngestContext, calling_ae: str | None, peer: Peer |
 
 
 def _record(
-    s, ds, study_uid, series_uid, sop_uid, sop_class, relpath, digest, size, calling_ae, existing, routing
+    s, ds, study_uid, series_uid, sop_uid, sop_class, relpath, digest, size, calling_ae, existing, routing, config
 ) -> None:  # type: ignore[no-untyped-def]
     now = utcnow()
     study = s.scalar(select(Study).where(Study.study_instance_uid == study_uid))
@@ -178,6 +179,9 @@ def _record(
         study.expected_instances = expected
     study.last_received_at = now
     study.released_at = None
+    # Keyed hashes only (never the identifiers): `GET /studies?q=` finds the study by exact value.
+    study.accession_hash = keyed_hash(config, str(ds.get("AccessionNumber", ""))) or study.accession_hash
+    study.patient_id_hash = keyed_hash(config, str(ds.get("PatientID", ""))) or study.patient_id_hash
     series = s.scalar(select(Series).where(Series.series_instance_uid == series_uid))
     if series is None:
         series = Series(study_id=study.id, series_instance_uid=series_uid, state=SeriesState.PENDING,

@@ -35,8 +35,9 @@ ALLOWED: dict[JobState, set[JobState]] = {
     JobState.RUNNING: {JobState.ENCODED, JobState.FAILED, JobState.QUEUED, JobState.CANCELLED},
     JobState.ENCODED: {JobState.SENDING, JobState.FAILED, JobState.CANCELLED, JobState.QUEUED},
     JobState.SENDING: {JobState.DONE, JobState.FAILED, JobState.SENDING, JobState.CANCELLED, JobState.QUEUED},
-    JobState.DONE: {JobState.SUPERSEDED},
-    JobState.FAILED: set(),
+    # sending again: a re-send of the results already built (no inference)
+    JobState.DONE: {JobState.SUPERSEDED, JobState.SENDING},
+    JobState.FAILED: {JobState.SENDING},
     JobState.CANCELLED: set(),
     JobState.SUPERSEDED: set(),
 }
@@ -44,6 +45,10 @@ ALLOWED: dict[JobState, set[JobState]] = {
 
 class TransitionError(RuntimeError):
     """A state change the state machine does not allow (e.g. a duplicate delivery)."""
+
+
+class JobBusy(TransitionError):
+    """The job is still active (queued, running, sending): it cannot be replayed or re-sent now."""
 
 
 def transition(job: Job, new: JobState, **fields: Any) -> None:
@@ -127,7 +132,7 @@ def replay(config: Config, job_id: int, actor: str, reason: str) -> int:
         if old is None:
             raise LookupError(f"no job {job_id}")
         if old.state in ACTIVE_JOB_STATES:
-            raise TransitionError(f"job {job_id} is {old.state.value}; cancel it before replaying")
+            raise JobBusy(f"job {job_id} is {old.state.value}; cancel it before replaying")
         now = utcnow()
         new = Job(study_id=old.study_id, pipeline=old.pipeline, state=JobState.QUEUED, attempt=0,
                   instance_ids=list(old.instance_ids), timings={}, created_at=now, queued_at=now,
@@ -147,6 +152,26 @@ def cancel(config: Config, job_id: int, actor: str, reason: str) -> None:
             raise LookupError(f"no job {job_id}")
         transition(job, JobState.CANCELLED, error=f"cancelled by {actor}: {reason}")
         s.add(Event(kind="cancel", job_id=job_id, actor=actor, detail=reason))
+
+
+def resend(config: Config, job_id: int, actor: str, reason: str) -> None:
+    """Send a finished job's existing result objects to its destinations again (no inference)."""
+    from node.db.models import Output, Send, SendState
+
+    with session_scope(config.database.url) as s:
+        job = s.get(Job, job_id)
+        if job is None:
+            raise LookupError(f"no job {job_id}")
+        if job.state in ACTIVE_JOB_STATES:
+            raise JobBusy(f"job {job_id} is {job.state.value}; wait for it to finish before re-sending")
+        sends = s.scalars(select(Send).join(Output).where(Output.job_id == job_id)).all()
+        if not sends:
+            raise TransitionError(f"job {job_id} has no result objects to send; replay it instead")
+        transition(job, JobState.SENDING, error=None, error_stage=None)
+        now = utcnow()
+        for sd in sends:
+            sd.state, sd.attempts, sd.error, sd.updated_at = SendState.PENDING, 0, None, now
+        s.add(Event(kind="resend", job_id=job_id, actor=actor, detail=reason))
 
 
 def heartbeat(config: Config, job_id: int, worker: str) -> bool:

@@ -103,6 +103,32 @@ def export_job(self: Task, job_id: int) -> None:
 
 
 @worker_ready.connect
+def _beat_worker(sender: object = None, **_: object) -> None:
+    """Record this worker alive every heartbeat period (readiness, dashboard), in a daemon thread."""
+    from node.db.models import WorkerBeat, utcnow
+    from node.db.session import session_scope
+
+    config = current_config()
+    name = str(getattr(sender, "hostname", None) or "worker")[:255]
+    queues = ",".join(sorted(q.name for q in app.amqp.queues.consume_from.values())) if app.amqp.queues.consume_from else ""
+
+    def beat() -> None:
+        while True:
+            try:
+                with session_scope(config.database.url) as s:
+                    row = s.get(WorkerBeat, name)
+                    if row is None:
+                        s.add(WorkerBeat(name=name, queues=queues[:255], started_at=utcnow(), seen_at=utcnow()))
+                    else:
+                        row.seen_at, row.queues = utcnow(), queues[:255]
+            except SQLAlchemyError as e:  # the next beat tries again; a dead database shows in /readyz
+                log.warning("worker heartbeat failed: %s", e)
+            time.sleep(config.queue.heartbeat_seconds)
+
+    threading.Thread(target=beat, name="worker-beat", daemon=True).start()
+
+
+@worker_ready.connect
 def _warm(**_: object) -> None:
     """Load every enabled pipeline once, before the first task, if this worker does inference.
 

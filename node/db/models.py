@@ -113,6 +113,10 @@ class Study(Base):
     released_at: Mapped[datetime | None] = _ts()
     completed_at: Mapped[datetime | None] = _ts()
     completion_rule: Mapped[str | None] = mapped_column(String(32))
+    # HMAC-SHA256 (key api.identifier_key) of Accession Number and Patient ID: exact search
+    # without keeping the identifiers in clear.
+    accession_hash: Mapped[str | None] = mapped_column(String(64), index=True)
+    patient_id_hash: Mapped[str | None] = mapped_column(String(64), index=True)
 
     series: Mapped[list[Series]] = relationship(back_populates="study", order_by="Series.id")
     jobs: Mapped[list[Job]] = relationship(back_populates="study", order_by="Job.id")
@@ -248,7 +252,7 @@ class Send(Base):
 
 
 class Event(Base):
-    """Audit trail: rejections, replays, cancellations (who, when, why)."""
+    """Audit trail: rejections, replays, cancellations, logins, study views (who, when, why, from where)."""
 
     __tablename__ = "event"
 
@@ -258,3 +262,65 @@ class Event(Base):
     job_id: Mapped[int | None] = mapped_column(ForeignKey("job.id"))
     actor: Mapped[str | None] = mapped_column(String(64))
     detail: Mapped[str | None] = mapped_column(Text)
+    address: Mapped[str | None] = mapped_column(String(64))  # client address of an API/web action
+
+
+class User(Base):
+    """A person who may use the API and dashboard; role viewer < operator < admin."""
+
+    __tablename__ = "user"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    role: Mapped[str] = mapped_column(String(16))
+    password_hash: Mapped[str] = mapped_column(String(255))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class ApiToken(Base):
+    """A bearer token; only its SHA-256 is kept (the token is shown once)."""
+
+    __tablename__ = "api_token"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("user.id", ondelete="CASCADE"), index=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    expires_at: Mapped[datetime | None] = _ts()
+    revoked_at: Mapped[datetime | None] = _ts()
+    last_used_at: Mapped[datetime | None] = _ts()
+
+
+class WebSession(Base):
+    """A logged-in browser session, kept in the database so any API process can check it."""
+
+    __tablename__ = "web_session"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)  # SHA-256 of the cookie value
+    user_id: Mapped[int] = mapped_column(ForeignKey("user.id", ondelete="CASCADE"), index=True)
+    csrf_token: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    address: Mapped[str | None] = mapped_column(String(64))
+
+
+class LoginAttempt(Base):
+    """Failed logins, for the rate limit (in the database: several API processes share it)."""
+
+    __tablename__ = "login_attempt"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), index=True)
+    address: Mapped[str | None] = mapped_column(String(64), index=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, index=True)
+
+
+class WorkerBeat(Base):
+    """Each Celery worker's last sign of life (readiness and the dashboard's worker list)."""
+
+    __tablename__ = "worker_beat"
+
+    name: Mapped[str] = mapped_column(String(255), primary_key=True)
+    queues: Mapped[str] = mapped_column(String(255))
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    seen_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, index=True)

@@ -1,0 +1,1 @@
+"""The HTTP service: REST API under /api/v1, STOW-RS under /dicom-web, health probes."""

@@ -1,0 +1,167 @@
+"""Request and response bodies of /api/v1 (the OpenAPI document is generated from these)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _In(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Reason(_In):
+    reason: str = Field(min_length=1, max_length=500, description="recorded in the audit log")
+
+
+class ReplayFailed(_In):
+    state: Literal["failed"] = "failed"
+    since: datetime | None = Field(None, description="only jobs failed since this time (ISO 8601 with zone)")
+    reason: str = Field(min_length=1, max_length=500)
+
+
+class LoginIn(_In):
+    name: str = Field(min_length=1, max_length=64)
+    password: str = Field(min_length=1, max_length=1024)
+
+
+class Me(BaseModel):
+    name: str
+    role: str
+    csrf_token: str | None = None
+
+
+class StudySummary(BaseModel):
+    id: int
+    study_instance_uid: str
+    state: str
+    instances: int
+    received_at: str
+    last_received_at: str
+    completed_at: str | None
+    completion_rule: str | None
+    skip_reason: str | None
+    jobs: list[int]
+    calling_ae: str | None
+
+
+class StudyPage(BaseModel):
+    items: list[StudySummary]
+    next_cursor: str | None
+
+
+class Routing(BaseModel):
+    rule: str | None
+    action: str | None
+    reason: str | None
+    pipelines: list[str] | None
+    priority: int | None
+    destinations: list[str] | None
+    objects: list[str] | None
+    routed_at: str | None
+
+
+class SeriesOut(BaseModel):
+    series_instance_uid: str
+    modality: str | None
+    body_part: str | None
+    view_position: str | None
+    instances: int
+    state: str
+    routing: Routing
+
+
+class SendOut(BaseModel):
+    destination: str
+    state: str
+    attempts: int
+    remote_status: int | None
+    error: str | None
+    sent_at: str | None
+
+
+class OutputOut(BaseModel):
+    kind: str
+    sop_instance_uid: str
+    series_instance_uid: str
+    sends: list[SendOut]
+
+
+class JobOut(BaseModel):
+    model_config = ConfigDict(extra="allow")  # one <state>_at timestamp per job state
+
+    id: int
+    study_instance_uid: str
+    pipeline: str
+    model_version: str | None
+    state: str
+    attempt: int
+    worker: str | None
+    error: str | None
+    error_stage: str | None
+    replay_of: int | None
+    supersedes: int | None
+    priority: int
+    destinations: list[str] | None
+    objects: list[str] | None
+    timings: dict[str, Any]
+    created_at: str | None
+    updated_at: str | None
+    outputs: list[OutputOut]
+
+
+class JobPage(BaseModel):
+    items: list[JobOut]
+    next_cursor: str | None
+
+
+class StudyDetail(StudySummary):
+    released_at: str | None
+    expected_instances: int | None
+    series: list[SeriesOut]
+    job_details: list[JobOut]
+
+
+class Replayed(BaseModel):
+    replayed: int
+    job: int
+
+
+class Done(BaseModel):
+    job: int
+    state: str
+
+
+class EchoOut(BaseModel):
+    destination: str
+    ok: bool
+    detail: str
+    seconds: float
+
+
+class AuditEntry(BaseModel):
+    id: int
+    at: str
+    kind: str
+    actor: str | None
+    job_id: int | None
+    detail: str | None
+    address: str | None
+
+
+class AuditPage(BaseModel):
+    items: list[AuditEntry]
+    next_cursor: str | None
+
+
+class RuleDecision(BaseModel):
+    mode: str
+    rule: str | None
+    action: str
+    reason: str | None
+    pipelines: list[str]
+    priority: int
+    destinations: list[str] | None
+    trace: list[str]
