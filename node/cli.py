@@ -18,9 +18,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
-from sqlalchemy.orm import selectinload
-
 from node.config import Config, ConfigError, config_path, load_config
 
 log = logging.getLogger("pacsnode")
@@ -87,7 +84,7 @@ def _worker_argv(config_file: Path, queue: str) -> list[str]:
 
 
 def cmd_run(args: argparse.Namespace, config: Config) -> int:
-    """All in one: migrate, make demo weights if missing, start workers and the listener."""
+    """All in one: migrate, make demo weights if missing, start workers, the API and the listener."""
     from node.jobs import reconcile
 
     db_upgrade(config)
@@ -102,6 +99,8 @@ def cmd_run(args: argparse.Namespace, config: Config) -> int:
     workers = [
         subprocess.Popen(_worker_argv(args.config_file, q), env=env) for q in ("inference", "export")
     ]
+    if config.api.enabled:
+        workers.append(subprocess.Popen([sys.executable, "-m", "node.cli", "--config", str(args.config_file), "api"], env=env))
     try:
         return _serve(config)
     finally:
@@ -177,46 +176,20 @@ def _print(rows: list[dict[str, Any]], as_json: bool, columns: Sequence[str]) ->
 
 
 def cmd_studies(args: argparse.Namespace, config: Config) -> int:
-    from node.db.models import Series, Study
-    from node.db.session import session_scope
+    from node.services.studies import list_studies
 
-    rows = []
-    with session_scope(config.database.url) as s:
-        studies = s.scalars(
-            select(Study).options(selectinload(Study.series).selectinload(Series.instances), selectinload(Study.jobs))
-            .order_by(Study.id.desc()).limit(args.limit)
-        ).all()
-        for st in studies:
-            rows.append({
-                "id": st.id,
-                "study_instance_uid": st.study_instance_uid,
-                "state": st.state.value,
-                "instances": st.instance_count,
-                "completion_rule": st.completion_rule,
-                "first_received_at": st.first_received_at.isoformat(),
-                "completed_at": st.completed_at.isoformat() if st.completed_at else None,
-                "jobs": [j.id for j in st.jobs],
-                "series": [
-                    {"series_instance_uid": se.series_instance_uid, "modality": se.modality,
-                     "state": se.state.value, "skip_reason": se.skip_reason, "instances": len(se.instances)}
-                    for se in st.series
-                ],
-                "skipped": "; ".join(f"{se.modality}: {se.skip_reason}" for se in st.series if se.skip_reason) or None,
-            })
+    rows = list_studies(config, state=args.state, q=args.q, limit=args.limit).items
+    for r in rows:
+        r["first_received_at"] = r["received_at"]
+        r["skipped"] = r["skip_reason"]
     _print(rows, args.json, ["id", "study_instance_uid", "state", "instances", "completion_rule", "jobs", "skipped"])
     return 0
 
 
 def cmd_jobs(args: argparse.Namespace, config: Config) -> int:
-    from node.db.models import Job, JobState, Output
-    from node.db.session import session_scope
-    from node.jobs import job_to_dict
+    from node.services.jobs import list_jobs
 
-    with session_scope(config.database.url) as s:
-        q = select(Job).options(selectinload(Job.study), selectinload(Job.outputs).selectinload(Output.sends))
-        if args.state:
-            q = q.where(Job.state == JobState(args.state))
-        rows = [job_to_dict(j) for j in s.scalars(q.order_by(Job.id.desc()).limit(args.limit))]
+    rows = list_jobs(config, state=args.state, limit=args.limit).items
     for r in rows:
         t = r["timings"]
         r["total_s"] = round(sum(v for k, v in t.items() if k in ("read", "pipeline", "encode", "validate", "send")), 3) if t else None
@@ -253,17 +226,11 @@ def _actor() -> str:
 
 def cmd_replay(args: argparse.Namespace, config: Config) -> int:
     """Re-run one job, or every failed job (since a time); each replay is an audited Event."""
-    from node.db.models import Job, JobState
-    from node.db.session import session_scope
-    from node.jobs import TransitionError, replay
-    from node.queue import enqueue_job
+    from node.jobs import TransitionError
+    from node.services import jobs
 
     if args.failed:
-        with session_scope(config.database.url) as s:
-            q = select(Job.id).where(Job.state == JobState.FAILED)
-            if args.since:
-                q = q.where(Job.failed_at >= args.since)
-            ids = list(s.scalars(q.order_by(Job.id)))
+        ids = jobs.failed_job_ids(config, args.since)
         if not ids:
             print("no failed jobs to replay", file=sys.stderr)
     elif args.job_id is not None:
@@ -274,15 +241,10 @@ def cmd_replay(args: argparse.Namespace, config: Config) -> int:
     new_ids = []
     for job_id in ids:
         try:
-            new_id = replay(config, job_id, actor=_actor(), reason=args.reason)
+            new_ids.append({"replayed": job_id, "job": jobs.replay_job(config, job_id, _actor(), args.reason)})
         except (LookupError, TransitionError) as e:
             print(f"replay: {e}", file=sys.stderr)
             return 1
-        with session_scope(config.database.url) as s:
-            priority = s.get_one(Job, new_id).priority
-        # The row is committed: if the broker is down now, the reconciler sends it later.
-        enqueue_job(config, new_id, priority)
-        new_ids.append({"replayed": job_id, "job": new_id})
     if args.json:
         print(json.dumps(new_ids))
     else:
@@ -293,25 +255,20 @@ def cmd_replay(args: argparse.Namespace, config: Config) -> int:
 
 def cmd_models(args: argparse.Namespace, config: Config) -> int:
     """List the model bundles the config names (and any bundles in --path folders)."""
-    from pipelines.bundle import list_bundles
+    from node.services.ops import models
 
-    pinned = {str(pc.bundle): pc.version for pc in config.pipelines.values() if pc.version}
-    paths = [pc.bundle for pc in config.pipelines.values()] + [Path(p) for p in args.path]
-    rows = list_bundles(paths)
-    for r in rows:
-        want = pinned.get(r["path"])
-        if want and r.get("status") == "ok" and str(r["version"]) != want:
-            r["status"] = f"config.yaml pins version {want}"
+    rows = models(config, [Path(p) for p in args.path])
     _print(rows, args.json, ["name", "version", "demo", "status", "path"])
     return 0 if all(r.get("status") == "ok" for r in rows) else 1
 
 
 def cmd_cancel(args: argparse.Namespace, config: Config) -> int:
     """Cancel a job that has not finished; audited like a replay."""
-    from node.jobs import TransitionError, cancel
+    from node.jobs import TransitionError
+    from node.services.jobs import cancel_job
 
     try:
-        cancel(config, args.job_id, actor=_actor(), reason=args.reason)
+        cancel_job(config, args.job_id, actor=_actor(), reason=args.reason)
     except (LookupError, TransitionError) as e:
         print(f"cancel: {e}", file=sys.stderr)
         return 1
@@ -319,35 +276,121 @@ def cmd_cancel(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
-def cmd_rules(args: argparse.Namespace, config: Config) -> int:
-    """`rules test FILE.dcm`: which routing rule matches the file, and why each rule did or did not."""
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-
-    from node.jobs import enabled_pipelines
-    from node.routing import decision_for
+def cmd_resend(args: argparse.Namespace, config: Config) -> int:
+    """Send a finished job's existing results again (no inference); audited."""
+    from node.jobs import TransitionError
+    from node.services.jobs import resend_job
 
     try:
-        ds = pydicom.dcmread(args.file, stop_before_pixels=True)
-    except (OSError, InvalidDicomError) as e:
+        resend_job(config, args.job_id, actor=_actor(), reason=args.reason)
+    except (LookupError, TransitionError) as e:
+        print(f"resend: {e}", file=sys.stderr)
+        return 1
+    print(f"job {args.job_id} is sending its results again")
+    return 0
+
+
+def cmd_rules(args: argparse.Namespace, config: Config) -> int:
+    """`rules test FILE.dcm`: which routing rule matches the file, and why each rule did or did not."""
+    from node.services.errors import Invalid
+    from node.services.ops import rules_test
+
+    try:
+        d = rules_test(config, args.file.read_bytes(), args.calling_ae, args.called_ae, args.address)
+    except (OSError, Invalid) as e:
         print(f"rules test: cannot read {args.file}: {e}", file=sys.stderr)
         return 2
-    d = decision_for(ds, config.routing, enabled_pipelines(config), args.calling_ae,
-                     args.called_ae or config.listener.ae_title, args.address)
     if args.json:
-        print(json.dumps({"rule": d.rule, "action": "skip" if d.skipped else "process", "reason": d.reason,
-                          "pipelines": list(d.pipelines), "priority": d.priority,
-                          "destinations": None if d.destinations is None else list(d.destinations),
-                          "trace": list(d.trace)}, indent=2))
+        print(json.dumps({k: v for k, v in d.items() if k != "mode"}, indent=2))
         return 0
-    print(f"mode {config.routing.mode}:")
-    for line in d.trace:
+    print(f"mode {d['mode']}:")
+    for line in d["trace"]:
         print(f"  {line}")
-    if d.skipped:
-        print(f"=> skip by rule {d.rule or '-'}: {d.reason}")
+    if d["action"] == "skip":
+        print(f"=> skip by rule {d['rule'] or '-'}: {d['reason']}")
     else:
-        dests = "every destination" if d.destinations is None else ", ".join(d.destinations)
-        print(f"=> process by rule {d.rule}: {', '.join(d.pipelines)} at priority {d.priority}, results to {dests}")
+        dests = "every destination" if d["destinations"] is None else ", ".join(d["destinations"])
+        print(f"=> process by rule {d['rule']}: {', '.join(d['pipelines'])} at priority {d['priority']}, results to {dests}")
+    return 0
+
+
+def cmd_users(args: argparse.Namespace, config: Config) -> int:
+    """`users add NAME --role ROLE --password-stdin`, `users list`, `users remove NAME`."""
+    from node.services import users
+    from node.services.errors import Invalid, NotFound
+
+    db_upgrade(config)
+    try:
+        if args.action == "add":
+            if not args.name or not args.password_stdin:
+                print("users add: give NAME and --password-stdin (the password is read from standard input)", file=sys.stderr)
+                return 2
+            password = sys.stdin.readline().rstrip("\r\n")
+            users.add_user(config, args.name, args.role, password)
+            print(f"user {args.name} added with role {args.role}")
+        elif args.action == "remove":
+            if not args.name:
+                print("users remove: give NAME", file=sys.stderr)
+                return 2
+            users.remove_user(config, args.name)
+            print(f"user {args.name} removed (its tokens and sessions with it)")
+        else:
+            _print(users.list_users(config), args.json, ["id", "name", "role", "tokens", "created_at"])
+    except (Invalid, NotFound) as e:
+        print(f"users {args.action}: {e}", file=sys.stderr)
+        return 1
+    if args.action != "list":
+        from node.services.audit import record
+
+        record(config, f"user_{args.action}", _actor(), f"{args.name} ({args.role})" if args.action == "add" else args.name)
+    return 0
+
+
+def cmd_tokens(args: argparse.Namespace, config: Config) -> int:
+    """`tokens create --user NAME [--expires DAYS]` (printed once), `tokens list`, `tokens revoke ID`."""
+    from node.services import users
+    from node.services.audit import record
+    from node.services.errors import NotFound
+
+    db_upgrade(config)
+    try:
+        if args.action == "create":
+            if not args.user:
+                print("tokens create: give --user NAME", file=sys.stderr)
+                return 2
+            token_id, token = users.create_token(config, args.user, args.expires)
+            record(config, "token_create", _actor(), f"token {token_id} for {args.user}")
+            print(token)
+            print(f"token {token_id} for {args.user}: shown once, store it now", file=sys.stderr)
+        elif args.action == "revoke":
+            if args.id is None:
+                print("tokens revoke: give the token ID", file=sys.stderr)
+                return 2
+            users.revoke_token(config, args.id)
+            record(config, "token_revoke", _actor(), f"token {args.id}")
+            print(f"token {args.id} revoked")
+        else:
+            _print(users.list_tokens(config), args.json, ["id", "user", "created_at", "expires_at", "revoked_at", "last_used_at"])
+    except NotFound as e:
+        print(f"tokens {args.action}: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_api(args: argparse.Namespace, config: Config) -> int:
+    """The HTTP service alone (production: several behind a proxy)."""
+    import uvicorn
+
+    from node.api.app import create_app
+    from node.services.users import ensure_first_admin
+
+    db_upgrade(config)
+    ensure_first_admin(config)
+    a = config.api
+    tls = {"ssl_certfile": str(a.tls.certificate), "ssl_keyfile": str(a.tls.private_key)} if a.tls else {}
+    print(f"pacsnode API on {'https' if a.tls else 'http'}://{a.host}:{a.port}", flush=True)
+    uvicorn.run(create_app(config), host=a.host, port=a.port, log_level=config.logging.level.lower(),
+                proxy_headers=False, server_header=False, timeout_keep_alive=5, **tls)  # type: ignore[arg-type]
     return 0
 
 
@@ -374,6 +417,9 @@ def build_parser() -> argparse.ArgumentParser:
         sp = add(name, fn, hlp)
         sp.add_argument("--json", action="store_true")
         sp.add_argument("--limit", type=int, default=100)
+        if name == "studies":
+            sp.add_argument("--state", choices=["receiving", "complete", "skipped"])
+            sp.add_argument("--q", help="exact Study Instance UID, Accession Number or Patient ID")
         if name == "jobs":
             sp.add_argument("--state", choices=[s for s in ("queued", "running", "encoded", "sending", "done", "failed", "cancelled", "superseded")])
     r = add("replay", cmd_replay, "re-run a job, or all failed jobs")
@@ -390,6 +436,22 @@ def build_parser() -> argparse.ArgumentParser:
     c = add("cancel", cmd_cancel, "cancel a queued or running job")
     c.add_argument("job_id", type=int)
     c.add_argument("--reason", default="cancelled by operator", help="recorded in the audit trail")
+    rs = add("resend", cmd_resend, "send a finished job's results again (no inference)")
+    rs.add_argument("job_id", type=int)
+    rs.add_argument("--reason", default="re-sent by operator", help="recorded in the audit trail")
+    u = add("users", cmd_users, "users of the API and dashboard")
+    u.add_argument("action", choices=["add", "list", "remove"])
+    u.add_argument("name", nargs="?")
+    u.add_argument("--role", choices=["viewer", "operator", "admin"], default="viewer")
+    u.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
+    u.add_argument("--json", action="store_true")
+    tk = add("tokens", cmd_tokens, "API tokens (Authorization: Bearer)")
+    tk.add_argument("action", choices=["create", "list", "revoke"])
+    tk.add_argument("id", nargs="?", type=int, help="revoke: the token's id")
+    tk.add_argument("--user")
+    tk.add_argument("--expires", type=float, metavar="DAYS", help="create: valid this many days (default: until revoked)")
+    tk.add_argument("--json", action="store_true")
+    add("api", cmd_api, "the HTTP service (REST API, dashboard, STOW-RS) alone")
     rl = add("rules", cmd_rules, "routing rules")
     rl.add_argument("action", choices=["test"])
     rl.add_argument("file", type=Path, help="a DICOM file, routed as the first instance of its series")

@@ -86,7 +86,7 @@ def _include_web(app: FastAPI) -> None:
     router = getattr(web, "router", None)
     if router is not None:
         app.include_router(router)
-    static = Path(web.__file__).parent / "static"
+    static = Path(web.__file__ or "").parent / "static"
     if static.is_dir():
         from fastapi.staticfiles import StaticFiles
 

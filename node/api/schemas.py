@@ -33,25 +33,6 @@ class Me(BaseModel):
     csrf_token: str | None = None
 
 
-class StudySummary(BaseModel):
-    id: int
-    study_instance_uid: str
-    state: str
-    instances: int
-    received_at: str
-    last_received_at: str
-    completed_at: str | None
-    completion_rule: str | None
-    skip_reason: str | None
-    jobs: list[int]
-    calling_ae: str | None
-
-
-class StudyPage(BaseModel):
-    items: list[StudySummary]
-    next_cursor: str | None
-
-
 class Routing(BaseModel):
     rule: str | None
     action: str | None
@@ -70,7 +51,28 @@ class SeriesOut(BaseModel):
     view_position: str | None
     instances: int
     state: str
+    skip_reason: str | None
     routing: Routing
+
+
+class StudySummary(BaseModel):
+    id: int
+    study_instance_uid: str
+    state: str
+    instances: int
+    received_at: str
+    last_received_at: str
+    completed_at: str | None
+    completion_rule: str | None
+    skip_reason: str | None
+    jobs: list[int]
+    calling_ae: str | None
+    series: list[SeriesOut]
+
+
+class StudyPage(BaseModel):
+    items: list[StudySummary]
+    next_cursor: str | None
 
 
 class SendOut(BaseModel):
@@ -120,7 +122,6 @@ class JobPage(BaseModel):
 class StudyDetail(StudySummary):
     released_at: str | None
     expected_instances: int | None
-    series: list[SeriesOut]
     job_details: list[JobOut]
 
 

@@ -120,10 +120,10 @@ def store_response(stored: list[tuple[str, str]], failed: list[tuple[str | None,
         ds.ReferencedSOPSequence.append(item)
     if failed:
         ds.FailedSOPSequence = []
-        for cls, uid, reason, _ in failed:
+        for fcls, fuid, reason, _ in failed:
             item = Dataset()
-            item.ReferencedSOPClassUID = cls or ""
-            item.ReferencedSOPInstanceUID = uid or ""
+            item.ReferencedSOPClassUID = fcls or ""
+            item.ReferencedSOPInstanceUID = fuid or ""
             item.FailureReason = reason
             ds.FailedSOPSequence.append(item)
     return ds

@@ -31,4 +31,4 @@ def list_audit(config: Config, limit: int = 100, cursor: str | None = None, kind
         rows = s.scalars(q.order_by(Event.id.desc()).limit(limit + 1)).all()
         items = [{"id": e.id, "at": e.at.isoformat(), "kind": e.kind, "actor": e.actor, "job_id": e.job_id,
                   "detail": e.detail, "address": e.address} for e in rows[:limit]]
-    return Page(items, encode_cursor(items[-1]["id"]) if len(rows) > limit else None)
+    return Page(items, encode_cursor(rows[limit - 1].id) if len(rows) > limit else None)

@@ -40,9 +40,9 @@ def echo(config: Config, name: str) -> dict[str, Any]:
         except requests.RequestException as e:
             ok, detail = False, str(e)
     else:
-        from node.export import _ae
-
         from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+        from node.export import _ae
 
         ae = _ae(dest, config.export.calling_ae_title)
         ae.add_requested_context(Verification)

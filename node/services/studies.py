@@ -36,6 +36,30 @@ def study_summary(st: Study) -> dict[str, Any]:
         "skip_reason": skipped,
         "jobs": [j.id for j in st.jobs],
         "calling_ae": st.calling_ae,
+        "series": [series_summary(se) for se in st.series],
+    }
+
+
+def series_summary(se: Series) -> dict[str, Any]:
+    """A series and its routing decision (needs instances loaded)."""
+    return {
+        "series_instance_uid": se.series_instance_uid,
+        "modality": se.modality,
+        "body_part": se.body_part,
+        "view_position": se.view_position,
+        "instances": len(se.instances),
+        "state": se.state.value,
+        "skip_reason": se.skip_reason,
+        "routing": {
+            "rule": se.routing_rule,
+            "action": None if se.routed_at is None else ("skip" if se.skip_reason else "process"),
+            "reason": se.skip_reason,
+            "pipelines": se.pipelines,
+            "priority": se.priority,
+            "destinations": se.destinations,
+            "objects": se.objects,
+            "routed_at": _ts(se.routed_at),
+        },
     }
 
 
@@ -48,7 +72,7 @@ def list_studies(config: Config, state: str | None = None, q: str | None = None,
     """
     check_limit(limit)
     below = decode_cursor(cursor)
-    query = select(Study).options(selectinload(Study.series), selectinload(Study.jobs))
+    query = select(Study).options(selectinload(Study.series).selectinload(Series.instances), selectinload(Study.jobs))
     if state:
         try:
             query = query.where(Study.state == StudyState(state))
@@ -83,26 +107,5 @@ def get_study(config: Config, study_instance_uid: str) -> dict[str, Any]:
             **study_summary(st),
             "released_at": _ts(st.released_at),
             "expected_instances": st.expected_instances,
-            "series": [
-                {
-                    "series_instance_uid": se.series_instance_uid,
-                    "modality": se.modality,
-                    "body_part": se.body_part,
-                    "view_position": se.view_position,
-                    "instances": len(se.instances),
-                    "state": se.state.value,
-                    "routing": {
-                        "rule": se.routing_rule,
-                        "action": None if se.routed_at is None else ("skip" if se.skip_reason else "process"),
-                        "reason": se.skip_reason,
-                        "pipelines": se.pipelines,
-                        "priority": se.priority,
-                        "destinations": se.destinations,
-                        "objects": se.objects,
-                        "routed_at": _ts(se.routed_at),
-                    },
-                }
-                for se in st.series
-            ],
             "job_details": [job_to_dict(j) for j in st.jobs],
         }
