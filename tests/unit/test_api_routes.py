@@ -1,0 +1,138 @@
+"""/api/v1 studies and jobs: filters, keyset paging, injection-proof q, problem+json, 404, 409."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydicom.data import get_testdata_file
+from sqlalchemy import select
+
+from node.db.models import Event, Job, JobState, Output, Send, SendState, Study
+from node.db.session import session_scope
+from node.handlers import IngestContext, ingest
+from tests.unit.api_data import Api, make_api
+from tests.unit.jobs_data import make_job
+
+CT = Path(get_testdata_file("CT_small.dcm"))  # PatientID 1CT1
+
+
+@pytest.fixture
+def api(tmp_path: Path) -> Api:
+    return make_api(tmp_path)
+
+
+def test_study_list_filters_pages_and_finds_by_patient_id_hash(api: Api) -> None:
+    ids = [make_job(api.config, JobState.DONE, age_s=100 - i) for i in range(5)]
+    study_uid, _ = ingest(CT.read_bytes(), IngestContext(api.config), "MODALITY")
+    h = api.as_("viewer")
+    page = api.client.get("/api/v1/studies?limit=2", headers=h).json()
+    assert page["items"][0]["study_instance_uid"] == study_uid  # newest first
+    seen = [it["id"] for it in page["items"]]
+    while page["next_cursor"]:
+        page = api.client.get(f"/api/v1/studies?limit=2&cursor={page['next_cursor']}", headers=h).json()
+        seen += [it["id"] for it in page["items"]]
+    assert len(seen) == 6 and seen == sorted(seen, reverse=True)
+    assert [s["state"] for s in api.client.get("/api/v1/studies?state=receiving", headers=h).json()["items"]] == ["receiving"]
+    found = api.client.get("/api/v1/studies", params={"q": "1CT1"}, headers=h).json()["items"]
+    assert [s["study_instance_uid"] for s in found] == [study_uid]
+    with session_scope(api.config.database.url) as s:
+        st = s.scalar(select(Study).where(Study.study_instance_uid == study_uid))
+        assert st is not None and st.patient_id_hash and "1CT1" not in st.patient_id_hash
+    assert api.client.get("/api/v1/studies", params={"q": study_uid}, headers=h).json()["items"][0]["state"] == "receiving"
+    for evil in ("' OR 1=1 --", "%", "1CT", "\" OR \"\"=\""):
+        assert api.client.get("/api/v1/studies", params={"q": evil}, headers=h).json()["items"] == [], evil
+    with session_scope(api.config.database.url) as s:
+        assert s.get(Job, ids[0]) is not None  # nothing was harmed
+
+
+def test_bad_fields_are_problem_json_naming_the_field(api: Api) -> None:
+    h = api.as_("viewer")
+    for url, field in (("/api/v1/studies?state=bogus", "state"), ("/api/v1/studies?limit=0", "limit"),
+                       ("/api/v1/studies?since=yesterday", "since"), ("/api/v1/studies?cursor=abc", "cursor"),
+                       ("/api/v1/jobs?state=nope", "state"), ("/api/v1/jobs/x", "job_id")):
+        r = api.client.get(url, headers=h)
+        assert r.status_code == 422, url
+        assert r.headers["content-type"] == "application/problem+json"
+        assert r.json()["errors"][0]["field"] == field, (url, r.json())
+        assert "Traceback" not in r.text
+    r = api.client.post("/api/v1/jobs/1/replay", json={}, headers=api.as_("operator"))
+    assert r.status_code == 422 and r.json()["errors"][0]["field"] == "reason"
+
+
+def test_unknown_ids_are_404(api: Api) -> None:
+    h = api.as_("operator")
+    assert api.client.get("/api/v1/studies/1.2.3.4", headers=h).status_code == 404
+    assert api.client.get("/api/v1/jobs/999", headers=h).status_code == 404
+    assert api.client.post("/api/v1/jobs/999/replay", json={"reason": "x"}, headers=h).status_code == 404
+    assert api.client.post("/api/v1/destinations/none/echo", headers=h).status_code == 404
+
+
+def test_replay_cancel_resend_and_409_for_active_jobs(api: Api) -> None:
+    h = api.as_("operator")
+    running = make_job(api.config, JobState.RUNNING)
+    r = api.client.post(f"/api/v1/jobs/{running}/replay", json={"reason": "again"}, headers=h)
+    assert r.status_code == 409 and "cancel it before replaying" in r.json()["detail"]
+    failed = make_job(api.config, JobState.FAILED, failed_at=None)
+    r = api.client.post(f"/api/v1/jobs/{failed}/replay", json={"reason": "PACS back"}, headers=h)
+    assert r.status_code == 201
+    new = r.json()["job"]
+    job = api.client.get(f"/api/v1/jobs/{new}", headers=h).json()
+    assert job["state"] == "queued" and job["replay_of"] == failed
+    assert api.client.post(f"/api/v1/jobs/{new}/cancel", json={"reason": "dup"}, headers=h).status_code == 200
+    assert api.client.post(f"/api/v1/jobs/{new}/cancel", json={"reason": "dup"}, headers=h).status_code == 409
+    # Re-send: a done job with results goes back to sending, its sends pending again.
+    done = make_job(api.config, JobState.DONE)
+    with session_scope(api.config.database.url) as s:
+        out = Output(job_id=done, kind="sr", sop_class_uid="1.2", sop_instance_uid="1.2.3", series_instance_uid="1.2.4",
+                     path="x.dcm")
+        s.add(out)
+        s.flush()
+        s.add(Send(output_id=out.id, destination="pacs", state=SendState.SENT, attempts=1))
+    assert api.client.post(f"/api/v1/jobs/{done}/resend", json={"reason": "PACS lost it"}, headers=h).status_code == 200
+    with session_scope(api.config.database.url) as s:
+        assert s.get_one(Job, done).state == JobState.SENDING
+        assert s.scalar(select(Send.state)) == SendState.PENDING
+        assert s.scalar(select(Event.detail).where(Event.kind == "resend")) == "PACS lost it"
+    no_results = make_job(api.config, JobState.FAILED)
+    assert api.client.post(f"/api/v1/jobs/{no_results}/resend", json={"reason": "x"}, headers=h).status_code == 409
+
+
+def test_bulk_replay_of_failed_jobs_since(api: Api) -> None:
+    from node.db.models import utcnow
+
+    old = make_job(api.config, JobState.FAILED, age_s=7200, failed_at=utcnow().replace(year=2020))
+    recent = make_job(api.config, JobState.FAILED, failed_at=utcnow())
+    since = utcnow().replace(year=2021).isoformat()
+    r = api.client.post("/api/v1/jobs/replay", json={"state": "failed", "since": since, "reason": "fixed"},
+                        headers=api.as_("operator"))
+    assert r.status_code == 200 and [x["replayed"] for x in r.json()] == [recent]
+    assert old not in [x["replayed"] for x in r.json()]
+
+
+def test_study_detail_shows_series_routing_and_is_audited(api: Api) -> None:
+    study_uid, _ = ingest(CT.read_bytes(), IngestContext(api.config), "MODALITY")
+    r = api.client.get(f"/api/v1/studies/{study_uid}", headers=api.as_("viewer"))
+    assert r.status_code == 200
+    body = r.json()
+    assert body["series"][0]["modality"] == "CT" and body["instances"] == 1
+    assert "1CT1" not in r.text  # no patient identifier in the API
+    with session_scope(api.config.database.url) as s:
+        ev = s.scalar(select(Event).where(Event.kind == "view_study"))
+        assert ev is not None and ev.actor == "viewer" and ev.detail == study_uid
+
+
+def test_rules_test_explains_the_decision(api: Api) -> None:
+    r = api.client.post("/api/v1/rules/test", files={"file": ("ct.dcm", CT.read_bytes(), "application/dicom")},
+                        headers=api.as_("operator"))
+    assert r.status_code == 200, r.text
+    assert r.json()["action"] == "skip" and "CT" in r.json()["reason"]
+    r = api.client.post("/api/v1/rules/test", files={"file": ("x.dcm", b"not dicom", "application/dicom")},
+                        headers=api.as_("operator"))
+    assert r.status_code == 422 and r.json()["errors"][0]["field"] == "file"
+
+
+def test_readyz_names_the_missing_worker(api: Api) -> None:
+    r = api.client.get("/readyz")
+    assert r.status_code == 503 and "worker" in r.json()["reason"]
+    assert r.json()["checks"]["database"]["ok"] is True
