@@ -72,7 +72,7 @@ def run_node(work: Path, files: list[Path]) -> float:
     port = free_port()
     cfg = work / "config.yaml"
     cfg.write_text(
-        f"listener: {{ae_title: PACSNODE, host: 127.0.0.1, port: {port}, max_pdu: 0}}\n"
+        f"listener: {{ae_title: PACSNODE, host: 127.0.0.1, port: {port}, max_pdu: 0, allowed_callers: any}}\n"
         f"storage: {{path: {work / 'spool'}, min_free_mb: 10}}\n"
         f"database: {{url: 'sqlite:///{work / 'pacsnode.db'}'}}\n"
         # No study completes during the run: this measures ingestion only.
@@ -114,7 +114,7 @@ def noop_scp(config_path: Path) -> None:
 def run_noop(work: Path, files: list[Path]) -> float:
     port = free_port()
     cfg = work / "config.yaml"
-    cfg.write_text(f"listener: {{ae_title: PACSNODE, host: 127.0.0.1, port: {port}, max_pdu: 0}}\n"
+    cfg.write_text(f"listener: {{ae_title: PACSNODE, host: 127.0.0.1, port: {port}, max_pdu: 0, allowed_callers: any}}\n"
                    f"storage: {{path: {work / 'spool'}}}\n")  # fmt: skip
     proc = subprocess.Popen([sys.executable, __file__, "--noop-scp", str(cfg)], cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip

@@ -14,7 +14,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 AE_TITLE = Annotated[str, Field(min_length=1, max_length=16, pattern=r"^[ -\[\]-~]*[!-\[\]-~][ -\[\]-~]*$")]
 DEFAULT_CONFIG_ENV = "PACSNODE_CONFIG"
@@ -75,6 +84,18 @@ class TLSConfig(_Strict):
         return self
 
 
+def _caller_tag(value: object) -> str:
+    return _ANY_TAG if isinstance(value, str) else _LIST_TAG
+
+
+_ANY_TAG, _LIST_TAG = "<any>", "<list>"  # union branch names, dropped from error paths
+#: A list of callers or the word "any"; tagged so that an error reports only the branch meant.
+CallerList = Annotated[
+    Annotated[list[Caller], Tag(_LIST_TAG)] | Annotated[Literal["any"], Tag(_ANY_TAG)],
+    Discriminator(_caller_tag),
+]
+
+
 class ListenerConfig(_Strict):
     ae_title: AE_TITLE = "PACSNODE"
     host: str = "0.0.0.0"
@@ -82,10 +103,20 @@ class ListenerConfig(_Strict):
     max_associations: int = Field(16, ge=1)
     max_pdu: int = Field(262144, ge=0, description="bytes; 0 means unlimited")
     timeouts: Timeouts = Timeouts()
-    allowed_callers: list[Caller] | None = Field(
-        None, description="calling AE titles that may store; null accepts any caller"
+    allowed_callers: CallerList = Field(
+        default_factory=list,
+        description="calling AE titles that may store; empty (the default) denies everyone; "
+        "'any' accepts every caller (logged as a warning at start)",
     )
     tls: TLSConfig | None = Field(None, description="null: plain TCP")
+
+    @field_validator("allowed_callers", mode="before")
+    @classmethod
+    def _no_null_callers(cls, value: object) -> object:
+        # null used to mean "anyone": accepting everyone must be said in so many words.
+        if value is None:
+            raise ValueError("null is not allowed: list the callers, or write 'any' to accept every caller")
+        return value
 
 
 class StorageConfig(_Strict):
@@ -528,9 +559,10 @@ def parse_config(raw: object, source: str = "<config>", tree: yaml.Node | None =
     except ValidationError as e:
         problems = []
         for err in e.errors():
-            key = ".".join(str(x) for x in _named_loc(raw, err["loc"])) or "<root>"
+            loc = tuple(p for p in err["loc"] if p not in (_ANY_TAG, _LIST_TAG))
+            key = ".".join(str(x) for x in _named_loc(raw, loc)) or "<root>"
             msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
-            line = _line(tree, err["loc"])
+            line = _line(tree, loc)
             problems.append(f"line {line}: {key}: {msg}" if line else f"{key}: {msg}")
         raise ConfigError(f"{source}: invalid configuration:\n  " + "\n  ".join(problems)) from e
 

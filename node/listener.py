@@ -69,12 +69,12 @@ CALLED_AE_NOT_RECOGNISED = 0x07
 def admission(lc: ListenerConfig, calling_ae: str, called_ae: str, address: str) -> tuple[int, str] | None:
     """Why an association request must be refused, as (diagnostic, reason), or None to admit it.
 
-    Deny by default: once `allowed_callers` is set, only a listed calling AE title may associate,
+    Deny by default: unless `allowed_callers` is "any", only a listed calling AE title may associate,
     and only from one of its addresses when it lists some. The called AE title must be ours.
     """
     if called_ae.strip() != lc.ae_title.strip():
         return CALLED_AE_NOT_RECOGNISED, f"called AE title {called_ae.strip()!r} is not ours"
-    if lc.allowed_callers is None:
+    if lc.allowed_callers == "any":
         return None
     entries = [c for c in lc.allowed_callers if c.ae_title.strip() == calling_ae.strip()]
     if not entries:
@@ -147,7 +147,10 @@ def build_ae(config: Config) -> AE:
     ae.dimse_timeout = lc.timeouts.dimse
     ae.network_timeout = lc.timeouts.network
     ae.require_called_aet = True
-    if lc.allowed_callers is not None:
+    if lc.allowed_callers == "any":
+        log.warning("listener.allowed_callers is 'any': every calling AE title may store")
+    else:
+        # An empty list denies everyone; admission() says why to each refused caller.
         ae.require_calling_aet = [c.ae_title for c in lc.allowed_callers]
     syntaxes = accepted_transfer_syntaxes()
     ae.add_supported_context(Verification)

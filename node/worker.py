@@ -502,13 +502,19 @@ def run_export(config: Config, job_id: int) -> None:
         assert job is not None
         s.execute(update(Job).where(Job.id == job_id).values(send_seconds=Job.send_seconds + elapsed))
         if failures:
+            # Recorded and committed here, raised after: a raise inside session_scope would roll
+            # back the reason, the stage and the send time, and the operator would see nothing.
             job.error, job.error_stage = "; ".join(failures)[:4000], "send"
             job.updated_at = utcnow()
-            raise RetryableExportError(job.error)
-        unsent = s.scalar(select(func.count()).select_from(Send).join(Output)
-                          .where(Output.job_id == job_id, Send.state != SendState.SENT))
-        # Whoever sends the last object closes the job; a job still encoding stays running.
-        if job.state == JobState.SENDING and not unsent:
-            transition(job, JobState.DONE, error=None, error_stage=None)
-            if job.supersedes is not None and job.supersedes.state == JobState.DONE:
-                transition(job.supersedes, JobState.SUPERSEDED)
+            error = job.error
+        else:
+            error = None
+            unsent = s.scalar(select(func.count()).select_from(Send).join(Output)
+                              .where(Output.job_id == job_id, Send.state != SendState.SENT))
+            # Whoever sends the last object closes the job; a job still encoding stays running.
+            if job.state == JobState.SENDING and not unsent:
+                transition(job, JobState.DONE, error=None, error_stage=None)
+                if job.supersedes is not None and job.supersedes.state == JobState.DONE:
+                    transition(job.supersedes, JobState.SUPERSEDED)
+    if error is not None:
+        raise RetryableExportError(error)

@@ -156,7 +156,7 @@ def node_config(workdir: Path, bundle: Path, destinations: list[dict[str, Any]],
     """Write a node config for tests: embedded mode, free port, everything under workdir."""
     port = free_port()
     cfg: dict[str, Any] = {
-        "listener": {"ae_title": "PACSNODE", "host": "127.0.0.1", "port": port},
+        "listener": {"ae_title": "PACSNODE", "host": "127.0.0.1", "port": port, "allowed_callers": "any"},
         "storage": {"path": str(workdir / "spool"), "min_free_mb": 10},
         "database": {"url": f"sqlite:///{workdir / 'pacsnode.db'}"},
         "completion": {"quiet_seconds": 0.5},

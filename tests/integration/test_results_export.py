@@ -247,3 +247,28 @@ def test_stow_to_nothing_is_unavailable_not_a_verdict() -> None:
                                           "url": f"http://127.0.0.1:{free_port()}/dicom-web"}]}).destinations[0]
     with pytest.raises(DestinationUnavailable, match=r"STOW-RS to web \(http://127\.0\.0\.1:\d+/dicom-web\) failed"):
         send_files(web, [RG1], "PACSNODE")
+
+
+def test_a_failed_export_keeps_its_reason_on_the_job(
+    demo_bundle: Path, orthancs: Callable[..., Orthanc], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With the PACS really stopped, the first failed attempt leaves its error, stage and time on the job."""
+    pacs = orthancs("pacs")
+    cfg = _config(tmp_path, demo_bundle, [_dimse("pacs", pacs, objects=["sr"], timeout=3)])
+    monkeypatch.setattr(worker, "enqueue_export", lambda config, job_id: None)
+    job_id = _queued_job(cfg, RG1)
+    worker.run_inference(cfg, job_id, "test")
+    with session_scope(cfg.database.url) as s:
+        before = s.get(Job, job_id).updated_at  # type: ignore[union-attr]
+    pacs.stop()
+
+    with pytest.raises(worker.RetryableExportError, match="pacs: association with pacs .* failed"):
+        worker.run_export(cfg, job_id)
+    with session_scope(cfg.database.url) as s:
+        job = s.get(Job, job_id)
+        assert job is not None
+        assert job.error is not None and job.error.startswith("pacs: association with pacs")
+        assert job.error_stage == "send"
+        assert job.updated_at > before  # the reconciler sees that export retries touch the row
+        assert job.send_seconds > 0
+    assert {sd.state for sd in _sends(cfg, job_id).values()} == {SendState.FAILED}

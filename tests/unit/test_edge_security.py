@@ -32,7 +32,7 @@ RG1 = Path(get_testdata_file("RG1_UNCR.dcm"))
 def _config(tmp_path: Path, **listener: Any) -> Config:
     cfg = parse_config({
         "listener": {"host": "127.0.0.1", "port": free_port(), "timeouts": {"acse": 5, "dimse": 5, "network": 5},
-                     **listener},
+                     "allowed_callers": "any", **listener},
         "storage": {"path": str(tmp_path / "spool"), "min_free_mb": 1},
         "database": {"url": f"sqlite:///{tmp_path / 'db.sqlite'}"},
         "completion": {"quiet_seconds": 0},
@@ -203,3 +203,24 @@ def test_no_patient_identity_in_logs_at_info(tmp_path: Path, serve: Any, caplog:
     assert "complete by rule" in text  # the capture did see the node's INFO lines
     for secret in ("Secretname", "Johanna", "PID-7734", "19230417"):
         assert secret not in text
+
+
+def test_null_allowed_callers_is_refused_with_the_key_named() -> None:
+    with pytest.raises(ConfigError, match=r"listener\.allowed_callers: .*null is not allowed.*'any'"):
+        parse_config({"listener": {"allowed_callers": None}})
+
+
+def test_no_allowed_callers_denies_everyone() -> None:
+    lc = parse_config({}).listener
+    verdict = admission(lc, "MODALITY".ljust(16), "PACSNODE".ljust(16), "127.0.0.1")
+    assert verdict is not None and verdict[0] == 0x03
+
+
+def test_any_admits_every_caller_and_says_so_at_start(caplog: pytest.LogCaptureFixture) -> None:
+    from node.listener import build_ae
+
+    cfg = parse_config({"listener": {"allowed_callers": "any"}})
+    assert admission(cfg.listener, "WHOEVER".ljust(16), "PACSNODE".ljust(16), "10.1.2.3") is None
+    with caplog.at_level(logging.WARNING, logger="node.listener"):
+        build_ae(cfg)
+    assert "allowed_callers is 'any'" in caplog.text

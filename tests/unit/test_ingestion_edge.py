@@ -33,7 +33,7 @@ MPEG2 = "1.2.840.10008.1.2.4.100"
 
 def _config(tmp_path: Path, **over: Any) -> Config:
     raw: dict[str, Any] = {
-        "listener": {"host": "127.0.0.1", "port": free_port(), "timeouts": {"acse": 5, "dimse": 5, "network": 5}},
+        "listener": {"host": "127.0.0.1", "port": free_port(), "allowed_callers": "any", "timeouts": {"acse": 5, "dimse": 5, "network": 5}},
         "storage": {"path": str(tmp_path / "spool"), "min_free_mb": 1},
         "database": {"url": f"sqlite:///{tmp_path / 'db.sqlite'}"},
         "completion": {"quiet_seconds": 0},

@@ -29,7 +29,7 @@ CT = Path(get_testdata_file("CT_small.dcm"))
 @pytest.fixture
 def config(tmp_path: Path) -> Config:
     cfg = parse_config({
-        "listener": {"host": "127.0.0.1", "port": free_port(), "timeouts": {"acse": 5, "dimse": 5, "network": 5}},
+        "listener": {"host": "127.0.0.1", "port": free_port(), "allowed_callers": "any", "timeouts": {"acse": 5, "dimse": 5, "network": 5}},
         "storage": {"path": str(tmp_path / "spool"), "min_free_mb": 1},
         "database": {"url": f"sqlite:///{tmp_path / 'db.sqlite'}"},
     })
@@ -139,7 +139,7 @@ def test_ingest_refuses_path_uid_directly(config: Config) -> None:
 
 def test_low_disk_watermark_answers_out_of_resources(tmp_path: Path) -> None:
     cfg = parse_config({
-        "listener": {"host": "127.0.0.1", "port": free_port()},
+        "listener": {"host": "127.0.0.1", "port": free_port(), "allowed_callers": "any"},
         "storage": {"path": str(tmp_path / "spool"), "min_free_mb": 10**9},
         "database": {"url": f"sqlite:///{tmp_path / 'db.sqlite'}"},
     })

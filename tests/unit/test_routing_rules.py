@@ -137,7 +137,7 @@ def test_broker_priority_direction() -> None:
 @pytest.mark.skipif(not have("storescu"), reason="DCMTK storescu not installed")
 def test_rule_decision_reaches_the_job_and_the_queue(tmp_path: Path) -> None:
     cfg = parse_config({
-        "listener": {"host": "127.0.0.1", "port": free_port()},
+        "listener": {"host": "127.0.0.1", "port": free_port(), "allowed_callers": "any"},
         "storage": {"path": str(tmp_path / "spool"), "min_free_mb": 1},
         "database": {"url": f"sqlite:///{tmp_path / 'db.sqlite'}"},
         "completion": {"quiet_seconds": 0},
