@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import logging
 import shutil
+import struct
 import threading
 import warnings
+import zlib
 from collections import defaultdict
 from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
 
 import pydicom
-from pydicom.errors import InvalidDicomError
+from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.uid import UID
 from pynetdicom import evt
 from sqlalchemy import select
@@ -111,6 +113,34 @@ def _text(ds: pydicom.Dataset, keyword: str, limit: int) -> str | None:
     return str(value).strip().upper()[:limit] or None
 
 
+# What pydicom raises on hostile bytes (found by bench/fuzz_ingest.py): OSError "No tag to read"
+# in sequences, zlib.error in deflated data sets, BytesLengthException for odd-length values,
+# struct.error / IndexError / OverflowError / RecursionError on lengths and nesting that lie.
+_UNPARSABLE = (InvalidDicomError, BytesLengthException, ValueError, EOFError, KeyError, TypeError,
+               AttributeError, IndexError, OverflowError, RecursionError, NotImplementedError, OSError,
+               struct.error, zlib.error)
+
+
+def parse(data: bytes) -> tuple[pydicom.Dataset, list[warnings.WarningMessage]]:
+    """Parse an encoded instance completely (every element converted, pixel bytes not decoded).
+
+    pydicom converts element values lazily, so an unparsable value would otherwise surface later,
+    in whatever code first reads it; here every one is read once, inside the guard.
+    Raises StoreRefused(0xC210) naming what does not parse; returns the warnings pydicom gave.
+    """
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ds = pydicom.dcmread(BytesIO(data))
+            for _ in ds.file_meta.iterall():
+                pass
+            for _ in ds.iterall():
+                pass
+    except _UNPARSABLE as e:
+        raise StoreRefused(CANNOT_UNDERSTAND, f"dataset does not parse: {type(e).__name__}: {e}"[:500]) from e
+    return ds, list(caught)
+
+
 def ingest(data: bytes, ctx: IngestContext, calling_ae: str | None, peer: Peer | None = None) -> tuple[str, str]:
     """Store one encoded instance (with file meta); return (study_uid, sop_uid).
 
@@ -125,13 +155,7 @@ def ingest(data: bytes, ctx: IngestContext, calling_ae: str | None, peer: Peer |
         raise StoreRefused(OUT_OF_RESOURCES, f"spool is not usable: {e}") from e
     if free - len(data) < cfg.min_free_mb * 1024 * 1024:
         raise StoreRefused(OUT_OF_RESOURCES, f"free space {free // 2**20} MB is below storage.min_free_mb")
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            # A full parse reads pixel bytes without decoding them (a copy, no decompression).
-            ds = pydicom.dcmread(BytesIO(data))
-    except (InvalidDicomError, ValueError, EOFError, KeyError, TypeError, AttributeError) as e:
-        raise StoreRefused(CANNOT_UNDERSTAND, f"dataset does not parse: {e}") from e
+    ds, caught = parse(data)
     truncated = [str(w.message) for w in caught if "End of file reached" in str(w.message)]
     if truncated or ("Rows" in ds and not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"))):
         raise StoreRefused(DATASET_MISMATCH, "image has no complete pixel data (truncated?)")
