@@ -160,10 +160,10 @@ class IngestTarget:
         self.cfg = make_config(work)
         self.ctx = IngestContext(self.cfg)
         self.findings = findings
-        self.watch = [work, Path.cwd(), Path(tempfile.gettempdir())]
-        self.exclude = {self.cfg.storage.path, work / "findings", work / "corpus-ingest",
-                        work / "corpus-listener", Path.cwd() / "var"}
-        self.before = {str(r): tree(r, self.exclude) for r in self.watch if r.is_dir() and r != Path("/tmp")}
+        # The run's own folder is the working directory too (fuzz() changes into it), so a
+        # relative path built from the wire would land here and be seen.
+        self.exclude = {self.cfg.storage.path}
+        self.before = {str(work): tree(work, self.exclude)}
         self.runs = 0
         self.outcomes: dict[str, int] = {}
 
@@ -305,6 +305,7 @@ def fuzz(mode: str, seconds: int, work: Path) -> None:
         seeds(corpus)
     findings = Findings(work / "findings")
     state = Path(tempfile.mkdtemp(prefix=f"fuzz-{mode}-", dir=work))
+    os.chdir(state)
     target = IngestTarget(state, findings) if mode == "ingest" else ListenerTarget(state, findings)
     start = time.monotonic()
 
