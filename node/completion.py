@@ -14,6 +14,7 @@ from datetime import datetime
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from node import metrics
 from node.config import Config
 from node.db.models import Study, StudyState, utcnow
 from node.db.session import session_scope
@@ -144,6 +145,7 @@ class CompletionService:
     def _complete(self, s: Session, study: Study, rule: str, now: datetime) -> list[tuple[int, int]]:
         study.completed_at = now
         study.completion_rule = rule
+        metrics.study_completed(rule)
         jobs = create_jobs_for_study(s, self.config, study)
         study.state = StudyState.COMPLETE if jobs or study.jobs else StudyState.SKIPPED
         s.flush()

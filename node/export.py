@@ -8,6 +8,7 @@ object, for destinations that must confirm before a job is done.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -21,6 +22,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
 
+from node import metrics
 from node.config import Destination
 from node.db.models import utcnow
 from node.listener import tune_connection
@@ -58,9 +60,13 @@ class ObjectRef:
 
 def send_files(dest: Destination, paths: Sequence[Path], calling_ae_title: str) -> list[SendOutcome]:
     """Send each file to dest (C-STORE or STOW-RS); raise DestinationUnavailable if it cannot be reached."""
-    if dest.protocol == "stow":
-        return _stow(dest, paths)
-    return _c_store(dest, paths, calling_ae_title)
+    t0 = time.perf_counter()
+    try:
+        if dest.protocol == "stow":
+            return _stow(dest, paths)
+        return _c_store(dest, paths, calling_ae_title)
+    finally:
+        metrics.stage_seconds("send", time.perf_counter() - t0)
 
 
 def _ae(dest: Destination, calling_ae_title: str) -> AE:
@@ -100,6 +106,7 @@ def _c_store(dest: Destination, paths: Sequence[Path], calling_ae_title: str) ->
             if status is not None and not (status == 0 or status & 0xF000 == 0xB000):
                 err = f"remote status 0x{status:04X}"
             outcomes.append(SendOutcome(path, status, err, utcnow()))
+            metrics.send_result(dest.name, "ok" if err is None else "failed")
             if not assoc.is_established:
                 break
     finally:

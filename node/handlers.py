@@ -10,6 +10,7 @@ import logging
 import shutil
 import struct
 import threading
+import time
 import warnings
 import zlib
 from collections import defaultdict
@@ -24,6 +25,7 @@ from pynetdicom import evt
 from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 
+from node import metrics
 from node.config import Config
 from node.db.models import Event, Instance, Series, SeriesState, Study, StudyState, utcnow
 from node.db.session import session_scope
@@ -239,17 +241,21 @@ def handle_store(event: evt.Event, ctx: IngestContext) -> int:
     assoc = event.assoc
     calling = assoc.requestor.ae_title.strip() if assoc.requestor.ae_title else None
     peer = Peer(calling, assoc.acceptor.ae_title.strip() or None, assoc.requestor.address)
+    t0 = time.perf_counter()
     try:
         data = event.encoded_dataset(include_meta=True)
         study_uid, sop_uid = ingest(data, ctx, calling, peer)
     except StoreRefused as e:
+        metrics.instance_refused(e.status)
         log.warning("C-STORE from %s refused with 0x%04X: %s", calling, e.status, e)
         audit(ctx, "store_refused", calling, f"0x{e.status:04X}: {e}")
         return e.status
     except Exception as e:  # the association must survive anything one instance does
         log.exception("C-STORE from %s failed", calling)
         audit(ctx, "store_failed", calling, str(e))
+        metrics.instance_refused(OUT_OF_RESOURCES)
         return OUT_OF_RESOURCES
+    metrics.instance_received(SUCCESS, time.perf_counter() - t0)
     ctx.tracker.add(id(assoc), study_uid)
     log.debug("stored %s of study %s", sop_uid, study_uid)
     return SUCCESS

@@ -13,6 +13,7 @@ from typing import Any
 from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
+from node import metrics
 from node.config import Config
 from node.db.models import (
     ACTIVE_JOB_STATES,
@@ -57,6 +58,7 @@ def transition(job: Job, new: JobState, **fields: Any) -> None:
         raise TransitionError(f"job {job.id}: {job.state.value} -> {new.value} is not allowed")
     now = utcnow()
     job.state = new
+    metrics.job_state(new.value)
     setattr(job, f"{new.value}_at", now)
     job.updated_at = now
     for k, v in fields.items():

@@ -22,6 +22,7 @@ from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # generated at import
 from pynetdicom.transport import ThreadedAssociationServer
 
+from node import metrics
 from node.config import Config, ListenerConfig
 from node.handlers import IngestContext, audit, handle_closed, handle_echo, handle_store
 
@@ -104,6 +105,7 @@ def handle_requested(event: evt.Event, ctx: IngestContext) -> None:
     # Recorded before the peer hears of it, so a refusal is counted even if the socket dies.
     log.warning("association from %s at %s refused: %s", calling.strip(), address, reason)
     audit(ctx, "association_rejected", calling.strip(), f"{address}: {reason}")
+    metrics.association_refused("policy")
     assoc.acse.send_reject(0x01, 0x01, diagnostic)
     assoc.kill()
 
@@ -116,6 +118,7 @@ def handle_rejected(event: evt.Event, ctx: IngestContext) -> None:
     detail = f"result 0x{rj.result:02X} source 0x{rj.result_source:02X} diagnostic 0x{rj.diagnostic:02X}" if rj else "?"
     log.warning("association from %s at %s refused: %s", calling, assoc.requestor.address, detail)
     audit(ctx, "association_rejected", calling, f"{assoc.requestor.address}: {detail}")
+    metrics.association_refused("limit")
 
 
 def server_ssl_context(lc: ListenerConfig) -> ssl.SSLContext | None:
@@ -162,6 +165,7 @@ def build_ae(config: Config) -> AE:
 
 def start_listener(config: Config, ctx: IngestContext) -> ThreadedAssociationServer:
     """Start serving in background threads; the caller stops it with server.shutdown()."""
+    metrics.setup(config)
     config.storage.path.mkdir(parents=True, exist_ok=True)
     ae = build_ae(config)
     handlers: list[Any] = [

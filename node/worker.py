@@ -20,6 +20,7 @@ import pydicom
 from pydicom import Dataset
 from sqlalchemy import and_, func, or_, select, update
 
+from node import metrics
 from node.config import Config, Destination
 from node.db.models import Instance, Job, JobState, Output, Send, SendState, utcnow
 from node.db.session import session_scope
@@ -172,6 +173,7 @@ def _claim_more(config: Config, worker: str, first: JobInput) -> list[JobInput]:
 
 
 def run_inference(config: Config, job_id: int, worker: str) -> None:
+    metrics.setup(config)
     """Run the job's pipeline (batched with other waiting jobs when the queue is deep), write
     each job's result objects and queue their export as each is ready."""
     from pipelines.base import InputError
@@ -197,6 +199,7 @@ def run_inference(config: Config, job_id: int, worker: str) -> None:
                 except (OSError, pydicom.errors.InvalidDicomError) as e:
                     raise PermanentError("read", f"cannot read source instance: {e}") from e
                 timings["read"] = time.perf_counter() - t0
+                metrics.stage_seconds("decode", timings["read"])
                 prepared.append((ji, sources, timings))
         except _Failed:
             continue
@@ -237,6 +240,7 @@ def run_inference(config: Config, job_id: int, worker: str) -> None:
                     except InputError as e:
                         raise PermanentError("decode", str(e)) from e
                     timings["pipeline"] = time.perf_counter() - t0
+                    metrics.stage_seconds("inference", timings["pipeline"])
                     groups.append((ji, sources, timings, mine))
             except _Failed:
                 continue
@@ -325,6 +329,7 @@ def _timed(timings: dict[str, float], stage: str, fn: Callable[[], T]) -> T:
         return fn()
     finally:
         timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - t0
+        metrics.stage_seconds(stage, time.perf_counter() - t0)
 
 
 def _build(timings: dict[str, float], kind: str, fn: Callable[[], Dataset]) -> Dataset:
@@ -478,6 +483,7 @@ def run_export(config: Config, job_id: int) -> None:
     more when all outputs are written; the job is done when every output reached every
     destination that wants it, and was read back where the destination confirms.
     """
+    metrics.setup(config)
     state, claimed = _claim_sends(config, job_id)
     if state is None or (not claimed and state == JobState.RUNNING):
         log.info("job %d: nothing to send (%s)", job_id, state.value if state else "gone")
