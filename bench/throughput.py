@@ -80,7 +80,7 @@ def run_round(workers: int, files: list[Path], work: Path, pg: Postgres, pacs: O
         elapsed = time.monotonic() - t0
         with session_scope(url) as s:
             timings = [j.stage_seconds for j in s.scalars(select(Job))]
-        stages = {k: statistics.median(t.get(k, 0.0) for t in timings) for k in ("read", "pipeline", "encode", "send")}
+        stages = {k: statistics.median(t.get(k, 0.0) for t in timings) for k in ("read", "inference", "encode", "send")}
         print(f"  median per job with {workers} worker(s): " + ", ".join(f"{k} {v:.2f} s" for k, v in stages.items()),
               flush=True)
         return elapsed

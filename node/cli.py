@@ -187,12 +187,16 @@ def cmd_studies(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_jobs(args: argparse.Namespace, config: Config) -> int:
+    from node.engine.errors import Stage
     from node.services.jobs import list_jobs
+
+    # The stages a job's time is spent in, in turn (their sub-timings, e.g. encode_sr, are parts).
+    TIMED_STAGES = {Stage.READ, Stage.INFERENCE, Stage.ENCODE, Stage.VALIDATE, Stage.SEND}
 
     rows = list_jobs(config, state=args.state, limit=args.limit).items
     for r in rows:
         t = r["timings"]
-        r["total_s"] = round(sum(v for k, v in t.items() if k in ("read", "pipeline", "encode", "validate", "send")), 3) if t else None
+        r["total_s"] = round(sum(v for k, v in t.items() if k in TIMED_STAGES), 3) if t else None
         if not args.json:
             r["study_instance_uid"] = _ellipsis(r["study_instance_uid"], 28)
             r["updated"] = (r["updated_at"] or "")[:19].replace("T", " ") or None

@@ -25,6 +25,7 @@ from pynetdicom.association import Association
 from node import metrics
 from node.config import Destination
 from node.db.models import utcnow
+from node.engine.errors import Stage
 from node.listener import tune_connection
 
 #: Study Root Query/Retrieve Information Model - FIND (pynetdicom's constants are not typed).
@@ -66,7 +67,7 @@ def send_files(dest: Destination, paths: Sequence[Path], calling_ae_title: str) 
             return _stow(dest, paths)
         return _c_store(dest, paths, calling_ae_title)
     finally:
-        metrics.stage_seconds("send", time.perf_counter() - t0)
+        metrics.stage_seconds(Stage.SEND, time.perf_counter() - t0)
 
 
 def _ae(dest: Destination, calling_ae_title: str) -> AE:

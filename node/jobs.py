@@ -27,6 +27,7 @@ from node.db.models import (
     utcnow,
 )
 from node.db.session import session_scope
+from node.engine.errors import Stage
 from node.routing import SeriesAttributes, merge_choices, route
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,23 @@ def transition(job: Job, new: JobState, **fields: Any) -> None:
     job.updated_at = now
     for k, v in fields.items():
         setattr(job, k, v)
+
+
+def fail_job(config: Config, job_id: int, stage: Stage, message: str) -> None:
+    """Fail a job at `stage` with the reason, unless it already ended."""
+    with session_scope(config.database.url) as s:
+        job = s.get(Job, job_id)
+        if job is not None and job.state not in (JobState.FAILED, JobState.CANCELLED, JobState.DONE):
+            transition(job, JobState.FAILED, error=message[:4000], error_stage=stage.value)
+    log.error("job %d failed at %s: %s", job_id, stage.value, message)
+
+
+def requeue(config: Config, job_id: int, why: str) -> None:
+    """Put a running job back to queued (its task retries it), keeping why on the job."""
+    with session_scope(config.database.url) as s:
+        job = s.get(Job, job_id)
+        if job is not None and job.state == JobState.RUNNING:
+            transition(job, JobState.QUEUED, error=f"will retry: {why}"[:4000])
 
 
 def enabled_pipelines(config: Config) -> tuple[str, ...]:

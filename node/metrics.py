@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from node.config import Config
+from node.engine.errors import Stage
 
 PREFIX = "pacsnode"
-STAGES = ("decode", "inference", "encode", "validate", "send")
 _config: Config | None = None
 
 
@@ -78,8 +78,9 @@ def job_state(state: str) -> None:
     _m()["jobs"].labels(state=str(state)).inc()
 
 
-def stage_seconds(stage: str, seconds: float) -> None:
-    _m()["stage"].labels(stage=stage).observe(seconds)
+def stage_seconds(stage: Stage, seconds: float) -> None:
+    """Time spent at one stage of a job's work (node.engine.errors.Stage)."""
+    _m()["stage"].labels(stage=stage.value).observe(seconds)
 
 
 def send_result(destination: str, status: str) -> None:

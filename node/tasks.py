@@ -1,4 +1,4 @@
-"""Celery tasks: thin wrappers that take a job id and call node.worker.
+"""Celery tasks: thin wrappers that take a job id and call the job engine (node/engine/).
 
 Inference and export run on separate queues so that a PACS that is down never holds a GPU.
 """
@@ -19,16 +19,11 @@ from celery.signals import worker_ready
 from sqlalchemy.exc import SQLAlchemyError
 
 from node.config import Config
-from node.jobs import heartbeat
+from node.engine.delivery import run_export
+from node.engine.errors import RetryableExportError, TransientError
+from node.engine.inference import pipeline_for, run_inference
+from node.jobs import fail_job, heartbeat
 from node.queue import EXPORT_JOB, INFERENCE_QUEUE, RUN_JOB, app
-from node.worker import (
-    RetryableExportError,
-    TransientError,
-    fail_job,
-    pipeline_for,
-    run_export,
-    run_inference,
-)
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +75,7 @@ def run_job(self: Task, job_id: int) -> None:
     except TransientError as e:
         qc = config.queue
         if self.request.retries >= qc.max_retries:
-            fail_job(config, job_id, "transient", f"gave up after {self.request.retries + 1} attempts: {e}")
+            fail_job(config, job_id, e.stage, f"gave up after {self.request.retries + 1} attempts: {e}")
             return
         delay = min(qc.backoff_seconds * 2**self.request.retries, qc.backoff_max_seconds)
         log.warning("job %d: %s; retry %d in %.1f s", job_id, e, self.request.retries + 1, delay)
@@ -95,7 +90,7 @@ def export_job(self: Task, job_id: int) -> None:
     except RetryableExportError as e:
         ec = config.export
         if self.request.retries >= ec.max_retries:
-            fail_job(config, job_id, "send", f"gave up after {self.request.retries + 1} attempts: {e}")
+            fail_job(config, job_id, e.stage, f"gave up after {self.request.retries + 1} attempts: {e}")
             return
         delay = min(ec.backoff_seconds * 2**self.request.retries, ec.backoff_max_seconds)
         log.warning("job %d: send failed (%s); retry %d in %.1f s", job_id, e, self.request.retries + 1, delay)

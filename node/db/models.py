@@ -25,6 +25,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
+from node.engine.errors import Stage
+
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
@@ -205,7 +207,9 @@ class Job(Base):
     @property
     def stage_seconds(self) -> dict[str, Any]:
         """Seconds per stage: what the inference worker recorded, plus the export time."""
-        return {**self.timings, "send": round(self.send_seconds or 0.0, 4)} if self.send_seconds else dict(self.timings)
+        if not self.send_seconds:
+            return dict(self.timings)
+        return {**self.timings, Stage.SEND.value: round(self.send_seconds, 4)}
 
     study: Mapped[Study] = relationship(back_populates="jobs")
     supersedes: Mapped[Job | None] = relationship(remote_side="Job.id", foreign_keys=[supersedes_id])

@@ -17,7 +17,6 @@ import pytest
 from pydicom import Dataset
 from pydicom.data import get_testdata_file
 
-from node import worker
 from node.cli import db_upgrade
 from node.config import Config, parse_config
 from node.db.models import (
@@ -32,6 +31,8 @@ from node.db.models import (
     StudyState,
 )
 from node.db.session import session_scope
+from node.engine import delivery, inference
+from node.engine.errors import RetryableExportError
 from node.export import DestinationUnavailable, ObjectRef, confirm_held, send_files
 from node.spool import instance_relpath, write_atomic
 from node.writers.validate import validate
@@ -139,9 +140,9 @@ def test_each_destination_gets_the_objects_it_wants_over_dimse_and_stow_confirme
          "confirm": "qido"},
     ])
     # The export task runs as soon as it is queued: the SR is out before the others are built.
-    monkeypatch.setattr(worker, "enqueue_export", worker.run_export)
+    monkeypatch.setattr(inference, "enqueue_export", delivery.run_export)
     job_id = _queued_job(cfg, path)
-    worker.run_inference(cfg, job_id, "test")
+    inference.run_inference(cfg, job_id, "test")
 
     job = _job(cfg, job_id)
     assert job["state"] == JobState.DONE, job["error"]
@@ -177,11 +178,11 @@ def test_an_object_that_fails_the_gate_fails_the_job_and_never_reaches_orthanc(
         return seg
 
     monkeypatch.setattr(seg_writer, "build_segmentation", without_references)
-    monkeypatch.setattr(worker, "enqueue_export", worker.run_export)
+    monkeypatch.setattr(inference, "enqueue_export", delivery.run_export)
     pacs = orthancs("pacs")
     cfg = _config(tmp_path, demo_bundle, [_dimse("pacs", pacs)])
     job_id = _queued_job(cfg, RG1)
-    worker.run_inference(cfg, job_id, "test")
+    inference.run_inference(cfg, job_id, "test")
 
     job = _job(cfg, job_id)
     assert job["state"] == JobState.FAILED
@@ -203,21 +204,21 @@ def test_a_job_is_done_only_when_read_back_and_a_retry_only_asks_again(
     pacs = orthancs("pacs", allow_find=True)
     cfg = _config(tmp_path, demo_bundle, [_dimse("pacs", pacs, confirm="cfind", objects=["sr", "gsps"])])
     queued: list[int] = []
-    monkeypatch.setattr(worker, "enqueue_export", lambda config, job_id: queued.append(job_id))
+    monkeypatch.setattr(inference, "enqueue_export", lambda config, job_id: queued.append(job_id))
     job_id = _queued_job(cfg, RG1)
-    worker.run_inference(cfg, job_id, "test")
+    inference.run_inference(cfg, job_id, "test")
     assert [k for k, _, _ in _job(cfg, job_id)["outputs"]] == ["sr", "gsps"]  # only what someone wants
 
     # First read-back: the PACS has not indexed them yet (as a slow archive might answer).
-    monkeypatch.setattr(worker, "confirm_held", lambda dest, refs, ae: {r.sop_uid: "C-FIND found no such instance"
+    monkeypatch.setattr(delivery, "confirm_held", lambda dest, refs, ae: {r.sop_uid: "C-FIND found no such instance"
                                                                         for r in refs})
-    with pytest.raises(worker.RetryableExportError, match="not confirmed: C-FIND found no such instance"):
-        worker.run_export(cfg, job_id)
+    with pytest.raises(RetryableExportError, match="not confirmed: C-FIND found no such instance"):
+        delivery.run_export(cfg, job_id)
     assert _job(cfg, job_id)["state"] == JobState.SENDING
     assert {sd.state for sd in _sends(cfg, job_id).values()} == {SendState.STORED}
 
-    monkeypatch.setattr(worker, "confirm_held", confirm_held)
-    worker.run_export(cfg, job_id)
+    monkeypatch.setattr(delivery, "confirm_held", confirm_held)
+    delivery.run_export(cfg, job_id)
     assert _job(cfg, job_id)["state"] == JobState.DONE
     for sd in _sends(cfg, job_id).values():
         assert (sd.state, sd.attempts, sd.error) == (SendState.SENT, 1, None)  # sent once, confirmed later
@@ -255,15 +256,15 @@ def test_a_failed_export_keeps_its_reason_on_the_job(
     """With the PACS really stopped, the first failed attempt leaves its error, stage and time on the job."""
     pacs = orthancs("pacs")
     cfg = _config(tmp_path, demo_bundle, [_dimse("pacs", pacs, objects=["sr"], timeout=3)])
-    monkeypatch.setattr(worker, "enqueue_export", lambda config, job_id: None)
+    monkeypatch.setattr(inference, "enqueue_export", lambda config, job_id: None)
     job_id = _queued_job(cfg, RG1)
-    worker.run_inference(cfg, job_id, "test")
+    inference.run_inference(cfg, job_id, "test")
     with session_scope(cfg.database.url) as s:
         before = s.get(Job, job_id).updated_at  # type: ignore[union-attr]
     pacs.stop()
 
-    with pytest.raises(worker.RetryableExportError, match="pacs: association with pacs .* failed"):
-        worker.run_export(cfg, job_id)
+    with pytest.raises(RetryableExportError, match="pacs: association with pacs .* failed"):
+        delivery.run_export(cfg, job_id)
     with session_scope(cfg.database.url) as s:
         job = s.get(Job, job_id)
         assert job is not None

@@ -125,7 +125,7 @@ def test_reconcile_resends_a_queued_job_once_per_period(config: Config) -> None:
 
 
 def test_a_duplicate_delivery_leaves_a_live_running_job_alone(config: Config) -> None:
-    from node.worker import run_inference
+    from node.engine.inference import run_inference
 
     job_id = _running(config, "inference@a", age_s=1)
     run_inference(config, job_id, "inference@b")

@@ -10,8 +10,8 @@ from node.cli import db_upgrade
 from node.config import Config, parse_config
 from node.db.models import Instance, Job, JobState, Series, SeriesState
 from node.db.session import session_scope
+from node.engine.errors import Stage, TransientError
 from node.queue import configure
-from node.worker import TransientError
 from tests.unit.jobs_data import make_job
 
 
@@ -42,14 +42,14 @@ def test_transient_errors_retry_with_backoff_then_fail_the_job(config: Config, m
 
     def out_of_memory(cfg: Config, job_id: int, worker: str) -> bool:
         calls.append(job_id)
-        raise TransientError("CUDA out of memory")
+        raise TransientError(Stage.INFERENCE, "CUDA out of memory")
 
     monkeypatch.setattr(node.tasks, "run_inference", out_of_memory)
     job_id = make_job(config, JobState.QUEUED)
     node.tasks.run_job.apply(args=[job_id])
     assert calls == [job_id] * (config.queue.max_retries + 1)
     state, stage, error, _ = _state(config, job_id)
-    assert (state, stage) == (JobState.FAILED, "transient")
+    assert (state, stage) == (JobState.FAILED, "inference")
     assert error is not None and "gave up after 4 attempts: CUDA out of memory" in error
 
 
@@ -88,8 +88,8 @@ def test_waiting_jobs_share_one_forward_pass_and_a_bad_image_fails_only_its_job(
     from pydicom.uid import generate_uid
     from sqlalchemy import select
 
-    import node.worker
     from node.completion import CompletionService
+    from node.engine import inference
     from node.handlers import AssociationTracker, IngestContext, ingest
 
     cfg = parse_config({
@@ -116,14 +116,14 @@ def test_waiting_jobs_share_one_forward_pass_and_a_bad_image_fails_only_its_job(
     job_ids = CompletionService(cfg, AssociationTracker()).tick()
     assert len(job_ids) == 3
     passes: list[int] = []
-    real = node.worker.pipeline_for(cfg, "chest_xray").run
+    real = inference.pipeline_for(cfg, "chest_xray").run
 
     def counting(datasets: list) -> list:  # type: ignore[type-arg]
         passes.append(len(datasets))
         return real(datasets)
 
-    monkeypatch.setattr(node.worker.pipeline_for(cfg, "chest_xray"), "run", counting)
-    node.worker.run_inference(cfg, job_ids[0], "inference@test")
+    monkeypatch.setattr(inference.pipeline_for(cfg, "chest_xray"), "run", counting)
+    inference.run_inference(cfg, job_ids[0], "inference@test")
     assert passes[0] == 3  # one forward pass for the three waiting studies...
     assert sorted(passes[1:]) == [1, 1, 1]  # ...which failed on the bad image, then one pass each
     with session_scope(cfg.database.url) as s:

@@ -1,0 +1,178 @@
+"""Delivery: what an export worker does with a job id.
+
+Each output has a `Send` row per destination that wants it, so a retry skips what a destination
+already holds. `run_export` claims the unsent rows, sends them (node/export.py does the
+networking), confirms them where the destination asks for it, records every outcome, and
+closes the job once every output reached every destination.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+
+from sqlalchemy import and_, func, or_, select, update
+
+from node import metrics
+from node.config import Config, Destination
+from node.db.models import Job, JobState, Output, Send, SendState, utcnow
+from node.db.session import session_scope
+from node.engine.errors import RetryableExportError, Stage
+from node.export import DestinationUnavailable, ObjectRef, SendOutcome, confirm_held, send_files
+from node.jobs import transition
+from node.spool import resolve
+
+log = logging.getLogger(__name__)
+
+SEND_CLAIM_SECONDS = 600  # a claim older than this belongs to an export worker that died
+
+
+@dataclass(frozen=True)
+class _Claim:
+    """One Send this export task holds: the object's file and where it lives at the destination."""
+
+    send_id: int
+    path: Path
+    ref: ObjectRef
+    confirm_only: bool  # already stored there: only its read-back is due
+
+
+@dataclass
+class _Claims:
+    """What `_claim_sends` found: the job's state (None: no such job) and its claimed sends."""
+
+    job_state: JobState | None
+    by_destination: dict[str, list[_Claim]] = field(default_factory=dict)
+
+
+def _claim_sends(config: Config, job_id: int) -> _Claims:
+    """Mark the job's unsent (or unconfirmed) outputs as in flight for this task; return them by destination.
+
+    The conditional UPDATEs make each claim atomic, so two export tasks for the same job (the
+    SR's and the others') never send or confirm one object twice.
+    """
+    now = utcnow()
+    stale = now - timedelta(seconds=SEND_CLAIM_SECONDS)
+    claimable = or_(Send.state.in_((SendState.PENDING, SendState.FAILED)),
+                    and_(Send.state == SendState.SENDING, Send.updated_at < stale))
+    claimed: dict[str, list[_Claim]] = {}
+    with session_scope(config.database.url) as s:
+        job = s.get(Job, job_id)
+        if job is None or job.state not in (JobState.RUNNING, JobState.ENCODED, JobState.SENDING):
+            return _Claims(job.state if job else None)
+        if job.state == JobState.ENCODED:
+            transition(job, JobState.SENDING)
+        for out in job.outputs:
+            ref = ObjectRef(job.study.study_instance_uid, out.series_instance_uid, out.sop_instance_uid)
+            for sd in out.sends:
+                for condition, confirm_only in ((Send.state == SendState.STORED, True), (claimable, False)):
+                    res = s.execute(update(Send).where(Send.id == sd.id, condition)
+                                    .values(state=SendState.SENDING, updated_at=now)
+                                    .execution_options(synchronize_session=False))
+                    if res.rowcount == 1:  # type: ignore[attr-defined]
+                        path = resolve(config.storage.path, out.path)
+                        claimed.setdefault(sd.destination, []).append(_Claim(sd.id, path, ref, confirm_only))
+                        break
+        return _Claims(job.state, claimed)
+
+
+def _export_to(config: Config, dest: Destination, items: list[_Claim]) -> list[str]:
+    """Send (and read back, where dest confirms) the claimed items; record each Send; return failures."""
+    failures: list[str] = []
+    to_send = [c for c in items if not c.confirm_only]
+    outcomes: dict[int, SendOutcome] = {}
+    unavailable: str | None = None
+    if to_send:
+        try:
+            sent = send_files(dest, [c.path for c in to_send], config.export.calling_ae_title)
+            outcomes = {c.send_id: o for c, o in zip(to_send, sent, strict=True)}
+        except (DestinationUnavailable, OSError) as e:
+            unavailable = f"{dest.name}: {e}"
+            failures.append(unavailable)
+    stored = [c for c in items if c.confirm_only or (c.send_id in outcomes and outcomes[c.send_id].ok)]
+    missing: dict[str, str | None] = {}
+    if dest.confirm != "none" and stored:
+        try:
+            missing = confirm_held(dest, [c.ref for c in stored], config.export.calling_ae_title)
+        except (DestinationUnavailable, OSError) as e:
+            missing = {c.ref.sop_uid: f"read-back failed: {e}" for c in stored}
+    with session_scope(config.database.url) as s:
+        for c in items:
+            sd = s.get(Send, c.send_id)
+            assert sd is not None
+            sd.updated_at = utcnow()
+            if not c.confirm_only:
+                sd.attempts += 1
+                o = outcomes.get(c.send_id)
+                if o is None:
+                    sd.state, sd.error = SendState.FAILED, unavailable
+                    continue
+                sd.remote_status, sd.error = o.status, o.error
+                if not o.ok:
+                    sd.state = SendState.FAILED
+                    failures.append(f"{dest.name}: {o.error}")
+                    continue
+                sd.sent_at = o.at
+            if dest.confirm == "none":
+                sd.state = SendState.SENT
+            elif missing.get(c.ref.sop_uid) is None:
+                sd.state, sd.confirmed_at, sd.error = SendState.SENT, utcnow(), None
+            else:
+                # Stored but not (yet) found: the next attempt only asks again, it does not resend.
+                sd.state, sd.error = SendState.STORED, f"not confirmed: {missing[c.ref.sop_uid]}"
+                failures.append(f"{dest.name}: {sd.error}")
+    return failures
+
+
+def run_export(config: Config, job_id: int) -> None:
+    """Send the job's unsent outputs to each destination; raise RetryableExportError if some failed.
+
+    Runs for a job still encoding (its SR is out before the other objects are drawn) and once
+    more when all outputs are written; the job is done when every output reached every
+    destination that wants it, and was read back where the destination confirms.
+    """
+    metrics.setup(config)
+    claims = _claim_sends(config, job_id)
+    state = claims.job_state
+    if state is None or (not claims.by_destination and state == JobState.RUNNING):
+        log.info("job %d: nothing to send (%s)", job_id, state.value if state else "gone")
+        return
+    t0 = time.perf_counter()
+    failures = []
+    dests = {d.name: d for d in config.destinations}
+    for name, items in claims.by_destination.items():
+        dest = dests.get(name)
+        if dest is not None:
+            failures += _export_to(config, dest, items)
+            continue
+        failures.append(f"{name}: destination no longer configured")
+        with session_scope(config.database.url) as s:
+            for c in items:
+                sd = s.get(Send, c.send_id)
+                assert sd is not None
+                sd.state, sd.error, sd.updated_at = SendState.FAILED, failures[-1], utcnow()
+    elapsed = time.perf_counter() - t0
+    with session_scope(config.database.url) as s:
+        job = s.get(Job, job_id)
+        assert job is not None
+        s.execute(update(Job).where(Job.id == job_id).values(send_seconds=Job.send_seconds + elapsed))
+        if failures:
+            # Recorded and committed here, raised after: a raise inside session_scope would roll
+            # back the reason, the stage and the send time, and the operator would see nothing.
+            job.error, job.error_stage = "; ".join(failures)[:4000], Stage.SEND.value
+            job.updated_at = utcnow()
+            error = job.error
+        else:
+            error = None
+            unsent = s.scalar(select(func.count()).select_from(Send).join(Output)
+                              .where(Output.job_id == job_id, Send.state != SendState.SENT))
+            # Whoever sends the last object closes the job; a job still encoding stays running.
+            if job.state == JobState.SENDING and not unsent:
+                transition(job, JobState.DONE, error=None, error_stage=None)
+                if job.supersedes is not None and job.supersedes.state == JobState.DONE:
+                    transition(job.supersedes, JobState.SUPERSEDED)
+    if error is not None:
+        raise RetryableExportError(Stage.SEND, error)
