@@ -24,6 +24,17 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydicom.uid import (
+    ComputedRadiographyImageStorage,
+    DigitalXRayImageStorageForPresentation,
+    DigitalXRayImageStorageForProcessing,
+    MultiFrameGrayscaleByteSecondaryCaptureImageStorage,
+    MultiFrameGrayscaleWordSecondaryCaptureImageStorage,
+    SecondaryCaptureImageStorage,
+)
+
+#: A routing rule's priority when it names none: routine. 0-9, 9 the most urgent (STAT).
+DEFAULT_PRIORITY = 4
 
 AE_TITLE = Annotated[str, Field(min_length=1, max_length=16, pattern=r"^[ -\[\]-~]*[!-\[\]-~][ -\[\]-~]*$")]
 DEFAULT_CONFIG_ENV = "PACSNODE_CONFIG"
@@ -324,7 +335,8 @@ class RoutingRule(_Strict):
     action: Literal["process", "skip"] = "process"
     pipelines: list[str] = Field(default_factory=list, description="empty: every enabled pipeline")
     reason: str | None = Field(None, description="for the record; {Keyword} is replaced by the value")
-    priority: int = Field(4, ge=0, le=9, description="9 is the most urgent (STAT); 4 is routine")
+    priority: int = Field(DEFAULT_PRIORITY, ge=0, le=9,
+                          description=f"9 is the most urgent (STAT); {DEFAULT_PRIORITY} is routine")
     destinations: list[str] | None = Field(None, description='names or "sender"; null: every destination')
     objects: list[ObjectKind] | None = Field(
         None, description="result objects for what this rule routes; null: what each destination wants"
@@ -343,8 +355,10 @@ class RoutingRule(_Strict):
         return v
 
 
-_CR_DX = ["1.2.840.10008.5.1.4.1.1.1", "1.2.840.10008.5.1.4.1.1.1.1", "1.2.840.10008.5.1.4.1.1.1.1.1"]
-_SC = ["1.2.840.10008.5.1.4.1.1.7", "1.2.840.10008.5.1.4.1.1.7.2", "1.2.840.10008.5.1.4.1.1.7.3"]
+_CR_DX = [str(uid) for uid in (ComputedRadiographyImageStorage, DigitalXRayImageStorageForPresentation,
+                               DigitalXRayImageStorageForProcessing)]
+_SC = [str(uid) for uid in (SecondaryCaptureImageStorage, MultiFrameGrayscaleByteSecondaryCaptureImageStorage,
+                            MultiFrameGrayscaleWordSecondaryCaptureImageStorage)]
 # The built-in policy: frontal chest CR/DX, and secondary captures that say CHEST, go to every
 # enabled pipeline; everything else is skipped with its reason. Replaced by routing.rules.
 DEFAULT_RULES: list[dict[str, Any]] = [

@@ -21,9 +21,9 @@ from pydicom.uid import (
     SecondaryCaptureImageStorage,
     SegmentationStorage,
 )
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind  # type: ignore[attr-defined]
 
 from node.config import Config, parse_config
-from node.export import STUDY_ROOT_FIND
 from node.listener import accepted_transfer_syntaxes, build_ae
 
 # What the export worker proposes: each result object's SOP class with these two syntaxes
@@ -123,7 +123,7 @@ def statement(config: Config) -> str:
         "",
         *_table(["SOP class", "UID", "Role", "Sent as"], [
             *[[_name(uid), f"`{uid}`", "SCU", f"result object `{kind}`"] for kind, uid in RESULT_SOP_CLASSES.items()],
-            [_name(STUDY_ROOT_FIND), f"`{STUDY_ROOT_FIND}`", "SCU", "read-back (`confirm: cfind`), source instance count"],
+            [_name(StudyRootQueryRetrieveInformationModelFind), f"`{StudyRootQueryRetrieveInformationModelFind}`", "SCU", "read-back (`confirm: cfind`), source instance count"],
         ]),
         "",
         "#### Association policies (SCU)",

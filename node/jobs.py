@@ -1,7 +1,8 @@
 """The job state machine: the database is the record of truth, Celery only carries work.
 
 queued -> running -> encoded -> sending -> done, or failed / cancelled / superseded.
-Every transition sets the state's own timestamp and `updated_at`.
+Every transition sets the state's own timestamp and `updated_at`. Each output's send to each
+destination has its own, smaller machine (`SEND_ALLOWED`, `move_send`).
 """
 
 from __future__ import annotations
@@ -14,13 +15,16 @@ from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
 from node import metrics
-from node.config import Config
+from node.config import DEFAULT_PRIORITY, Config
 from node.db.models import (
     ACTIVE_JOB_STATES,
     Event,
     Instance,
     Job,
     JobState,
+    Output,
+    Send,
+    SendState,
     Series,
     SeriesState,
     Study,
@@ -45,6 +49,18 @@ ALLOWED: dict[JobState, set[JobState]] = {
 }
 
 
+#: One output's send to one destination. Every state may go back to pending: a re-send of a
+#: finished job's results (`resend`). Sending -> sending: a claim whose export worker died is taken over.
+SEND_ALLOWED: dict[SendState, set[SendState]] = {
+    SendState.PENDING: {SendState.SENDING, SendState.PENDING},
+    SendState.SENDING: {SendState.SENT, SendState.STORED, SendState.FAILED, SendState.SENDING, SendState.PENDING},
+    # stored, its confirmation still due: claimed again only to ask for it
+    SendState.STORED: {SendState.SENDING, SendState.PENDING},
+    SendState.SENT: {SendState.PENDING},
+    SendState.FAILED: {SendState.SENDING, SendState.PENDING},
+}
+
+
 class TransitionError(RuntimeError):
     """A state change the state machine does not allow (e.g. a duplicate delivery)."""
 
@@ -64,6 +80,21 @@ def transition(job: Job, new: JobState, **fields: Any) -> None:
     job.updated_at = now
     for k, v in fields.items():
         setattr(job, k, v)
+
+
+def move_send(send: Send, new: SendState, **fields: Any) -> None:
+    """Move a send to state new, stamping `updated_at`; refuse moves its machine does not allow."""
+    if new not in SEND_ALLOWED[send.state]:
+        raise TransitionError(f"send {send.id} to {send.destination}: {send.state.value} -> {new.value} is not allowed")
+    send.state = new
+    send.updated_at = utcnow()
+    for k, v in fields.items():
+        setattr(send, k, v)
+
+
+def may_become(new: SendState) -> tuple[SendState, ...]:
+    """The send states the machine lets move to `new` (for conditional UPDATEs that claim rows)."""
+    return tuple(st for st, targets in SEND_ALLOWED.items() if new in targets)
 
 
 def fail_job(config: Config, job_id: int, stage: Stage, message: str) -> None:
@@ -136,7 +167,7 @@ def create_jobs_for_study(s: Session, config: Config, study: Study) -> list[Job]
         )
         job = Job(study_id=study.id, pipeline=name, state=JobState.QUEUED, attempt=0, instance_ids=list(instance_ids),
                   timings={}, created_at=now, queued_at=now, updated_at=now,
-                  priority=max(se.priority if se.priority is not None else 4 for se in mine),
+                  priority=max(se.priority if se.priority is not None else DEFAULT_PRIORITY for se in mine),
                   destinations=destinations, objects=objects,
                   supersedes_id=previous.id if previous is not None else None)
         s.add(job)
@@ -176,8 +207,6 @@ def cancel(config: Config, job_id: int, actor: str, reason: str) -> None:
 
 def resend(config: Config, job_id: int, actor: str, reason: str) -> None:
     """Send a finished job's existing result objects to its destinations again (no inference)."""
-    from node.db.models import Output, Send, SendState
-
     with session_scope(config.database.url) as s:
         job = s.get(Job, job_id)
         if job is None:
@@ -188,9 +217,8 @@ def resend(config: Config, job_id: int, actor: str, reason: str) -> None:
         if not sends:
             raise TransitionError(f"job {job_id} has no result objects to send; replay it instead")
         transition(job, JobState.SENDING, error=None, error_stage=None)
-        now = utcnow()
         for sd in sends:
-            sd.state, sd.attempts, sd.error, sd.updated_at = SendState.PENDING, 0, None, now
+            move_send(sd, SendState.PENDING, attempts=0, error=None)
         s.add(Event(kind="resend", job_id=job_id, actor=actor, detail=reason))
 
 

@@ -12,7 +12,7 @@ import threading
 
 from celery import Celery
 
-from node.config import Config
+from node.config import DEFAULT_PRIORITY, Config
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ def broker_priority(config: Config, priority: int) -> int:
     return 9 - priority
 
 
-def enqueue_job(config: Config, job_id: int, priority: int = 4) -> None:
+def enqueue_job(config: Config, job_id: int, priority: int = DEFAULT_PRIORITY) -> None:
     """Queue inference for a job whose row is committed, at the job's routing priority."""
     configure(config).send_task(RUN_JOB, args=[job_id], queue=INFERENCE_QUEUE,
                                 priority=broker_priority(config, priority))

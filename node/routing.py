@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import pydicom
 
-from node.config import ROUTING_PEER_KEYS, Condition, RoutingConfig, RoutingRule
+from node.config import DEFAULT_PRIORITY, ROUTING_PEER_KEYS, Condition, RoutingConfig, RoutingRule
 
 # Attributes every series records, whatever the rules say (shown by `pacsnode studies`).
 BASE_KEYS = ("SOPClassUID", "Modality", "BodyPartExamined", "ViewPosition", "ImageType")
@@ -54,7 +54,7 @@ class Decision:
     pipelines: tuple[str, ...]
     reason: str  # why processed or why skipped, for the database and `pacsnode studies`
     rule: str | None = None  # the rule(s) that decided, comma separated in mode "all"
-    priority: int = 4
+    priority: int = DEFAULT_PRIORITY
     destinations: tuple[str, ...] | None = None  # None: every configured destination
     objects: tuple[str, ...] | None = None  # result objects the rules ask for; None: no limit
     trace: tuple[str, ...] = ()  # one line per rule tried: matched or the first failed condition

@@ -25,6 +25,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
+from node.config import DEFAULT_PRIORITY
 from node.engine.errors import Stage
 
 
@@ -187,7 +188,7 @@ class Job(Base):
     send_seconds: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
     replay_of: Mapped[int | None] = mapped_column(ForeignKey("job.id"))
     # 0-9 from the routing rule, 9 most urgent; passed to the queue so STAT studies go first.
-    priority: Mapped[int] = mapped_column(Integer, default=4, server_default="4")
+    priority: Mapped[int] = mapped_column(Integer, default=DEFAULT_PRIORITY, server_default=str(DEFAULT_PRIORITY))
     # Destination names (or "sender") from the routing rule; null means every configured one.
     destinations: Mapped[list[str] | None] = mapped_column(JSON)
     objects: Mapped[list[str] | None] = mapped_column(JSON)  # result kinds the routing rules ask for

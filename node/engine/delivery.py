@@ -22,7 +22,7 @@ from node.db.models import Job, JobState, Output, Send, SendState, utcnow
 from node.db.session import session_scope
 from node.engine.errors import RetryableExportError, Stage
 from node.export import DestinationUnavailable, ObjectRef, SendOutcome, confirm_held, send_files
-from node.jobs import transition
+from node.jobs import may_become, move_send, transition
 from node.spool import resolve
 
 log = logging.getLogger(__name__)
@@ -56,8 +56,9 @@ def _claim_sends(config: Config, job_id: int) -> _Claims:
     """
     now = utcnow()
     stale = now - timedelta(seconds=SEND_CLAIM_SECONDS)
-    claimable = or_(Send.state.in_((SendState.PENDING, SendState.FAILED)),
-                    and_(Send.state == SendState.SENDING, Send.updated_at < stale))
+    to_send = or_(Send.state.in_((SendState.PENDING, SendState.FAILED)),
+                  and_(Send.state == SendState.SENDING, Send.updated_at < stale))
+    to_confirm = Send.state == SendState.STORED
     claimed: dict[str, list[_Claim]] = {}
     with session_scope(config.database.url) as s:
         job = s.get(Job, job_id)
@@ -68,8 +69,9 @@ def _claim_sends(config: Config, job_id: int) -> _Claims:
         for out in job.outputs:
             ref = ObjectRef(job.study.study_instance_uid, out.series_instance_uid, out.sop_instance_uid)
             for sd in out.sends:
-                for condition, confirm_only in ((Send.state == SendState.STORED, True), (claimable, False)):
-                    res = s.execute(update(Send).where(Send.id == sd.id, condition)
+                for condition, confirm_only in ((to_confirm, True), (to_send, False)):
+                    res = s.execute(update(Send)
+                                    .where(Send.id == sd.id, Send.state.in_(may_become(SendState.SENDING)), condition)
                                     .values(state=SendState.SENDING, updated_at=now)
                                     .execution_options(synchronize_session=False))
                     if res.rowcount == 1:  # type: ignore[attr-defined]
@@ -79,9 +81,17 @@ def _claim_sends(config: Config, job_id: int) -> _Claims:
         return _Claims(job.state, claimed)
 
 
-def _export_to(config: Config, dest: Destination, items: list[_Claim]) -> list[str]:
+@dataclass(frozen=True)
+class _Failure:
+    """Why one destination does not hold (or has not confirmed) some object yet."""
+
+    stage: Stage  # send: not stored there; confirm: stored, not confirmed
+    message: str
+
+
+def _export_to(config: Config, dest: Destination, items: list[_Claim]) -> list[_Failure]:
     """Send (and read back, where dest confirms) the claimed items; record each Send; return failures."""
-    failures: list[str] = []
+    failures: list[_Failure] = []
     to_send = [c for c in items if not c.confirm_only]
     outcomes: dict[int, SendOutcome] = {}
     unavailable: str | None = None
@@ -91,7 +101,7 @@ def _export_to(config: Config, dest: Destination, items: list[_Claim]) -> list[s
             outcomes = {c.send_id: o for c, o in zip(to_send, sent, strict=True)}
         except (DestinationUnavailable, OSError) as e:
             unavailable = f"{dest.name}: {e}"
-            failures.append(unavailable)
+            failures.append(_Failure(Stage.SEND, unavailable))
     stored = [c for c in items if c.confirm_only or (c.send_id in outcomes and outcomes[c.send_id].ok)]
     missing: dict[str, str | None] = {}
     if dest.confirm != "none" and stored:
@@ -103,27 +113,26 @@ def _export_to(config: Config, dest: Destination, items: list[_Claim]) -> list[s
         for c in items:
             sd = s.get(Send, c.send_id)
             assert sd is not None
-            sd.updated_at = utcnow()
             if not c.confirm_only:
                 sd.attempts += 1
                 o = outcomes.get(c.send_id)
                 if o is None:
-                    sd.state, sd.error = SendState.FAILED, unavailable
+                    move_send(sd, SendState.FAILED, error=unavailable)
                     continue
                 sd.remote_status, sd.error = o.status, o.error
                 if not o.ok:
-                    sd.state = SendState.FAILED
-                    failures.append(f"{dest.name}: {o.error}")
+                    move_send(sd, SendState.FAILED)
+                    failures.append(_Failure(Stage.SEND, f"{dest.name}: {o.error}"))
                     continue
                 sd.sent_at = o.at
             if dest.confirm == "none":
-                sd.state = SendState.SENT
+                move_send(sd, SendState.SENT)
             elif missing.get(c.ref.sop_uid) is None:
-                sd.state, sd.confirmed_at, sd.error = SendState.SENT, utcnow(), None
+                move_send(sd, SendState.SENT, confirmed_at=utcnow(), error=None)
             else:
                 # Stored but not (yet) found: the next attempt only asks again, it does not resend.
-                sd.state, sd.error = SendState.STORED, f"not confirmed: {missing[c.ref.sop_uid]}"
-                failures.append(f"{dest.name}: {sd.error}")
+                move_send(sd, SendState.STORED, error=f"not confirmed: {missing[c.ref.sop_uid]}")
+                failures.append(_Failure(Stage.CONFIRM, f"{dest.name}: {sd.error}"))
     return failures
 
 
@@ -141,19 +150,19 @@ def run_export(config: Config, job_id: int) -> None:
         log.info("job %d: nothing to send (%s)", job_id, state.value if state else "gone")
         return
     t0 = time.perf_counter()
-    failures = []
+    failures: list[_Failure] = []
     dests = {d.name: d for d in config.destinations}
     for name, items in claims.by_destination.items():
         dest = dests.get(name)
         if dest is not None:
             failures += _export_to(config, dest, items)
             continue
-        failures.append(f"{name}: destination no longer configured")
+        failures.append(_Failure(Stage.SEND, f"{name}: destination no longer configured"))
         with session_scope(config.database.url) as s:
             for c in items:
                 sd = s.get(Send, c.send_id)
                 assert sd is not None
-                sd.state, sd.error, sd.updated_at = SendState.FAILED, failures[-1], utcnow()
+                move_send(sd, SendState.FAILED, error=failures[-1].message)
     elapsed = time.perf_counter() - t0
     with session_scope(config.database.url) as s:
         job = s.get(Job, job_id)
@@ -162,7 +171,10 @@ def run_export(config: Config, job_id: int) -> None:
         if failures:
             # Recorded and committed here, raised after: a raise inside session_scope would roll
             # back the reason, the stage and the send time, and the operator would see nothing.
-            job.error, job.error_stage = "; ".join(failures)[:4000], Stage.SEND.value
+            # The earliest stage names the failure: an object not stored at all is worse than
+            # one stored but not yet confirmed.
+            stage = min((f.stage for f in failures), key=list(Stage).index)
+            job.error, job.error_stage = "; ".join(f.message for f in failures)[:4000], stage.value
             job.updated_at = utcnow()
             error = job.error
         else:
@@ -175,4 +187,4 @@ def run_export(config: Config, job_id: int) -> None:
                 if job.supersedes is not None and job.supersedes.state == JobState.DONE:
                     transition(job.supersedes, JobState.SUPERSEDED)
     if error is not None:
-        raise RetryableExportError(Stage.SEND, error)
+        raise RetryableExportError(stage, error)

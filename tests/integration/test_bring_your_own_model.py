@@ -15,6 +15,7 @@ from pathlib import Path
 import pydicom
 import pytest
 from pydicom.data import get_testdata_file
+from pydicom.uid import Comprehensive3DSRStorage
 
 from tests.peers import Node, Orthanc, have, node_config, storescu, wait_for
 from tests.unit import training_data
@@ -28,7 +29,6 @@ pytestmark = [
 
 RECIPES = Path(__file__).resolve().parents[2] / "training" / "recipes"
 RG1 = Path(get_testdata_file("RG1_UNCR.dcm"))
-SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
 TINY = ["--device", "cpu", "--set", "num_workers=0", "--set", "epochs=1", "--set", "batch_size=2"]
 
 
@@ -90,6 +90,6 @@ def test_a_recipe_trained_resnet50_runs_in_the_node_and_its_sr_reaches_the_pacs(
         out = subprocess.run(["dciodvfy", "-new", str(path)], capture_output=True, text=True, timeout=60)
         assert not [line for line in (out.stdout + out.stderr).splitlines() if line.startswith("Error")], output["kind"]
         if output["kind"] == "sr":
-            assert ds.SOPClassUID == SR_CLASS
+            assert ds.SOPClassUID == Comprehensive3DSRStorage
             text = json.dumps(ds.to_json_dict())
             assert "Pneumonia" in text and "No abnormality detected" not in text  # the bundle's one label

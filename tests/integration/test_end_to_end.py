@@ -16,6 +16,12 @@ from pathlib import Path
 import pydicom
 import pytest
 from pydicom.data import get_testdata_file
+from pydicom.uid import (
+    Comprehensive3DSRStorage,
+    GrayscaleSoftcopyPresentationStateStorage,
+    SecondaryCaptureImageStorage,
+    SegmentationStorage,
+)
 
 from tests.peers import CXR_SAMPLES, Node, Orthanc, have, img2dcm, node_config, storescu, wait_for
 
@@ -29,11 +35,8 @@ RG1 = Path(get_testdata_file("RG1_UNCR.dcm"))
 RG1_J2K = Path(get_testdata_file("RG1_J2KR.dcm"))
 CT = Path(get_testdata_file("CT_small.dcm"))
 CXR = CXR_SAMPLES / "pneumonia" / "person1946_bacteria_4874.jpeg"
-SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
-SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"
-SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
-GSPS_CLASS = "1.2.840.10008.5.1.4.1.1.11.1"
-RESULT_CLASSES = (SR_CLASS, SC_CLASS, SEG_CLASS, GSPS_CLASS)
+RESULT_CLASSES = (Comprehensive3DSRStorage, SecondaryCaptureImageStorage, SegmentationStorage,
+                  GrayscaleSoftcopyPresentationStateStorage)
 
 
 @pytest.fixture(scope="module")

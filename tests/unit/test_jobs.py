@@ -145,3 +145,30 @@ def test_reconcile_waits_for_a_moving_queue_before_resending_queued_jobs(config:
     for message in (config.storage.path / "queue" / "messages").glob("*"):
         message.unlink()  # the backlog drained
     assert reconcile(config) == [lost]
+
+
+def test_send_states_move_by_their_table_and_a_resend_resets_them(config: Config) -> None:
+    from node.db.models import Output, Send, SendState
+    from node.jobs import may_become, move_send, resend
+
+    job_id = make_job(config, JobState.DONE)
+    with session_scope(config.database.url) as s:
+        out = Output(job_id=job_id, kind="sr", sop_class_uid="1.2.840.10008.5.1.4.1.1.88.34", sop_instance_uid="1.2.9",
+                     series_instance_uid="1.2.8", path="outputs/x.dcm")
+        s.add(out)
+        s.flush()
+        sd = Send(output_id=out.id, destination="pacs", state=SendState.PENDING, attempts=0)
+        s.add(sd)
+        s.flush()
+        for st in (SendState.SENDING, SendState.STORED, SendState.SENDING, SendState.SENT):
+            move_send(sd, st)
+        with pytest.raises(TransitionError, match="send .* to pacs: sent -> sending is not allowed"):
+            move_send(sd, SendState.SENDING)
+        sd.attempts = 3
+    # A claim may take pending, failed, stored and stale sending rows, never a sent one.
+    assert set(may_become(SendState.SENDING)) == {SendState.PENDING, SendState.FAILED, SendState.STORED,
+                                                  SendState.SENDING}
+    resend(config, job_id, actor="admin", reason="PACS lost it")
+    with session_scope(config.database.url) as s:
+        sent = s.scalars(select(Send)).one()
+        assert (sent.state, sent.attempts) == (SendState.PENDING, 0)
