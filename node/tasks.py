@@ -1,18 +1,23 @@
 """Celery tasks: thin wrappers that take a job id and call the job engine (node/engine/).
 
 Inference and export run on separate queues so that a PACS that is down never holds a GPU.
+Transient errors are retried by Celery itself (`autoretry_for`), with the config's limits;
+expected failures (an undecodable image, an invalid result) fail the job at once inside the
+engine and are never retried.
 """
 
 from __future__ import annotations
 
 import gc
 import logging
+import random
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import cache
+from typing import Any, Protocol
 
 from celery import Task
 from celery.signals import worker_ready
@@ -20,7 +25,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from node.config import Config
 from node.engine.delivery import run_export
-from node.engine.errors import RetryableExportError, TransientError
+from node.engine.errors import JobError, RetryableExportError, TransientError
 from node.engine.inference import pipeline_for, run_inference
 from node.jobs import fail_job, heartbeat
 from node.queue import EXPORT_JOB, INFERENCE_QUEUE, RUN_JOB, app
@@ -64,37 +69,68 @@ def beating(config: Config, job_id: int, worker: str) -> Iterator[None]:
         thread.join(timeout=10)
 
 
-@app.task(name=RUN_JOB, bind=True, acks_late=True, max_retries=None)
-def run_job(self: Task, job_id: int) -> None:
-    """Inference for one job; transient errors retry with exponential backoff, then fail the job."""
+class RetrySettings(Protocol):
+    """The three keys each of `queue` and `export` in config.yaml gives its task."""
+
+    max_retries: int
+    backoff_seconds: float
+    backoff_max_seconds: float
+
+
+class JobTask(Task):  # type: ignore[misc]  # Celery's Task is untyped
+    """Base of the node's tasks. Celery retries what a task's `autoretry_for` names, as it
+    would with `retry_backoff`, but with the config's policy, read when a retry is due (the
+    config is per process, the task classes are not): at most `max_retries`, after an
+    exponential delay with full jitter. When retries run out, the job fails at the stage of
+    the last error, with its message."""
+
+    retry_jitter = True
+    #: Which section of the config holds this task's retry settings.
+    retry_settings: Callable[[Config], RetrySettings]
+
+    def retry(self, *args: Any, countdown: float | None = None, max_retries: int | None = None,
+              **kwargs: Any) -> Any:
+        rs = self.retry_settings(current_config())
+        limit = rs.max_retries if max_retries is None else max_retries
+        if countdown is None:
+            countdown = backoff(rs, self.request.retries, jitter=self.retry_jitter)
+        if self.request.retries < limit:
+            job = self.request.args[0] if self.request.args else "?"
+            log.warning("%s for job %s: retry %d of %d in %.1f s", self.name, job, self.request.retries + 1,
+                        limit, countdown)
+        return super().retry(*args, countdown=countdown, max_retries=limit, **kwargs)
+
+    def on_failure(self, exc: Exception, task_id: str, args: tuple[Any, ...], kwargs: dict[str, Any],
+                   einfo: Any) -> None:
+        """Retries ran out (or the error is not retried): the job fails with the reason."""
+        if isinstance(exc, JobError):
+            job_id = int(args[0])
+            fail_job(current_config(), job_id, exc.stage, f"gave up after {self.request.retries + 1} attempts: {exc}")
+
+
+def backoff(rs: RetrySettings, retries: int, jitter: bool = True) -> float:
+    """Seconds before retry number `retries + 1`: backoff_seconds doubling per retry up to
+    backoff_max_seconds; with jitter, a uniform draw below that (AWS's "full jitter", as
+    Celery's own retry_jitter), so retries of many jobs after one outage do not arrive together."""
+    delay = min(rs.backoff_seconds * 2**retries, rs.backoff_max_seconds)
+    return random.uniform(0, delay) if jitter else delay
+
+
+@app.task(name=RUN_JOB, bind=True, base=JobTask, acks_late=True, autoretry_for=(TransientError,),
+          retry_settings=staticmethod(lambda config: config.queue))
+def run_job(self: JobTask, job_id: int) -> None:
+    """Inference for one job; GPU out of memory retries with backoff, then fails the job."""
     config = current_config()
     worker = f"{self.request.hostname or socket.gethostname()}"
-    try:
-        with beating(config, job_id, worker):
-            run_inference(config, job_id, worker)
-    except TransientError as e:
-        qc = config.queue
-        if self.request.retries >= qc.max_retries:
-            fail_job(config, job_id, e.stage, f"gave up after {self.request.retries + 1} attempts: {e}")
-            return
-        delay = min(qc.backoff_seconds * 2**self.request.retries, qc.backoff_max_seconds)
-        log.warning("job %d: %s; retry %d in %.1f s", job_id, e, self.request.retries + 1, delay)
-        raise self.retry(countdown=delay, exc=e) from e
+    with beating(config, job_id, worker):
+        run_inference(config, job_id, worker)
 
 
-@app.task(name=EXPORT_JOB, bind=True, acks_late=True, max_retries=None)
-def export_job(self: Task, job_id: int) -> None:
-    config = current_config()
-    try:
-        run_export(config, job_id)
-    except RetryableExportError as e:
-        ec = config.export
-        if self.request.retries >= ec.max_retries:
-            fail_job(config, job_id, e.stage, f"gave up after {self.request.retries + 1} attempts: {e}")
-            return
-        delay = min(ec.backoff_seconds * 2**self.request.retries, ec.backoff_max_seconds)
-        log.warning("job %d: send failed (%s); retry %d in %.1f s", job_id, e, self.request.retries + 1, delay)
-        raise self.retry(countdown=delay, exc=e) from e
+@app.task(name=EXPORT_JOB, bind=True, base=JobTask, acks_late=True, autoretry_for=(RetryableExportError,),
+          retry_settings=staticmethod(lambda config: config.export))
+def export_job(self: JobTask, job_id: int) -> None:
+    """Send one job's results; a destination that is down (or has not confirmed) retries with backoff."""
+    run_export(current_config(), job_id)
 
 
 @worker_ready.connect

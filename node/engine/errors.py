@@ -30,8 +30,13 @@ class JobError(Exception):
     """A failure of one job's work at `stage`; the message is what the operator reads."""
 
     def __init__(self, stage: Stage, message: str) -> None:
-        super().__init__(message)
-        self.stage = stage
+        # Both in args: Celery pickles a task's exception as type(e)(*e.args).
+        super().__init__(stage, message)
+        self.stage = Stage(stage)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
 
 
 class PermanentError(JobError):

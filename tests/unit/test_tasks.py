@@ -10,7 +10,7 @@ from node.cli import db_upgrade
 from node.config import Config, parse_config
 from node.db.models import Instance, Job, JobState, Series, SeriesState
 from node.db.session import session_scope
-from node.engine.errors import Stage, TransientError
+from node.engine.errors import RetryableExportError, Stage, TransientError
 from node.queue import configure
 from tests.unit.jobs_data import make_job
 
@@ -51,6 +51,38 @@ def test_transient_errors_retry_with_backoff_then_fail_the_job(config: Config, m
     state, stage, error, _ = _state(config, job_id)
     assert (state, stage) == (JobState.FAILED, "inference")
     assert error is not None and "gave up after 4 attempts: CUDA out of memory" in error
+
+
+def test_an_export_that_keeps_failing_is_retried_by_celery_then_fails_the_job_at_its_stage(
+    config: Config, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import node.tasks
+
+    cfg = parse_config({**config.model_dump(mode="json"), "export": {"max_retries": 2, "backoff_seconds": 0.01}})
+    monkeypatch.setattr(node.tasks, "current_config", lambda: cfg)
+    calls: list[int] = []
+
+    def pacs_down(c: Config, job_id: int) -> None:
+        calls.append(job_id)
+        raise RetryableExportError(Stage.SEND, "pacs: association with pacs failed: no answer")
+
+    monkeypatch.setattr(node.tasks, "run_export", pacs_down)
+    job_id = make_job(config, JobState.SENDING)
+    node.tasks.export_job.apply(args=[job_id])
+    assert calls == [job_id] * 3  # export.max_retries, not queue.max_retries (3)
+    state, stage, error, _ = _state(config, job_id)
+    assert (state, stage) == (JobState.FAILED, "send")
+    assert error == "gave up after 3 attempts: pacs: association with pacs failed: no answer"
+
+
+def test_backoff_doubles_up_to_its_maximum_and_jitter_draws_below_it() -> None:
+    from node.config import ExportConfig
+    from node.tasks import backoff
+
+    rs = ExportConfig(backoff_seconds=2, backoff_max_seconds=10)
+    assert [backoff(rs, n, jitter=False) for n in range(5)] == [2, 4, 8, 10, 10]
+    draws = [backoff(rs, 2) for _ in range(200)]
+    assert all(0 <= d <= 8 for d in draws) and len(set(draws)) > 100  # spread, never above the delay
 
 
 def test_an_undecodable_source_fails_at_once_without_retry(config: Config, tmp_path: Path) -> None:
