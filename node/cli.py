@@ -79,6 +79,29 @@ def ensure_bundles(config: Config, train_missing: bool = True) -> None:
                  " (demo weights)" if meta["demo"] else "")  # fmt: skip
 
 
+class GateCheckError(RuntimeError):
+    """A validator the configured gate needs is not installed."""
+
+
+def check_gate(config: Config) -> None:
+    """Refuse to start a process that validates result objects when a configured validator is
+    missing (the gate fails closed); say at start when the config chose a weaker gate."""
+    from node.writers.validate import REREAD, TOOLS, ValidatorMissing, require_tools
+
+    kinds = config.object_kinds()
+    try:
+        require_tools(config.validation.required(kinds))
+    except ValidatorMissing as e:
+        raise GateCheckError(
+            f"validation.tools: {e}. Install them, or remove them from validation.tools to run a weaker gate "
+            "(each object then records which checks ran on it)"
+        ) from e
+    skipped = [t for t in TOOLS if t not in config.validation.tools and (t != "dcmpschk" or "gsps" in kinds)]
+    if skipped:
+        log.warning("validation gate without %s (validation.tools): result objects are checked by %s",
+                    ", ".join(skipped), ", ".join([REREAD, *config.validation.tools]))
+
+
 def _worker_argv(config_file: Path, queue: str) -> list[str]:
     return [sys.executable, "-m", "node.cli", "--config", str(config_file), "worker", "-Q", queue]
 
@@ -89,8 +112,9 @@ def cmd_run(args: argparse.Namespace, config: Config) -> int:
 
     db_upgrade(config)
     try:
+        check_gate(config)
         ensure_bundles(config)
-    except BundleCheckError as e:
+    except (BundleCheckError, GateCheckError) as e:
         print(f"pacsnode: {e}", file=sys.stderr)
         return 2
     # The workers of a previous run were ours and are gone: every unfinished job goes again.
@@ -140,10 +164,11 @@ def _serve(config: Config) -> int:
 def cmd_worker(args: argparse.Namespace, config: Config) -> int:
     from node.queue import EXPORT_QUEUE, configure
 
-    if args.queues.split(",") != [EXPORT_QUEUE]:  # it runs models: the bundles must be right
+    if args.queues.split(",") != [EXPORT_QUEUE]:  # it runs models and the gate: both must be there
         try:
+            check_gate(config)
             ensure_bundles(config, train_missing=False)
-        except BundleCheckError as e:
+        except (BundleCheckError, GateCheckError) as e:
             print(f"pacsnode: {e}", file=sys.stderr)
             return 2
     app = configure(config)

@@ -251,6 +251,32 @@ class ExportConfig(_Strict):
     )
 
 
+#: External validators of the result objects (node/writers/validate.py); dcmpschk checks GSPS only.
+Validator = Literal["dciodvfy", "dcmpschk"]
+
+
+class ValidationConfig(_Strict):
+    """The gate every result object passes before it is stored for sending."""
+
+    tools: list[Validator] = Field(
+        ["dciodvfy", "dcmpschk"],
+        description="validators every object must pass, besides the pydicom re-read; the node refuses to "
+        "start when one is not installed. A shorter list is a weaker gate, chosen explicitly: each object "
+        "records which checks ran on it",
+    )
+
+    @field_validator("tools")
+    @classmethod
+    def _once(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"a validator is listed twice: {v}")
+        return v
+
+    def required(self, kinds: Sequence[str]) -> list[str]:
+        """The validators that must be installed for results of these kinds (dcmpschk: only with GSPS)."""
+        return [t for t in self.tools if t != "dcmpschk" or "gsps" in kinds]
+
+
 class PipelineConfig(_Strict):
     bundle: Path = Field(description="model bundle folder (configs/metadata.json, models/)")
     version: str | None = Field(
@@ -427,6 +453,7 @@ class Config(_Strict):
     completion: CompletionConfig = CompletionConfig()
     destinations: list[Destination] = Field(default_factory=list)
     export: ExportConfig = ExportConfig()
+    validation: ValidationConfig = ValidationConfig()
     pipelines: dict[str, PipelineConfig] = Field(
         default_factory=lambda: {"chest_xray": PipelineConfig(bundle=Path("models/chest_xray"))}
     )

@@ -330,6 +330,7 @@ def job_to_dict(job: Job) -> dict[str, Any]:
             {
                 "kind": o.kind,
                 "sop_instance_uid": o.sop_instance_uid,
+                "checks": o.checks,
                 "series_instance_uid": o.series_instance_uid,
                 "sends": [
                     {"destination": sd.destination, "state": sd.state.value, "attempts": sd.attempts,

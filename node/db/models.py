@@ -229,6 +229,9 @@ class Output(Base):
     sop_instance_uid: Mapped[str] = mapped_column(String(64))
     series_instance_uid: Mapped[str] = mapped_column(String(64))
     path: Mapped[str] = mapped_column(String(255))
+    # The validation gate's checks that ran on it and passed (pydicom, dciodvfy, dcmpschk):
+    # fewer than all only where validation.tools chose a weaker gate.
+    checks: Mapped[list[str] | None] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
     job: Mapped[Job] = relationship(back_populates="outputs")

@@ -66,6 +66,15 @@ class Work:
     results: list[PipelineResult] = field(default_factory=list)  # one per source
 
 
+@dataclass(frozen=True)
+class Built:
+    """A result object that passed the validation gate, with the checks that ran on it."""
+
+    kind: str
+    dataset: Dataset
+    checks: tuple[str, ...]
+
+
 @cache
 def get_pipeline(name: str, bundle: str, device: str, version: str | None = None) -> Pipeline:
     """Load a pipeline once per process (per bundle, device and pinned version)."""
@@ -264,7 +273,6 @@ def _encode(config: Config, ji: JobInput, sources: list[Dataset], results: list[
     from node.writers.seg import build_segmentation
     from node.writers.sr import build_comprehensive_3d_sr
     from node.writers.uids import result_uid
-    from node.writers.validate import validate
 
     try:
         dests = config.destinations_for(ji.destinations, ji.calling_ae)
@@ -290,11 +298,10 @@ def _encode(config: Config, ji: JobInput, sources: list[Dataset], results: list[
             series_number=numbers["sr"], instance_number=1,
             supersedes=[(predecessor.study_uid, predecessor.series_uid, predecessor.sop_uid)] if predecessor else (),
         ))
-        _validate(timings, "sr", sr, validate)
-        _store_outputs(config, ji.job_id, [("sr", sr)], dests, first=True)
+        _store_outputs(config, ji.job_id, [_validate(config, timings, "sr", sr)], dests, first=True)
         enqueue_export(config, ji.job_id)
         first = False
-    others: list[tuple[str, Dataset]] = []
+    others: list[Built] = []
     for kind in (k for k in kinds if k in per_image):
         builder = per_image[kind]
         series_uid = result_uid(*key, f"{kind}-series")
@@ -308,8 +315,7 @@ def _encode(config: Config, ji: JobInput, sources: list[Dataset], results: list[
                 sop_instance_uid=result_uid(*key, kind, str(i)),
                 series_number=numbers[kind], instance_number=i,
             ))
-            _validate(timings, kind, obj, validate)
-            others.append((kind, obj))
+            others.append(_validate(config, timings, kind, obj))
     _store_outputs(config, ji.job_id, others, dests, first=first)
     with session_scope(config.database.url) as s:
         job = s.get(Job, ji.job_id)
@@ -348,16 +354,19 @@ def _build(timings: dict[str, float], kind: str, fn: Callable[[], Dataset]) -> D
         _record(timings, f"{Stage.ENCODE}_{kind}", time.perf_counter() - t0)
 
 
-def _validate(timings: dict[str, float], kind: str, ds: Dataset, validate: Callable[[Dataset], list[str]]) -> None:
+def _validate(config: Config, timings: dict[str, float], kind: str, ds: Dataset) -> Built:
     """Run the validation gate on one object (timed); any error fails the job with its message."""
+    from node.writers.validate import judge
+
     t0 = time.perf_counter()
-    problems = _timed(timings, Stage.VALIDATE, lambda: validate(ds))
+    verdict = _timed(timings, Stage.VALIDATE, lambda: judge(ds, config.validation.tools))
     _record(timings, f"{Stage.VALIDATE}_{kind}", time.perf_counter() - t0)
-    if problems:
-        raise PermanentError(Stage.VALIDATE, f"{kind} failed validation: " + "; ".join(problems[:10]))
+    if verdict.errors:
+        raise PermanentError(Stage.VALIDATE, f"{kind} failed validation: " + "; ".join(verdict.errors[:10]))
+    return Built(kind, ds, verdict.checks)
 
 
-def _store_outputs(config: Config, job_id: int, objects: list[tuple[str, Dataset]],
+def _store_outputs(config: Config, job_id: int, objects: list[Built],
                    destinations: Sequence[Destination], first: bool) -> None:
     """Write objects under the spool and record them with a pending send per destination.
 
@@ -374,17 +383,18 @@ def _store_outputs(config: Config, job_id: int, objects: list[tuple[str, Dataset
                 s.delete(old)
             s.flush()
         index = len(job.outputs)
-        for kind, ds in objects:
+        for built in objects:
+            ds = built.dataset
             buf = BytesIO()
             ds.save_as(buf, enforce_file_format=True)
-            rel = output_relpath(job.id, kind, index)
+            rel = output_relpath(job.id, built.kind, index)
             index += 1
             write_atomic(config.storage.path, rel, buf.getvalue())
-            out = Output(job_id=job.id, kind=kind, sop_class_uid=str(ds.SOPClassUID),
+            out = Output(job_id=job.id, kind=built.kind, sop_class_uid=str(ds.SOPClassUID),
                          sop_instance_uid=str(ds.SOPInstanceUID), series_instance_uid=str(ds.SeriesInstanceUID),
-                         path=rel)
+                         path=rel, checks=list(built.checks))
             s.add(out)
             s.flush()
-            for dest in (d for d in destinations if kind in d.wants(config.export)):
+            for dest in (d for d in destinations if built.kind in d.wants(config.export)):
                 s.add(Send(output_id=out.id, destination=dest.name, state=SendState.PENDING, attempts=0))
 

@@ -1,16 +1,20 @@
 """Validation gate for written objects: dciodvfy, dcmpschk (GSPS) and a pydicom re-read.
 
-``validate(ds)`` returns error messages (empty: the object passed); ``check(ds)`` raises
-``ValidationFailed`` carrying them. Warnings of the external tools are logged at DEBUG.
+``judge(ds, tools)`` runs the gate and returns a ``Verdict``: the error messages (empty: the
+object passed) and which checks ran. ``validate(ds)`` returns the messages; ``check(ds)``
+raises ``ValidationFailed`` carrying them. The gate fails closed: a configured validator that
+is not installed is an error for every object, never a skipped check; ``require_tools`` lets
+the node refuse to start instead. Warnings of the external tools are logged at DEBUG.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
 
@@ -21,6 +25,23 @@ logger = logging.getLogger(__name__)
 
 #: Seconds an external validator may run before it counts as failed.
 TOOL_TIMEOUT_S = 60.0
+
+#: The external validators, each with the Debian package that installs it.
+TOOLS = {"dciodvfy": "dicom3tools", "dcmpschk": "dcmtk"}
+#: The check that always runs: the written bytes are read back (and the pixels decoded) by pydicom.
+REREAD = "pydicom"
+
+
+class ValidatorMissing(RuntimeError):
+    """A validator the gate is configured to run is not installed."""
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What the gate found in one object, and which checks ran on it (in order)."""
+
+    errors: list[str]
+    checks: tuple[str, ...]
 
 
 class ValidationFailed(Exception):
@@ -35,31 +56,45 @@ class ValidationFailed(Exception):
         )
 
 
-@functools.cache
-def _tool(name: str) -> str | None:
-    """Path of an external tool, logging once when it is missing."""
-    path = shutil.which(name)
-    if path is None:
-        logger.warning("%s not found on PATH: objects are not checked with it", name)
-    return path
+def missing_tools(tools: Iterable[str]) -> list[str]:
+    """The validators among `tools` that are not installed (not on PATH)."""
+    return [t for t in tools if shutil.which(t) is None]
 
 
-def _run(argv: list[str]) -> tuple[int, str]:
+def require_tools(tools: Iterable[str]) -> None:
+    """Raise ValidatorMissing naming each validator in `tools` that is not installed."""
+    missing = missing_tools(tools)
+    if missing:
+        named = ", ".join(f"{t} (Debian package {TOOLS.get(t, '?')})" for t in missing)
+        raise ValidatorMissing(f"validators not installed: {named}")
+
+
+def tools_for(ds: Dataset, tools: Sequence[str]) -> tuple[str, ...]:
+    """Which of the configured external validators apply to ds (dcmpschk: GSPS only)."""
+    gsps = ds.get("SOPClassUID") == GrayscaleSoftcopyPresentationStateStorage
+    return tuple(t for t in TOOLS if t in tools and (t != "dcmpschk" or gsps))
+
+
+def _run(tool: str, path: Path) -> tuple[int, str]:
+    """Run one validator on a file; RuntimeError when it cannot run (missing, timed out)."""
+    exe = shutil.which(tool)
+    if exe is None:
+        # Fail closed: an object the configured gate cannot check does not pass it.
+        raise RuntimeError(f"not installed (Debian package {TOOLS[tool]}); the gate cannot check this object")
     try:
         proc = subprocess.run(
-            argv, capture_output=True, text=True, timeout=TOOL_TIMEOUT_S, check=False
+            [exe, str(path)], capture_output=True, text=True, timeout=TOOL_TIMEOUT_S, check=False
         )
     except subprocess.TimeoutExpired as e:
-        raise RuntimeError(f"{argv[0]} timed out after {TOOL_TIMEOUT_S} s") from e
+        raise RuntimeError(f"timed out after {TOOL_TIMEOUT_S} s") from e
+    except OSError as e:
+        raise RuntimeError(f"cannot run: {e}") from e
     return proc.returncode, proc.stdout + proc.stderr
 
 
 def _dciodvfy(path: Path) -> list[str]:
-    exe = _tool("dciodvfy")
-    if exe is None:
-        return []
     try:
-        _, output = _run([exe, str(path)])
+        _, output = _run("dciodvfy", path)
     except RuntimeError as e:
         return [f"dciodvfy: {e}"]
     errors = []
@@ -79,11 +114,8 @@ DCMPSCHK_TOLERATED = ("patientName absent or empty in presentation state",)
 
 
 def _dcmpschk(path: Path) -> list[str]:
-    exe = _tool("dcmpschk")
-    if exe is None:
-        return []
     try:
-        returncode, output = _run([exe, str(path)])
+        returncode, output = _run("dcmpschk", path)
     except RuntimeError as e:
         return [f"dcmpschk: {e}"]
     lines = output.splitlines()
@@ -110,6 +142,9 @@ def _dcmpschk(path: Path) -> list[str]:
     return errors
 
 
+_CHECKS = {"dciodvfy": _dciodvfy, "dcmpschk": _dcmpschk}
+
+
 def _reread(data: bytes) -> list[str]:
     try:
         ds = dcmread(BytesIO(data))
@@ -120,25 +155,31 @@ def _reread(data: bytes) -> list[str]:
     return []
 
 
-def validate(ds: Dataset) -> list[str]:
-    """Error messages for ``ds`` written as a DICOM file (empty list: valid)."""
+def judge(ds: Dataset, tools: Sequence[str] = tuple(TOOLS)) -> Verdict:
+    """Run the gate on ``ds`` written as a DICOM file: the pydicom re-read, then each of
+    ``tools`` that applies to its SOP class. A tool that is not installed is an error."""
     buffer = BytesIO()
     try:
         ds.save_as(buffer, enforce_file_format=True)
     except Exception as e:  # cannot be written: that is the validation result
-        return [f"pydicom: cannot write object: {type(e).__name__}: {e}"]
+        return Verdict([f"pydicom: cannot write object: {type(e).__name__}: {e}"], (REREAD,))
     data = buffer.getvalue()
     errors = _reread(data)
+    applied = tools_for(ds, tools)
     with tempfile.TemporaryDirectory(prefix="pacsnode-validate-") as tmp:
         path = Path(tmp) / "object.dcm"
         path.write_bytes(data)
-        errors += _dciodvfy(path)
-        if ds.get("SOPClassUID") == GrayscaleSoftcopyPresentationStateStorage:
-            errors += _dcmpschk(path)
+        for tool in applied:
+            errors += _CHECKS[tool](path)
     uid = ds.get("SOPInstanceUID", "?")
     if errors:
         logger.info("%s failed validation with %d error(s)", uid, len(errors))
-    return errors
+    return Verdict(errors, (REREAD, *applied))
+
+
+def validate(ds: Dataset, tools: Sequence[str] = tuple(TOOLS)) -> list[str]:
+    """Error messages for ``ds`` written as a DICOM file (empty list: valid)."""
+    return judge(ds, tools).errors
 
 
 def check(ds: Dataset) -> None:

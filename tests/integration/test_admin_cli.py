@@ -9,6 +9,8 @@ from __future__ import annotations
 import base64
 import getpass
 import json
+import logging
+import os
 import subprocess
 import sys
 from datetime import timedelta
@@ -37,9 +39,9 @@ def config_file(tmp_path: Path) -> Path:
     return path
 
 
-def pacsnode(config_file: Path, *args: str) -> subprocess.CompletedProcess[str]:
+def pacsnode(config_file: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "node.cli", "--config", str(config_file), *args],
-                          capture_output=True, text=True, timeout=60, cwd=REPO)
+                          capture_output=True, text=True, timeout=60, cwd=REPO, env=env)
 
 
 @pytest.fixture
@@ -153,3 +155,35 @@ def test_run_refuses_a_bundle_other_than_the_pinned_version(config_file: Path, d
     _pin(config_file, demo_bundle, "0.1.0")
     listed = pacsnode(config_file, "models", "list", "--json")
     assert listed.returncode == 0 and json.loads(listed.stdout)[0]["version"] == "0.1.0"
+
+
+def test_the_node_refuses_to_start_without_the_validators_its_gate_needs(config_file: Path, tmp_path: Path) -> None:
+    """Fail closed: no dciodvfy (or dcmpschk while GSPS are built) means no start, not an unchecked object."""
+    bare = tmp_path / "bin"
+    bare.mkdir()
+    env = {**os.environ, "PATH": str(bare)}  # neither dicom3tools nor DCMTK on it
+    for command in (("run",), ("worker", "-Q", "inference")):
+        out = pacsnode(config_file, *command, env=env)
+        assert out.returncode == 2, out.stderr
+        assert ("validation.tools: validators not installed: dciodvfy (Debian package dicom3tools), "
+                "dcmpschk (Debian package dcmtk). Install them, or remove them from validation.tools") in out.stderr
+        assert "listening" not in out.stdout
+    cfg = yaml.safe_load(config_file.read_text())
+    cfg["export"] = {"objects": ["sr", "seg"]}  # no presentation state is ever built: dcmpschk is not needed
+    config_file.write_text(yaml.safe_dump(cfg))
+    out = pacsnode(config_file, "worker", "-Q", "inference", env=env)
+    assert out.returncode == 2 and "validators not installed: dciodvfy (Debian package dicom3tools). Install" in out.stderr
+
+
+def test_a_weaker_gate_is_said_at_start(config_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                        caplog: pytest.LogCaptureFixture) -> None:
+    from node.cli import check_gate
+
+    monkeypatch.setenv("PATH", str(tmp_path))  # nothing installed, and nothing required
+    cfg = yaml.safe_load(config_file.read_text())
+    cfg["validation"] = {"tools": []}
+    config_file.write_text(yaml.safe_dump(cfg))
+    with caplog.at_level(logging.WARNING, logger="pacsnode"):
+        check_gate(load_config(config_file))
+    assert "validation gate without dciodvfy, dcmpschk (validation.tools): result objects are checked by pydicom" \
+        in caplog.text

@@ -6,7 +6,6 @@ replaced by a list, or by calling `run_export` at once, as the SR's export task 
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Iterator
 from io import BytesIO
 from pathlib import Path
@@ -20,23 +19,18 @@ from pydicom.data import get_testdata_file
 from node.cli import db_upgrade
 from node.config import Config, parse_config
 from node.db.models import (
-    Instance,
     Job,
     JobState,
     Send,
     SendState,
-    Series,
-    SeriesState,
-    Study,
-    StudyState,
 )
 from node.db.session import session_scope
 from node.engine import delivery, inference
 from node.engine.errors import RetryableExportError
 from node.export import DestinationUnavailable, ObjectRef, confirm_held, send_files
-from node.spool import instance_relpath, write_atomic
 from node.writers.validate import validate
 from tests.peers import CXR_SAMPLES, DICOMWEB_PLUGIN, Orthanc, free_port, have, img2dcm
+from tests.unit.jobs_data import queued_job
 
 pytestmark = [
     pytest.mark.integration,
@@ -79,29 +73,6 @@ def _dimse(name: str, pacs: Orthanc, **extra: Any) -> dict[str, Any]:
     return {"name": name, "ae_title": pacs.aet, "host": "127.0.0.1", "port": pacs.dicom_port, "timeout": 10, **extra}
 
 
-def _queued_job(cfg: Config, source: Path) -> int:
-    """Spool one received image and record it with a queued job, as the listener and routing would."""
-    data = source.read_bytes()
-    ds = pydicom.dcmread(BytesIO(data), stop_before_pixels=True)
-    sha = hashlib.sha256(data).hexdigest()
-    rel = instance_relpath(str(ds.StudyInstanceUID), str(ds.SOPInstanceUID), sha)
-    write_atomic(cfg.storage.path, rel, data)
-    with session_scope(cfg.database.url) as s:
-        study = Study(study_instance_uid=str(ds.StudyInstanceUID), state=StudyState.COMPLETE, instance_count=1)
-        series = Series(study=study, series_instance_uid=str(ds.SeriesInstanceUID), modality=ds.get("Modality"),
-                        state=SeriesState.ROUTED)
-        inst = Instance(series=series, sop_instance_uid=str(ds.SOPInstanceUID), sop_class_uid=str(ds.SOPClassUID),
-                        transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID), path=rel, size=len(data),
-                        sha256=sha)
-        s.add_all([study, series, inst])
-        s.flush()
-        job = Job(study_id=study.id, pipeline="chest_xray", state=JobState.QUEUED, attempt=0,
-                  instance_ids=[inst.id], timings={})
-        s.add(job)
-        s.flush()
-        return job.id
-
-
 def _sends(cfg: Config, job_id: int) -> dict[tuple[str, str], Send]:
     """(kind, destination) -> Send row, detached, for asserts."""
     with session_scope(cfg.database.url) as s:
@@ -118,6 +89,7 @@ def _job(cfg: Config, job_id: int) -> dict[str, Any]:
         assert job is not None
         return {"state": job.state, "error": job.error, "error_stage": job.error_stage, "timings": job.stage_seconds,
                 "outputs": [(o.kind, o.sop_instance_uid, o.series_instance_uid) for o in job.outputs],
+                "checks": {o.kind: o.checks for o in job.outputs},
                 "study": job.study.study_instance_uid}
 
 
@@ -141,12 +113,15 @@ def test_each_destination_gets_the_objects_it_wants_over_dimse_and_stow_confirme
     ])
     # The export task runs as soon as it is queued: the SR is out before the others are built.
     monkeypatch.setattr(inference, "enqueue_export", delivery.run_export)
-    job_id = _queued_job(cfg, path)
+    job_id = queued_job(cfg, path)
     inference.run_inference(cfg, job_id, "test")
 
     job = _job(cfg, job_id)
     assert job["state"] == JobState.DONE, job["error"]
     assert [k for k, _, _ in job["outputs"]] == ["sr", "sc", "seg", "gsps"]
+    # The job record says which checks of the gate each object passed.
+    assert job["checks"] == {"sr": ["pydicom", "dciodvfy"], "sc": ["pydicom", "dciodvfy"],
+                             "seg": ["pydicom", "dciodvfy"], "gsps": ["pydicom", "dciodvfy", "dcmpschk"]}
     sends = _sends(cfg, job_id)
     assert sorted(sends) == sorted([("sr", "pacs"), ("sc", "pacs"), ("seg", "pacs"), ("gsps", "pacs"),
                                     ("sr", "web"), ("gsps", "web")])
@@ -162,7 +137,7 @@ def test_each_destination_gets_the_objects_it_wants_over_dimse_and_stow_confirme
     for kind in ("sr", "sc", "seg", "gsps"):
         print(f"{source} {kind}: build {job['timings'][f'encode_{kind}']:.3f} s, "
               f"validate {job['timings'][f'validate_{kind}']:.3f} s")
-    print(f"{source}: pipeline {job['timings']['pipeline']:.2f} s, send+confirm {job['timings']['send']:.3f} s")
+    print(f"{source}: inference {job['timings']['inference']:.2f} s, send+confirm {job['timings']['send']:.3f} s")
 
 
 def test_an_object_that_fails_the_gate_fails_the_job_and_never_reaches_orthanc(
@@ -181,7 +156,7 @@ def test_an_object_that_fails_the_gate_fails_the_job_and_never_reaches_orthanc(
     monkeypatch.setattr(inference, "enqueue_export", delivery.run_export)
     pacs = orthancs("pacs")
     cfg = _config(tmp_path, demo_bundle, [_dimse("pacs", pacs)])
-    job_id = _queued_job(cfg, RG1)
+    job_id = queued_job(cfg, RG1)
     inference.run_inference(cfg, job_id, "test")
 
     job = _job(cfg, job_id)
@@ -198,6 +173,32 @@ def test_an_object_that_fails_the_gate_fails_the_job_and_never_reaches_orthanc(
     assert [s["MainDicomTags"].get("Modality") for s in series] == ["SR"]
 
 
+def test_the_gate_fails_closed_without_its_validator_and_a_weaker_gate_is_recorded(
+    demo_bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """dciodvfy gone after start: nothing is stored for sending. A config that chose a weaker
+    gate runs, and each object records the checks that did run."""
+    monkeypatch.setattr(inference, "enqueue_export", lambda config, job_id: None)
+    monkeypatch.setenv("PATH", str(tmp_path))  # no dciodvfy, no dcmpschk
+    cfg = _config(tmp_path / "full", demo_bundle, [])
+    job_id = queued_job(cfg, RG1)
+    inference.run_inference(cfg, job_id, "test")
+    job = _job(cfg, job_id)
+    assert (job["state"], job["error_stage"], job["outputs"]) == (JobState.FAILED, "validate", [])
+    assert job["error"] == ("sr failed validation: dciodvfy: not installed (Debian package dicom3tools); "
+                            "the gate cannot check this object")
+
+    weaker = parse_config({**cfg.model_dump(mode="json"), "storage": {"path": str(tmp_path / "weak" / "spool")},
+                           "database": {"url": f"sqlite:///{tmp_path / 'weak.sqlite'}"},
+                           "validation": {"tools": []}})
+    db_upgrade(weaker)
+    job_id = queued_job(weaker, RG1)
+    inference.run_inference(weaker, job_id, "test")
+    job = _job(weaker, job_id)
+    assert job["state"] == JobState.ENCODED, job["error"]
+    assert job["checks"] == {kind: ["pydicom"] for kind in ("sr", "sc", "seg", "gsps")}
+
+
 def test_a_job_is_done_only_when_read_back_and_a_retry_only_asks_again(
     demo_bundle: Path, orthancs: Callable[..., Orthanc], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -205,7 +206,7 @@ def test_a_job_is_done_only_when_read_back_and_a_retry_only_asks_again(
     cfg = _config(tmp_path, demo_bundle, [_dimse("pacs", pacs, confirm="cfind", objects=["sr", "gsps"])])
     queued: list[int] = []
     monkeypatch.setattr(inference, "enqueue_export", lambda config, job_id: queued.append(job_id))
-    job_id = _queued_job(cfg, RG1)
+    job_id = queued_job(cfg, RG1)
     inference.run_inference(cfg, job_id, "test")
     assert [k for k, _, _ in _job(cfg, job_id)["outputs"]] == ["sr", "gsps"]  # only what someone wants
 
@@ -257,7 +258,7 @@ def test_a_failed_export_keeps_its_reason_on_the_job(
     pacs = orthancs("pacs")
     cfg = _config(tmp_path, demo_bundle, [_dimse("pacs", pacs, objects=["sr"], timeout=3)])
     monkeypatch.setattr(inference, "enqueue_export", lambda config, job_id: None)
-    job_id = _queued_job(cfg, RG1)
+    job_id = queued_job(cfg, RG1)
     inference.run_inference(cfg, job_id, "test")
     with session_scope(cfg.database.url) as s:
         before = s.get(Job, job_id).updated_at  # type: ignore[union-attr]

@@ -36,6 +36,10 @@ def test_default_config_file_is_valid_and_paths_are_anchored() -> None:
          r"destinations\.0\.confirm"),
         ({"pipelines": {"chest_xray": {"bundle": "m", "device": "gpu"}}}, r"pipelines\.chest_xray\.device"),
         ({"completion": {"quiet_seconds": -1}}, r"completion\.quiet_seconds"),
+        ({"validation": {"tools": ["dciodvfy", "pixelmed"]}},
+         r"validation\.tools\.1: Input should be 'dciodvfy' or 'dcmpschk'"),
+        ({"validation": {"tools": ["dciodvfy", "dciodvfy"]}}, r"validation\.tools: .*listed twice"),
+        ({"validation": None}, r"validation: Input should be a valid dictionary"),
         ([], r"top level must be a mapping"),
     ],
 )

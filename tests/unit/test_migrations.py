@@ -38,3 +38,14 @@ def test_0002_adds_routing_columns_and_its_downgrade_removes_them(tmp_path: Path
     insp = inspect(engine_for(url))
     assert "priority" not in {c["name"] for c in insp.get_columns("job")}
     assert "routing_attributes" not in {c["name"] for c in insp.get_columns("series")}
+
+
+def test_0010_adds_gate_checks_and_its_downgrade_removes_them(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'm10.db'}"
+    cfg = _alembic(url)
+    command.upgrade(cfg, "0010")
+    insp = inspect(engine_for(url))
+    assert "checks" in {c["name"] for c in insp.get_columns("output")}
+    command.downgrade(cfg, "0007")
+    insp = inspect(engine_for(url))
+    assert "checks" not in {c["name"] for c in insp.get_columns("output")}

@@ -1,7 +1,5 @@
-import logging
-
 import pytest
-from writers_data import rg1
+from writers_data import needs_dciodvfy, rg1
 
 from node.writers import validate as gate
 
@@ -20,14 +18,31 @@ def test_validation_failed_carries_messages():
         raise error
 
 
-def test_missing_tool_is_logged_once(monkeypatch, caplog):
-    monkeypatch.setattr(gate.shutil, "which", lambda name: None)
-    gate._tool.cache_clear()
-    try:
-        with caplog.at_level(logging.WARNING, logger=gate.__name__):
-            assert gate.validate(rg1()) == []
-            assert gate.validate(rg1()) == []
-        missing = [r for r in caplog.records if "dciodvfy not found" in r.getMessage()]
-        assert len(missing) == 1
-    finally:
-        gate._tool.cache_clear()
+def test_a_missing_validator_fails_the_object_it_cannot_check(monkeypatch, tmp_path):
+    """The gate fails closed: without dciodvfy on PATH an object does not pass unchecked."""
+    monkeypatch.setenv("PATH", str(tmp_path))  # a PATH with no validator on it
+    errors = gate.validate(rg1())
+    assert errors == ["dciodvfy: not installed (Debian package dicom3tools); the gate cannot check this object"]
+    assert gate.missing_tools(["dciodvfy", "dcmpschk"]) == ["dciodvfy", "dcmpschk"]
+    with pytest.raises(gate.ValidatorMissing, match=r"dciodvfy \(Debian package dicom3tools\), dcmpschk"):
+        gate.require_tools(["dciodvfy", "dcmpschk"])
+
+
+def test_a_weaker_gate_is_chosen_explicitly_and_says_which_checks_ran(monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    verdict = gate.judge(rg1(), tools=[])
+    assert verdict == gate.Verdict([], ("pydicom",))
+
+
+@needs_dciodvfy
+def test_the_full_gate_names_its_checks(source):
+    assert gate.judge(source).checks == ("pydicom", "dciodvfy")  # dcmpschk: presentation states only
+
+def test_dcmpschk_applies_to_presentation_states_only():
+    from pydicom.uid import GrayscaleSoftcopyPresentationStateStorage
+
+    gsps = rg1()
+    gsps.SOPClassUID = GrayscaleSoftcopyPresentationStateStorage
+    assert gate.tools_for(gsps, ["dciodvfy", "dcmpschk"]) == ("dciodvfy", "dcmpschk")
+    assert gate.tools_for(rg1(), ["dciodvfy", "dcmpschk"]) == ("dciodvfy",)
+    assert gate.tools_for(gsps, ["dcmpschk"]) == ("dcmpschk",)
