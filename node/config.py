@@ -277,13 +277,32 @@ class ValidationConfig(_Strict):
         return [t for t in self.tools if t != "dcmpschk" or "gsps" in kinds]
 
 
+#: Series Number of a pipeline's first result series; the next pipeline takes the next ten.
+DEFAULT_SERIES_NUMBER_BASE = 9900
+
+
 class PipelineConfig(_Strict):
+    """One pipeline id: the code that runs it (pipelines/registry.py) and the bundle it runs."""
+
+    implementation: str | None = Field(
+        None, description="registered pipeline code that runs this bundle (pipelines/registry.py); "
+        "null: the code registered under the pipeline id itself",
+    )
     bundle: Path = Field(description="model bundle folder (configs/metadata.json, models/)")
     version: str | None = Field(
         None, description="bundle version to run; the node refuses to start with any other (None: any)"
     )
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
     enabled: bool = True
+    series_number_base: int = Field(
+        DEFAULT_SERIES_NUMBER_BASE, ge=0, le=2**31 - 10,
+        description="result series are numbered base + 1 (SR), + 2 (overlay SC), + 3 (SEG), + 4 (GSPS); "
+        "each enabled pipeline needs its own range",
+    )
+
+    def series_numbers(self) -> dict[str, int]:
+        """Series Number of each result kind: base + 1, + 2, ... in build order."""
+        return {kind: self.series_number_base + i for i, kind in enumerate(OBJECT_KINDS, start=1)}
 
     @field_validator("device")
     @classmethod
@@ -465,6 +484,23 @@ class Config(_Strict):
     @classmethod
     def _unique_names(cls, v: list[Destination]) -> list[Destination]:
         _require_unique([d.name for d in v], "destination")
+        return v
+
+    @field_validator("pipelines")
+    @classmethod
+    def _pipeline_code_and_series(cls, v: dict[str, PipelineConfig]) -> dict[str, PipelineConfig]:
+        from pipelines.registry import PIPELINES  # names only: no torch here
+
+        for name, pc in v.items():
+            code = pc.implementation or name
+            if code not in PIPELINES:
+                raise ValueError(f"{name}: no pipeline code registered as {code!r} (registered: "
+                                 f"{', '.join(sorted(PIPELINES))}); set {name}.implementation")
+        enabled = sorted((pc.series_number_base, name) for name, pc in v.items() if pc.enabled)
+        for (a, first), (b, second) in zip(enabled, enabled[1:], strict=False):
+            if b - a < len(OBJECT_KINDS):
+                raise ValueError(f"{second}.series_number_base {b}: its result series would share numbers with "
+                                 f"those of {first} (base {a}); give it its own range, e.g. {a + 10}")
         return v
 
     @model_validator(mode="after")

@@ -38,8 +38,6 @@ T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
-SERIES_NUMBERS = {"sr": 9901, "sc": 9902, "seg": 9903, "gsps": 9904}
-
 
 @dataclass(frozen=True)
 class JobInput:
@@ -76,17 +74,20 @@ class Built:
 
 
 @cache
-def get_pipeline(name: str, bundle: str, device: str, version: str | None = None) -> Pipeline:
-    """Load a pipeline once per process (per bundle, device and pinned version)."""
+def get_pipeline(name: str, bundle: str, device: str, version: str | None = None,
+                 implementation: str | None = None) -> Pipeline:
+    """Load a pipeline once per process (per id, bundle, device, pinned version and code)."""
     from pipelines.registry import load_pipeline
 
-    return load_pipeline(name, Path(bundle), device, version)
+    return load_pipeline(name, Path(bundle), device, version, implementation)
 
 
 def pipeline_for(config: Config, name: str) -> Pipeline:
     """The loaded pipeline `name` of the config (pipelines.<name>)."""
-    pc = config.pipelines[name]
-    return get_pipeline(name, str(pc.bundle), pc.device, pc.version)
+    pc = config.pipelines.get(name)
+    if pc is None:
+        raise PermanentError(Stage.INFERENCE, f"pipeline {name!r} is no longer configured")
+    return get_pipeline(name, str(pc.bundle), pc.device, pc.version, pc.implementation)
 
 
 def _start(config: Config, job_id: int, worker: str) -> JobInput | None:
@@ -280,7 +281,7 @@ def _encode(config: Config, ji: JobInput, sources: list[Dataset], results: list[
         raise PermanentError(Stage.ROUTE, str(e)) from e
     # Only what some of the job's destinations wants (and the routing rules allow) is built.
     kinds = config.object_kinds(dests, ji.objects)
-    numbers = SERIES_NUMBERS
+    numbers = config.pipelines[ji.pipeline].series_numbers()
     per_image: dict[str, Callable[..., Dataset]] = {
         "sc": build_overlay_sc, "seg": build_segmentation, "gsps": build_presentation_state,
     }

@@ -17,7 +17,7 @@ import pytest
 from pydicom.data import get_testdata_file
 from pydicom.uid import Comprehensive3DSRStorage
 
-from tests.peers import Node, Orthanc, have, node_config, storescu, wait_for
+from tests.peers import Node, Orthanc, have, node_config, storescu, synthetic_cr, wait_for
 from tests.unit import training_data
 from training.__main__ import main
 
@@ -93,3 +93,67 @@ def test_a_recipe_trained_resnet50_runs_in_the_node_and_its_sr_reaches_the_pacs(
             assert ds.SOPClassUID == Comprehensive3DSRStorage
             text = json.dumps(ds.to_json_dict())
             assert "Pneumonia" in text and "No abnormality detected" not in text  # the bundle's one label
+
+
+def test_two_pipelines_on_one_study_each_bring_their_own_job_and_results(
+    pneumonia_bundle: Path, demo_bundle: Path, pacs: Orthanc, tmp_path: Path
+) -> None:
+    """The pipeline contract is generic: chest_xray (the demo bundle) and a second pipeline id,
+    pneumonia (the recipe-trained whole-image bundle, run by the chest_xray code), chosen by
+    routing rules, each give the same study its own job, result series, UIDs and SR."""
+    cfg = node_config(
+        tmp_path / "node", demo_bundle,
+        [{"name": "orthanc", "ae_title": pacs.aet, "host": "127.0.0.1", "port": pacs.dicom_port, "timeout": 10}],
+        pipelines={"chest_xray": {"bundle": str(demo_bundle), "device": "cpu"},
+                   "pneumonia": {"bundle": str(pneumonia_bundle), "implementation": "chest_xray", "device": "cpu",
+                                 "version": "2.1.0", "series_number_base": 9910}},
+        routing={"mode": "all", "rules": [
+            {"name": "chest-findings", "match": {"Modality": ["CR", "DX"]}, "pipelines": ["chest_xray"]},
+            {"name": "pneumonia-screen", "match": {"CallingAE": "ED_CR"}, "pipelines": ["pneumonia"]},
+        ]},
+    )
+    emergency, ward = synthetic_cr(tmp_path / "in", 2)
+    emergency_uid, ward_uid = (str(pydicom.dcmread(p, stop_before_pixels=True).StudyInstanceUID) for p in (emergency, ward))
+    node = Node(cfg).start(timeout=120)
+    try:
+        assert storescu(node.port, emergency, aet="ED_CR").returncode == 0
+        assert storescu(node.port, ward, aet="WARD").returncode == 0
+
+        def all_done() -> list[dict] | None:
+            jobs = [j for j in node.jobs() if j["study_instance_uid"] in (emergency_uid, ward_uid)]
+            assert not [j for j in jobs if j["state"] == "failed"], jobs
+            return jobs if len(jobs) == 3 and all(j["state"] == "done" for j in jobs) else None
+
+        jobs = wait_for(all_done, 240, "three jobs: two for the emergency study, one for the ward's", interval=0.5)
+    finally:
+        node.stop()
+    # Routing chose: the ward's study matches only the chest rule.
+    assert [j["pipeline"] for j in jobs if j["study_instance_uid"] == ward_uid] == ["chest_xray"]
+    mine = {j["pipeline"]: j for j in jobs if j["study_instance_uid"] == emergency_uid}
+    assert set(mine) == {"chest_xray", "pneumonia"}
+    assert (mine["chest_xray"]["model_version"], mine["pneumonia"]["model_version"]) == ("0.1.0", "2.1.0")
+    uids = {name: {o["sop_instance_uid"] for o in j["outputs"]} | {o["series_instance_uid"] for o in j["outputs"]}
+            for name, j in mine.items()}
+    assert not uids["chest_xray"] & uids["pneumonia"]  # own series, own instances
+
+    # Orthanc holds both sets in the one study: the source, then each pipeline's four series.
+    series = {}
+    for se in pacs.study_series(emergency_uid):
+        first = pacs.get(f"/instances/{se['Instances'][0]}/tags?simplify")
+        series[int(first["SeriesNumber"])] = (first["SOPClassUID"], first.get("SoftwareVersions"), se["Instances"])
+    results = {n: v for n, v in series.items() if n >= 9900}
+    numbering = {"sr": 1, "sc": 2, "seg": 3, "gsps": 4}  # + the pipeline's series_number_base
+    expected = {name: {base + numbering[o["kind"]] for o in mine[name]["outputs"]}
+                for name, base in (("chest_xray", 9900), ("pneumonia", 9910))}
+    assert set(results) == expected["chest_xray"] | expected["pneumonia"]
+    assert {9901, 9911} <= set(results)  # an SR each
+    assert {results[n][1] for n in expected["chest_xray"]} == {"0.1.0"}
+    assert {results[n][1] for n in expected["pneumonia"]} == {"2.1.0"}
+    for n, pipeline in ((9901, "chest_xray"), (9911, "pneumonia")):
+        sop_class, _, [instance] = results[n]
+        assert sop_class == Comprehensive3DSRStorage
+        sr = pydicom.dcmread(BytesIO(pacs.get_bytes(f"/instances/{instance}/file")))
+        assert str(sr.SOPInstanceUID) in uids[pipeline]
+        text = json.dumps(sr.to_json_dict())
+        # each SR carries its own model's findings: the bundle's one label, or the demo's fifteen
+        assert ("Pneumonia" in text) and (("Cardiomegaly" in text) == (pipeline == "chest_xray")), pipeline

@@ -116,3 +116,20 @@ def test_errors_in_a_file_name_the_line(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"line 9: routing\.rules\[broken\]\.match\.Modality\.regex: .*invalid regex") as e:
         load_config(path)
     assert "line 11: storage.pathh: unknown key" in str(e.value)
+
+
+def test_a_pipeline_id_names_registered_code_and_its_own_result_series() -> None:
+    two = {"chest_xray": {"bundle": "models/chest_xray"},
+           "pneumonia": {"bundle": "models/pneumonia", "implementation": "chest_xray", "series_number_base": 9910}}
+    cfg = parse_config({"pipelines": two})
+    assert cfg.pipelines["pneumonia"].series_numbers() == {"sr": 9911, "sc": 9912, "seg": 9913, "gsps": 9914}
+    assert cfg.pipelines["chest_xray"].series_numbers()["sr"] == 9901
+    with pytest.raises(ConfigError, match=r"pipelines: Value error, pneumonia: no pipeline code registered as "
+                                          r"'pneumonia' \(registered: chest_xray\); set pneumonia\.implementation"):
+        parse_config({"pipelines": {**two, "pneumonia": {"bundle": "models/pneumonia"}}})
+    clash = {**two, "pneumonia": {**two["pneumonia"], "series_number_base": 9902}}
+    with pytest.raises(ConfigError, match=r"pneumonia\.series_number_base 9902: its result series would share "
+                                          r"numbers with those of chest_xray \(base 9900\); .* e\.g\. 9910"):
+        parse_config({"pipelines": clash})
+    # A disabled pipeline makes no results: its range may overlap.
+    parse_config({"pipelines": {**clash, "pneumonia": {**clash["pneumonia"], "enabled": False}}})
