@@ -213,14 +213,21 @@ class Destination(_Strict):
     objects: list[ObjectKind] | None = Field(
         None, description="result objects this destination receives; null: export.objects"
     )
-    confirm: Literal["none", "cfind", "qido"] = Field(
-        "none", description="read back what was sent (C-FIND or QIDO-RS); the job is done only when confirmed"
+    confirm: Literal["none", "cfind", "qido", "commitment"] = Field(
+        "none", description="read back what was sent (C-FIND or QIDO-RS), or ask the destination to commit "
+        "it (Storage Commitment Push Model, dimse only); the job is done only when confirmed",
+    )
+    commitment_wait_seconds: float = Field(
+        120.0, gt=0, description="confirm: commitment: how long a Storage Commitment report may take before "
+        "the next export attempt asks again",
     )
 
     @model_validator(mode="after")
     def _endpoints(self) -> Destination:
         # Each protocol (and read-back) names the keys it needs, so a typo fails at start.
         need: list[str] = []
+        if self.confirm == "commitment" and self.protocol != "dimse":
+            raise ValueError(f"confirm: commitment needs protocol dimse, not {self.protocol}")
         if self.protocol == "dimse" or self.confirm == "cfind":
             need += ["ae_title", "host", "port"]
         if self.protocol == "stow" or self.confirm == "qido":
@@ -502,6 +509,19 @@ class Config(_Strict):
                 raise ValueError(f"{second}.series_number_base {b}: its result series would share numbers with "
                                  f"those of {first} (base {a}); give it its own range, e.g. {a + 10}")
         return v
+
+    @model_validator(mode="after")
+    def _commitment_reports_reach_the_listener(self) -> Config:
+        # A Storage Commitment SCP sends its report to the AE title that asked (our calling AE
+        # title), at the address it has for it: the listener must answer to that title.
+        asking = [d.name for d in self.destinations if d.confirm == "commitment"]
+        if asking and self.export.calling_ae_title.strip() != self.listener.ae_title.strip():
+            raise ValueError(
+                f"destinations {', '.join(asking)} confirm by commitment: their reports come back to "
+                f"export.calling_ae_title {self.export.calling_ae_title!r}, but the listener answers as "
+                f"listener.ae_title {self.listener.ae_title!r}; make the two the same"
+            )
+        return self
 
     @model_validator(mode="after")
     def _rule_targets(self) -> Config:

@@ -21,7 +21,12 @@ from pydicom.uid import (
     SecondaryCaptureImageStorage,
     SegmentationStorage,
 )
-from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind  # type: ignore[attr-defined]
+from pynetdicom.presentation import PresentationContext
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    StorageCommitmentPushModel,
+    StudyRootQueryRetrieveInformationModelFind,
+    Verification,
+)
 
 from node.config import Config, parse_config
 from node.listener import accepted_transfer_syntaxes, build_ae
@@ -44,13 +49,20 @@ def _table(header: Iterable[str], rows: Iterable[Iterable[str]]) -> list[str]:
     return out
 
 
+def _role(cx: PresentationContext) -> str:
+    """Our role for an accepted context: SCP, unless it accepts the requestor as SCP (role selection)."""
+    if cx.scp_role and not cx.scu_role:
+        return "SCU (the requestor is SCP: role selection)"
+    return "SCP"
+
+
 def statement(config: Config) -> str:
     """The conformance statement for this config's listener and export, as Markdown."""
     lc = config.listener
     ae = build_ae(config)
     contexts = sorted(ae.supported_contexts, key=lambda cx: (_name(str(cx.abstract_syntax)), str(cx.abstract_syntax)))
     syntaxes = accepted_transfer_syntaxes()
-    storage = [cx for cx in contexts if str(cx.abstract_syntax) != "1.2.840.10008.1.1"]
+    storage = [cx for cx in contexts if cx.abstract_syntax not in (Verification, StorageCommitmentPushModel)]
     lines = [
         "# pacsnode DICOM Conformance Statement",
         "",
@@ -62,22 +74,26 @@ def statement(config: Config) -> str:
         "## 1 Overview",
         "",
         "pacsnode receives images (Storage SCP), runs AI pipelines on them, and sends result",
-        "objects (Storage SCU) to configured destinations, optionally confirming them by C-FIND.",
+        "objects (Storage SCU) to configured destinations, optionally confirming them by C-FIND",
+        "or by Storage Commitment.",
         "It does not support media interchange, Query/Retrieve as an SCP, or worklists.",
         "",
         *_table(["Network service", "SCU", "SCP"], [
             ["Verification", "no", "yes"],
             [f"Storage ({len(storage)} SOP classes)", "results only", "yes"],
             ["Study Root Query/Retrieve - FIND", "yes (read-back, source instance count)", "no"],
+            ["Storage Commitment Push Model", "yes (results; reports received by the listener)", "no"],
         ]),
         "",
         "## 2 Implementation model",
         "",
         "- Application entity **" + lc.ae_title + "** (the listener; configurable `listener.ae_title`):",
         "  Verification SCP and Storage SCP. Received files are kept as received (fsync'd) before",
-        "  the C-STORE response is sent.",
+        "  the C-STORE response is sent. It also receives the N-EVENT-REPORTs of Storage Commitment",
+        "  (as the SCU of that SOP class) from destinations that confirm by commitment.",
         "- Application entity **" + config.export.calling_ae_title + "** (the export worker; `export.calling_ae_title`):",
-        "  Storage SCU for result objects, Study Root C-FIND SCU for read-back.",
+        "  Storage SCU for result objects, Study Root C-FIND SCU for read-back, Storage Commitment",
+        "  Push Model SCU (N-ACTION) where a destination has `confirm: commitment`.",
         "- Result UIDs are UUID-derived (`2.25.` root) from the sources' content and the model",
         "  version (node/writers/uids.py), so a replay reuses them.",
         "",
@@ -85,14 +101,14 @@ def statement(config: Config) -> str:
         "",
         f"### 3.1 {lc.ae_title} (listener): SOP classes as SCP",
         "",
-        f"{len(contexts)} SOP classes (pynetdicom's storage list plus Verification), each accepted",
+        f"{len(contexts)} SOP classes (pynetdicom's storage list, Verification and Storage Commitment), each accepted",
         f"with any of these {len(syntaxes)} transfer syntaxes (uncompressed ones, plus every compressed",
         "syntax the installed pydicom decoders can decode, so the pipelines can read what was kept):",
         "",
         *_table(["Transfer syntax", "UID"], [[_name(ts), f"`{ts}`"] for ts in syntaxes]),
         "",
         *_table(["SOP class", "UID", "Role"], [
-            [_name(str(cx.abstract_syntax)), f"`{cx.abstract_syntax}`", "SCP"] for cx in contexts
+            [_name(str(cx.abstract_syntax)), f"`{cx.abstract_syntax}`", _role(cx)] for cx in contexts
         ]),
         "",
         "#### Association policies (SCP)",
@@ -105,7 +121,19 @@ def statement(config: Config) -> str:
         "  rejected-permanent, diagnostic 7 (called AE) or 3 (calling AE), logged and audited.",
         f"- Timeouts: ACSE {lc.timeouts.acse:g} s, DIMSE {lc.timeouts.dimse:g} s, network idle",
         f"  {lc.timeouts.network:g} s (`listener.timeouts`).",
-        "- No extended negotiation; SCP/SCU role selection is not offered.",
+        "- No extended negotiation. SCP/SCU role selection is accepted for Storage Commitment Push",
+        "  Model only, with the requestor as SCP: that association is admitted only from a",
+        "  destination with `confirm: commitment` (its AE title, from an address its host resolves",
+        "  to), and negotiates nothing else; anyone else is rejected as above.",
+        "",
+        "#### N-EVENT-REPORT (Storage Commitment) response statuses",
+        "",
+        *_table(["Status", "Meaning here"], [
+            ["0x0000", "recorded: committed objects are done, refused ones are stored again later"],
+            ["0x0110", "not recorded (database down); the export worker asks again"],
+            ["0x0113", "Event Type ID other than 1 or 2"],
+            ["0x0115", "Event Information without a Transaction UID, or unreadable"],
+        ]),
         "",
         "#### C-STORE response statuses",
         "",
@@ -124,6 +152,8 @@ def statement(config: Config) -> str:
         *_table(["SOP class", "UID", "Role", "Sent as"], [
             *[[_name(uid), f"`{uid}`", "SCU", f"result object `{kind}`"] for kind, uid in RESULT_SOP_CLASSES.items()],
             [_name(StudyRootQueryRetrieveInformationModelFind), f"`{StudyRootQueryRetrieveInformationModelFind}`", "SCU", "read-back (`confirm: cfind`), source instance count"],
+            [_name(StorageCommitmentPushModel), f"`{StorageCommitmentPushModel}`", "SCU",
+             "N-ACTION after the C-STOREs (`confirm: commitment`)"],
         ]),
         "",
         "#### Association policies (SCU)",
@@ -133,6 +163,11 @@ def statement(config: Config) -> str:
         "- A refused or failed association is retried with exponential backoff",
         f"  (`export.max_retries` = {config.export.max_retries}); then the job fails with the reason.",
         "- A C-STORE status other than success or warning (0xBxxx) fails that object's send.",
+        "- Storage Commitment: after the C-STOREs, one N-ACTION (Request Storage Commitment) per",
+        "  batch on its own association, released after the response; the report is expected on a",
+        "  new association to the listener. A job is done only when every object is committed;",
+        "  a refused object is stored and requested again, up to `export.max_retries` times; an",
+        "  overdue report (`commitment_wait_seconds`) is requested again.",
         "",
         "## 4 Communication profiles",
         "",

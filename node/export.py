@@ -1,8 +1,10 @@
-"""Export: send result files to a destination and read them back, with timeouts.
+"""Export: send result files to a destination and confirm them there, with timeouts.
 
 `send_files` uses one C-STORE association or one STOW-RS request per batch, as the destination's
 protocol says; `confirm_held` asks the destination (C-FIND or QIDO-RS) whether it holds each
-object, for destinations that must confirm before a job is done.
+object, and `request_commitment` asks it to commit them (Storage Commitment Push Model: its
+answer comes later, to the listener; node/engine/commitment.py), for destinations that must
+confirm before a job is done.
 """
 
 from __future__ import annotations
@@ -21,7 +23,11 @@ from pydicom import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
-from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind  # type: ignore[attr-defined]  # generated at import
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # generated at import
+    StorageCommitmentPushModel,
+    StorageCommitmentPushModelInstance,
+    StudyRootQueryRetrieveInformationModelFind,
+)
 from pynetdicom.status import STATUS_PENDING, STATUS_SUCCESS, STATUS_WARNING, code_to_category
 
 from node import metrics
@@ -43,6 +49,10 @@ class DestinationUnavailable(ConnectionError):
     """The association could not be established (transient: retry later)."""
 
 
+class CommitmentRefused(RuntimeError):
+    """The destination answered a Storage Commitment request with a failure (or not at all)."""
+
+
 @dataclass(frozen=True)
 class SendOutcome:
     path: Path
@@ -62,6 +72,7 @@ class ObjectRef:
     study_uid: str
     series_uid: str
     sop_uid: str
+    sop_class_uid: str
 
 
 def send_files(dest: Destination, paths: Sequence[Path], calling_ae_title: str) -> list[SendOutcome]:
@@ -243,3 +254,33 @@ def _confirm_qido(dest: Destination, refs: Sequence[ObjectRef]) -> dict[str, str
         uids = {Dataset.from_json(h).get("SOPInstanceUID") for h in hits}
         result[ref.sop_uid] = None if ref.sop_uid in uids else "QIDO-RS found no such instance"
     return result
+
+
+def request_commitment(dest: Destination, refs: Sequence[ObjectRef], calling_ae_title: str,
+                       transaction_uid: str) -> None:
+    """Ask dest to commit to keeping refs (N-ACTION Request Storage Commitment, PS3.4 J.3.2).
+
+    The answer is not this call's: dest reports later, with an N-EVENT-REPORT naming
+    `transaction_uid`, on a new association to the listener. Raises DestinationUnavailable when
+    dest cannot be reached, CommitmentRefused when it does not accept the request.
+    """
+    ae = _ae(dest, calling_ae_title)
+    ae.add_requested_context(StorageCommitmentPushModel)
+    request = Dataset()
+    request.TransactionUID = transaction_uid
+    request.ReferencedSOPSequence = []
+    for ref in refs:
+        item = Dataset()
+        item.ReferencedSOPClassUID = ref.sop_class_uid
+        item.ReferencedSOPInstanceUID = ref.sop_uid
+        request.ReferencedSOPSequence.append(item)
+    assoc = _associate(ae, dest)
+    try:
+        status, _ = assoc.send_n_action(request, 1, StorageCommitmentPushModel, StorageCommitmentPushModelInstance)
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    code = int(status.Status) if status is not None and "Status" in status else None
+    if not succeeded(code):
+        answer = f"status 0x{code:04X}" if code is not None else "no response"
+        raise CommitmentRefused(f"{dest.name} did not accept the Storage Commitment request: {answer}")

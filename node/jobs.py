@@ -11,7 +11,7 @@ import logging
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
 
 from node import metrics
@@ -53,9 +53,13 @@ ALLOWED: dict[JobState, set[JobState]] = {
 #: finished job's results (`resend`). Sending -> sending: a claim whose export worker died is taken over.
 SEND_ALLOWED: dict[SendState, set[SendState]] = {
     SendState.PENDING: {SendState.SENDING, SendState.PENDING},
-    SendState.SENDING: {SendState.SENT, SendState.STORED, SendState.FAILED, SendState.SENDING, SendState.PENDING},
+    SendState.SENDING: {SendState.SENT, SendState.STORED, SendState.COMMITTING, SendState.FAILED, SendState.SENDING,
+                        SendState.PENDING},
     # stored, its confirmation still due: claimed again only to ask for it
     SendState.STORED: {SendState.SENDING, SendState.PENDING},
+    # the commitment report decides (committed: sent; refused: failed, stored again later); the
+    # request did not reach the destination: stored; no report in time: claimed to ask again
+    SendState.COMMITTING: {SendState.SENT, SendState.FAILED, SendState.STORED, SendState.SENDING, SendState.PENDING},
     SendState.SENT: {SendState.PENDING},
     SendState.FAILED: {SendState.SENDING, SendState.PENDING},
 }
@@ -95,6 +99,20 @@ def move_send(send: Send, new: SendState, **fields: Any) -> None:
 def may_become(new: SendState) -> tuple[SendState, ...]:
     """The send states the machine lets move to `new` (for conditional UPDATEs that claim rows)."""
     return tuple(st for st, targets in SEND_ALLOWED.items() if new in targets)
+
+
+def finish_if_delivered(s: Session, job: Job) -> bool:
+    """Close a sending job once every output reached every destination that wants it (and was
+    confirmed there where the destination asks); its predecessor is then superseded. Whoever
+    records the last send closes the job: the export task, or a Storage Commitment report."""
+    unsent = s.scalar(select(func.count()).select_from(Send).join(Output)
+                      .where(Output.job_id == job.id, Send.state != SendState.SENT))
+    if job.state != JobState.SENDING or unsent:
+        return False
+    transition(job, JobState.DONE, error=None, error_stage=None)
+    if job.supersedes is not None and job.supersedes.state == JobState.DONE:
+        transition(job.supersedes, JobState.SUPERSEDED)
+    return True
 
 
 def fail_job(config: Config, job_id: int, stage: Stage, message: str) -> None:

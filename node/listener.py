@@ -18,12 +18,17 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 from pynetdicom import AE, evt
+from pynetdicom.association import Association
 from pynetdicom.presentation import AllStoragePresentationContexts
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # generated at import
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # generated at import
+    StorageCommitmentPushModel,
+    Verification,
+)
 from pynetdicom.transport import ThreadedAssociationServer
 
 from node import metrics
 from node.config import Config, ListenerConfig
+from node.engine.commitment import commitment_peer, handle_report
 from node.handlers import IngestContext, audit, handle_closed, handle_echo, handle_store
 
 log = logging.getLogger(__name__)
@@ -99,7 +104,10 @@ def handle_requested(event: evt.Event, ctx: IngestContext) -> None:
     assert rq is not None  # pynetdicom sets it before triggering EVT_REQUESTED
     calling, called, address = str(rq.calling_ae_title), str(rq.called_ae_title), assoc.requestor.address
     verdict = admission(ctx.config.listener, calling, called, address)
-    if verdict is None:
+    reporter = called.strip() == ctx.config.listener.ae_title.strip() and \
+        commitment_peer(ctx.config, calling, address) is not None
+    if verdict is None or reporter:
+        offer_contexts(assoc, storage=verdict is None, commitment_reports=reporter)
         return
     diagnostic, reason = verdict
     # Recorded before the peer hears of it, so a refusal is counted even if the socket dies.
@@ -160,7 +168,31 @@ def build_ae(config: Config) -> AE:
     for cx in AllStoragePresentationContexts:
         if cx.abstract_syntax is not None:
             ae.add_supported_context(cx.abstract_syntax, syntaxes)
+    accept_commitment_reports(ae, config)
     return ae
+
+
+# ---- Storage Commitment reports (node/engine/commitment.py) ---------------------------------
+# A destination with `confirm: commitment` answers our N-ACTION later, on an association of its
+# own to the listener, as the SCP of Storage Commitment Push Model sending an N-EVENT-REPORT.
+
+
+def accept_commitment_reports(ae: AE, config: Config) -> None:
+    """Accept Storage Commitment Push Model with the requestor as SCP and us as SCU, and let
+    the commitment destinations' AE titles associate (only for that: see offer_contexts)."""
+    ae.add_supported_context(StorageCommitmentPushModel, scu_role=False, scp_role=True)
+    reporters = [d.ae_title for d in config.destinations if d.confirm == "commitment" and d.ae_title]
+    if ae.require_calling_aet and reporters:
+        ae.require_calling_aet = [*ae.require_calling_aet, *reporters]
+
+
+def offer_contexts(assoc: Association, storage: bool, commitment_reports: bool) -> None:
+    """Narrow what one admitted association may negotiate: an allowed caller gets Verification
+    and Storage, a commitment destination only Storage Commitment (to report, never to store)."""
+    assoc.acceptor.supported_contexts = [
+        cx for cx in assoc.acceptor.supported_contexts
+        if (commitment_reports if cx.abstract_syntax == StorageCommitmentPushModel else storage)
+    ]
 
 
 def start_listener(config: Config, ctx: IngestContext) -> ThreadedAssociationServer:
@@ -174,6 +206,7 @@ def start_listener(config: Config, ctx: IngestContext) -> ThreadedAssociationSer
         (evt.EVT_REJECTED, handle_rejected, [ctx]),
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_C_STORE, handle_store, [ctx]),
+        (evt.EVT_N_EVENT_REPORT, handle_report, [config]),
         (evt.EVT_RELEASED, handle_closed, [ctx]),
         (evt.EVT_ABORTED, handle_closed, [ctx]),
         (evt.EVT_CONN_CLOSE, handle_closed, [ctx]),

@@ -64,15 +64,18 @@ class Orthanc:
     """A real Orthanc (Debian package) on free ports, with its REST API for checks.
 
     `allow_find` lets any AE C-FIND (for read-back); `dicomweb` loads the DICOMweb plugin
-    (package orthanc-dicomweb) and serves STOW-RS/QIDO-RS under `dicomweb_url`.
+    (package orthanc-dicomweb) and serves STOW-RS/QIDO-RS under `dicomweb_url`; `modalities`
+    (name -> (AE title, host, port)) are the peers it knows, e.g. where it sends Storage
+    Commitment reports (Orthanc is a Storage Commitment SCP for the modalities it knows).
     """
 
     def __init__(self, workdir: Path, aet: str = "ORTHANC", *, allow_find: bool = False,
-                 dicomweb: bool = False) -> None:
+                 dicomweb: bool = False, modalities: dict[str, tuple[str, str, int]] | None = None) -> None:
         self.workdir = workdir
         self.aet = aet
         self.allow_find = allow_find
         self.dicomweb = dicomweb
+        self.modalities = modalities or {}
         self.http_port = free_port()
         self.dicom_port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
@@ -94,6 +97,7 @@ class Orthanc:
             "Plugins": [str(DICOMWEB_PLUGIN)] if self.dicomweb else [],
             "DicomWeb": {"Enable": self.dicomweb, "Root": "/dicom-web/"},
             "StableAge": 1,
+            "DicomModalities": {name: list(m) for name, m in self.modalities.items()},
         }
         cfg_path = self.workdir / "orthanc.json"
         cfg_path.write_text(json.dumps(cfg))
@@ -127,6 +131,12 @@ class Orthanc:
     def get(self, path: str) -> Any:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=10) as r:
             return json.loads(r.read())
+
+    def delete(self, path: str) -> None:
+        """DELETE a resource through the REST API (e.g. /instances/ID: the PACS loses an object)."""
+        req = urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}", method="DELETE")
+        with urllib.request.urlopen(req, timeout=10) as r:
+            r.read()
 
     def get_bytes(self, path: str) -> bytes:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=30) as r:

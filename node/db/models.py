@@ -97,7 +97,8 @@ class SendState(enum.StrEnum):
     PENDING = "pending"
     SENDING = "sending"  # claimed by an export task (updated_at is the claim time)
     STORED = "stored"  # the destination accepted it; its read-back (confirm) is still to come
-    SENT = "sent"  # accepted, and read back where the destination confirms
+    COMMITTING = "committing"  # accepted; Storage Commitment requested, the destination's report awaited
+    SENT = "sent"  # accepted, and read back or committed where the destination confirms
     FAILED = "failed"
 
 
@@ -252,8 +253,11 @@ class Send(Base):
     remote_status: Mapped[int | None] = mapped_column(Integer)
     error: Mapped[str | None] = mapped_column(Text)
     sent_at: Mapped[datetime | None] = _ts()
-    # When a read-back (C-FIND or QIDO-RS) found the object at the destination.
+    # When a read-back (C-FIND or QIDO-RS) found the object at the destination, or its
+    # Storage Commitment report said it is committed.
     confirmed_at: Mapped[datetime | None] = _ts()
+    # Transaction UID of the latest Storage Commitment request that names this object.
+    commitment_uid: Mapped[str | None] = mapped_column(String(64), index=True)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
     output: Mapped[Output] = relationship(back_populates="sends")

@@ -2,8 +2,10 @@
 
 Each output has a `Send` row per destination that wants it, so a retry skips what a destination
 already holds. `run_export` claims the unsent rows, sends them (node/export.py does the
-networking), confirms them where the destination asks for it, records every outcome, and
-closes the job once every output reached every destination.
+networking), confirms them where the destination asks for it (read back by C-FIND or QIDO-RS
+now, or Storage Commitment: requested now, reported later to the listener, see
+node/engine/commitment.py), records every outcome, and closes the job once every output
+reached every destination.
 """
 
 from __future__ import annotations
@@ -14,15 +16,25 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
+from pydicom.uid import generate_uid
 from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy.orm import Session
 
 from node import metrics
 from node.config import Config, Destination
-from node.db.models import Job, JobState, Output, Send, SendState, utcnow
+from node.db.models import ACTIVE_JOB_STATES, Job, JobState, Output, Send, SendState, utcnow
 from node.db.session import session_scope
 from node.engine.errors import RetryableExportError, Stage
-from node.export import DestinationUnavailable, ObjectRef, SendOutcome, confirm_held, send_files
-from node.jobs import may_become, move_send, transition
+from node.export import (
+    CommitmentRefused,
+    DestinationUnavailable,
+    ObjectRef,
+    SendOutcome,
+    confirm_held,
+    request_commitment,
+    send_files,
+)
+from node.jobs import finish_if_delivered, may_become, move_send, transition
 from node.spool import resolve
 
 log = logging.getLogger(__name__)
@@ -58,7 +70,7 @@ def _claim_sends(config: Config, job_id: int) -> _Claims:
     stale = now - timedelta(seconds=SEND_CLAIM_SECONDS)
     to_send = or_(Send.state.in_((SendState.PENDING, SendState.FAILED)),
                   and_(Send.state == SendState.SENDING, Send.updated_at < stale))
-    to_confirm = Send.state == SendState.STORED
+    waits = {d.name: now - timedelta(seconds=d.commitment_wait_seconds) for d in config.destinations}
     claimed: dict[str, list[_Claim]] = {}
     with session_scope(config.database.url) as s:
         job = s.get(Job, job_id)
@@ -67,8 +79,13 @@ def _claim_sends(config: Config, job_id: int) -> _Claims:
         if job.state == JobState.ENCODED:
             transition(job, JobState.SENDING)
         for out in job.outputs:
-            ref = ObjectRef(job.study.study_instance_uid, out.series_instance_uid, out.sop_instance_uid)
+            ref = ObjectRef(job.study.study_instance_uid, out.series_instance_uid, out.sop_instance_uid,
+                            out.sop_class_uid)
             for sd in out.sends:
+                # Stored: only its confirmation is due. A commitment report that did not come in
+                # time: asked for again.
+                to_confirm = or_(Send.state == SendState.STORED,
+                                 and_(Send.state == SendState.COMMITTING, Send.updated_at < waits.get(sd.destination, now)))
                 for condition, confirm_only in ((to_confirm, True), (to_send, False)):
                     res = s.execute(update(Send)
                                     .where(Send.id == sd.id, Send.state.in_(may_become(SendState.SENDING)), condition)
@@ -90,7 +107,8 @@ class _Failure:
 
 
 def _export_to(config: Config, dest: Destination, items: list[_Claim]) -> list[_Failure]:
-    """Send (and read back, where dest confirms) the claimed items; record each Send; return failures."""
+    """Send the claimed items, then confirm them where dest asks (read back now, or request
+    Storage Commitment); record each Send; return failures."""
     failures: list[_Failure] = []
     to_send = [c for c in items if not c.confirm_only]
     outcomes: dict[int, SendOutcome] = {}
@@ -103,8 +121,11 @@ def _export_to(config: Config, dest: Destination, items: list[_Claim]) -> list[_
             unavailable = f"{dest.name}: {e}"
             failures.append(_Failure(Stage.SEND, unavailable))
     stored = [c for c in items if c.confirm_only or (c.send_id in outcomes and outcomes[c.send_id].ok)]
+    # Storage Commitment: the sends wait under this transaction, recorded before it is requested
+    # (the report may reach the listener before the request returns).
+    transaction = generate_uid(prefix=None) if dest.confirm == "commitment" and stored else None
     missing: dict[str, str | None] = {}
-    if dest.confirm != "none" and stored:
+    if dest.confirm in ("cfind", "qido") and stored:
         try:
             missing = confirm_held(dest, [c.ref for c in stored], config.export.calling_ae_title)
         except (DestinationUnavailable, OSError) as e:
@@ -127,13 +148,44 @@ def _export_to(config: Config, dest: Destination, items: list[_Claim]) -> list[_
                 sd.sent_at = o.at
             if dest.confirm == "none":
                 move_send(sd, SendState.SENT)
+            elif transaction is not None:
+                move_send(sd, SendState.COMMITTING, commitment_uid=transaction, error=None)
             elif missing.get(c.ref.sop_uid) is None:
                 move_send(sd, SendState.SENT, confirmed_at=utcnow(), error=None)
             else:
                 # Stored but not (yet) found: the next attempt only asks again, it does not resend.
                 move_send(sd, SendState.STORED, error=f"not confirmed: {missing[c.ref.sop_uid]}")
                 failures.append(_Failure(Stage.CONFIRM, f"{dest.name}: {sd.error}"))
+    if transaction is not None:
+        failures += _request_commitment(config, dest, stored, transaction)
     return failures
+
+
+def _request_commitment(config: Config, dest: Destination, stored: list[_Claim], transaction: str) -> list[_Failure]:
+    """Ask dest to commit the stored objects; if it cannot be asked, they wait as stored for the
+    next attempt. The report comes to the listener (node/engine/commitment.py)."""
+    try:
+        request_commitment(dest, [c.ref for c in stored], config.export.calling_ae_title, transaction)
+    except (DestinationUnavailable, CommitmentRefused, OSError) as e:
+        with session_scope(config.database.url) as s:
+            for c in stored:
+                sd = s.get(Send, c.send_id)
+                assert sd is not None
+                if sd.state == SendState.COMMITTING and sd.commitment_uid == transaction:  # no report raced it
+                    move_send(sd, SendState.STORED, error=f"storage commitment not requested: {e}")
+        return [_Failure(Stage.CONFIRM, f"{dest.name}: storage commitment not requested: {e}")]
+    log.info("storage commitment of %d objects requested from %s (transaction %s)", len(stored), dest.name, transaction)
+    return []
+
+
+def _awaiting_commitment(s: Session, job_id: int) -> list[_Failure]:
+    """One failure per destination whose Storage Commitment report this job still awaits."""
+    waiting = s.execute(
+        select(Send.destination, func.count()).join(Output)
+        .where(Output.job_id == job_id, Send.state == SendState.COMMITTING).group_by(Send.destination)
+    ).all()
+    return [_Failure(Stage.CONFIRM, f"{name}: awaiting its storage commitment report for {n} object(s)")
+            for name, n in waiting]
 
 
 def run_export(config: Config, job_id: int) -> None:
@@ -141,7 +193,7 @@ def run_export(config: Config, job_id: int) -> None:
 
     Runs for a job still encoding (its SR is out before the other objects are drawn) and once
     more when all outputs are written; the job is done when every output reached every
-    destination that wants it, and was read back where the destination confirms.
+    destination that wants it, and was read back or committed where the destination confirms.
     """
     metrics.setup(config)
     claims = _claim_sends(config, job_id)
@@ -168,7 +220,13 @@ def run_export(config: Config, job_id: int) -> None:
         job = s.get(Job, job_id)
         assert job is not None
         s.execute(update(Job).where(Job.id == job_id).values(send_seconds=Job.send_seconds + elapsed))
-        if failures:
+        error = None
+        # Whoever records the last object closes the job (a commitment report may have done so
+        # meanwhile); a job still encoding stays running. Until then, this task keeps retrying,
+        # also while commitment reports are awaited: the retry asks again for those overdue.
+        if not finish_if_delivered(s, job) and job.state in ACTIVE_JOB_STATES:
+            failures += _awaiting_commitment(s, job_id)
+        if failures and job.state in ACTIVE_JOB_STATES:
             # Recorded and committed here, raised after: a raise inside session_scope would roll
             # back the reason, the stage and the send time, and the operator would see nothing.
             # The earliest stage names the failure: an object not stored at all is worse than
@@ -177,14 +235,5 @@ def run_export(config: Config, job_id: int) -> None:
             job.error, job.error_stage = "; ".join(f.message for f in failures)[:4000], stage.value
             job.updated_at = utcnow()
             error = job.error
-        else:
-            error = None
-            unsent = s.scalar(select(func.count()).select_from(Send).join(Output)
-                              .where(Output.job_id == job_id, Send.state != SendState.SENT))
-            # Whoever sends the last object closes the job; a job still encoding stays running.
-            if job.state == JobState.SENDING and not unsent:
-                transition(job, JobState.DONE, error=None, error_stage=None)
-                if job.supersedes is not None and job.supersedes.state == JobState.DONE:
-                    transition(job.supersedes, JobState.SUPERSEDED)
     if error is not None:
         raise RetryableExportError(stage, error)

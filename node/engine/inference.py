@@ -113,7 +113,8 @@ def _start(config: Config, job_id: int, worker: str) -> JobInput | None:
         if job.supersedes is not None:
             sr = next((o for o in job.supersedes.outputs if o.kind == "sr"), None)
             if sr is not None:
-                predecessor = ObjectRef(job.study.study_instance_uid, sr.series_instance_uid, sr.sop_instance_uid)
+                predecessor = ObjectRef(job.study.study_instance_uid, sr.series_instance_uid, sr.sop_instance_uid,
+                                        sr.sop_class_uid)
         return JobInput(job_id, job.study.study_instance_uid, job.pipeline,
                         [resolve(config.storage.path, i.path) for i in instances],
                         sorted(f"{i.sop_instance_uid}:{i.sha256}" for i in instances), predecessor,

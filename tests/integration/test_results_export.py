@@ -236,8 +236,8 @@ def test_read_back_by_cfind_and_qido_tells_held_from_missing(orthancs: Callable[
     [out] = send_files(web, [RG1], "PACSNODE")
     assert out.ok and out.status == 0
     ds = pydicom.dcmread(RG1, stop_before_pixels=True)
-    held = ObjectRef(str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID))
-    missing = ObjectRef(held.study_uid, held.series_uid, "1.2.3.4.5.6.7.8.9")
+    held = ObjectRef(str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID), str(ds.SOPClassUID))
+    missing = ObjectRef(held.study_uid, held.series_uid, "1.2.3.4.5.6.7.8.9", held.sop_class_uid)
     assert confirm_held(dimse, [held, missing], "PACSNODE") == {
         held.sop_uid: None, missing.sop_uid: "C-FIND found no such instance"}
     assert confirm_held(web, [held, missing], "PACSNODE") == {

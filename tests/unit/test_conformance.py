@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pynetdicom.sop_class import StorageCommitmentPushModel  # type: ignore[attr-defined]
+
 from node.conformance import default_config, statement
 from node.listener import build_ae
 
@@ -16,8 +18,10 @@ def test_conformance_statement_matches_the_code() -> None:
     )
 
 
-def test_every_accepted_context_is_listed_as_scp() -> None:
+def test_every_accepted_context_is_listed_with_our_role() -> None:
     text = DOC.read_text()
     for cx in build_ae(default_config()).supported_contexts:
-        assert f"| `{cx.abstract_syntax}` | SCP |" in text
+        # Storage Commitment reports come from the PACS as SCP: we accept them as its SCU.
+        role = "SCU (the requestor is SCP: role selection)" if cx.abstract_syntax == StorageCommitmentPushModel else "SCP"
+        assert f"| `{cx.abstract_syntax}` | {role} |" in text
     assert "| Computed Radiography Image Storage | `1.2.840.10008.5.1.4.1.1.1` | SCP |" in text

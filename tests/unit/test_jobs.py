@@ -165,9 +165,9 @@ def test_send_states_move_by_their_table_and_a_resend_resets_them(config: Config
         with pytest.raises(TransitionError, match="send .* to pacs: sent -> sending is not allowed"):
             move_send(sd, SendState.SENDING)
         sd.attempts = 3
-    # A claim may take pending, failed, stored and stale sending rows, never a sent one.
+    # A claim may take pending, failed, stored, overdue committing and stale sending rows, never a sent one.
     assert set(may_become(SendState.SENDING)) == {SendState.PENDING, SendState.FAILED, SendState.STORED,
-                                                  SendState.SENDING}
+                                                  SendState.COMMITTING, SendState.SENDING}
     resend(config, job_id, actor="admin", reason="PACS lost it")
     with session_scope(config.database.url) as s:
         sent = s.scalars(select(Send)).one()
