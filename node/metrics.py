@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -34,9 +35,16 @@ def setup(config: Config) -> None:
 
 
 def _m() -> Any:
-    """The metric objects, created on first use (after setup() has set the directory)."""
+    """The metric objects, created on first use (after setup() has set the directory).
+
+    Under a lock: the listener's association threads touch metrics at the same moment, and
+    two registrations of one name raise DuplicateTimeseries (a refused C-STORE)."""
     global _metrics
-    if _metrics is None:
+    if _metrics is not None:
+        return _metrics
+    with _lock:
+        if _metrics is not None:
+            return _metrics
         from prometheus_client import Counter, Histogram
 
         _metrics = {
@@ -54,6 +62,7 @@ def _m() -> Any:
 
 
 _metrics: dict[str, Any] | None = None
+_lock = threading.Lock()
 
 
 def instance_received(status: int, seconds: float) -> None:
