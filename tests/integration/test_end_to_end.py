@@ -115,7 +115,7 @@ def test_radiograph_comes_back_as_sr_and_overlay_in_the_same_study(
     assert job["model_version"] == "0.1.0"
     for key in ("created_at", "queued_at", "running_at", "encoded_at", "sending_at", "done_at"):
         assert job[key], key
-    assert {"read", "pipeline", "encode", "send"} <= set(job["timings"])
+    assert {"read", "inference", "encode", "validate", "send"} <= set(job["timings"])
     kinds = [o["kind"] for o in job["outputs"]]
     # By default (export.objects): one SR for the study's processed images, then per image an
     # overlay SC, a lung SEG and a GSPS (a late arrival makes the job process the study's images).

@@ -219,6 +219,13 @@ def test_pacs_down_then_up_gets_everything_once_with_retries(
 def test_redis_restarted_empty_loses_no_queued_job(
     prod: ProductionNode, redis: Redis, pacs: Orthanc, tmp_path: Path
 ) -> None:
+    import yaml
+
+    # One job per forward pass: a worker must not take a lost job into another job's batch
+    # before the reconciler has re-sent it (the reconciler waits while re-sent messages wait).
+    cfg = yaml.safe_load(prod.config_path.read_text())
+    cfg["queue"]["batch_size"] = 1
+    prod.config_path.write_text(yaml.safe_dump(cfg))
     prod.start_listener()  # no workers: the jobs wait in Redis
     files = synthetic_cr(tmp_path / "in", 3)
     uids = _study_uids(files)
