@@ -21,9 +21,12 @@ from pydicom.uid import (
     SecondaryCaptureImageStorage,
     SegmentationStorage,
 )
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # generated at import
+    StudyRootQueryRetrieveInformationModelFind,
+    Verification,
+)
 
 from node.config import Config, parse_config
-from node.export import STUDY_ROOT_FIND
 from node.listener import accepted_transfer_syntaxes, build_ae
 
 # What the export worker proposes: each result object's SOP class with these two syntaxes
@@ -50,7 +53,7 @@ def statement(config: Config) -> str:
     ae = build_ae(config)
     contexts = sorted(ae.supported_contexts, key=lambda cx: (_name(str(cx.abstract_syntax)), str(cx.abstract_syntax)))
     syntaxes = accepted_transfer_syntaxes()
-    storage = [cx for cx in contexts if str(cx.abstract_syntax) != "1.2.840.10008.1.1"]
+    storage = [cx for cx in contexts if cx.abstract_syntax != Verification]
     lines = [
         "# pacsnode DICOM Conformance Statement",
         "",
@@ -73,6 +76,8 @@ def statement(config: Config) -> str:
         "",
         "## 2 Implementation model",
         "",
+        f"- Implementation Class UID `{ae.implementation_class_uid}`, Implementation Version Name",
+        f"  `{ae.implementation_version_name}` (pynetdicom's, the DICOM library both AEs are built on).",
         "- Application entity **" + lc.ae_title + "** (the listener; configurable `listener.ae_title`):",
         "  Verification SCP and Storage SCP. Received files are kept as received (fsync'd) before",
         "  the C-STORE response is sent.",
@@ -123,7 +128,8 @@ def statement(config: Config) -> str:
         "",
         *_table(["SOP class", "UID", "Role", "Sent as"], [
             *[[_name(uid), f"`{uid}`", "SCU", f"result object `{kind}`"] for kind, uid in RESULT_SOP_CLASSES.items()],
-            [_name(STUDY_ROOT_FIND), f"`{STUDY_ROOT_FIND}`", "SCU", "read-back (`confirm: cfind`), source instance count"],
+            [_name(StudyRootQueryRetrieveInformationModelFind), f"`{StudyRootQueryRetrieveInformationModelFind}`", "SCU",
+             "read-back (`confirm: cfind`), source instance count"],
         ]),
         "",
         "#### Association policies (SCU)",
@@ -132,7 +138,8 @@ def statement(config: Config) -> str:
         "  DIMSE wait is bounded by the destination's `timeout`.",
         "- A refused or failed association is retried with exponential backoff",
         f"  (`export.max_retries` = {config.export.max_retries}); then the job fails with the reason.",
-        "- A C-STORE status other than success or warning (0xBxxx) fails that object's send.",
+        "- A C-STORE status other than success or warning (0xBxxx, 0x0001, 0x0107, 0x0116) fails",
+        "  that object's send.",
         "",
         "## 4 Communication profiles",
         "",

@@ -18,17 +18,16 @@ import pydicom
 import requests
 from dicomweb_client.api import DICOMwebClient
 from pydicom import Dataset
-from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind  # type: ignore[attr-defined]
+from pynetdicom.status import STATUS_PENDING, STATUS_SUCCESS, code_to_category
 
 from node import metrics
 from node.config import Destination
 from node.db.models import utcnow
-from node.listener import tune_connection
-
-#: Study Root Query/Retrieve Information Model - FIND (pynetdicom's constants are not typed).
-STUDY_ROOT_FIND = UID("1.2.840.10008.5.1.4.1.2.2.1")
+from node.dimse import is_stored, tune_connection
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +45,7 @@ class SendOutcome:
 
     @property
     def ok(self) -> bool:
-        return self.status is not None and (self.status == 0x0000 or self.status & 0xF000 == 0xB000)
+        return self.status is not None and is_stored(self.status)
 
 
 @dataclass(frozen=True)
@@ -103,7 +102,7 @@ def _c_store(dest: Destination, paths: Sequence[Path], calling_ae_title: str) ->
                 continue
             status = int(rsp.Status) if "Status" in rsp else None
             err = None if status is not None else "no response (timeout or abort)"
-            if status is not None and not (status == 0 or status & 0xF000 == 0xB000):
+            if status is not None and not is_stored(status):
                 err = f"remote status 0x{status:04X}"
             outcomes.append(SendOutcome(path, status, err, utcnow()))
             metrics.send_result(dest.name, "ok" if err is None else "failed")
@@ -189,7 +188,7 @@ def confirm_held(dest: Destination, refs: Sequence[ObjectRef], calling_ae_title:
 
 def _confirm_cfind(dest: Destination, refs: Sequence[ObjectRef], calling_ae_title: str) -> dict[str, str | None]:
     ae = _ae(dest, calling_ae_title)
-    ae.add_requested_context(STUDY_ROOT_FIND)
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
     assoc = _associate(ae, dest)
     result: dict[str, str | None] = {}
     try:
@@ -200,13 +199,13 @@ def _confirm_cfind(dest: Destination, refs: Sequence[ObjectRef], calling_ae_titl
             query.SeriesInstanceUID = ref.series_uid
             query.SOPInstanceUID = ref.sop_uid
             found, final = False, None
-            for status, identifier in assoc.send_c_find(query, STUDY_ROOT_FIND):
+            for status, identifier in assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind):
                 final = int(status.Status) if status is not None and "Status" in status else None
-                if final in (0xFF00, 0xFF01) and identifier is not None:
+                if final is not None and code_to_category(final) == STATUS_PENDING and identifier is not None:
                     found = found or identifier.get("SOPInstanceUID") == ref.sop_uid
             if found:
                 result[ref.sop_uid] = None
-            elif final == 0x0000:
+            elif final is not None and code_to_category(final) == STATUS_SUCCESS:
                 result[ref.sop_uid] = "C-FIND found no such instance"
             else:
                 result[ref.sop_uid] = "C-FIND " + (f"status 0x{final:04X}" if final is not None else "got no response")

@@ -54,8 +54,9 @@ def test_fuzz_finding_over_the_handler_answers_c210_and_is_audited(cfg: Config) 
 
     data = (FUZZ / "meta_group_length_odd.bin").read_bytes()
     ident = SimpleNamespace(ae_title="FUZZ", address="127.0.0.1")
+    # A data set that stayed in memory (request without a streamed file): the handler stages it.
     event = SimpleNamespace(assoc=SimpleNamespace(requestor=ident, acceptor=SimpleNamespace(ae_title="PACSNODE")),
-                            encoded_dataset=lambda include_meta: data)
+                            request=SimpleNamespace(), encoded_dataset=lambda include_meta: data)
     assert handle_store(event, IngestContext(cfg)) == CANNOT_UNDERSTAND  # type: ignore[arg-type]
     with session_scope(cfg.database.url) as s:
         kinds = list(s.scalars(select(Event.kind)))
