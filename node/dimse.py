@@ -46,6 +46,12 @@ from typing import TYPE_CHECKING, Any, Protocol, cast
 import pynetdicom
 from pynetdicom import evt
 from pynetdicom._globals import MODE_ACCEPTOR
+from pynetdicom._handlers import (
+    standard_dimse_recv_handler,
+    standard_dimse_sent_handler,
+    standard_pdu_recv_handler,
+    standard_pdu_sent_handler,
+)
 from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_messages import C_STORE_RQ
@@ -500,10 +506,22 @@ class RequestHandler(_StockRequestHandler):
         assoc.acceptor.supported_contexts = deepcopy(self.server.contexts)
         assoc.requestor.address_info = self.remote
 
+        # pynetdicom's standard handlers only log (INFO and DEBUG), but build their lines for
+        # every PDU and message (one copies each data set to see whether it is empty). The node
+        # keeps the pynetdicom logger at WARNING: then they are left out.
+        quiet = not logging.getLogger("pynetdicom").isEnabledFor(logging.INFO)
         for event, bound in self.server._handlers.items():
             if event.is_intervention and bound:
                 assoc.bind(event, *bound)
             elif isinstance(event, evt.NotificationEvent):
                 for handler, args in cast(list[tuple[Any, Any]], bound):
-                    assoc.bind(event, handler, args)
+                    if not (quiet and handler in _STANDARD_LOGGING.values()):
+                        assoc.bind(event, handler, args)
+        if quiet:
+            for event, handler in _STANDARD_LOGGING.items():
+                assoc.unbind(event, handler)
         return assoc
+
+
+_STANDARD_LOGGING = {evt.EVT_DIMSE_RECV: standard_dimse_recv_handler, evt.EVT_DIMSE_SENT: standard_dimse_sent_handler,
+                     evt.EVT_PDU_RECV: standard_pdu_recv_handler, evt.EVT_PDU_SENT: standard_pdu_sent_handler}

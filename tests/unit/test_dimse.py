@@ -7,6 +7,7 @@ matters compares the result with stock pynetdicom serving the same AE.
 
 from __future__ import annotations
 
+import logging
 import socket
 import struct
 import threading
@@ -422,3 +423,25 @@ def test_associations_in_parallel_each_get_their_own_reactor(tmp_path: Path, ser
         t.join(timeout=60)
     assert errors == []
     assert _count(cfg) == 20
+
+
+@pytest.mark.parametrize(("level", "logged"), [(logging.WARNING, False), (logging.INFO, True)])
+def test_pynetdicom_standard_logging_only_when_its_logger_would_show_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, level: int, logged: bool
+) -> None:
+    from pynetdicom._handlers import standard_dimse_recv_handler
+
+    cfg = _config(tmp_path)
+    caplog.set_level(level, logger="pynetdicom")
+    ctx = IngestContext(cfg)
+    server = start_listener(cfg, ctx)
+    try:
+        assoc, _ = _associate_raw(cfg)
+        acceptor = wait_for(lambda: server.active_associations, 10, "the acceptor association")[0]
+        bound = [h for h, _ in acceptor.get_handlers(evt.EVT_DIMSE_RECV)]
+        assert int(assoc.send_c_store(pydicom.dcmread(CT)).Status) == 0
+        assoc.release()
+    finally:
+        server.shutdown()
+    assert (standard_dimse_recv_handler in bound) is logged
+    assert ("Received Store Request" in caplog.text) is logged
