@@ -330,6 +330,17 @@ class WakingDUL(DULServiceProvider):
             return
         self._recv_pdu.put(pdu)
 
+    def _abort_now(self) -> None:
+        """Send an A-ABORT (service provider) and stop both reactors, bypassing the state machine."""
+        abort_pdu = A_ABORT_RQ()
+        abort_pdu.source = 0x02
+        abort_pdu.reason_diagnostic = 0x00
+        cast(AssociationSocket, self.socket).send(abort_pdu.encode())
+        self.assoc.is_aborted = True
+        self.assoc.is_established = False
+        self.assoc._kill = True
+        self._kill_thread = True
+
     def run_reactor(self) -> None:
         """pynetdicom 3.0.4's DUL reactor with select() in place of time.sleep(_run_loop_delay)."""
         try:
@@ -359,24 +370,28 @@ class WakingDUL(DULServiceProvider):
                     pass
                 elif self._is_transport_event():  # a PDU from the peer
                     self._idle_timer.restart()
-            except Exception as exc:  # as pynetdicom: abort outside the state machine
-                log.error("Exception in the DUL reactor, aborting association")
-                log.exception(exc)
-                abort_pdu = A_ABORT_RQ()
-                abort_pdu.source = 0x02
-                abort_pdu.reason_diagnostic = 0x00
-                self.socket.send(abort_pdu.encode())
-                self.assoc.is_aborted = True
-                self.assoc.is_established = False
-                self.assoc._kill = True
-                self._kill_thread = True
+            except Exception:  # as pynetdicom: abort outside the state machine
+                log.exception("Exception in the DUL reactor, aborting association")
+                self._abort_now()
                 return
             try:
                 event = self.event_queue.get(block=False)
             except queue.Empty:
                 idle = True
                 continue
-            self.state_machine.do_action(event)
+            try:
+                self.state_machine.do_action(event)
+            except Exception:
+                # pynetdicom lets this end the thread (found by bench/fuzz_ingest.py: a command
+                # set without Command Field raises AttributeError in DIMSE decoding), leaving the
+                # peer without an answer. Here it is an invalid PDU (Evt19: A-ABORT, PS3.8 9.2),
+                # or, if handling that fails too, an A-ABORT outside the state machine.
+                log.exception("DUL state machine action for %s failed in %s", event,
+                              self.state_machine.current_state)
+                if event == "Evt19":
+                    self._abort_now()
+                    return
+                self.event_queue.put("Evt19")
             # Wake the association thread only when it has something to act on (a whole DIMSE
             # message, a release or abort): not for every fragment of a large data set.
             if (self.to_user_queue.queue or self.assoc.dimse.msg_queue.queue) and not self.user_event.is_set():
