@@ -25,8 +25,10 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # generated at
     StudyRootQueryRetrieveInformationModelFind,
     Verification,
 )
+from pynetdicom.status import Status
 
 from node.config import Config, parse_config
+from node.handlers import CANNOT_UNDERSTAND, DATASET_MISMATCH, OUT_OF_RESOURCES
 from node.listener import accepted_transfer_syntaxes, build_ae
 
 # What the export worker proposes: each result object's SOP class with these two syntaxes
@@ -115,10 +117,13 @@ def statement(config: Config) -> str:
         "#### C-STORE response statuses",
         "",
         *_table(["Status", "Meaning here"], [
-            ["0x0000", "stored: file fsync'd and row committed (or an identical duplicate)"],
-            ["0xA700", "out of resources: instance too large, spool below its free-space floor, database down"],
-            ["0xA900", "data set does not match SOP class: missing or invalid UIDs, truncated pixel data"],
-            ["0xC210", "cannot understand: the data set does not parse"],
+            [f"0x{Status.SUCCESS:04X}", "stored: file fsync'd and row committed (or an identical duplicate)"],
+            [f"0x{OUT_OF_RESOURCES:04X}",
+             "out of resources: instance too large (checked as it arrives), spool below its free-space floor, "
+             "database down"],
+            [f"0x{DATASET_MISMATCH:04X}",
+             "data set does not match SOP class: missing or invalid UIDs, truncated pixel data"],
+            [f"0x{CANNOT_UNDERSTAND:04X}", "cannot understand: the data set does not parse"],
         ]),
         "",
         f"### 3.2 {config.export.calling_ae_title} (export): SOP classes as SCU",

@@ -25,6 +25,7 @@ from pydicom.dataelem import RawDataElement
 from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 from pynetdicom import evt
+from pynetdicom.status import Status
 from sqlalchemy import Row, Table, insert, select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
@@ -40,8 +41,7 @@ from node.spool import StagedFile, instance_relpath
 
 log = logging.getLogger(__name__)
 
-# C-STORE statuses (PS3.4 B.2.3 and pynetdicom's conventions)
-SUCCESS = 0x0000
+# C-STORE failure statuses this node answers with (PS3.4 B.2.3; success is pynetdicom's Status.SUCCESS)
 OUT_OF_RESOURCES = 0xA700
 DATASET_MISMATCH = 0xA900  # "Data Set does not match SOP Class": missing/invalid UIDs
 CANNOT_UNDERSTAND = 0xC210  # dataset does not parse
@@ -352,7 +352,7 @@ def _record(s: Session, ds: pydicom.Dataset, uids: _Uids, relpath: str, digest: 
 
 
 def handle_echo(event: evt.Event) -> int:
-    return SUCCESS
+    return Status.SUCCESS
 
 
 def handle_store(event: evt.Event, ctx: IngestContext) -> int:
@@ -381,10 +381,10 @@ def handle_store(event: evt.Event, ctx: IngestContext) -> int:
         audit(ctx, "store_failed", calling, str(e))
         metrics.instance_refused(OUT_OF_RESOURCES)
         return OUT_OF_RESOURCES
-    metrics.instance_received(SUCCESS, time.perf_counter() - t0)
+    metrics.instance_received(Status.SUCCESS, time.perf_counter() - t0)
     ctx.tracker.add(id(assoc), study_uid)
     log.debug("stored %s of study %s", sop_uid, study_uid)
-    return SUCCESS
+    return Status.SUCCESS
 
 
 def audit(ctx: IngestContext, kind: str, actor: str | None, detail: str) -> None:
