@@ -27,7 +27,7 @@ from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 from pynetdicom import evt
 from pynetdicom.status import Status
 from sqlalchemy import Row, Table, insert, select, update
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from node import metrics
@@ -37,7 +37,7 @@ from node.db.session import session_scope
 from node.dimse import received_dataset
 from node.identifiers import keyed_hash
 from node.routing import routing_record, rule_keys
-from node.spool import StagedFile, instance_relpath
+from node.spool import Placement, StagedFile, instance_relpath
 
 log = logging.getLogger(__name__)
 
@@ -249,27 +249,54 @@ def ingest_staged(staged: StagedFile, ctx: IngestContext, calling_ae: str | None
                  sop_class=_valid_uid(ds.get("SOPClassUID"), "SOPClassUID"))
     digest = staged.sha256
     relpath = instance_relpath(uids.study, uids.sop, digest)
-    placement = None
+    placement: Placement | None = None
+    new_series = None
     try:
-        with session_scope(ctx.config.database.url) as s:
-            existing = s.execute(select(_INSTANCE.c.id, _INSTANCE.c.sha256, _INSTANCE.c.path)
-                                 .where(_INSTANCE.c.sop_instance_uid == uids.sop)).first()
-            if existing is not None and existing.sha256 == digest:
-                log.info("duplicate instance %s ignored (same content)", uids.sop)
-                return uids.study, uids.sop
-            # The file's fsyncs run while the rows are written; they commit only once the file is durable.
-            placement = staged.place(relpath)
-            new_series = _record(s, ds, uids, relpath, digest, staged.size, existing, calling_ae, peer, ctx)
-            placement.wait()
+        for attempt in (1, 2):
+            try:
+                with session_scope(ctx.config.database.url) as s:
+                    existing = s.execute(select(_INSTANCE.c.id, _INSTANCE.c.sha256, _INSTANCE.c.path)
+                                         .where(_INSTANCE.c.sop_instance_uid == uids.sop)).first()
+                    if existing is not None and existing.sha256 == digest:
+                        # Same content, so the same path: a file placed here first is that file.
+                        log.info("duplicate instance %s ignored (same content)", uids.sop)
+                        if placement is not None:
+                            placement.wait()
+                        return uids.study, uids.sop
+                    # The fsyncs run while the rows are written; the rows commit once the file is durable.
+                    if placement is None:
+                        placement = staged.place(relpath)
+                    new_series = _record(s, ds, uids, relpath, digest, staged.size, existing, calling_ae, peer, ctx)
+                    placement.wait()
+                break
+            except IntegrityError:
+                # Another sender committed the same study, series or instance since we looked
+                # (SQLite makes us wait for that commit): look again, once.
+                if attempt == 2:
+                    raise
+                log.info("instance %s: rows written concurrently by another association, retrying", uids.sop)
     except BaseException as e:
         if placement is not None:
-            placement.undo()
+            _undo(placement, relpath, ctx)
         if isinstance(e, (SQLAlchemyError, OSError)):
             raise StoreRefused(OUT_OF_RESOURCES, f"instance {uids.sop} not stored: {e}") from e
         raise
     if new_series is not None:
         ctx.remember_series(uids.series, *new_series)
     return uids.study, uids.sop
+
+
+def _undo(placement: Placement, relpath: str, ctx: IngestContext) -> None:
+    """Remove a placed file after a failure, unless a committed row names it (identical
+    content from another sender) or the database cannot say."""
+    try:
+        with session_scope(ctx.config.database.url) as s:
+            referenced = s.execute(select(_INSTANCE.c.id).where(_INSTANCE.c.path == relpath)).first() is not None
+    except SQLAlchemyError:
+        log.warning("kept %s after a failed store: the database cannot say whether a row names it", relpath)
+        referenced = True
+    if not referenced:
+        placement.undo()
 
 
 @dataclass(frozen=True)
