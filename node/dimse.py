@@ -135,6 +135,9 @@ class DatasetSink(Protocol):
     def write(self, data: bytes) -> None:
         """Append bytes; must not raise (keep the failure and report it to the handler)."""
 
+    def finish(self) -> None:
+        """The whole data set has arrived (called before the handler runs)."""
+
     def discard(self) -> None:
         """Drop what was written unless the handler kept it; called once the request is done."""
 
@@ -180,7 +183,11 @@ class StreamingDIMSE(DIMSEServiceProvider):
         self._sink_factory = sink_factory
 
     def receive_primitive(self, primitive: Any) -> None:
+        receiving = self.message
+        chunked = receiving._data_set_file if receiving is not None else None
         super().receive_primitive(primitive)
+        if isinstance(chunked, _ChunkedFile) and self.message is not receiving:
+            chunked.sink.finish()  # the message is complete and queued for the handler
         # Once a C-STORE-RQ's command set is in, its data set goes to a sink (together with any
         # data set bytes that came in the same P-DATA as the end of the command).
         msg = self.message

@@ -225,6 +225,7 @@ def ingest(data: bytes, ctx: IngestContext, calling_ae: str | None, peer: Peer |
         raise StoreRefused(OUT_OF_RESOURCES, f"spool is not usable: {e}") from e
     try:
         staged.write(data)
+        staged.finish()
         return ingest_staged(staged, ctx, calling_ae, peer)
     finally:
         staged.discard()

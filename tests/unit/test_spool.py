@@ -94,5 +94,42 @@ def test_write_atomic_fsyncs_the_file_and_every_folder_it_created(tmp_path: Path
     path = write_atomic(tmp_path, "outputs/0001/1001/sr-0.dcm", b"result")
     assert path.read_bytes() == b"result"
     root = tmp_path.resolve()
-    assert sorted(synced) == sorted([str(path), str(root / "outputs/0001/1001"), str(root / "outputs/0001"),
-                                     str(root / "outputs")])
+    folders = [str(root / "outputs/0001/1001"), str(root / "outputs/0001"), str(root / "outputs")]
+    assert sorted(p for p in synced if p in folders) == sorted(folders)
+    # The file itself, under its staged or its final name (its fsync may run before the rename).
+    files = [p for p in synced if p not in folders]
+    assert len(files) == 1 and (files[0] == str(path) or files[0].startswith(str(root / INCOMING)))
+
+
+def test_finish_starts_the_fsync_and_place_waits_for_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    staged = StagedFile(tmp_path)
+    staged.write(b"data")
+    staged.finish()
+    staged.write(b"more")  # after finish: dropped, the file is complete
+    assert staged.size == 4
+    assert staged._synced is not None
+    staged._synced.result(timeout=10)  # running on its own, before any place()
+    placement = staged.place("a/b.dcm")
+    placement.wait()
+    assert placement.path.read_bytes() == b"data"
+    # The file was fsync'd under its staged name (before the rename), then its new folders.
+    assert synced[0].startswith(str((tmp_path / INCOMING).resolve()))
+    assert sorted(synced[1:]) == sorted([str(tmp_path.resolve() / "a"), str(tmp_path.resolve())])
+
+
+def test_a_file_that_failed_to_write_is_never_placed(tmp_path: Path) -> None:
+    staged = StagedFile(tmp_path, limit=2)
+    staged.write(b"data")
+    staged.finish()
+    with pytest.raises(SpoolError, match="staged file is incomplete: instance exceeds 2 bytes"):
+        staged.place("a.dcm")
+    staged.discard()
+    assert not (tmp_path / "a.dcm").exists()
