@@ -75,7 +75,7 @@ def timed_send(port: int, aec: str, files: list[Path]) -> float:
     out = storescu(port, *files, aec=aec, timeout=600)
     elapsed = time.perf_counter() - t0
     if out.returncode != 0:
-        raise RuntimeError(f"storescu to {aec} failed: {out.stderr[-2000:]}")
+        raise RuntimeError(f"storescu to {aec} exited with {out.returncode}: {(out.stdout + out.stderr)[-2000:]}")
     return elapsed
 
 
@@ -115,7 +115,10 @@ def run_node(work: Path, files: list[Path], rss: list[float]) -> float:
     subprocess.run([*cli, "db", "upgrade"], check=True, cwd=REPO, capture_output=True, timeout=120)
     proc = subprocess.Popen([*cli, "listener"], cwd=REPO, stdout=subprocess.DEVNULL,
                             stderr=open(work / "listener.log", "wb"))  # noqa: SIM115
-    return _time_receiver(proc, port, "PACSNODE", files, startup=60, rss=rss)
+    try:
+        return _time_receiver(proc, port, "PACSNODE", files, startup=60, rss=rss)
+    except RuntimeError as e:
+        raise RuntimeError(f"{e}\nlistener log:\n{(work / 'listener.log').read_text()[-3000:]}") from e
 
 
 def noop_scp(config_path: Path, reactor: str) -> None:

@@ -93,6 +93,7 @@ class StagedFile:
         self.limit = limit
         self.size = 0
         self.error: str | None = None
+        self.too_large = False  # the error is the size limit
         self._hash = hashlib.sha256()
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
@@ -100,6 +101,7 @@ class StagedFile:
         if self.error is not None or self._fd is None:
             return
         if self.limit is not None and self.size + len(data) > self.limit:
+            self.too_large = True
             self.error = f"instance exceeds {self.limit} bytes"
             os.ftruncate(self._fd, 0)  # give the space back now; the rest is read and dropped
             return

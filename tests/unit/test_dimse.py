@@ -11,7 +11,6 @@ import logging
 import socket
 import struct
 import threading
-from collections.abc import Iterator
 from io import BytesIO
 from pathlib import Path
 from typing import Any
@@ -65,20 +64,6 @@ def _config(tmp_path: Path, storage: dict[str, Any] | None = None, **listener: A
     })
     db_upgrade(cfg)
     return cfg
-
-
-@pytest.fixture
-def serve() -> Iterator[Any]:
-    servers: list[Any] = []
-
-    def start(cfg: Config) -> IngestContext:
-        ctx = IngestContext(cfg)
-        servers.append(start_listener(cfg, ctx))
-        return ctx
-
-    yield start
-    for server in servers:
-        server.shutdown()
 
 
 class StockReceiver:

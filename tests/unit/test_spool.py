@@ -11,6 +11,20 @@ import pytest
 from node.spool import INCOMING, SpoolError, StagedFile, write_atomic
 
 
+@pytest.fixture
+def synced(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The paths fsync'd during the test, in order (read from /proc: Linux)."""
+    paths: list[str] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        paths.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    return paths
+
+
 def test_staged_file_is_hashed_while_written_and_placed_under_its_name(tmp_path: Path) -> None:
     staged = StagedFile(tmp_path)
     chunks = [os.urandom(1 << 20) for _ in range(3)] + [b"tail"]
@@ -80,16 +94,7 @@ def test_place_twice_is_an_error(tmp_path: Path) -> None:
         staged.place("b.dcm")
 
 
-def test_write_atomic_fsyncs_the_file_and_every_folder_it_created(tmp_path: Path,
-                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    synced: list[str] = []
-    real_fsync = os.fsync
-
-    def recording_fsync(fd: int) -> None:
-        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
-        real_fsync(fd)
-
-    monkeypatch.setattr(os, "fsync", recording_fsync)
+def test_write_atomic_fsyncs_the_file_and_every_folder_it_created(tmp_path: Path, synced: list[str]) -> None:
     (tmp_path / "outputs").mkdir()
     path = write_atomic(tmp_path, "outputs/0001/1001/sr-0.dcm", b"result")
     assert path.read_bytes() == b"result"
@@ -101,15 +106,7 @@ def test_write_atomic_fsyncs_the_file_and_every_folder_it_created(tmp_path: Path
     assert len(files) == 1 and (files[0] == str(path) or files[0].startswith(str(root / INCOMING)))
 
 
-def test_finish_starts_the_fsync_and_place_waits_for_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    synced: list[str] = []
-    real_fsync = os.fsync
-
-    def recording_fsync(fd: int) -> None:
-        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
-        real_fsync(fd)
-
-    monkeypatch.setattr(os, "fsync", recording_fsync)
+def test_finish_starts_the_fsync_and_place_waits_for_it(tmp_path: Path, synced: list[str]) -> None:
     staged = StagedFile(tmp_path)
     staged.write(b"data")
     staged.finish()
