@@ -49,6 +49,7 @@ with atheris.instrument_imports(include=["node", "pydicom", "pynetdicom"]):
     from pynetdicom import AE
     from pynetdicom.dimse_messages import C_STORE_RQ
     from pynetdicom.dimse_primitives import C_STORE
+    from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
     from node.cli import db_upgrade
     from node.config import Config, parse_config
@@ -299,7 +300,7 @@ class ListenerTarget:
             start = 144 + struct.unpack("<I", data[140:144])[0]  # (0002,0000) group length
         rq = C_STORE()
         rq.MessageID = 1
-        rq.AffectedSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+        rq.AffectedSOPClassUID = CTImageStorage
         rq.AffectedSOPInstanceUID = generate_uid()
         rq.Priority = 2
         rq.DataSet = BytesIO(data[start:])

@@ -20,6 +20,7 @@ import pynetdicom
 import pytest
 from pydicom.data import get_testdata_file
 from pydicom.uid import (
+    MPEG2MPML,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     JPEG2000Lossless,
@@ -136,7 +137,7 @@ def test_negotiation_matches_stock_pynetdicom(tmp_path: Path, serve: Any) -> Non
     serve(cfg)
     stock = StockReceiver(cfg)
     contexts = [(ComputedRadiographyImageStorage, [JPEG2000Lossless, ExplicitVRLittleEndian]),
-                (CTImageStorage, ["1.2.840.10008.1.2.4.100"]),  # MPEG2: refused
+                (CTImageStorage, [MPEG2MPML]),  # not decodable here: refused
                 ("1.2.3.4.5.6", [ExplicitVRLittleEndian]),  # unknown abstract syntax: refused
                 (Verification, [ImplicitVRLittleEndian])]
     try:

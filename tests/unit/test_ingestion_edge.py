@@ -12,7 +12,7 @@ from typing import Any
 import pydicom
 import pytest
 from pydicom.data import get_testdata_file
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import MPEG2MPML, ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import ComputedRadiographyImageStorage, CTImageStorage, Verification
 from sqlalchemy import func, select
@@ -28,7 +28,6 @@ from tests.peers import free_port, have, storescu
 
 RG1 = Path(get_testdata_file("RG1_UNCR.dcm"))
 CT = Path(get_testdata_file("CT_small.dcm"))
-MPEG2 = "1.2.840.10008.1.2.4.100"
 
 
 def _config(tmp_path: Path, **over: Any) -> Config:
@@ -89,7 +88,7 @@ def _spool_files(cfg: Config) -> list[Path]:
 
 def test_unsupported_transfer_syntax_is_rejected_in_the_association(cfg: Config, ctx: IngestContext) -> None:
     ae = _scu()
-    ae.add_requested_context(ComputedRadiographyImageStorage, [MPEG2])
+    ae.add_requested_context(ComputedRadiographyImageStorage, [MPEG2MPML])
     ae.add_requested_context(ComputedRadiographyImageStorage, [ExplicitVRLittleEndian])
     ae.add_requested_context(Verification)
     assoc = ae.associate("127.0.0.1", cfg.listener.port, ae_title="PACSNODE")
@@ -99,7 +98,7 @@ def test_unsupported_transfer_syntax_is_rejected_in_the_association(cfg: Config,
         accepted = [str(cx.transfer_syntax[0]) for cx in assoc.accepted_contexts]
     finally:
         assoc.release()
-    assert rejected == [(MPEG2, 0x04)]  # transfer syntaxes not supported (provider rejection)
+    assert rejected == [(MPEG2MPML, 0x04)]  # transfer syntaxes not supported (provider rejection)
     assert ExplicitVRLittleEndian in accepted
 
 
