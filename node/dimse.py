@@ -9,11 +9,12 @@ The one module that knows pynetdicom's internals, so the one to change when pyne
   - `WakingDUL` / `WakingAssociation`: an event-driven reactor. Stock pynetdicom 3.0 polls: its
     DUL thread sleeps `_run_loop_delay` (1 ms) when a loop found nothing to do, and the
     association thread sleeps 1 ms per loop, so each C-STORE waits for sleeps on both threads
-    (or burns a core polling with a shorter delay). Here the DUL waits in select() on its socket
+    (or burns a core polling with a shorter delay). Here the DUL waits in poll() on its socket
     and a wake-up socket that every outgoing primitive signals, and the association thread
     waits on an Event the DUL sets when a whole DIMSE message, a release or an abort is there.
   - `ReceiveSocket`: a PDU is read in as few recv() calls as the kernel allows (pynetdicom reads
-    4 KB per call: 1,800 calls for a 7 MB data set), and assembled once.
+    4 KB per call: 1,800 calls for a 7 MB data set), and assembled once; readiness is asked of
+    poll(), as select() fails on descriptors above 1,024.
   - `StreamingDIMSE`: each C-STORE data set is written to a sink (the spool) as its fragments
     arrive, through pynetdicom's own chunked-receive hook, instead of being collected in memory;
     the handler finds it with `received_dataset(event)`.
@@ -114,6 +115,23 @@ class ReceiveSocket(AssociationSocket):
     pynetdicom reads 4 KB per call; a 7 MB data set in 128 KB PDUs took 1,800 calls. Memory
     grows only as data arrives: a PDU length comes from the peer and is not trusted.
     """
+
+    @property
+    def ready(self) -> bool:
+        """pynetdicom 3.0.4's AssociationSocket.ready with poll() for select(), which fails on a
+        descriptor above 1,024 (a busy process) and so closed the association."""
+        sock = self.socket
+        if sock is None or self._is_connected is False:
+            return False
+        try:
+            poller = select.poll()
+            poller.register(sock, select.POLLIN)
+            readable = bool(poller.poll(0))
+        except (OSError, ValueError):
+            self.event_queue.put("Evt17")  # transport connection closed
+            return False
+        # An SSLSocket may hold decrypted data that poll() cannot see.
+        return readable or (isinstance(sock, ssl.SSLSocket) and bool(sock.pending()))
 
     def recv(self, nr_bytes: int) -> bytes:  # type: ignore[override]  # bytes where pynetdicom has bytearray
         """Read `nr_bytes` from the socket (blocking); fewer only if the peer closes the connection."""
@@ -236,7 +254,7 @@ class StreamingDIMSE(DIMSEServiceProvider):
 
 
 class WakingDUL(DULServiceProvider):
-    """DUL service provider that sleeps in select() until its socket or its user has work.
+    """DUL service provider that sleeps in poll() until its socket or its user has work.
 
     pynetdicom's reactor sleeps `_run_loop_delay` whenever a loop found nothing to do, so a PDU
     that arrives, or a response the association thread queues, waits for the sleep to end.
@@ -244,7 +262,7 @@ class WakingDUL(DULServiceProvider):
 
     def __init__(self, assoc: Association) -> None:
         super().__init__(assoc)
-        # Written to by send_pdu() and kill_dul() so that select() returns at once. Socket
+        # Written to by send_pdu() and kill_dul() so that poll() returns at once. Socket
         # objects (not raw fds) so that a late wake-up after close raises instead of writing
         # into whatever file reused the descriptor.
         self._wake_recv, self._wake_send = socket.socketpair()
@@ -282,16 +300,18 @@ class WakingDUL(DULServiceProvider):
 
     def _wait(self, timeout: float) -> None:
         """Block until the socket is readable, a wake-up arrives or `timeout` passes."""
-        waiting: list[Any] = [self._wake_recv]
+        # poll(), not select(): a process with more than 1,024 descriptors is no reason to spin.
+        poller = select.poll()
+        poller.register(self._wake_recv, select.POLLIN)
         assoc_sock = self.socket
         sock = assoc_sock.socket if assoc_sock is not None and assoc_sock._is_connected else None
-        if sock is not None:
-            waiting.append(sock)
+        if sock is not None and sock.fileno() != -1:
+            poller.register(sock, select.POLLIN)
         try:
-            readable, _, _ = select.select(waiting, [], [], timeout)
-        except (OSError, ValueError):  # the socket was closed under us: the reactor will see it
+            events = poller.poll(timeout * 1000)
+        except OSError:  # interrupted: the reactor looks again
             return
-        if self._wake_recv in readable:
+        if any(fd == self._wake_recv.fileno() for fd, _ in events):
             try:
                 while self._wake_recv.recv(4096):
                     pass
@@ -349,7 +369,7 @@ class WakingDUL(DULServiceProvider):
         self._kill_thread = True
 
     def run_reactor(self) -> None:
-        """pynetdicom 3.0.4's DUL reactor with select() in place of time.sleep(_run_loop_delay)."""
+        """pynetdicom 3.0.4's DUL reactor with poll() in place of time.sleep(_run_loop_delay)."""
         try:
             self._reactor()
         finally:

@@ -431,3 +431,30 @@ def test_pynetdicom_standard_logging_only_when_its_logger_would_show_it(
         server.shutdown()
     assert (standard_dimse_recv_handler in bound) is logged
     assert ("Received Store Request" in caplog.text) is logged
+
+
+@pytest.mark.skipif(not have("storescu"), reason="DCMTK storescu not installed")
+def test_associations_work_on_descriptors_above_1024(tmp_path: Path, serve: Any) -> None:
+    """A busy process has many descriptors open; select() refuses those above 1,024 (stock
+    pynetdicom then closes the association), poll() does not. The peer is DCMTK, in its own
+    process, so that only the listener's descriptors are high."""
+    import os
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 2048:
+        if hard != resource.RLIM_INFINITY and hard < 2048:
+            pytest.skip(f"the descriptor limit ({hard}) is below 2048")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (2048, hard))
+    cfg = _config(tmp_path)
+    serve(cfg)
+    filler = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    try:
+        assert filler[-1] > 1024  # the next accepted connection gets a descriptor above these
+        out = storescu(cfg.listener.port, CT, RG1)
+    finally:
+        for fd in filler:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert out.returncode == 0, out.stderr
+    assert _count(cfg) == 2
