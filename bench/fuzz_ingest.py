@@ -111,6 +111,8 @@ def make_config(work: Path) -> Config:
                      "timeouts": {"acse": 5, "dimse": 5, "network": 5}},
         "storage": {"path": str(work / "spool"), "min_free_mb": 1},
         "database": {"url": f"sqlite:///{work / 'db.sqlite'}"},
+        # The identifier key file is written there on the first keyed hash: a configured place.
+        "api": {"state_dir": str(work / "state")},
     }
     cfg = parse_config(raw)
     db_upgrade(cfg)
@@ -180,7 +182,7 @@ class IngestTarget:
         self.findings = findings
         # The run's own folder is the working directory too (fuzz() changes into it), so a
         # relative path built from the wire would land here and be seen.
-        self.exclude = {self.cfg.storage.path}
+        self.exclude = {self.cfg.storage.path, self.cfg.api.state_dir}
         self.before = {str(work): tree(work, self.exclude)}
         self.runs = 0
         self.outcomes: dict[str, int] = {}
@@ -242,8 +244,8 @@ class ListenerTarget:
         self.scu.add_requested_context(Verification)
         self.tmp = work / "send.dcm"
         # The listener runs in this process, whose working directory is the run's folder: a path
-        # built from the wire would land there. The spool and our own input file are expected.
-        self.exclude = {self.cfg.storage.path, self.tmp}
+        # built from the wire would land there. The spool, the state folder and our input are expected.
+        self.exclude = {self.cfg.storage.path, self.cfg.api.state_dir, self.tmp}
         self.before = tree(work, self.exclude)
         self.runs = 0
         self.pending: list[bytes] = []
@@ -298,6 +300,11 @@ class ListenerTarget:
         start = 0
         if data[128:132] == b"DICM" and len(data) >= 144:
             start = 144 + struct.unpack("<I", data[140:144])[0]  # (0002,0000) group length
+        if not data[start:]:
+            # pynetdicom would announce a data set (0x0001) and send none: the listener rightly
+            # waits for it until its network timeout. Not a test of anything.
+            self._count("raw: no data set")
+            return
         rq = C_STORE()
         rq.MessageID = 1
         rq.AffectedSOPClassUID = CTImageStorage

@@ -408,13 +408,14 @@ class WakingDUL(DULServiceProvider):
                 continue
             try:
                 self.state_machine.do_action(event)
-            except Exception:
+            except Exception as exc:
                 # pynetdicom lets this end the thread (found by bench/fuzz_ingest.py: a command
                 # set without Command Field raises AttributeError in DIMSE decoding), leaving the
                 # peer without an answer. Here it is an invalid PDU (Evt19: A-ABORT, PS3.8 9.2),
                 # or, if handling that fails too, an A-ABORT outside the state machine.
-                log.exception("DUL state machine action for %s failed in %s", event,
-                              self.state_machine.current_state)
+                log.warning("invalid data from the peer (%s in %s: %s: %s), aborting the association",
+                            event, self.state_machine.current_state, type(exc).__name__, exc,
+                            exc_info=log.isEnabledFor(logging.DEBUG))
                 if event == "Evt19":
                     self._abort_now()
                     return
