@@ -2,17 +2,23 @@
 
     nice -n 10 .venv/bin/python bench/fuzz_ingest.py ingest   --seconds 360 --work var/fuzz
     nice -n 10 .venv/bin/python bench/fuzz_ingest.py listener --seconds 300 --work var/fuzz
-    .venv/bin/python -m coverage run --source node bench/fuzz_ingest.py replay var/fuzz/corpus-ingest
+    .venv/bin/python -m coverage run --source node bench/fuzz_ingest.py replay var/fuzz/corpus-ingest --listener
 
 Mode `ingest` feeds mutated encoded instances straight into `node.handlers.ingest()` with a temp
 spool and database; mode `listener` sends them to a live listener over a socket, either as the
-dataset of a C-STORE (after a well-formed association) or as raw PDUs, and checks after every
-batch that the listener still answers C-ECHO. Seeds are real files (pydicom-data's RG1 cut down,
-CT/MR, malformed test files, and img2dcm-wrapped shared/data/cxr-samples).
+file sent by pynetdicom's SCU, its data set bytes in a well-formed C-STORE-RQ (past any SCU
+check), raw bytes as the first PDU, or as a P-DATA-TF after a well-formed association, and
+checks after every batch that the listener still answers C-ECHO. Seeds are real files
+(pydicom-data's RG1 cut down, CT/MR, malformed test files, img2dcm-wrapped shared/data/cxr-samples).
 
 A finding is: an exception other than StoreRefused out of ingest(), a hang (libFuzzer's
--timeout), a file written outside the spool, or a listener that stops answering. Each unique
-finding (by exception type and innermost frame) is saved under WORK/findings/ and the run goes on.
+-timeout in process; a C-STORE the listener does not answer within its DIMSE timeout), a file
+written outside the spool, a staged file left in the spool's incoming folder after its request
+is over, or a listener that stops answering C-ECHO. Each unique finding (by kind and innermost
+frame) is saved under WORK/findings/ and the run goes on.
+
+`replay` runs a corpus through ingest() and, with --listener, through a live listener too, so
+that coverage.py sees both paths (node/handlers.py, node/dimse.py, node/spool.py).
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import sys
 import tempfile
 import time
 import traceback
+from io import BytesIO
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -38,12 +45,17 @@ import atheris  # noqa: E402  (a fuzz-only dependency, imported before the instr
 with atheris.instrument_imports(include=["node", "pydicom", "pynetdicom"]):
     import pydicom
     from pydicom.data import get_testdata_file
+    from pydicom.uid import generate_uid
     from pynetdicom import AE
+    from pynetdicom.dimse_messages import C_STORE_RQ
+    from pynetdicom.dimse_primitives import C_STORE
+    from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
     from node.cli import db_upgrade
     from node.config import Config, parse_config
     from node.handlers import IngestContext, StoreRefused, ingest
     from node.listener import start_listener
+    from node.spool import INCOMING
 
 SEED_FILES = ["CT_small.dcm", "MR_small.dcm", "bad_sequence.dcm", "emri_small_jpeg_2k_lossless_too_short.dcm",
               "JPEG2000.dcm", "rtplan.dcm", "SC_rgb_rle.dcm", "no_meta.dcm", "ExplVR_BigEnd.dcm",
@@ -99,6 +111,8 @@ def make_config(work: Path) -> Config:
                      "timeouts": {"acse": 5, "dimse": 5, "network": 5}},
         "storage": {"path": str(work / "spool"), "min_free_mb": 1},
         "database": {"url": f"sqlite:///{work / 'db.sqlite'}"},
+        # The identifier key file is written there on the first keyed hash: a configured place.
+        "api": {"state_dir": str(work / "state")},
     }
     cfg = parse_config(raw)
     db_upgrade(cfg)
@@ -124,6 +138,12 @@ def tree(root: Path, exclude: set[Path]) -> dict[str, tuple[int, int]]:
             st = p.stat()
             found[str(p)] = (st.st_size, st.st_mtime_ns)
     return found
+
+
+def leftovers(cfg: Config) -> list[str]:
+    """Staged files still in the spool's incoming folder."""
+    folder = cfg.storage.path / INCOMING
+    return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
 
 
 class Findings:
@@ -162,7 +182,7 @@ class IngestTarget:
         self.findings = findings
         # The run's own folder is the working directory too (fuzz() changes into it), so a
         # relative path built from the wire would land here and be seen.
-        self.exclude = {self.cfg.storage.path}
+        self.exclude = {self.cfg.storage.path, self.cfg.api.state_dir}
         self.before = {str(work): tree(work, self.exclude)}
         self.runs = 0
         self.outcomes: dict[str, int] = {}
@@ -177,6 +197,11 @@ class IngestTarget:
             self.outcomes[key] = self.outcomes.get(key, 0) + 1
         except Exception as e:  # the finding we are looking for
             self.findings.add("exception", data, traceback.format_exc(), _where(e))
+        left = leftovers(self.cfg)
+        if left:
+            self.findings.add("staged file left behind", data, "\n".join(left), "ingest")
+            for name in left:
+                (self.cfg.storage.path / INCOMING / name).unlink()
         if self.runs % 200 == 0:
             self.check_tree(data)
 
@@ -200,6 +225,7 @@ class ListenerTarget:
         self.cfg = make_config(work)
         self.ctx = IngestContext(self.cfg)
         self.server = start_listener(self.cfg, self.ctx)
+        self.work = work
         self.port = self.cfg.listener.port
         self.findings = findings
         self.scu = AE(ae_title="FUZZ")
@@ -217,6 +243,10 @@ class ListenerTarget:
             self.scu.add_requested_context(sop, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
         self.scu.add_requested_context(Verification)
         self.tmp = work / "send.dcm"
+        # The listener runs in this process, whose working directory is the run's folder: a path
+        # built from the wire would land there. The spool, the state folder and our input are expected.
+        self.exclude = {self.cfg.storage.path, self.cfg.api.state_dir, self.tmp}
+        self.before = tree(work, self.exclude)
         self.runs = 0
         self.pending: list[bytes] = []
         self.outcomes: dict[str, int] = {}
@@ -229,8 +259,10 @@ class ListenerTarget:
         self.pending.append(data)
         mode = data[0] % 4 if data else 0
         try:
-            if mode in (0, 1):  # a C-STORE whose dataset is the mutated file (after its meta)
+            if mode == 0:  # the mutated file sent by pynetdicom's SCU, as a modality would
                 self.store(data)
+            elif mode == 1:  # its data set bytes in a well-formed C-STORE-RQ, whatever they are
+                self.store_raw(data)
             elif mode == 2:  # raw bytes as the first PDU (before any association)
                 self.raw(data[1:])
             else:  # raw bytes as P-DATA-TF after a well-formed association
@@ -253,10 +285,55 @@ class ListenerTarget:
             return
         try:
             status = assoc.send_c_store(self.tmp)
-            self._count(f"0x{status.Status:04X}" if "Status" in status else "no status")
-        except (ValueError, AttributeError, KeyError, TypeError, RuntimeError, OSError) as e:
-            self._count(f"scu refused: {type(e).__name__}")  # pynetdicom would not send it
+            if "Status" in status:
+                self._count(f"0x{status.Status:04X}")
+            else:  # no response within the DIMSE timeout: the listener hung on it
+                self.findings.add("C-STORE not answered", data, f"association {assoc}", "store")
+        except Exception as e:  # noqa: BLE001 (pynetdicom as the SCU could not encode or send it)
+            self._count(f"scu refused: {type(e).__name__}")
         finally:
+            assoc.release()
+
+    def store_raw(self, data: bytes) -> None:
+        """C-STORE-RQ on context 1 (CT Image Storage, explicit VR little endian) whose data set is
+        the input after its file meta, if it has one: no SCU-side check stands in the way."""
+        start = 0
+        if data[128:132] == b"DICM" and len(data) >= 144:
+            start = 144 + struct.unpack("<I", data[140:144])[0]  # (0002,0000) group length
+        if not data[start:]:
+            # pynetdicom would announce a data set (0x0001) and send none: the listener rightly
+            # waits for it until its network timeout. Not a test of anything.
+            self._count("raw: no data set")
+            return
+        rq = C_STORE()
+        rq.MessageID = 1
+        rq.AffectedSOPClassUID = CTImageStorage
+        rq.AffectedSOPInstanceUID = generate_uid()
+        rq.Priority = 2
+        rq.DataSet = BytesIO(data[start:])
+        msg = C_STORE_RQ()
+        msg.primitive_to_message(rq)
+        assoc = self.scu.associate("127.0.0.1", self.port, ae_title="PACSNODE")
+        if not assoc.is_established:
+            self._count("not established")
+            return
+        # As Association.send_c_store does: pause the SCU's reactor so that it leaves the response to us.
+        assoc._reactor_checkpoint.clear()
+        while not assoc._is_paused:
+            time.sleep(0.0001)
+        try:
+            for pdata in msg.encode_msg(1, 16384):
+                assoc.dul.send_pdu(pdata)
+            _, rsp = assoc.dimse.get_msg(block=True)
+        finally:
+            assoc._reactor_checkpoint.set()
+        if rsp is not None and getattr(rsp, "Status", None) is not None:
+            self._count(f"raw 0x{rsp.Status:04X}")
+        elif assoc.is_aborted:
+            self._count("raw aborted")
+        else:
+            self.findings.add("C-STORE not answered", data, "raw C-STORE", "store_raw")
+        if assoc.is_established:
             assoc.release()
 
     def raw(self, payload: bytes) -> None:
@@ -292,9 +369,22 @@ class ListenerTarget:
         ok = assoc.is_established and "Status" in (st := assoc.send_c_echo()) and st.Status == 0
         if assoc.is_established:
             assoc.release()
+        batch = b"".join(self.pending[-CHECK_EVERY:])
         if not ok:
-            self.findings.add("listener stopped answering C-ECHO", b"".join(self.pending[-CHECK_EVERY:]),
-                              f"after {self.runs} inputs", "check_alive")
+            self.findings.add("listener stopped answering C-ECHO", batch, f"after {self.runs} inputs", "check_alive")
+        # Every association of the batch is over: the listener has had a moment to clean up.
+        deadline = time.monotonic() + 5
+        while leftovers(self.cfg) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        left = leftovers(self.cfg)
+        if left:
+            self.findings.add("staged file left behind", batch, "\n".join(left), "listener")
+            for name in left:
+                (self.cfg.storage.path / INCOMING / name).unlink(missing_ok=True)
+        added = sorted(set(tree(self.work, self.exclude)) - set(self.before))
+        if added:
+            self.findings.add("write outside spool", batch, "\n".join(added[:20]), str(self.work))
+            self.before = tree(self.work, self.exclude)
         self.pending.clear()
 
 
@@ -330,15 +420,24 @@ def fuzz(mode: str, seconds: int, work: Path) -> None:
     atheris.Fuzz()
 
 
-def replay(corpus: Path) -> None:
-    """Run every corpus file once through ingest() (for coverage.py); print the outcome counts."""
+def replay(corpus: Path, listener: bool) -> None:
+    """Run every corpus file once through ingest() (and a live listener), for coverage.py;
+    print the outcome counts."""
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         findings = Findings(work / "findings")
-        target = IngestTarget(work, findings)
-        for p in sorted(corpus.iterdir()):
-            target(p.read_bytes())
-        print(f"replayed {target.runs} inputs: {target.outcomes}; {findings.count} findings")
+        targets: list[IngestTarget | ListenerTarget] = [IngestTarget(work / "ingest", findings)]
+        if listener:
+            targets.append(ListenerTarget(work / "listener", findings))
+        inputs = [p.read_bytes() for p in sorted(corpus.iterdir()) if p.is_file()]
+        for target in targets:
+            for data in inputs:
+                target(data)
+            print(f"replayed {target.runs} inputs through {type(target).__name__}: {target.outcomes}")
+            if isinstance(target, ListenerTarget):
+                target.check_alive()
+                target.server.shutdown()
+        print(f"{findings.count} findings ({len(findings.seen)} unique)")
 
 
 def main() -> None:
@@ -347,9 +446,10 @@ def main() -> None:
     p.add_argument("path", nargs="?", type=Path, help="replay/seeds: the corpus folder")
     p.add_argument("--seconds", type=int, default=360)
     p.add_argument("--work", type=Path, default=REPO / "var" / "fuzz")
+    p.add_argument("--listener", action="store_true", help="replay: through a live listener too")
     a = p.parse_args()
     if a.mode == "replay":
-        replay(a.path)
+        replay(a.path, a.listener)
     elif a.mode == "seeds":
         print("\n".join(map(str, seeds(a.path))))
     else:

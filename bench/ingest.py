@@ -1,13 +1,20 @@
-"""Ingest benchmark: the same files, sent with DCMTK storescu, to our listener and to DCMTK storescp.
+"""Ingest benchmark: the same files, sent with DCMTK storescu in one association per run, to our
+listener and to reference receivers measured in the same run.
 
-Our side is `pacsnode listener` as a subprocess on the normal path (fsync'd file + committed
-SQLite row before each success status); storescp writes to a temporary folder (no fsync).
-Two workloads, each sent in one association per run: `small`, N copies of a 256 x 256 CR
-(128 KB, new UIDs each) plus RG1_UNCR.dcm, where per-message overhead dominates; `cxr`, N copies
-of RG1_UNCR.dcm (a real 7 MB chest radiograph), the node's actual input. Prints instances/second
-of both receivers and our ratio (target >= 0.6) per workload. A third receiver, pynetdicom with
-our listener's AE settings and a C-STORE handler that does nothing, shows the ceiling any
-pynetdicom-based handler can reach.
+Receivers (each run visits them in turn, so all see the same machine load):
+- pacsnode: `pacsnode listener` as a subprocess on the normal path: each instance streamed into
+  the spool, its file and folder fsync'd and its SQLite row committed before the success status.
+- DCMTK storescp: writes each file into a folder (no fsync).
+- Orthanc (durable): storage area on disk with SyncStorageArea (fsync of each stored file,
+  Orthanc >= 1.7.4) and its SQLite index; it does not document an fsync of the folder.
+- pynetdicom no-op, stock and with node/dimse.py's reactor: our listener's AE and a C-STORE
+  handler that stores nothing, i.e. what pynetdicom itself costs per message.
+
+Workloads: `small`, N copies of a 128 x 128 CR (about 39 KB, new UIDs each) plus RG1_UNCR.dcm,
+where per-message cost dominates; `cxr`, N copies of RG1_UNCR.dcm (a real 1955 x 1841 chest
+radiograph, 7 MB), the node's actual input. Prints instances/second of every receiver with the
+spread over runs, each ratio against its target (pacsnode/storescp >= 0.6 on cxr and 0.3 on
+small; pacsnode/Orthanc >= 1.5 on both), and the listener's peak RSS (target < 300 MB).
 
     python bench/ingest.py [--workload small|cxr|both] [--copies 200] [--cxr-copies 30] [--runs 3]
 """
@@ -15,6 +22,7 @@ pynetdicom-based handler can reach.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import statistics
@@ -22,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -32,17 +41,19 @@ import pydicom  # noqa: E402
 from pydicom.data import get_testdata_file  # noqa: E402
 from pydicom.uid import generate_uid  # noqa: E402
 
-from tests.peers import free_port, storescu, wait_port  # noqa: E402
+from tests.peers import free_port, storescu, wait_for, wait_port  # noqa: E402
 
 RG1 = Path(get_testdata_file("RG1_UNCR.dcm"))
+TARGETS = {("storescp", "cxr"): 0.6, ("storescp", "small"): 0.3, ("orthanc", "cxr"): 1.5, ("orthanc", "small"): 1.5}
+LISTENER_RSS_TARGET_MB = 300
 
 
 def make_files(folder: Path, copies: int, workload: str) -> list[Path]:
-    """`small`: copies of a 256 x 256 CR (128 KB) plus RG1; `cxr`: copies of RG1 itself (full-size
+    """`small`: copies of a 128 x 128 CR (39 KB) plus RG1; `cxr`: copies of RG1 itself (full-size
     chest radiographs, 7 MB). One study, new instance UIDs for every copy."""
     src = pydicom.dcmread(RG1)
     if workload == "small":
-        small = src.pixel_array[::8, ::8][:256, :256].astype(np.uint16)
+        small = src.pixel_array[::14, ::14][:128, :128].astype(np.uint16)
         src.Rows, src.Columns = small.shape
         src.PixelData = small.tobytes()
     study, series = generate_uid(), generate_uid()
@@ -64,11 +75,32 @@ def timed_send(port: int, aec: str, files: list[Path]) -> float:
     out = storescu(port, *files, aec=aec, timeout=600)
     elapsed = time.perf_counter() - t0
     if out.returncode != 0:
-        raise RuntimeError(f"storescu to {aec} failed: {out.stderr[-2000:]}")
+        raise RuntimeError(f"storescu to {aec} exited with {out.returncode}: {(out.stdout + out.stderr)[-2000:]}")
     return elapsed
 
 
-def run_node(work: Path, files: list[Path]) -> float:
+def _peak_rss_mb(pid: int) -> float:
+    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+    return int(fields["VmHWM"].split()[0]) / 1024
+
+
+def _time_receiver(proc: subprocess.Popen[bytes], port: int, aec: str, files: list[Path], startup: float,
+                   ready: Callable[[], object] | None = None, rss: list[float] | None = None) -> float:
+    """Wait for a started receiver, time sending the files to it, stop it."""
+    try:
+        wait_port(port, startup)
+        if ready is not None:
+            wait_for(ready, startup, f"{aec} to be ready")
+        elapsed = timed_send(port, aec, files)
+        if rss is not None:
+            rss.append(_peak_rss_mb(proc.pid))
+        return elapsed
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def run_node(work: Path, files: list[Path], rss: list[float]) -> float:
     port = free_port()
     cfg = work / "config.yaml"
     cfg.write_text(
@@ -81,42 +113,43 @@ def run_node(work: Path, files: list[Path]) -> float:
     )
     cli = [sys.executable, "-m", "node.cli", "--config", str(cfg)]
     subprocess.run([*cli, "db", "upgrade"], check=True, cwd=REPO, capture_output=True, timeout=120)
-    env = {**os.environ, "TCP_NODELAY": "1"}
-    proc = subprocess.Popen([*cli, "listener"], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen([*cli, "listener"], cwd=REPO, stdout=subprocess.DEVNULL,
                             stderr=open(work / "listener.log", "wb"))  # noqa: SIM115
-    return _time_receiver(proc, port, "PACSNODE", files, startup=60)
-
-
-def _time_receiver(proc: subprocess.Popen[bytes], port: int, aec: str, files: list[Path], startup: float) -> float:
-    """Wait for a started receiver, time sending the files to it, stop it."""
     try:
-        wait_port(port, startup)
-        return timed_send(port, aec, files)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        return _time_receiver(proc, port, "PACSNODE", files, startup=60, rss=rss)
+    except RuntimeError as e:
+        raise RuntimeError(f"{e}\nlistener log:\n{(work / 'listener.log').read_text()[-3000:]}") from e
 
 
-def noop_scp(config_path: Path) -> None:
-    """Serve C-STORE with our listener's AE (contexts, PDU size, TCP_NODELAY) and do nothing."""
+def noop_scp(config_path: Path, reactor: str) -> None:
+    """Serve C-STORE with our listener's AE and a handler that stores nothing, on pynetdicom's
+    stock reactor or on node/dimse.py's (data sets kept in memory: no sink)."""
+    import threading
+
     from pynetdicom import evt
 
     from node.config import load_config
-    from node.listener import build_ae, tune_connection
+    from node.dimse import serve, tune_connection
+    from node.listener import build_ae
 
     config = load_config(config_path)
     ae = build_ae(config)
     ae.require_calling_aet = []
-    ae.start_server(("127.0.0.1", config.listener.port), block=True,
-                    evt_handlers=[(evt.EVT_CONN_OPEN, tune_connection), (evt.EVT_C_STORE, lambda _: 0)])  # fmt: skip
+    handlers = [(evt.EVT_CONN_OPEN, tune_connection), (evt.EVT_C_STORE, lambda _: 0)]
+    address = ("127.0.0.1", config.listener.port)
+    if reactor == "stock":
+        ae.start_server(address, block=True, evt_handlers=handlers)
+    else:
+        serve(ae, address, handlers, None)
+        threading.Event().wait()
 
 
-def run_noop(work: Path, files: list[Path]) -> float:
+def run_noop(work: Path, files: list[Path], reactor: str) -> float:
     port = free_port()
     cfg = work / "config.yaml"
     cfg.write_text(f"listener: {{ae_title: PACSNODE, host: 127.0.0.1, port: {port}, max_pdu: 0, allowed_callers: any}}\n"
                    f"storage: {{path: {work / 'spool'}}}\n")  # fmt: skip
-    proc = subprocess.Popen([sys.executable, __file__, "--noop-scp", str(cfg)], cwd=REPO,
+    proc = subprocess.Popen([sys.executable, __file__, "--noop-scp", str(cfg), "--noop-reactor", reactor], cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     return _time_receiver(proc, port, "PACSNODE", files, startup=60)
 
@@ -131,32 +164,75 @@ def run_storescp(work: Path, files: list[Path]) -> float:
     return _time_receiver(proc, port, "STORESCP", files, startup=30)
 
 
-def compare(base: Path, workload: str, copies: int, runs: int) -> float:
-    """Time both receivers on one workload (alternating runs); print and return our ratio."""
+ORTHANC_DURABILITY = "SyncStorageArea: fsync of each stored file; SQLite index; folder not fsync'd"
+
+
+def run_orthanc(work: Path, files: list[Path]) -> float:
+    import urllib.request
+
+    dicom_port, http_port = free_port(), free_port()
+    config = {"Name": "ingest-bench", "StorageDirectory": str(work / "storage"), "IndexDirectory": str(work / "index"),
+              "DicomAet": "ORTHANC", "DicomPort": dicom_port, "HttpPort": http_port, "RemoteAccessAllowed": False,
+              "AuthenticationEnabled": False, "DicomAlwaysAllowStore": True, "DicomCheckCalledAet": True,
+              "SyncStorageArea": True, "StorageCompression": False, "Plugins": []}
+    (work / "orthanc.json").write_text(json.dumps(config))
+    proc = subprocess.Popen(["Orthanc", str(work / "orthanc.json")], stdout=subprocess.DEVNULL,
+                            stderr=open(work / "orthanc.log", "wb"))  # noqa: SIM115
+
+    def rest() -> bool:
+        with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/system", timeout=2) as r:
+            return r.status == 200
+
+    return _time_receiver(proc, dicom_port, "ORTHANC", files, startup=60, ready=rest)
+
+
+def _rate(n: int, times: list[float]) -> str:
+    ips = [n / t for t in times]
+    return (f"{statistics.median(ips):6.1f} instances/s  (runs {', '.join(f'{v:.1f}' for v in ips)}; "
+            f"spread {min(ips):.1f}-{max(ips):.1f})")
+
+
+def compare(base: Path, workload: str, copies: int, runs: int) -> dict[str, float]:
+    """Time every receiver on one workload (interleaved runs); print rates and ratios."""
     (base / workload).mkdir()
     files = make_files(base / workload, copies, workload)
-    ours, theirs, noop = [], [], []
-    for run in range(runs):  # alternate, so all see the same machine load
-        for name in ("node", "scp", "noop"):
-            (base / f"{workload}-{name}{run}").mkdir()
-        ours.append(run_node(base / f"{workload}-node{run}", files))
-        theirs.append(run_storescp(base / f"{workload}-scp{run}", files))
-        noop.append(run_noop(base / f"{workload}-noop{run}", files))
+    rss: list[float] = []  # the listener's peak RSS per run
+    receivers: dict[str, Callable[[Path, list[Path]], float]] = {
+        "pacsnode": lambda w, f: run_node(w, f, rss),
+        "storescp": run_storescp,
+        "orthanc": run_orthanc,
+        "noop-stock": lambda w, f: run_noop(w, f, "stock"),
+        "noop-dimse": lambda w, f: run_noop(w, f, "dimse"),
+    }
+    labels = {"pacsnode": "pacsnode listener (durable)", "storescp": "DCMTK storescp (no fsync)",
+              "orthanc": "Orthanc (durable)", "noop-stock": "pynetdicom no-op, stock reactor",
+              "noop-dimse": "pynetdicom no-op, node/dimse.py"}
+    times: dict[str, list[float]] = {name: [] for name in receivers}
+    for run in range(runs):
+        for name, receive in receivers.items():
+            work = base / f"{workload}-{name}{run}"
+            work.mkdir()
+            times[name].append(receive(work, files))
+            shutil.rmtree(work, ignore_errors=True)
     n, mb = len(files), sum(f.stat().st_size for f in files) / 2**20
-    ips_ours, ips_theirs = n / statistics.median(ours), n / statistics.median(theirs)
-    print(f"[{workload}] {n} instances, {mb:.0f} MB, {runs} runs, median wall time per run")
-    print(f"  pacsnode listener: {statistics.median(ours):.2f} s  {ips_ours:.1f} instances/s  (runs: "
-          + ", ".join(f"{t:.2f}" for t in ours) + ")")
-    print(f"  DCMTK storescp:    {statistics.median(theirs):.2f} s  {ips_theirs:.1f} instances/s  (runs: "
-          + ", ".join(f"{t:.2f}" for t in theirs) + ")")
-    ips_noop = n / statistics.median(noop)
-    print(f"  pynetdicom no-op:  {statistics.median(noop):.2f} s  {ips_noop:.1f} instances/s  (runs: "
-          + ", ".join(f"{t:.2f}" for t in noop) + ")")
-    ratio = ips_ours / ips_theirs
-    print(f"  ratio pacsnode/storescp: {ratio:.2f} (target >= 0.6) {'OK' if ratio >= 0.6 else 'BELOW TARGET'}")
-    print(f"  ceiling for any pynetdicom handler (no-op/storescp): {ips_noop / ips_theirs:.2f}; "
-          f"pacsnode/no-op: {ips_ours / ips_noop:.2f}")
-    return ratio
+    print(f"[{workload}] {n} instances, {mb:.0f} MB, one association per run, {runs} runs")
+    for name, label in labels.items():
+        print(f"  {label:34s} {_rate(n, times[name])}")
+    rate = {name: statistics.median(n / t for t in ts) for name, ts in times.items()}
+    ratios = {}
+    for ref in ("storescp", "orthanc"):
+        ratio = ratios[ref] = rate["pacsnode"] / rate[ref]
+        per_run = [t_ref / t_ours for t_ours, t_ref in zip(times["pacsnode"], times[ref], strict=True)]
+        target = TARGETS[(ref, workload)]
+        print(f"  ratio pacsnode/{ref}: {ratio:.2f} (runs {min(per_run):.2f}-{max(per_run):.2f}; target >= {target}) "
+              f"{'OK' if ratio >= target else 'BELOW TARGET'}")
+    print(f"  pynetdicom itself (no-op/storescp): stock {rate['noop-stock'] / rate['storescp']:.2f}, "
+          f"node/dimse.py {rate['noop-dimse'] / rate['storescp']:.2f}; pacsnode/no-op (dimse): "
+          f"{rate['pacsnode'] / rate['noop-dimse']:.2f}")
+    peak = max(rss)
+    print(f"  listener peak RSS {peak:.0f} MB (target < {LISTENER_RSS_TARGET_MB} MB) "
+          f"{'OK' if peak < LISTENER_RSS_TARGET_MB else 'OVER TARGET'}")
+    return ratios
 
 
 def main() -> int:
@@ -166,13 +242,18 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--workload", choices=["small", "cxr", "both"], default="both")
     ap.add_argument("--noop-scp", type=Path, help=argparse.SUPPRESS)  # internal: the no-op receiver
+    ap.add_argument("--noop-reactor", choices=["stock", "dimse"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.noop_scp:
-        noop_scp(args.noop_scp)
+        noop_scp(args.noop_scp, args.noop_reactor)
         return 0
-    if not shutil.which("storescp"):
-        print("DCMTK storescp is not installed", file=sys.stderr)
+    missing = [p for p in ("storescp", "storescu", "Orthanc") if not shutil.which(p)]
+    if missing:
+        print(f"not installed: {', '.join(missing)} (packages dcmtk, orthanc)", file=sys.stderr)
         return 2
+    load = os.getloadavg()
+    print(f"machine: {os.cpu_count()} CPUs, load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f} at start")
+    print(f"Orthanc durability: {ORTHANC_DURABILITY}")
     with tempfile.TemporaryDirectory(prefix="pacsnode-ingest-") as tmp:
         if args.workload in ("small", "both"):
             compare(Path(tmp), "small", args.copies, args.runs)

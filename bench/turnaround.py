@@ -29,7 +29,7 @@ from pydicom.data import get_testdata_file  # noqa: E402
 from pydicom.uid import generate_uid  # noqa: E402
 from pynetdicom import AE, evt  # noqa: E402
 
-from node.listener import tune_connection  # noqa: E402
+from node.dimse import tune_connection  # noqa: E402
 from tests.peers import Node, Orthanc, node_config, storescu, wait_for  # noqa: E402
 
 QUIET = 0.3

@@ -22,13 +22,15 @@ from pydicom.uid import (
     SegmentationStorage,
 )
 from pynetdicom.presentation import PresentationContext
-from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # generated at import
     StorageCommitmentPushModel,
     StudyRootQueryRetrieveInformationModelFind,
     Verification,
 )
+from pynetdicom.status import Status
 
 from node.config import Config, parse_config
+from node.handlers import CANNOT_UNDERSTAND, DATASET_MISMATCH, OUT_OF_RESOURCES
 from node.listener import accepted_transfer_syntaxes, build_ae
 
 # What the export worker proposes: each result object's SOP class with these two syntaxes
@@ -87,6 +89,8 @@ def statement(config: Config) -> str:
         "",
         "## 2 Implementation model",
         "",
+        f"- Implementation Class UID `{ae.implementation_class_uid}`, Implementation Version Name",
+        f"  `{ae.implementation_version_name}` (pynetdicom's, the DICOM library both AEs are built on).",
         "- Application entity **" + lc.ae_title + "** (the listener; configurable `listener.ae_title`):",
         "  Verification SCP and Storage SCP. Received files are kept as received (fsync'd) before",
         "  the C-STORE response is sent. It also receives the N-EVENT-REPORTs of Storage Commitment",
@@ -138,10 +142,13 @@ def statement(config: Config) -> str:
         "#### C-STORE response statuses",
         "",
         *_table(["Status", "Meaning here"], [
-            ["0x0000", "stored: file fsync'd and row committed (or an identical duplicate)"],
-            ["0xA700", "out of resources: instance too large, spool below its free-space floor, database down"],
-            ["0xA900", "data set does not match SOP class: missing or invalid UIDs, truncated pixel data"],
-            ["0xC210", "cannot understand: the data set does not parse"],
+            [f"0x{Status.SUCCESS:04X}", "stored: file fsync'd and row committed (or an identical duplicate)"],
+            [f"0x{OUT_OF_RESOURCES:04X}",
+             "out of resources: instance too large (checked as it arrives), spool below its free-space floor, "
+             "database down"],
+            [f"0x{DATASET_MISMATCH:04X}",
+             "data set does not match SOP class: missing or invalid UIDs, truncated pixel data"],
+            [f"0x{CANNOT_UNDERSTAND:04X}", "cannot understand: the data set does not parse"],
         ]),
         "",
         f"### 3.2 {config.export.calling_ae_title} (export): SOP classes as SCU",
@@ -151,7 +158,8 @@ def statement(config: Config) -> str:
         "",
         *_table(["SOP class", "UID", "Role", "Sent as"], [
             *[[_name(uid), f"`{uid}`", "SCU", f"result object `{kind}`"] for kind, uid in RESULT_SOP_CLASSES.items()],
-            [_name(StudyRootQueryRetrieveInformationModelFind), f"`{StudyRootQueryRetrieveInformationModelFind}`", "SCU", "read-back (`confirm: cfind`), source instance count"],
+            [_name(StudyRootQueryRetrieveInformationModelFind), f"`{StudyRootQueryRetrieveInformationModelFind}`", "SCU",
+             "read-back (`confirm: cfind`), source instance count"],
             [_name(StorageCommitmentPushModel), f"`{StorageCommitmentPushModel}`", "SCU",
              "N-ACTION after the C-STOREs (`confirm: commitment`)"],
         ]),
@@ -162,7 +170,8 @@ def statement(config: Config) -> str:
         "  DIMSE wait is bounded by the destination's `timeout`.",
         "- A refused or failed association is retried with exponential backoff",
         f"  (`export.max_retries` = {config.export.max_retries}); then the job fails with the reason.",
-        "- A C-STORE status other than success or warning (0xBxxx) fails that object's send.",
+        "- A C-STORE status other than success or warning (0xBxxx, 0x0001, 0x0107, 0x0116) fails",
+        "  that object's send.",
         "- Storage Commitment: after the C-STOREs, one N-ACTION (Request Storage Commitment) per",
         "  batch on its own association, released after the response; the report is expected on a",
         "  new association to the listener. A job is done only when every object is committed;",

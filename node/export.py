@@ -28,21 +28,15 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # generated at
     StorageCommitmentPushModelInstance,
     StudyRootQueryRetrieveInformationModelFind,
 )
-from pynetdicom.status import STATUS_PENDING, STATUS_SUCCESS, STATUS_WARNING, code_to_category
+from pynetdicom.status import STATUS_PENDING, STATUS_SUCCESS, code_to_category
 
 from node import metrics
 from node.config import Destination
 from node.db.models import utcnow
+from node.dimse import succeeded, tune_connection
 from node.engine.errors import Stage
-from node.listener import tune_connection
 
 log = logging.getLogger(__name__)
-
-
-def succeeded(status: int | None) -> bool:
-    """Whether a DIMSE response status means the request was done (success, or a warning such
-    as a C-STORE coercion: 0xB000, 0xB006, 0xB007); None (no response) did not."""
-    return status is not None and code_to_category(status) in (STATUS_SUCCESS, STATUS_WARNING)
 
 
 class DestinationUnavailable(ConnectionError):

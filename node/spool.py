@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 
@@ -43,26 +44,165 @@ def resolve(root: Path, relpath: str) -> Path:
 
 
 def write_atomic(root: Path, relpath: str, data: bytes) -> Path:
-    """Write data to root/relpath durably: temp file, fsync, rename, fsync of the folder."""
-    target = resolve(root, relpath)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-", suffix=".part")
+    """Write data to root/relpath durably (staged, fsync'd, renamed, folders fsync'd)."""
+    staged = StagedFile(root)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dfd = os.open(target.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
+        staged.write(data)
+        staged.finish()
+        if staged.error is not None:
+            raise SpoolError(f"{relpath}: {staged.error}")
+        placement = staged.place(relpath)
     finally:
-        os.close(dfd)
-    return target
+        staged.discard()
+    try:
+        placement.wait()
+    except BaseException:
+        placement.undo()
+        raise
+    return placement.path
 
 
 def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+#: Where received instances are written while they arrive, before they are placed under `instances/`.
+INCOMING = "incoming"
+# fsync of a file and of its folder issued together complete in one journal commit on ext4 and
+# XFS (measured here: 1 ms together, 6 ms one after the other).
+_fsync_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="fsync")
+
+
+class StagedFile:
+    """An instance written into the spool's incoming folder as it arrives, hashed on the way.
+
+    `finish()` says all of it is there and starts its fsync; `place()` moves it to its final
+    name and makes that durable too; `discard()` removes it. Writes never raise: a failure (disk
+    full, size limit) is kept in `error` and later writes are dropped, so the sender's data can
+    still be read off the connection and refused with a status.
+    """
+
+    def __init__(self, root: Path, limit: int | None = None) -> None:
+        self.root = root
+        folder = root / INCOMING
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=folder, prefix=".", suffix=".part")
+        self._fd: int | None = fd
+        self._synced: Future[None] | None = None  # the file's fsync, once finished
+        self.path: Path | None = Path(name)
+        self.limit = limit
+        self.size = 0
+        self.error: str | None = None
+        self.too_large = False  # the error is the size limit
+        self._hash = hashlib.sha256()
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        """Append data (from any thread, one writer at a time); failures are kept in `error`."""
+        if self.error is not None or self._fd is None:
+            return
+        if self.limit is not None and self.size + len(data) > self.limit:
+            self.too_large = True
+            self.error = f"instance exceeds {self.limit} bytes"
+            os.ftruncate(self._fd, 0)  # give the space back now; the rest is read and dropped
+            return
+        view = memoryview(data)
+        try:
+            while view:
+                view = view[os.write(self._fd, view):]
+            self._hash.update(data)
+            self.size += len(data)
+        except OSError as e:
+            self.error = f"cannot write to the spool: {e}"
+
+    def finish(self) -> None:
+        """All data is written: start the file's fsync now, so that it runs while the instance
+        is checked and recorded (place() waits for it)."""
+        if self._fd is not None and self._synced is None and self.error is None:
+            fd, self._fd = self._fd, None
+            self._synced = _fsync_pool.submit(_fsync_close, fd)
+
+    @property
+    def sha256(self) -> str:
+        return self._hash.hexdigest()
+
+    def place(self, relpath: str) -> Placement:
+        """Move the file to root/relpath and start making it durable (file, folder and any new
+        parent folders fsync'd); `Placement.wait()` returns once all of it is on disk."""
+        if self.path is None or (self._fd is None and self._synced is None):
+            raise SpoolError("staged file was already placed or discarded")
+        if self.error is not None:
+            raise SpoolError(f"staged file is incomplete: {self.error}")
+        self.finish()
+        assert self._synced is not None  # finish() started it: no error, descriptor open
+        target = resolve(self.root, relpath)
+        created = _makedirs(target.parent)
+        existed = target.exists()
+        os.replace(self.path, target)
+        self.path = None
+        syncs = [self._synced]
+        syncs += [_fsync_pool.submit(_fsync_path, folder) for folder in {target.parent, *(d.parent for d in created)}]
+        return Placement(target, syncs, replaced=existed)
+
+    def discard(self) -> None:
+        """Remove the staged file (nothing happens once it was placed)."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)  # an fsync still running keeps its own descriptor
+            self.path = None
+
+
+class Placement:
+    """A staged file at its final path, with its fsyncs under way."""
+
+    def __init__(self, path: Path, syncs: list[Future[None]], replaced: bool) -> None:
+        self.path = path
+        self._syncs = syncs
+        #: A file of the same name was there before (same UIDs and content, sent twice at once):
+        #: it may belong to another sender's committed row, so undo() leaves it.
+        self.replaced = replaced
+
+    def wait(self) -> None:
+        """Block until the file and its folders are durable; raise OSError if an fsync failed."""
+        for s in self._syncs:
+            s.result()
+
+    def undo(self) -> None:
+        """Remove the placed file after a failure (unless it may be another row's)."""
+        for s in self._syncs:
+            s.exception()  # wait: never unlink under a running fsync
+        if not self.replaced:
+            self.path.unlink(missing_ok=True)
+
+
+def _makedirs(folder: Path) -> list[Path]:
+    """mkdir -p that returns the folders it created (their parents must be fsync'd too)."""
+    missing = []
+    p = folder
+    while not p.exists():
+        missing.append(p)
+        p = p.parent
+    created = []
+    for d in reversed(missing):
+        try:
+            d.mkdir()
+            created.append(d)
+        except FileExistsError:  # another association made it first
+            pass
+    return created
+
+
+def _fsync_close(fd: int) -> None:
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_path(folder: Path) -> None:
+    dfd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)

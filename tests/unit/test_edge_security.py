@@ -6,7 +6,6 @@ Every check goes through a real association (pynetdicom SCU or DCMTK storescu) o
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +21,7 @@ from node.completion import CompletionService
 from node.config import Config, ConfigError, parse_config
 from node.db.models import Event, Instance
 from node.db.session import session_scope
-from node.handlers import IngestContext
-from node.listener import admission, start_listener
+from node.listener import admission
 from tests.peers import free_port, have, make_pki, storescu, wait_for
 
 RG1 = Path(get_testdata_file("RG1_UNCR.dcm"))
@@ -39,20 +37,6 @@ def _config(tmp_path: Path, **listener: Any) -> Config:
     })
     db_upgrade(cfg)
     return cfg
-
-
-@pytest.fixture
-def serve() -> Iterator[Any]:
-    servers = []
-
-    def start(cfg: Config) -> IngestContext:
-        ctx = IngestContext(cfg)
-        servers.append(start_listener(cfg, ctx))
-        return ctx
-
-    yield start
-    for server in servers:
-        server.shutdown()
 
 
 def _associate(cfg: Config, aet: str, aec: str = "PACSNODE") -> Any:

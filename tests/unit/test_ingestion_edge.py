@@ -12,7 +12,7 @@ from typing import Any
 import pydicom
 import pytest
 from pydicom.data import get_testdata_file
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import MPEG2MPML, ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import ComputedRadiographyImageStorage, CTImageStorage, Verification
 from sqlalchemy import func, select
@@ -28,7 +28,6 @@ from tests.peers import free_port, have, storescu
 
 RG1 = Path(get_testdata_file("RG1_UNCR.dcm"))
 CT = Path(get_testdata_file("CT_small.dcm"))
-MPEG2 = "1.2.840.10008.1.2.4.100"
 
 
 def _config(tmp_path: Path, **over: Any) -> Config:
@@ -89,7 +88,7 @@ def _spool_files(cfg: Config) -> list[Path]:
 
 def test_unsupported_transfer_syntax_is_rejected_in_the_association(cfg: Config, ctx: IngestContext) -> None:
     ae = _scu()
-    ae.add_requested_context(ComputedRadiographyImageStorage, [MPEG2])
+    ae.add_requested_context(ComputedRadiographyImageStorage, [MPEG2MPML])
     ae.add_requested_context(ComputedRadiographyImageStorage, [ExplicitVRLittleEndian])
     ae.add_requested_context(Verification)
     assoc = ae.associate("127.0.0.1", cfg.listener.port, ae_title="PACSNODE")
@@ -99,7 +98,7 @@ def test_unsupported_transfer_syntax_is_rejected_in_the_association(cfg: Config,
         accepted = [str(cx.transfer_syntax[0]) for cx in assoc.accepted_contexts]
     finally:
         assoc.release()
-    assert rejected == [(MPEG2, 0x04)]  # transfer syntaxes not supported (provider rejection)
+    assert rejected == [(MPEG2MPML, 0x04)]  # transfer syntaxes not supported (provider rejection)
     assert ExplicitVRLittleEndian in accepted
 
 
@@ -221,3 +220,55 @@ def test_source_pacs_count_completes_the_study_before_the_quiet_time(tmp_path: P
         st = s.scalar(select(Study).where(Study.study_instance_uid == study))
         assert st is not None
         assert (st.expected_instances, st.completion_rule) == (3, "count")
+
+
+def test_pixel_data_cut_short_is_refused_without_reading_it(cfg: Config) -> None:
+    """The header parse defers the 7 MB pixel value: a length that runs past the end is 0xA900."""
+    from node.handlers import StoreRefused, ingest
+
+    data = RG1.read_bytes()[:-1000]
+    with pytest.raises(StoreRefused, match="no complete pixel data") as e:
+        ingest(data, IngestContext(cfg), "SCU")
+    assert e.value.status == 0xA900
+    assert _count(cfg, Instance) == 0
+    assert _spool_files(cfg) == []
+    assert list((cfg.storage.path / "incoming").iterdir()) == []
+
+
+def test_the_same_instance_from_two_senders_at_once_is_stored_once(cfg: Config, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both look for the instance before either commits: the second's rows collide with the
+    first's, it looks again, finds the same content and answers success; the file stays."""
+    import threading
+
+    import node.handlers
+    from node.handlers import ingest
+
+    both_inside = threading.Barrier(2, timeout=10)
+    real_record = node.handlers._record
+
+    def record_together(*args: Any, **kwargs: Any) -> Any:
+        if threading.current_thread().name.startswith("sender"):
+            both_inside.wait()  # each has placed its file and found no row
+        return real_record(*args, **kwargs)
+
+    monkeypatch.setattr(node.handlers, "_record", record_together)
+    data = RG1.read_bytes()
+    ctx = IngestContext(cfg)
+    results: list[object] = []
+
+    def send() -> None:
+        try:
+            results.append(ingest(data, ctx, "SCU"))
+        except Exception as e:  # noqa: BLE001 (asserted below)
+            results.append(e)
+
+    threads = [threading.Thread(target=send, name=f"sender{i}") for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    ds = pydicom.dcmread(RG1, stop_before_pixels=True)
+    assert results == [(ds.StudyInstanceUID, ds.SOPInstanceUID)] * 2
+    assert _count(cfg, Instance) == 1
+    files = _spool_files(cfg)
+    assert len(files) == 1 and files[0].read_bytes() == data

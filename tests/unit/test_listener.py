@@ -9,6 +9,7 @@ from pathlib import Path
 import pydicom
 import pytest
 from pydicom.data import get_testdata_file
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 from sqlalchemy import func, select
@@ -172,7 +173,7 @@ def test_malformed_files_are_refused_with_a_precise_status(config: Config, name:
 
 
 @pytest.mark.skipif(not have("storescu"), reason="DCMTK storescu not installed")
-@pytest.mark.parametrize(("flag", "syntax"), [("-xd", "1.2.840.10008.1.2.1.99"), ("-xi", "1.2.840.10008.1.2")])
+@pytest.mark.parametrize(("flag", "syntax"), [("-xd", DeflatedExplicitVRLittleEndian), ("-xi", ImplicitVRLittleEndian)])
 def test_other_transfer_syntaxes_from_storescu(config: Config, listener: IngestContext, flag: str, syntax: str) -> None:
     """storescu converts on the fly (deflated explicit VR, implicit VR); we keep what came."""
     out = storescu(config.listener.port, CT, extra=(flag,))

@@ -1,0 +1,571 @@
+"""DICOM networking helpers: how the node drives pynetdicom's network layer.
+
+The one module that knows pynetdicom's internals, so the one to change when pynetdicom changes:
+
+- `tune_connection`: EVT_CONN_OPEN handler for any association (TCP_NODELAY).
+- `succeeded`: whether a DIMSE response status means the request was done (C-STORE kept, N-ACTION accepted).
+- `serve`: the listener's association server, through pynetdicom's extension point
+  (`AE.make_server(..., request_handler=...)`). Each accepted connection gets:
+  - `WakingDUL` / `WakingAssociation`: an event-driven reactor. Stock pynetdicom 3.0 polls: its
+    DUL thread sleeps `_run_loop_delay` (1 ms) when a loop found nothing to do, and the
+    association thread sleeps 1 ms per loop, so each C-STORE waits for sleeps on both threads
+    (or burns a core polling with a shorter delay). Here the DUL waits in poll() on its socket
+    and a wake-up socket that every outgoing primitive signals, and the association thread
+    waits on an Event the DUL sets when a whole DIMSE message, a release or an abort is there.
+  - `ReceiveSocket`: a PDU is read in as few recv() calls as the kernel allows (pynetdicom reads
+    4 KB per call: 1,800 calls for a 7 MB data set), and assembled once; readiness is asked of
+    poll(), as select() fails on descriptors above 1,024.
+  - `StreamingDIMSE`: each C-STORE data set is written to a sink (the spool) as its fragments
+    arrive, through pynetdicom's own chunked-receive hook, instead of being collected in memory;
+    the handler finds it with `received_dataset(event)`.
+  The state machine, PDU, DIMSE and service class code are pynetdicom's, unchanged.
+
+The overridden methods follow pynetdicom's own control flow line by line; they are written
+against `PYNETDICOM_VERSION` (pinned in pyproject.toml), and `require_pynetdicom()` refuses any
+other release. tests/unit/test_dimse.py shows the protocol behaviour is still pynetdicom's:
+negotiation, PDU fragmentation from 4 KB to unlimited, release, abort, ARTIM and network
+timeouts, C-ECHO, and stored bytes identical to stock pynetdicom's `encoded_dataset()`.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import select
+import socket
+import ssl
+import struct
+import threading
+from collections.abc import Callable
+from copy import deepcopy
+from datetime import datetime
+from functools import partial
+from io import BytesIO
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, cast
+
+import pynetdicom
+from pynetdicom import evt
+from pynetdicom._globals import MODE_ACCEPTOR
+from pynetdicom._handlers import (
+    standard_dimse_recv_handler,
+    standard_dimse_sent_handler,
+    standard_pdu_recv_handler,
+    standard_pdu_sent_handler,
+)
+from pynetdicom.association import Association
+from pynetdicom.dimse import DIMSEServiceProvider
+from pynetdicom.dimse_messages import C_STORE_RQ
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dsutils import create_file_meta, encode_file_meta
+from pynetdicom.dul import DULServiceProvider
+from pynetdicom.pdu import A_ABORT_RQ
+from pynetdicom.status import STATUS_SUCCESS, STATUS_WARNING, code_to_category
+from pynetdicom.transport import AssociationSocket, ThreadedAssociationServer
+from pynetdicom.transport import RequestHandler as _StockRequestHandler
+
+if TYPE_CHECKING:  # pragma: no cover
+    from pynetdicom.ae import ApplicationEntity
+
+log = logging.getLogger(__name__)
+
+#: The pynetdicom release whose internals the classes below were written against.
+PYNETDICOM_VERSION = "3.0.4"
+
+#: Longest wait of an idle reactor before it looks at its timers again (ARTIM, network idle).
+#: Timers run in seconds, so this bounds how late a timeout fires, not any exchange's latency.
+IDLE_WAIT_SECONDS = 0.05
+
+#: Most bytes asked of the kernel per recv() call.
+RECV_CHUNK = 1 << 20
+
+#: pynetdicom's DUL poll interval for associations it builds itself (requestors: AE.associate
+#: has no hook for a custom DUL). Its default of 1 ms costs a sleep per PDU exchanged.
+REQUESTOR_POLL_SECONDS = 0.0001
+
+
+def require_pynetdicom() -> None:
+    """Refuse to run the listener on a pynetdicom other than the one this module was written for."""
+    if pynetdicom.__version__ != PYNETDICOM_VERSION:
+        raise RuntimeError(
+            f"pynetdicom {pynetdicom.__version__} is installed but node/dimse.py overrides internals of "
+            f"{PYNETDICOM_VERSION}: install pynetdicom=={PYNETDICOM_VERSION} (pyproject.toml pins it)"
+        )
+
+
+def succeeded(status: int | None) -> bool:
+    """Whether a DIMSE response status means the request was done: success, or a warning such as a
+    C-STORE coercion (0xB000, 0xB006, 0xB007; PS3.4 B.2.3). None (no response) did not."""
+    return status is not None and code_to_category(status) in (STATUS_SUCCESS, STATUS_WARNING)
+
+
+def tune_connection(event: evt.Event) -> None:
+    """EVT_CONN_OPEN: TCP_NODELAY (small DIMSE messages otherwise wait 40-90 ms for delayed ACKs);
+    on pynetdicom's own DUL (requestors) a shorter poll interval too."""
+    assoc = event.assoc
+    sock = getattr(assoc.dul.socket, "socket", None)
+    if sock is not None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if not isinstance(assoc.dul, WakingDUL):
+        assoc.dul._run_loop_delay = REQUESTOR_POLL_SECONDS
+
+
+class ReceiveSocket(AssociationSocket):
+    """AssociationSocket whose recv() takes whatever has arrived, up to RECV_CHUNK per call.
+
+    pynetdicom reads 4 KB per call; a 7 MB data set in 128 KB PDUs took 1,800 calls. Memory
+    grows only as data arrives: a PDU length comes from the peer and is not trusted.
+    """
+
+    @property
+    def ready(self) -> bool:
+        """pynetdicom 3.0.4's AssociationSocket.ready with poll() for select(), which fails on a
+        descriptor above 1,024 (a busy process) and so closed the association."""
+        sock = self.socket
+        if sock is None or self._is_connected is False:
+            return False
+        try:
+            poller = select.poll()
+            poller.register(sock, select.POLLIN)
+            readable = bool(poller.poll(0))
+        except (OSError, ValueError):
+            self.event_queue.put("Evt17")  # transport connection closed
+            return False
+        # An SSLSocket may hold decrypted data that poll() cannot see.
+        return readable or (isinstance(sock, ssl.SSLSocket) and bool(sock.pending()))
+
+    def recv(self, nr_bytes: int) -> bytes:  # type: ignore[override]  # bytes where pynetdicom has bytearray
+        """Read `nr_bytes` from the socket (blocking); fewer only if the peer closes the connection."""
+        sock = cast(socket.socket, self.socket)
+        chunks = []
+        remaining = nr_bytes
+        while remaining > 0:
+            chunk = sock.recv(min(remaining, RECV_CHUNK))
+            if not chunk:  # connection closed: return what came, as pynetdicom does
+                break
+            chunks.append(chunk)
+            remaining -= len(chunk)
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+class DatasetSink(Protocol):
+    """Where a C-STORE data set is written as its fragments arrive (node.spool.StagedFile)."""
+
+    def write(self, data: bytes) -> None:
+        """Append bytes; must not raise (keep the failure and report it to the handler)."""
+
+    def finish(self) -> None:
+        """The whole data set has arrived (called before the handler runs)."""
+
+    def discard(self) -> None:
+        """Drop what was written unless the handler kept it; called once the request is done."""
+
+
+class _ChunkedFile:
+    """The file object pynetdicom's chunked C-STORE receive writes to (`_data_set_file`),
+    forwarding to a DatasetSink. After the handler pynetdicom closes it (we discard what the
+    handler did not keep) and unlinks `name`, which by then no longer exists (it ignores that)."""
+
+    def __init__(self, sink: DatasetSink, name: str) -> None:
+        self.sink = sink
+        self.name = name
+        self.file = self  # pynetdicom flushes `_data_set_file.file` after each fragment
+
+    def write(self, data: bytes) -> None:
+        self.sink.write(data)
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.sink.discard()
+
+
+def received_dataset(event: evt.Event) -> DatasetSink | None:
+    """EVT_C_STORE: the sink the data set was streamed into, or None if it is in memory
+    (`event.encoded_dataset()`); the sink holds the preamble and file meta pynetdicom would add."""
+    chunked = getattr(event.request, "_dataset_file", None)
+    return chunked.sink if isinstance(chunked, _ChunkedFile) else None
+
+
+class StreamingDIMSE(DIMSEServiceProvider):
+    """DIMSE provider that streams each C-STORE data set into a sink as its fragments arrive.
+
+    pynetdicom's own chunked mode (`_config.STORE_RECV_CHUNKED_DATASET`) is process-wide and
+    writes to the system temp folder; this uses the same hook (`_data_set_file`) per association,
+    with a sink of ours. The sink starts with what `Event.encoded_dataset()` would put first
+    (preamble, DICM, file meta from the command set and the context), so the bytes are the same.
+    """
+
+    def __init__(self, assoc: Association, sink_factory: Callable[[], DatasetSink]) -> None:
+        super().__init__(assoc)
+        self._sink_factory = sink_factory
+
+    def receive_primitive(self, primitive: Any) -> None:
+        receiving = self.message
+        chunked = receiving._data_set_file if receiving is not None else None
+        super().receive_primitive(primitive)
+        if isinstance(chunked, _ChunkedFile) and self.message is not receiving:
+            chunked.sink.finish()  # the message is complete and queued for the handler
+        # Once a C-STORE-RQ's command set is in, its data set goes to a sink (together with any
+        # data set bytes that came in the same P-DATA as the end of the command).
+        msg = self.message
+        if isinstance(msg, C_STORE_RQ) and msg._data_set_file is None:
+            self._attach(msg)
+
+    def _attach(self, msg: C_STORE_RQ) -> None:
+        try:
+            cs = msg.command_set
+            context = self.assoc._accepted_cx[cast(int, msg.context_id)]
+            meta = create_file_meta(sop_class_uid=cs.AffectedSOPClassUID,
+                                    sop_instance_uid=cs.AffectedSOPInstanceUID,
+                                    transfer_syntax=context.transfer_syntax[0])
+            head = b"".join((b"\x00" * 128, b"DICM", encode_file_meta(meta)))
+        except (AttributeError, KeyError, TypeError, ValueError) as e:
+            # A command set pydicom cannot use: leave the data set in memory and let the
+            # handler refuse it (encoded_dataset() raises the same error there).
+            log.debug("C-STORE data set kept in memory: %s: %s", type(e).__name__, e)
+            return
+        try:
+            sink = self._sink_factory()
+        except OSError as e:
+            log.error("cannot stage a C-STORE data set, keeping it in memory: %s", e)
+            return
+        sink.write(head)
+        early = cast(BytesIO, msg.data_set).getvalue()
+        if early:
+            sink.write(early)
+        msg.data_set = BytesIO()
+        chunked = _ChunkedFile(sink, str(getattr(sink, "path", "")))
+        msg._data_set_file = chunked  # type: ignore[assignment]
+        msg._data_set_path = Path(chunked.name)
+
+    def discard_pending(self) -> None:
+        """Discard the sinks of data sets no handler will see (association ended)."""
+        if self.message is not None and isinstance(self.message._data_set_file, _ChunkedFile):
+            self.message._data_set_file.close()
+        while True:
+            try:
+                _, primitive = self.msg_queue.get(block=False)
+            except queue.Empty:
+                return
+            chunked = getattr(primitive, "_dataset_file", None) if isinstance(primitive, C_STORE) else None
+            if isinstance(chunked, _ChunkedFile):
+                chunked.close()
+
+
+class WakingDUL(DULServiceProvider):
+    """DUL service provider that sleeps in poll() until its socket or its user has work.
+
+    pynetdicom's reactor sleeps `_run_loop_delay` whenever a loop found nothing to do, so a PDU
+    that arrives, or a response the association thread queues, waits for the sleep to end.
+    """
+
+    def __init__(self, assoc: Association) -> None:
+        super().__init__(assoc)
+        # Written to by send_pdu() and kill_dul() so that poll() returns at once. Socket
+        # objects (not raw fds) so that a late wake-up after close raises instead of writing
+        # into whatever file reused the descriptor.
+        self._wake_recv, self._wake_send = socket.socketpair()
+        self._wake_recv.setblocking(False)
+        self._wake_send.setblocking(False)
+        self._wake_lock = threading.Lock()
+        #: Set when the association thread has something to act on, and when the reactor stops:
+        #: the association thread waits on it instead of sleeping 1 ms per loop.
+        self.user_event = threading.Event()
+
+    def wake(self) -> None:
+        """Make the reactor look at its queues now."""
+        with self._wake_lock:
+            if self._wake_send.fileno() == -1:
+                return
+            try:
+                self._wake_send.send(b"\0")
+            except BlockingIOError:  # the buffer holds unread wake-ups already: enough
+                pass
+
+    def send_pdu(self, primitive: Any) -> None:
+        super().send_pdu(primitive)
+        self.wake()
+
+    def kill_dul(self) -> None:
+        super().kill_dul()
+        self.wake()
+
+    def stop_dul(self) -> bool:
+        # pynetdicom's stop_dul() sets the kill flag, then waits for the thread: wake it first.
+        if self.state_machine.current_state == "Sta1":
+            self._kill_thread = True
+            self.wake()
+        return super().stop_dul()
+
+    def _wait(self, timeout: float) -> None:
+        """Block until the socket is readable, a wake-up arrives or `timeout` passes."""
+        # poll(), not select(): a process with more than 1,024 descriptors is no reason to spin.
+        poller = select.poll()
+        poller.register(self._wake_recv, select.POLLIN)
+        assoc_sock = self.socket
+        sock = assoc_sock.socket if assoc_sock is not None and assoc_sock._is_connected else None
+        if sock is not None and sock.fileno() != -1:
+            poller.register(sock, select.POLLIN)
+        try:
+            events = poller.poll(timeout * 1000)
+        except OSError:  # interrupted: the reactor looks again
+            return
+        if any(fd == self._wake_recv.fileno() for fd, _ in events):
+            try:
+                while self._wake_recv.recv(4096):
+                    pass
+            except BlockingIOError:
+                pass
+
+    def _read_pdu_data(self) -> None:
+        """pynetdicom 3.0.4's _read_pdu_data, with the PDU assembled once as bytes (pynetdicom
+        concatenates into a bytearray and copies it to bytes again before decoding)."""
+        sock = cast(ReceiveSocket, self.socket)
+        try:
+            header = sock.recv(6)
+        except (OSError, TimeoutError) as exc:
+            log.error("Connection closed before the entire PDU was received: %s", exc)
+            self.event_queue.put("Evt17")  # transport connection closed
+            return
+        try:
+            pdu_type, _, pdu_length = struct.unpack(">BBL", header)
+        except struct.error:
+            self.event_queue.put("Evt17")
+            return
+        if pdu_type not in (0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07):
+            log.error("Unknown PDU type received '0x%02X'", pdu_type)
+            self.event_queue.put("Evt19")  # unrecognised or invalid PDU
+            return
+        try:
+            body = sock.recv(pdu_length)
+        except (OSError, TimeoutError) as exc:
+            log.error("Connection closed before the entire PDU was received: %s", exc)
+            self.event_queue.put("Evt17")
+            return
+        if len(body) != pdu_length:
+            log.error("The received PDU is shorter than expected (%d of %d bytes received)",
+                      6 + len(body), 6 + pdu_length)
+            self.event_queue.put("Evt17")
+            return
+        try:
+            pdu, event = self._decode_pdu(header + body)  # type: ignore[arg-type]  # bytes(): no copy of bytes
+            self.event_queue.put(event)
+        except Exception as exc:  # as pynetdicom: any decoding failure is an invalid PDU
+            log.error("Unable to decode the received PDU data: %s: %s", type(exc).__name__, exc)
+            self.event_queue.put("Evt19")
+            return
+        self._recv_pdu.put(pdu)
+
+    def _abort_now(self) -> None:
+        """Send an A-ABORT (service provider) and stop both reactors, bypassing the state machine."""
+        abort_pdu = A_ABORT_RQ()
+        abort_pdu.source = 0x02
+        abort_pdu.reason_diagnostic = 0x00
+        cast(AssociationSocket, self.socket).send(abort_pdu.encode())
+        self.assoc.is_aborted = True
+        self.assoc.is_established = False
+        self.assoc._kill = True
+        self._kill_thread = True
+
+    def run_reactor(self) -> None:
+        """pynetdicom 3.0.4's DUL reactor with poll() in place of time.sleep(_run_loop_delay)."""
+        try:
+            self._reactor()
+        finally:
+            self.user_event.set()
+            with self._wake_lock:
+                self._wake_send.close()
+                self._wake_recv.close()
+
+    def _reactor(self) -> None:
+        self._idle_timer.start()
+        self.socket = cast(AssociationSocket, self.socket)
+        idle = False
+        while True:
+            if not self.assoc._dul_ready.is_set():
+                self.assoc._dul_ready.set()
+                idle = True
+            if idle:
+                self._wait(IDLE_WAIT_SECONDS)
+            if self._kill_thread:
+                break
+            if self.artim_timer.expired:
+                self.event_queue.put("Evt18")
+            try:
+                if self._process_recv_primitive():  # a primitive from the local user
+                    pass
+                elif self._is_transport_event():  # a PDU from the peer
+                    self._idle_timer.restart()
+            except Exception:  # as pynetdicom: abort outside the state machine
+                log.exception("Exception in the DUL reactor, aborting association")
+                self._abort_now()
+                return
+            try:
+                event = self.event_queue.get(block=False)
+            except queue.Empty:
+                idle = True
+                continue
+            try:
+                self.state_machine.do_action(event)
+            except Exception as exc:
+                # pynetdicom lets this end the thread (found by bench/fuzz_ingest.py: a command
+                # set without Command Field raises AttributeError in DIMSE decoding), leaving the
+                # peer without an answer. Here it is an invalid PDU (Evt19: A-ABORT, PS3.8 9.2),
+                # or, if handling that fails too, an A-ABORT outside the state machine.
+                log.warning("invalid data from the peer (%s in %s: %s: %s), aborting the association",
+                            event, self.state_machine.current_state, type(exc).__name__, exc,
+                            exc_info=log.isEnabledFor(logging.DEBUG))
+                if event == "Evt19":
+                    self._abort_now()
+                    return
+                self.event_queue.put("Evt19")
+            # Wake the association thread only when it has something to act on (a whole DIMSE
+            # message, a release or abort): not for every fragment of a large data set.
+            if (self.to_user_queue.queue or self.assoc.dimse.msg_queue.queue) and not self.user_event.is_set():
+                self.user_event.set()
+            idle = False
+
+
+class WakingAssociation(Association):
+    """Acceptor association whose reactor waits for its DUL instead of sleeping 1 ms per loop."""
+
+    dul: WakingDUL
+
+    def __init__(self, ae: ApplicationEntity, mode: str) -> None:
+        super().__init__(ae, mode)
+        self.dul = WakingDUL(self)
+        # pynetdicom's setters copy these into the DUL's ARTIM and idle timers: again, for ours.
+        self.acse_timeout = self.acse_timeout
+        self.network_timeout = self.network_timeout
+
+    def kill(self) -> None:
+        super().kill()
+        self.dul.user_event.set()
+        if isinstance(self.dimse, StreamingDIMSE):
+            self.dimse.discard_pending()
+
+    def _run_reactor(self) -> None:
+        """pynetdicom 3.0.4's acceptor reactor, waiting on the DUL's event between loops."""
+        self._is_paused = False
+        idle = True
+        while not self._kill:
+            if idle:
+                self.dul.user_event.wait(IDLE_WAIT_SECONDS)
+                # Cleared before looking, so an action after this point wakes the next wait.
+                self.dul.user_event.clear()
+            # Paused while the user sends DIMSE or ACSE messages itself (see Association.release).
+            self._is_paused = True
+            self._reactor_checkpoint.wait()
+            self._is_paused = False
+
+            context_id, msg = self.dimse.get_msg(block=False)
+            # More messages may be queued behind this one: look again before waiting.
+            idle = msg is None
+            if msg:
+                self._serve_request(msg, cast(int, context_id))
+
+            if self.is_established and self.acse.is_release_requested():
+                self.acse.send_release(is_response=True)
+                log.info("Association Released")
+                self.is_released = True
+                self.is_established = False
+                evt.trigger(self, evt.EVT_RELEASED, {})
+                self.kill()
+                return
+
+            if self.acse.is_aborted():
+                log.info("Association Aborted%s", " (A-P-ABORT)" if self.acse.is_aborted("a-p-abort") else "")
+                self.dul.receive_pdu(wait=False)  # so that EVT_ACSE_RECV fires for subscribers
+                self.is_aborted = True
+                self.is_established = False
+                evt.trigger(self, evt.EVT_ABORTED, {})
+                self.kill()
+                return
+
+            if not self.dul.is_alive():
+                self.kill()
+                return
+
+            if self.dul.idle_timer_expired():
+                log.error("Network timeout reached")
+                if self.network_timeout_response == "A-RELEASE":
+                    self._is_paused = True
+                    self._reactor_checkpoint.wait()
+                    self.release()
+                    self._is_paused = False
+                else:
+                    self.abort()
+                self.kill()
+                return
+
+
+def serve(
+    ae: ApplicationEntity, address: tuple[str, int], evt_handlers: list[Any], ssl_context: ssl.SSLContext | None,
+    sink_factory: Callable[[], DatasetSink] | None = None,
+) -> ThreadedAssociationServer:
+    """Start `ae` as an association acceptor in background threads, with RequestHandler.
+
+    What `AE.start_server(block=False)` does, through pynetdicom's documented extension point
+    (`make_server` passes `request_handler` to the server class). With `sink_factory`, each
+    C-STORE data set is streamed into a new sink as it arrives (see `received_dataset`).
+    Stop the server with server.shutdown().
+    """
+    require_pynetdicom()
+    server = ae.make_server(address, ssl_context=ssl_context, evt_handlers=evt_handlers,
+                            server_class=ThreadedAssociationServer,
+                            request_handler=partial(RequestHandler, sink_factory=sink_factory))
+    thread = threading.Thread(target=server.serve_forever, name=f"AcceptorServer@{datetime.now():%Y%m%d%H%M%S}",
+                              daemon=True)
+    thread.start()
+    ae._servers.append(server)  # as start_server does: server.shutdown() removes it
+    return server
+
+
+class RequestHandler(_StockRequestHandler):
+    """The listener's request handler: each accepted connection gets a WakingAssociation
+    (with a StreamingDIMSE when given a sink factory)."""
+
+    def __init__(self, request: Any, client_address: Any, server: Any,
+                 sink_factory: Callable[[], DatasetSink] | None = None) -> None:
+        self._sink_factory = sink_factory  # before super(): socketserver handles the request in __init__
+        super().__init__(request, client_address, server)
+
+    def _create_association(self) -> Association:
+        """pynetdicom 3.0.4's RequestHandler._create_association with our association and socket."""
+        assoc = WakingAssociation(self.ae, MODE_ACCEPTOR)
+        if self._sink_factory is not None:
+            assoc.dimse = StreamingDIMSE(assoc, self._sink_factory)
+        assoc._server = self.server
+        # "AcceptorThread" in the name is how AssociationServer.active_associations finds it.
+        assoc.name = f"AcceptorThread@{datetime.now():%Y%m%d%H%M%S}"
+        assoc.set_socket(ReceiveSocket(assoc, client_socket=self.request))
+
+        assoc.acceptor.maximum_length = self.ae.maximum_pdu_size
+        assoc.acceptor.ae_title = self.server.ae_title
+        assoc.acceptor.address_info = self.local
+        assoc.acceptor.implementation_class_uid = self.ae.implementation_class_uid
+        assoc.acceptor.implementation_version_name = self.ae.implementation_version_name
+        assoc.acceptor.supported_contexts = deepcopy(self.server.contexts)
+        assoc.requestor.address_info = self.remote
+
+        # pynetdicom's standard handlers only log (INFO and DEBUG), but build their lines for
+        # every PDU and message (one copies each data set to see whether it is empty). The node
+        # keeps the pynetdicom logger at WARNING: then they are left out.
+        quiet = not logging.getLogger("pynetdicom").isEnabledFor(logging.INFO)
+        for event, bound in self.server._handlers.items():
+            if event.is_intervention and bound:
+                assoc.bind(event, *bound)
+            elif isinstance(event, evt.NotificationEvent):
+                for handler, args in cast(list[tuple[Any, Any]], bound):
+                    if not (quiet and handler in _STANDARD_LOGGING.values()):
+                        assoc.bind(event, handler, args)
+        if quiet:
+            for event, handler in _STANDARD_LOGGING.items():
+                assoc.unbind(event, handler)
+        return assoc
+
+
+_STANDARD_LOGGING = {evt.EVT_DIMSE_RECV: standard_dimse_recv_handler, evt.EVT_DIMSE_SENT: standard_dimse_sent_handler,
+                     evt.EVT_PDU_RECV: standard_pdu_recv_handler, evt.EVT_PDU_SENT: standard_pdu_sent_handler}

@@ -1,0 +1,132 @@
+"""The spool's staged files: hashed while written, size-limited, placed durably, never outside root."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+
+from node.spool import INCOMING, SpoolError, StagedFile, write_atomic
+
+
+@pytest.fixture
+def synced(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The paths fsync'd during the test, in order (read from /proc: Linux)."""
+    paths: list[str] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        paths.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    return paths
+
+
+def test_staged_file_is_hashed_while_written_and_placed_under_its_name(tmp_path: Path) -> None:
+    staged = StagedFile(tmp_path)
+    chunks = [os.urandom(1 << 20) for _ in range(3)] + [b"tail"]
+    for chunk in chunks:
+        staged.write(chunk)
+    data = b"".join(chunks)
+    assert (staged.size, staged.sha256, staged.error) == (len(data), hashlib.sha256(data).hexdigest(), None)
+    placement = staged.place("instances/ab/cd/x.dcm")
+    placement.wait()
+    staged.discard()  # after placing: nothing to discard
+    assert placement.path == (tmp_path / "instances/ab/cd/x.dcm").resolve()
+    assert placement.path.read_bytes() == data
+    assert list((tmp_path / INCOMING).iterdir()) == []
+
+
+def test_size_limit_drops_the_data_and_says_why(tmp_path: Path) -> None:
+    staged = StagedFile(tmp_path, limit=1000)
+    staged.write(b"x" * 600)
+    staged.write(b"x" * 600)
+    staged.write(b"x" * 10)  # dropped: the error stands
+    assert staged.error == "instance exceeds 1000 bytes"
+    assert staged.path is not None and staged.path.stat().st_size == 0  # space given back at once
+    staged.discard()
+    assert list((tmp_path / INCOMING).iterdir()) == []
+
+
+def test_write_failure_is_kept_not_raised(tmp_path: Path) -> None:
+    staged = StagedFile(tmp_path)
+    assert staged._fd is not None
+    os.close(staged._fd)  # the descriptor goes bad under the writer
+    staged.write(b"data")
+    assert staged.error is not None and "cannot write to the spool" in staged.error
+    staged._fd = None
+    staged.discard()
+
+
+def test_place_refuses_a_path_outside_the_root(tmp_path: Path) -> None:
+    staged = StagedFile(tmp_path / "spool")
+    staged.write(b"data")
+    with pytest.raises(SpoolError, match=r"path '\.\./escape\.dcm' leaves the spool"):
+        staged.place("../escape.dcm")
+    staged.discard()
+    assert not (tmp_path / "escape.dcm").exists()
+
+
+def test_undo_keeps_a_file_that_was_there_before(tmp_path: Path) -> None:
+    first = write_atomic(tmp_path, "instances/a/b.dcm", b"same")
+    staged = StagedFile(tmp_path)
+    staged.write(b"same")
+    placement = staged.place("instances/a/b.dcm")
+    assert placement.replaced
+    placement.undo()
+    assert first.read_bytes() == b"same"
+    staged = StagedFile(tmp_path)
+    staged.write(b"new")
+    placement = staged.place("instances/c/d.dcm")
+    assert not placement.replaced
+    placement.undo()
+    assert not placement.path.exists()
+
+
+def test_place_twice_is_an_error(tmp_path: Path) -> None:
+    staged = StagedFile(tmp_path)
+    staged.write(b"x")
+    staged.place("a.dcm").wait()
+    with pytest.raises(SpoolError, match="already placed or discarded"):
+        staged.place("b.dcm")
+
+
+def test_write_atomic_fsyncs_the_file_and_every_folder_it_created(tmp_path: Path, synced: list[str]) -> None:
+    (tmp_path / "outputs").mkdir()
+    path = write_atomic(tmp_path, "outputs/0001/1001/sr-0.dcm", b"result")
+    assert path.read_bytes() == b"result"
+    root = tmp_path.resolve()
+    folders = [str(root / "outputs/0001/1001"), str(root / "outputs/0001"), str(root / "outputs")]
+    assert sorted(p for p in synced if p in folders) == sorted(folders)
+    # The file itself, under its staged or its final name (its fsync may run before the rename).
+    files = [p for p in synced if p not in folders]
+    assert len(files) == 1 and (files[0] == str(path) or files[0].startswith(str(root / INCOMING)))
+
+
+def test_finish_starts_the_fsync_and_place_waits_for_it(tmp_path: Path, synced: list[str]) -> None:
+    staged = StagedFile(tmp_path)
+    staged.write(b"data")
+    staged.finish()
+    staged.write(b"more")  # after finish: dropped, the file is complete
+    assert staged.size == 4
+    assert staged._synced is not None
+    staged._synced.result(timeout=10)  # running on its own, before any place()
+    placement = staged.place("a/b.dcm")
+    placement.wait()
+    assert placement.path.read_bytes() == b"data"
+    # The file was fsync'd under its staged name (before the rename), then its new folders.
+    assert synced[0].startswith(str((tmp_path / INCOMING).resolve()))
+    assert sorted(synced[1:]) == sorted([str(tmp_path.resolve() / "a"), str(tmp_path.resolve())])
+
+
+def test_a_file_that_failed_to_write_is_never_placed(tmp_path: Path) -> None:
+    staged = StagedFile(tmp_path, limit=2)
+    staged.write(b"data")
+    staged.finish()
+    with pytest.raises(SpoolError, match="staged file is incomplete: instance exceeds 2 bytes"):
+        staged.place("a.dcm")
+    staged.discard()
+    assert not (tmp_path / "a.dcm").exists()
