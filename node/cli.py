@@ -75,8 +75,8 @@ def ensure_bundles(config: Config, train_missing: bool = True) -> None:
             meta = read_metadata(pc.bundle, pc.version)
         except BundleError as e:
             raise BundleCheckError(f"pipelines.{name}: {e}") from e
-        log.info("pipeline %s: bundle %s version %s%s", name, pc.bundle, meta["version"],
-                 " (demo weights)" if meta["demo"] else "")  # fmt: skip
+        log.info("pipeline %s: bundle %s version %s%s", name, pc.bundle, meta.version,
+                 " (demo weights)" if meta.demo else "")  # fmt: skip
 
 
 def _worker_argv(config_file: Path, queue: str) -> list[str]:

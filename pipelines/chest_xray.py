@@ -170,16 +170,16 @@ class ChestXrayPipeline:
         self.bundle: Bundle = load_bundle(bundle, version)
         self.model: ModelInfo = self.bundle.model
         pre = self.bundle.preprocessing
-        self.mask_threshold = float(pre["mask_threshold"])
-        self.opening_radius = int(pre["opening_radius"])
-        self.crop_margin = float(pre["crop_margin"])
-        self.crop_to_lungs = pre.get("crop", "lung") == "lung"
+        self.mask_threshold = pre.mask_threshold
+        self.opening_radius = pre.opening_radius
+        self.crop_margin = pre.crop_margin
+        self.crop_to_lungs = pre.crop == "lung"
         self.labels = self.bundle.labels
         self.thresholds = self.bundle.thresholds
         s, c = self.bundle.segmentation_size, self.bundle.classifier_size
-        self._cls_spec: dict[str, Any] = self.bundle.metadata["networks"]["classifier"]
+        self._cls_spec: dict[str, Any] = self.bundle.metadata.networks.classifier.model_dump()
         self._seg = self._optimise(self.bundle.segmentation, (1, 1, s, s))
-        layer = self._cls_spec.get("gradcam_layer")
+        layer = self._cls_spec["gradcam_layer"]
         if self._cls_spec["architecture"] == "DenseNet121" and layer in (None, DEFAULT_LAYERS["DenseNet121"]):
             head = FeatureHead(self.bundle.classifier)
             self._cam_weight: torch.Tensor | None = head.out.weight.detach().to(self.device, torch.float32)
