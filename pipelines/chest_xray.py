@@ -39,6 +39,7 @@ from pydicom import Dataset
 from scipy import ndimage
 from skimage.morphology import disk
 
+from pipelines import xrv
 from pipelines.base import Finding, InputError, ModelInfo, PipelineResult
 from pipelines.bundle import Bundle, load_bundle
 from pipelines.detector import from_detector
@@ -262,8 +263,7 @@ class ChestXrayPipeline:
             t_seg = time.perf_counter() - t0
 
             t0 = time.perf_counter()
-            c = self.bundle.classifier_size
-            cls_in = torch.stack([classifier_input(d, b, c) for d, b in zip(displays, boxes, strict=True)])
+            cls_in, boxes = self._classifier_batch(datasets, displays, boxes)
             out = self._forward(self._cls, cls_in)
             cls_logits, feats = out if self._cam_weight is not None else (out, None)
             cls_probs = torch.sigmoid(cls_logits.float()).cpu().numpy()
@@ -309,6 +309,17 @@ class ChestXrayPipeline:
                 )
             )
         return results
+
+    def _classifier_batch(
+        self, datasets: Sequence[Dataset], displays: Sequence[np.ndarray], boxes: list[Box]
+    ) -> tuple[torch.Tensor, list[Box]]:
+        """The classifier input as the bundle's `preprocessing.scaling` defines it, and the box
+        each image was cropped to (where its heatmap goes): pacsnode's recipe on the lung (or
+        whole-image) boxes, or torchxrayvision's centre crop (pipelines/xrv.py)."""
+        c, pre = self.bundle.classifier_size, self.bundle.preprocessing
+        if pre.scaling == "torchxrayvision":
+            return xrv.classifier_batch(datasets, displays, c, pre.pixels)
+        return torch.stack([classifier_input(d, b, c) for d, b in zip(displays, boxes, strict=True)]), boxes
 
     def _detect(self, displays: Sequence[np.ndarray]) -> list[list[tuple[float, float, float, float, float]]]:
         """Lung-opacity boxes per image: (x, y, w, h, score) in source pixels, score >= threshold.
