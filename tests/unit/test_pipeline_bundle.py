@@ -146,12 +146,12 @@ def test_a_bundle_listed_ok_builds_and_a_bad_one_is_named_before_loading(
     """The case issue 13 found: a bundle without preprocessing.mask_threshold was listed "ok"
     by `pacsnode models` and then raised KeyError when a worker built its pipeline."""
     cfg = node_config(tmp_path / "node", bundle_copy, [])
-    assert pacsnode(["--config", str(cfg), "models"]) == 0
+    assert pacsnode(["--config", str(cfg), "models", "list"]) == 0
     assert " ok " in capsys.readouterr().out
     preprocessing = _raw(bundle_copy)["preprocessing"]
     del preprocessing["mask_threshold"]
     _edit(bundle_copy, preprocessing=preprocessing)
-    assert pacsnode(["--config", str(cfg), "models"]) == 1
+    assert pacsnode(["--config", str(cfg), "models", "list"]) == 1
     out = capsys.readouterr().out
     assert "preprocessing.mask_threshold: Field required" in out and " ok " not in out
     (row,) = list_bundles([bundle_copy])
