@@ -112,6 +112,7 @@ class Recipe(_Strict):
     limit: int | None = Field(None, ge=1, description="cap on images per split (smoke tests)")
     gradcam_layer: str | None = Field(None, description="classifiers: Grad-CAM target module; None = the architecture's default")
     detection: dict[str, Any] | None = Field(None, description="detection: RetinaNet settings over pipelines.detector.DETECTION_DEFAULTS")
+    warnings: list[str] = Field(default_factory=list, description="what the loader found worth a word (a run's recipe.yaml keeps it)")
 
     @model_validator(mode="after")
     def _consistent(self) -> Recipe:
@@ -151,6 +152,7 @@ def load_recipe(path: Path, overrides: list[str] | None = None) -> dict[str, Any
         recipe = Recipe.model_validate(raw).model_dump()
     except ValidationError as e:
         raise RecipeError(f"recipe {path}: {describe_errors(e)}") from e
-    if recipe["augment"]["flip_lr"]:
-        recipe["warnings"] = ["flip_lr is on: left-right flips swap heart laterality"]
+    flip = "flip_lr is on: left-right flips swap heart laterality"
+    if recipe["augment"]["flip_lr"] and flip not in recipe["warnings"]:
+        recipe["warnings"].append(flip)
     return recipe

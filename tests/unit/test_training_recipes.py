@@ -11,6 +11,7 @@ import numpy as np
 import pydicom
 import pytest
 import torch
+import yaml
 from pydicom.data import get_testdata_file
 
 from pipelines.bundle import list_bundles, load_bundle
@@ -203,10 +204,13 @@ def test_bad_recipes_fail_at_load_naming_the_key(sets: list[str], message: str) 
         load_recipe(RECIPES / "lung_segmentation.yaml", sets)
 
 
-def test_every_shipped_recipe_validates() -> None:
+def test_every_shipped_recipe_validates_and_its_resolved_form_reloads(tmp_path: Path) -> None:
     for path in sorted(RECIPES.glob("*.yaml")):
-        recipe = load_recipe(path)
+        recipe = load_recipe(path, ["augment.flip_lr=true"])
         assert recipe["network"]["architecture"] and recipe["task"] in TASKS, path.name
+        resolved = tmp_path / path.name  # what a run writes as recipe.yaml
+        resolved.write_text(yaml.safe_dump(recipe, sort_keys=False))
+        assert load_recipe(resolved) == recipe, path.name
 
 
 def test_crop_lung_needs_a_segmentation_run(tmp_path: Path) -> None:
