@@ -11,6 +11,8 @@ The classifier is whatever the bundle holds (pipelines/networks.py): the 15-labe
 of the demo and ChestX-ray14 recipes, or a pneumonia model (DenseNet121, ResNet50, VGG16, the
 seeds' small CNN). Bundles whose `preprocessing.crop` is "none" classify the whole image, as
 the pneumonia recipes train; the lungs are still segmented for the SEG and the outlines.
+Bundles imported from torchxrayvision (`preprocessing.scaling: torchxrayvision`) classify
+torchxrayvision's own input instead: its centre crop at its scaling (pipelines/xrv.py).
 
 The preprocessing functions here (`segmentation_input`, `lung_box`, `classifier_input`) are the
 recipe: training imports them, so training and inference see the same pixels.
