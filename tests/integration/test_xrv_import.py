@@ -17,7 +17,6 @@ import os
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
-from io import BytesIO
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +34,14 @@ from pipelines.base import DEMO_DISCLAIMER
 from pipelines.bundle import load_bundle
 from pipelines.chest_xray import ChestXrayPipeline
 from pipelines.imaging import to_display
-from tests.peers import CXR_SAMPLES, REPO, Node, Orthanc, have, node_config, storescu, wait_for
+from tests.peers import (
+    CXR_SAMPLES,
+    REPO,
+    Orthanc,
+    have,
+    received_outputs,
+    run_one_study,
+)
 from tests.unit import training_data
 from training.__main__ import main
 from training.xrv import XRV_MODELS
@@ -213,37 +219,11 @@ def pacs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
 @pytest.mark.skipif(not have("Orthanc", "storescu", "dciodvfy"), reason="needs Orthanc, DCMTK, dicom3tools")
 def test_an_imported_torchxrayvision_model_runs_end_to_end(bundles: dict[str, Path], pacs: Orthanc,
                                                            tmp_path: Path) -> None:  # fmt: skip
-    bundle = bundles["densenet121-res224-all"]
-    cfg = node_config(tmp_path / "node", bundle,
-                      [{"name": "orthanc", "ae_title": pacs.aet, "host": "127.0.0.1", "port": pacs.dicom_port, "timeout": 10}],
-                      pipelines={"chest_xray": {"bundle": str(bundle), "device": "cpu", "version": "1.0.0"}})  # fmt: skip
-    node = Node(cfg).start(timeout=120)
-    try:
-        assert storescu(node.port, RG1).returncode == 0
-        study_uid = str(pydicom.dcmread(RG1, stop_before_pixels=True).StudyInstanceUID)
-
-        def done() -> dict | None:
-            jobs = [j for j in node.jobs() if j["study_instance_uid"] == study_uid]
-            assert not [j for j in jobs if j["state"] == "failed"], jobs
-            return next((j for j in jobs if j["state"] == "done"), None)
-
-        job = wait_for(done, 240, "the torchxrayvision job", interval=0.5)
-    finally:
-        node.stop()
-    assert job["model_version"] == "1.0.0"
-    kinds = [o["kind"] for o in job["outputs"]]
-    assert "sr" in kinds
-    for output in job["outputs"]:
-        found = next(h["ID"] for h in pacs.lookup(output["sop_instance_uid"]) if h["Type"] == "Instance")
-        data = pacs.get_bytes(f"/instances/{found}/file")
-        ds = pydicom.dcmread(BytesIO(data))
-        assert ds.StudyInstanceUID == study_uid and ds.SoftwareVersions == "1.0.0", output["kind"]
-        assert ds.Manufacturer == "torchxrayvision, third-party", output["kind"]
-        path = tmp_path / f"{output['kind']}.dcm"
-        path.write_bytes(data)
-        out = subprocess.run(["dciodvfy", "-new", str(path)], capture_output=True, text=True, timeout=60)
-        assert not [line for line in (out.stdout + out.stderr).splitlines() if line.startswith("Error")], output["kind"]
-        if output["kind"] == "sr":
+    job = run_one_study(tmp_path / "node", bundles["densenet121-res224-all"], pacs, RG1, "1.0.0", timeout=240)
+    assert job["model_version"] == "1.0.0" and "sr" in [o["kind"] for o in job["outputs"]]
+    for kind, ds in received_outputs(pacs, job, tmp_path):  # in Orthanc, in the study, dciodvfy clean
+        assert ds.Manufacturer == "torchxrayvision, third-party", kind
+        if kind == "sr":
             assert ds.SOPClassUID == SR_CLASS
             text = json.dumps(ds.to_json_dict())
             assert "torchxrayvision densenet121-res224-all" in text  # the algorithm's name
