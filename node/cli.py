@@ -50,13 +50,14 @@ class BundleCheckError(RuntimeError):
 
 
 def ensure_bundles(config: Config, train_missing: bool = True) -> None:
-    """Check every enabled pipeline's bundle (and pinned version) before anything starts.
+    """Check every enabled pipeline's bundle (and pinned version) and device before anything starts.
 
     train_missing (`pacsnode run`): a missing bundle with no version pinned gets demo weights
     (first run); a pinned version is never replaced by demo weights. An inference worker
     (train_missing=False) only checks.
     """
     from pipelines.bundle import BundleError, read_metadata  # metadata only: no torch here
+    from pipelines.device import DeviceError, check_device  # torch only in a child process
 
     for name, pc in config.pipelines.items():
         if not pc.enabled:
@@ -75,8 +76,12 @@ def ensure_bundles(config: Config, train_missing: bool = True) -> None:
             meta = read_metadata(pc.bundle, pc.version)
         except BundleError as e:
             raise BundleCheckError(f"pipelines.{name}: {e}") from e
-        log.info("pipeline %s: bundle %s version %s%s", name, pc.bundle, meta["version"],
-                 " (demo weights)" if meta["demo"] else "")  # fmt: skip
+        try:  # device: cuda on a machine without CUDA stops here, never runs on the CPU instead
+            check_device(pc.device)
+        except DeviceError as e:
+            raise BundleCheckError(f"pipelines.{name}.device: {e}") from e
+        log.info("pipeline %s: bundle %s version %s%s", name, pc.bundle, meta.version,
+                 " (demo weights)" if meta.demo else "")  # fmt: skip
 
 
 class GateCheckError(RuntimeError):

@@ -22,7 +22,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
-from pipelines.base import DEMO_DISCLAIMER, ModelInfo
+from pydantic import ValidationError
+
+from pipelines.base import ModelInfo
+from pipelines.bundle_metadata import (
+    ARCHITECTURES,
+    DETECTOR_ARCHITECTURE,
+    BundleMetadata,
+    DetectorSpec,
+    NetworkSpec,
+    Preprocessing,
+    describe_errors,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -32,9 +43,9 @@ __all__ = [
     "METADATA_PATH",
     "NETWORK_FILES",
     "OPTIONAL_NETWORK_FILES",
-    "REQUIRED_FIELDS",
     "Bundle",
     "BundleError",
+    "BundleMetadata",
     "build_network",
     "device_uid_for",
     "list_bundles",
@@ -52,14 +63,6 @@ NETWORK_FILES = {
 }
 # present only when the bundle has them; their hashes then join the device_uid
 OPTIONAL_NETWORK_FILES = {"detector": Path("models/detector.pt")}
-DETECTOR_ARCHITECTURE = "RetinaNet"  # pipelines/detector.py builds it
-# pipelines/networks.py builds these; the names live here so reading metadata needs no torch
-ARCHITECTURES = ("UNet", "DenseNet121", "ResNet50", "VGG16", "SmallCNN")
-REQUIRED_FIELDS = (
-    "version", "changelog", "monai_version", "pytorch_version", "name", "authors", "manufacturer",
-    "description", "intended_use", "network_data_format", "labels", "thresholds", "input_size",
-    "preprocessing", "networks", "device_uid", "demo", "training_data", "metrics",
-)  # fmt: skip
 
 
 class BundleError(ValueError):
@@ -71,7 +74,7 @@ class Bundle:
     """A loaded, verified bundle. Networks are on the CPU in eval mode."""
 
     path: Path
-    metadata: dict[str, Any]
+    metadata: BundleMetadata
     model: ModelInfo
     labels: tuple[str, ...]
     thresholds: tuple[float, ...]  # in label order
@@ -84,8 +87,8 @@ class Bundle:
     detector_threshold: float | None = None  # detection score threshold (chosen on validation)
 
     @property
-    def preprocessing(self) -> dict[str, Any]:
-        return dict(self.metadata["preprocessing"])
+    def preprocessing(self) -> Preprocessing:
+        return self.metadata.preprocessing
 
 
 def sha256_file(path: Path) -> str:
@@ -120,12 +123,14 @@ def build_network(spec: dict[str, Any]) -> torch.nn.Module:
         raise BundleError(f"cannot build {name} with args {args}: {e}") from e
 
 
-def network_files(meta: dict[str, Any]) -> dict[str, Path]:
+def network_files(networks: Any) -> dict[str, Path]:
     """{network: weight file} of a bundle: the required ones, then the optional ones it has.
 
-    The order is the device_uid's: a bundle without optional networks hashes as before.
+    `networks`: the metadata's `networks` (a mapping or `Networks`). The order is the
+    device_uid's: a bundle without optional networks hashes as before.
     """
-    return {**NETWORK_FILES, **{k: rel for k, rel in OPTIONAL_NETWORK_FILES.items() if k in meta["networks"]}}
+    present = networks if isinstance(networks, dict) else networks.model_dump(exclude_none=True)
+    return {**NETWORK_FILES, **{k: rel for k, rel in OPTIONAL_NETWORK_FILES.items() if present.get(k) is not None}}
 
 
 def _build_detector(spec: dict[str, Any]) -> torch.nn.Module:
@@ -137,14 +142,15 @@ def _build_detector(spec: dict[str, Any]) -> torch.nn.Module:
         raise BundleError(f"cannot build {DETECTOR_ARCHITECTURE} with args {spec.get('args')}: {e}") from e
 
 
-def read_metadata(path: Path, version: str | None = None) -> dict[str, Any]:
-    """Read and check configs/metadata.json (without touching the weights).
+def read_metadata(path: Path, version: str | None = None) -> BundleMetadata:
+    """Read and validate configs/metadata.json (without touching the weights).
 
-    `version`: the version the configuration pins; any other is refused.
+    Every key the node uses is checked here (BundleMetadata), so a bundle that reads fine also
+    builds. `version`: the version the configuration pins; any other is refused.
     """
     meta_file = Path(path) / METADATA_PATH
     try:
-        meta = json.loads(meta_file.read_text())
+        raw = json.loads(meta_file.read_text())
     except FileNotFoundError as e:
         raise BundleError(
             f"no model bundle at {path}: {meta_file} is missing "
@@ -152,41 +158,14 @@ def read_metadata(path: Path, version: str | None = None) -> dict[str, Any]:
         ) from e
     except (OSError, json.JSONDecodeError) as e:
         raise BundleError(f"cannot read {meta_file}: {e}") from e
-    if not isinstance(meta, dict):
+    if not isinstance(raw, dict):
         raise BundleError(f"{meta_file}: top level must be an object")
-    missing = [k for k in REQUIRED_FIELDS if k not in meta]
-    if missing:
-        raise BundleError(f"{meta_file}: missing fields {missing}")
-    labels, thresholds = meta["labels"], meta["thresholds"]
-    if not isinstance(labels, list) or not labels or len(set(labels)) != len(labels):
-        raise BundleError(f"{meta_file}: labels must be a non-empty list of unique names")
-    if not isinstance(thresholds, dict) or set(thresholds) != set(labels):
-        raise BundleError(f"{meta_file}: thresholds must have exactly one entry per label")
-    bad = {k: v for k, v in thresholds.items() if not isinstance(v, int | float) or not 0 <= v <= 1}
-    if bad:
-        raise BundleError(f"{meta_file}: thresholds must be in [0, 1]: {bad}")
-    for key in ("segmentation", "classifier"):
-        if not isinstance(meta["input_size"].get(key), int) or meta["input_size"][key] < 32:
-            raise BundleError(f"{meta_file}: input_size.{key} must be an integer >= 32")
-        if key not in meta["networks"]:
-            raise BundleError(f"{meta_file}: networks.{key} is missing")
-    det = meta["networks"].get("detector")
-    if det is not None:
-        if not isinstance(det, dict) or det.get("architecture") != DETECTOR_ARCHITECTURE:
-            raise BundleError(f"{meta_file}: networks.detector.architecture must be {DETECTOR_ARCHITECTURE!r}")
-        if not isinstance(det.get("input_size"), int) or det["input_size"] < 32:
-            raise BundleError(f"{meta_file}: networks.detector.input_size must be an integer >= 32")
-        t = det.get("score_threshold")
-        if not isinstance(t, int | float) or not 0 <= t <= 1:
-            raise BundleError(f"{meta_file}: networks.detector.score_threshold must be in [0, 1]")
-    if meta["preprocessing"].get("crop", "lung") not in ("lung", "none"):
-        raise BundleError(f"{meta_file}: preprocessing.crop must be 'lung' or 'none'")
-    if not isinstance(meta["demo"], bool):
-        raise BundleError(f"{meta_file}: demo must be true or false")
-    if meta["demo"] and DEMO_DISCLAIMER not in meta["description"]:
-        raise BundleError(f"{meta_file}: a demo bundle's description must contain the disclaimer")
-    if version is not None and str(meta["version"]) != version:
-        raise BundleError(f"model bundle {path} is version {meta['version']}; the configuration asks for {version}")
+    try:
+        meta = BundleMetadata.model_validate(raw)
+    except ValidationError as e:
+        raise BundleError(f"{meta_file}: {describe_errors(e)}") from e
+    if version is not None and meta.version != version:
+        raise BundleError(f"model bundle {path} is version {meta.version}; the configuration asks for {version}")
     return meta
 
 
@@ -198,60 +177,63 @@ def load_bundle(path: Path | str, version: str | None = None) -> Bundle:
     meta = read_metadata(path, version)
     nets: dict[str, torch.nn.Module] = {}
     shas: list[str] = []
-    for key, rel in network_files(meta).items():
-        spec = meta["networks"][key]
+    for key, rel in network_files(meta.networks).items():
+        spec: NetworkSpec | DetectorSpec = getattr(meta.networks, key)
         weights = path / rel
         if not weights.is_file():
             raise BundleError(f"model bundle {path}: weight file {rel} is missing")
         actual = sha256_file(weights)
-        if actual != spec.get("sha256"):
+        if actual != spec.sha256:
             raise BundleError(
                 f"model bundle {path}: {rel} sha256 {actual} does not match metadata "
-                f"{spec.get('sha256')} (corrupt or replaced weights)"
+                f"{spec.sha256} (corrupt or replaced weights)"
             )
         shas.append(actual)
-        net = _build_detector(spec) if key == "detector" else build_network(spec)
+        args = spec.model_dump()
+        net = _build_detector(args) if key == "detector" else build_network(args)
         # a detector's weights are its RetinaNet's (what training saves); the rest load whole
         target = cast(torch.nn.Module, net.network) if key == "detector" else net
         try:
             state = torch.load(weights, map_location="cpu", weights_only=True)
             target.load_state_dict(state)
         except (RuntimeError, KeyError, OSError, ValueError) as e:
-            raise BundleError(f"model bundle {path}: cannot load {rel} into {spec['architecture']}: {e}") from e
+            raise BundleError(f"model bundle {path}: cannot load {rel} into {spec.architecture}: {e}") from e
         nets[key] = net.eval()
-    if meta["device_uid"] != device_uid_for(shas):
+    if meta.device_uid != device_uid_for(shas):
         raise BundleError(f"model bundle {path}: device_uid does not match the weights' hashes")
     model = ModelInfo(
-        name=str(meta["name"]),
-        version=str(meta["version"]),
-        manufacturer=str(meta["manufacturer"]),
-        device_uid=str(meta["device_uid"]),
-        demo=bool(meta["demo"]),
-        description=str(meta["description"]),
+        name=meta.name,
+        version=meta.version,
+        manufacturer=meta.manufacturer,
+        device_uid=meta.device_uid,
+        demo=meta.demo,
+        description=meta.description,
     )
-    labels = tuple(meta["labels"])
+    det = meta.networks.detector
     return Bundle(
         path=path,
         metadata=meta,
         model=model,
-        labels=labels,
-        thresholds=tuple(float(meta["thresholds"][k]) for k in labels),
-        segmentation_size=int(meta["input_size"]["segmentation"]),
-        classifier_size=int(meta["input_size"]["classifier"]),
+        labels=tuple(meta.labels),
+        thresholds=meta.threshold_list(),
+        segmentation_size=meta.input_size.segmentation,
+        classifier_size=meta.input_size.classifier,
         segmentation=nets["segmentation"],
         classifier=nets["classifier"],
         detector=nets.get("detector"),
-        detector_size=int(meta["networks"]["detector"]["input_size"]) if "detector" in nets else None,
-        detector_threshold=float(meta["networks"]["detector"]["score_threshold"]) if "detector" in nets else None,
+        detector_size=det.input_size if det is not None else None,
+        detector_threshold=det.score_threshold if det is not None else None,
     )
 
 
 def list_bundles(paths: Sequence[Path | str]) -> list[dict[str, Any]]:
     """Describe the bundles at `paths` (each a bundle folder or a folder of bundles).
 
-    One dict per bundle found: path, name, version, demo, labels, device_uid, sha256 check
-    ("ok" or the error) and the metrics summary. Weights are hashed but no network is built,
-    so listing is cheap. A path that holds no bundle gives one entry with its error.
+    One dict per bundle found: path, name, version, demo, labels, device_uid and the check
+    ("ok", or the first problem: invalid metadata naming the key, a missing or changed weight
+    file). Weights are hashed but no network is built, so listing is cheap; the metadata check
+    is the one loading makes, so "ok" means the node can build the bundle. A path that holds no
+    bundle gives one entry with its error.
     """
     out: list[dict[str, Any]] = []
     for root in map(Path, paths):
@@ -272,16 +254,16 @@ def list_bundles(paths: Sequence[Path | str]) -> list[dict[str, Any]]:
                 out.append(entry | {"status": str(e)})
                 continue
             status = "ok"
-            for key, rel in network_files(meta).items():
+            for key, rel in network_files(meta.networks).items():
                 weights = path / rel
                 if not weights.is_file():
                     status = f"weight file {rel} is missing"
-                elif sha256_file(weights) != meta["networks"][key].get("sha256"):
+                elif sha256_file(weights) != getattr(meta.networks, key).sha256:
                     status = f"{rel} sha256 does not match metadata"
             entry |= {
-                "name": meta["name"], "version": meta["version"], "demo": meta["demo"],
-                "labels": len(meta["labels"]), "device_uid": meta["device_uid"],
-                "input_size": meta["input_size"], "status": status,
+                "name": meta.name, "version": meta.version, "demo": meta.demo,
+                "third_party": meta.source is not None, "labels": len(meta.labels),
+                "device_uid": meta.device_uid, "input_size": meta.input_size.model_dump(), "status": status,
             }  # fmt: skip
             out.append(entry)
     return out

@@ -11,6 +11,8 @@ The classifier is whatever the bundle holds (pipelines/networks.py): the 15-labe
 of the demo and ChestX-ray14 recipes, or a pneumonia model (DenseNet121, ResNet50, VGG16, the
 seeds' small CNN). Bundles whose `preprocessing.crop` is "none" classify the whole image, as
 the pneumonia recipes train; the lungs are still segmented for the SEG and the outlines.
+Bundles imported from torchxrayvision (`preprocessing.scaling: torchxrayvision`) classify
+torchxrayvision's own input instead: its centre crop at its scaling (pipelines/xrv.py).
 
 The preprocessing functions here (`segmentation_input`, `lung_box`, `classifier_input`) are the
 recipe: training imports them, so training and inference see the same pixels.
@@ -39,6 +41,7 @@ from pydicom import Dataset
 from scipy import ndimage
 from skimage.morphology import disk
 
+from pipelines import xrv
 from pipelines.base import Finding, InputError, ModelInfo, PipelineResult
 from pipelines.bundle import Bundle, load_bundle
 from pipelines.detector import from_detector
@@ -170,16 +173,16 @@ class ChestXrayPipeline:
         self.bundle: Bundle = load_bundle(bundle, version)
         self.model: ModelInfo = self.bundle.model
         pre = self.bundle.preprocessing
-        self.mask_threshold = float(pre["mask_threshold"])
-        self.opening_radius = int(pre["opening_radius"])
-        self.crop_margin = float(pre["crop_margin"])
-        self.crop_to_lungs = pre.get("crop", "lung") == "lung"
+        self.mask_threshold = pre.mask_threshold
+        self.opening_radius = pre.opening_radius
+        self.crop_margin = pre.crop_margin
+        self.crop_to_lungs = pre.crop == "lung"
         self.labels = self.bundle.labels
         self.thresholds = self.bundle.thresholds
         s, c = self.bundle.segmentation_size, self.bundle.classifier_size
-        self._cls_spec: dict[str, Any] = self.bundle.metadata["networks"]["classifier"]
+        self._cls_spec: dict[str, Any] = self.bundle.metadata.networks.classifier.model_dump()
         self._seg = self._optimise(self.bundle.segmentation, (1, 1, s, s))
-        layer = self._cls_spec.get("gradcam_layer")
+        layer = self._cls_spec["gradcam_layer"]
         if self._cls_spec["architecture"] == "DenseNet121" and layer in (None, DEFAULT_LAYERS["DenseNet121"]):
             head = FeatureHead(self.bundle.classifier)
             self._cam_weight: torch.Tensor | None = head.out.weight.detach().to(self.device, torch.float32)
@@ -262,8 +265,7 @@ class ChestXrayPipeline:
             t_seg = time.perf_counter() - t0
 
             t0 = time.perf_counter()
-            c = self.bundle.classifier_size
-            cls_in = torch.stack([classifier_input(d, b, c) for d, b in zip(displays, boxes, strict=True)])
+            cls_in, boxes = self._classifier_batch(datasets, displays, boxes)
             out = self._forward(self._cls, cls_in)
             cls_logits, feats = out if self._cam_weight is not None else (out, None)
             cls_probs = torch.sigmoid(cls_logits.float()).cpu().numpy()
@@ -309,6 +311,17 @@ class ChestXrayPipeline:
                 )
             )
         return results
+
+    def _classifier_batch(
+        self, datasets: Sequence[Dataset], displays: Sequence[np.ndarray], boxes: list[Box]
+    ) -> tuple[torch.Tensor, list[Box]]:
+        """The classifier input as the bundle's `preprocessing.scaling` defines it, and the box
+        each image was cropped to (where its heatmap goes): pacsnode's recipe on the lung (or
+        whole-image) boxes, or torchxrayvision's centre crop (pipelines/xrv.py)."""
+        c, pre = self.bundle.classifier_size, self.bundle.preprocessing
+        if pre.scaling == "torchxrayvision":
+            return xrv.classifier_batch(datasets, displays, c, pre.pixels)
+        return torch.stack([classifier_input(d, b, c) for d, b in zip(displays, boxes, strict=True)]), boxes
 
     def _detect(self, displays: Sequence[np.ndarray]) -> list[list[tuple[float, float, float, float, float]]]:
         """Lung-opacity boxes per image: (x, y, w, h, score) in source pixels, score >= threshold.

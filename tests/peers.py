@@ -5,6 +5,7 @@ Every server binds a free port, is waited for with a deadline, and is stopped af
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -121,6 +122,11 @@ class Orthanc:
         with urllib.request.urlopen(req, timeout=10) as r:
             return list(json.loads(r.read()))
 
+    def instance_bytes(self, sop_uid: str) -> bytes:
+        """The stored file of the instance with this SOP Instance UID."""
+        found = next(h["ID"] for h in self.lookup(sop_uid) if h["Type"] == "Instance")
+        return self.get_bytes(f"/instances/{found}/file")
+
     def has_instance(self, sop_uid: str) -> bool:
         return any(h["Type"] == "Instance" for h in self.lookup(sop_uid))
 
@@ -220,8 +226,51 @@ class Node:
     def jobs(self) -> list[dict[str, Any]]:
         return list(json.loads(self.cli("jobs", "--json")))
 
+    def wait_done(self, study_uid: str, timeout: float, what: str) -> dict[str, Any]:
+        """The study's finished job (its `pacsnode jobs --json` row); fails at once if one failed."""
+
+        def done() -> dict[str, Any] | None:
+            jobs = [j for j in self.jobs() if j["study_instance_uid"] == study_uid]
+            assert not [j for j in jobs if j["state"] == "failed"], jobs
+            return next((j for j in jobs if j["state"] == "done"), None)
+
+        return wait_for(done, timeout, what, interval=0.5)
+
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+
+def run_one_study(workdir: Path, bundle: Path, pacs: Orthanc, source: Path, version: str, timeout: float) -> dict[str, Any]:
+    """`pacsnode run` with `bundle` (version pinned, on the CPU) sending to `pacs`: store
+    `source`, wait until its study's job is done, stop the node. Returns the job's row."""
+    cfg = node_config(workdir, bundle,
+                      [{"name": "orthanc", "ae_title": pacs.aet, "host": "127.0.0.1", "port": pacs.dicom_port, "timeout": 10}],
+                      pipelines={"chest_xray": {"bundle": str(bundle), "device": "cpu", "version": version}})  # fmt: skip
+    node = Node(cfg).start(timeout=120)
+    try:
+        assert storescu(node.port, source).returncode == 0
+        import pydicom
+
+        study_uid = str(pydicom.dcmread(source, stop_before_pixels=True).StudyInstanceUID)
+        return node.wait_done(study_uid, timeout, f"the job of {source.name}")
+    finally:
+        node.stop()
+
+
+def received_outputs(pacs: Orthanc, job: dict[str, Any], folder: Path) -> Iterator[tuple[str, Any]]:
+    """Each result object of `job` as `pacs` stored it: (kind, dataset), after checking that it
+    is in the job's study, names the job's model version and passes dciodvfy (file in folder)."""
+    import pydicom
+
+    for output in job["outputs"]:
+        data = pacs.instance_bytes(output["sop_instance_uid"])
+        ds = pydicom.dcmread(io.BytesIO(data))
+        assert ds.StudyInstanceUID == job["study_instance_uid"], output["kind"]
+        assert ds.SoftwareVersions == job["model_version"], output["kind"]
+        path = folder / f"{output['kind']}.dcm"
+        path.write_bytes(data)
+        assert not dciodvfy_errors(path), output["kind"]
+        yield output["kind"], ds
 
 
 def storescu(port: int, *files: Path, aec: str = "PACSNODE", aet: str = "STORESCU", timeout: float = 60,
@@ -242,6 +291,12 @@ def img2dcm(jpeg: Path, out: Path, *keys: str) -> Path:
     cmd = ["img2dcm", "-k", "BodyPartExamined=CHEST", *[a for k in keys for a in ("-k", k)], str(jpeg), str(out)]
     subprocess.run(cmd, check=True, capture_output=True, timeout=60)
     return out
+
+
+def dciodvfy_errors(path: Path, timeout: float = 60) -> list[str]:
+    """dciodvfy -new's Error lines for a file: empty when the object conforms."""
+    out = subprocess.run(["dciodvfy", "-new", str(path)], capture_output=True, text=True, timeout=timeout)
+    return [line for line in (out.stdout + out.stderr).splitlines() if line.startswith("Error")]
 
 
 def have(*programs: str) -> bool:

@@ -1,4 +1,5 @@
-"""`python -m training {demo,synthetic,train,export,gradcam}`: demo weights, data, training, bundles, Grad-CAM."""
+"""`python -m training {demo,synthetic,train,export,import-xrv,gradcam}`: demo weights, data, training,
+bundles (trained here or torchxrayvision's published weights), Grad-CAM."""
 
 from __future__ import annotations
 
@@ -44,6 +45,17 @@ def main(argv: list[str] | None = None) -> int:
                     help="lung segmentation run for a whole-image classifier (crop: lung runs bring their own)")
     ex.add_argument("--detection-run", type=Path, default=None,
                     help="RetinaNet lung-opacity run: adds the optional detector to the bundle")
+    xi = sub.add_parser("import-xrv", help="write a node model bundle from a torchxrayvision weight file")
+    xi.add_argument("--weights", type=Path, required=True, help="the published file, copied in (never downloaded)")
+    xi.add_argument("--model", required=True, help="torchxrayvision's name, e.g. densenet121-res224-all")
+    xi.add_argument("--out", type=Path, required=True, help="bundle folder, e.g. models/chest_xray")
+    xi.add_argument("--version", required=True, help="bundle version, e.g. 1.0.0")
+    xi.add_argument("--segmentation-run", type=Path, required=True,
+                    help="lung segmentation run (training/recipes/lung_segmentation.yaml) for the SEG and outlines")
+    xi.add_argument("--sha256", default=None, help="the file's sha256 as recorded at download (checked)")
+    xi.add_argument("--pixels", choices=("stored", "display"), default="stored",
+                    help="stored: torchxrayvision's DICOM reader (default); display: the node's rendering")
+    xi.add_argument("--changelog", default=None)
     gc = sub.add_parser("gradcam", help="Grad-CAM panel of one image for a finished classifier run")
     gc.add_argument("--run", type=Path, required=True)
     gc.add_argument("--image", type=Path, required=True, help="DICOM, JPEG or PNG")
@@ -70,6 +82,17 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"bundle": str(out), "version": args.version}))
         return 0
 
+    if args.command == "import-xrv":
+        from training.xrv import XrvImportError, import_xrv
+
+        try:
+            out = import_xrv(args.weights, args.model, args.out, args.version, args.segmentation_run,
+                             sha256=args.sha256, pixels=args.pixels, changelog=args.changelog)  # fmt: skip
+        except XrvImportError as e:
+            print(f"import-xrv: {e}", file=sys.stderr)
+            return 2
+        print(json.dumps({"bundle": str(out), "version": args.version, "model": args.model}))
+        return 0
     if args.command == "gradcam":
         from training.gradcam import explain_image
 

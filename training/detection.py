@@ -29,6 +29,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from pipelines.base import merge_settings
 from pipelines.chest_xray import classifier_input
 from pipelines.detector import (
     DETECTION_DEFAULTS,
@@ -41,7 +42,6 @@ from pipelines.device import autocast
 from training.checkpoint import restore_checkpoint, save_checkpoint
 from training.datasets import LabelledSet, Record, load_image
 from training.metrics import RSNA_IOU_THRESHOLDS, rsna_image_score
-from training.recipe import merge_settings
 
 __all__ = [
     "DETECTION_DEFAULTS",

@@ -42,6 +42,8 @@ def export_bundle(
     description: str = "",
     authors: str = "pacsnode",
     manufacturer: str = "pacsnode",
+    intended_use: str | None = None,
+    source: dict[str, Any] | None = None,
 ) -> Path:
     """Write `out` (replaced atomically if it exists) and check it loads. Returns `out`.
 
@@ -49,6 +51,8 @@ def export_bundle(
                "classifier": (module, {"architecture": "DenseNet121", "args": {...}}),
                optional "detector": (RetinaNet module, {"architecture": "RetinaNet", "args", "detection",
                                      "score_threshold", "input_size"})}
+    intended_use: default "Research use only." (the demo text for demo weights).
+    source: third-party provenance (pipelines.bundle_metadata.Source), for imported weights.
     """
     if not set(NETWORK_FILES) <= set(networks) <= set(NETWORK_FILES) | set(OPTIONAL_NETWORK_FILES):
         raise ValueError(f"networks must be {sorted(NETWORK_FILES)} (optionally with {sorted(OPTIONAL_NETWORK_FILES)}), "
@@ -62,7 +66,7 @@ def export_bundle(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         specs: dict[str, Any] = {}
-        for key, rel in network_files({"networks": networks}).items():
+        for key, rel in network_files(networks).items():
             net, spec = networks[key]
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
             state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
@@ -83,7 +87,7 @@ def export_bundle(
                 "Demonstration of the pacsnode DICOM workflow only. Not a medical device; "
                 "must not be used for diagnosis or patient care."
                 if demo
-                else "Research use only."
+                else intended_use or "Research use only."
             ),
             "network_data_format": {
                 "inputs": {
@@ -93,13 +97,10 @@ def export_bundle(
                         "value_range": [0, 1], "is_patch_data": False,
                         "channel_def": {"0": "display image (pipelines.imaging.to_display), histogram-equalised"},
                     },
-                    "lung_crop": {
+                    "classifier_input": {
                         "type": "image", "format": "magnitude", "modality": "CR/DX chest PA/AP",
                         "num_channels": 1, "spatial_shape": [c, c], "dtype": "float32",
-                        "value_range": [0, 1], "is_patch_data": False,
-                        "channel_def": {"0": "lung bounding box crop of the display image, histogram-equalised"
-                                        if preprocessing.get("crop", "lung") == "lung"
-                                        else "whole display image, histogram-equalised"},
+                        **_classifier_input_format(preprocessing), "is_patch_data": False,
                     },
                 },
                 "outputs": {
@@ -121,10 +122,11 @@ def export_bundle(
             "input_size": dict(input_size),
             "preprocessing": dict(preprocessing),
             "networks": specs,
-            "device_uid": device_uid_for([specs[k]["sha256"] for k in network_files({"networks": specs})]),
+            "device_uid": device_uid_for([specs[k]["sha256"] for k in network_files(specs)]),
             "demo": demo,
             "training_data": training_data,
             "metrics": metrics,
+            **({"source": source} if source is not None else {}),
         }
         (tmp / METADATA_PATH).parent.mkdir(parents=True, exist_ok=True)
         (tmp / METADATA_PATH).write_text(json.dumps(meta, indent=2) + "\n")
@@ -136,6 +138,16 @@ def export_bundle(
         if tmp.exists():
             shutil.rmtree(tmp)
     return out
+
+
+def _classifier_input_format(preprocessing: dict[str, Any]) -> dict[str, Any]:
+    """MONAI `value_range` and `channel_def` of the classifier input the preprocessing defines."""
+    if preprocessing.get("scaling") == "torchxrayvision":
+        pixels = "stored values" if preprocessing.get("pixels") == "stored" else "display image"
+        return {"value_range": [-1024, 1024],
+                "channel_def": {"0": f"centre square crop of the {pixels}, torchxrayvision scaling (pipelines/xrv.py)"}}
+    crop = "lung bounding box crop" if preprocessing.get("crop", "lung") == "lung" else "whole image"
+    return {"value_range": [0, 1], "channel_def": {"0": f"{crop} of the display image, histogram-equalised"}}
 
 
 def export_run(

@@ -1,7 +1,9 @@
 """Coded concepts used by the writers: one table, nothing coded anywhere else.
 
-Finding labels (ChestX-ray14 plus "No Finding") map to SNOMED CT (SCT) concepts.
-Provenance of each code is recorded in ``FINDING_CODE_PROVENANCE``:
+Finding labels (ChestX-ray14 plus "No Finding", and the four more of torchxrayvision's 18
+pathologies) map to SNOMED CT (SCT) concepts where one could be checked, else to DICOM (DCM)
+codes, else to a private scheme. Provenance of each code is recorded in
+``FINDING_CODE_PROVENANCE``:
 
 - ``dicom``: the code/meaning pair appears in a DICOM PS3.16 context group (as
   shipped in pydicom's concept dictionary).
@@ -10,6 +12,9 @@ Provenance of each code is recorded in ``FINDING_CODE_PROVENANCE``:
   against a SNOMED CT release.
 - ``unverified``: best available guess; must be checked against a SNOMED CT
   release before clinical use.
+- ``private``: no standard concept could be verified here; coded in pacsnode's private
+  scheme ``99PACSNODE`` (DICOM PS3.16 reserves designators beginning with "99" for private
+  schemes).
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ from pydicom.sr.codedict import codes
 # --- Finding labels ---------------------------------------------------------------------
 
 NO_FINDING_LABEL = "No Finding"
+#: pacsnode's private coding scheme (PS3.16 8.2: private designators begin with "99").
+PRIVATE_SCHEME = "99PACSNODE"
 
 FINDING_CODES: Mapping[str, CodedConcept] = MappingProxyType(
     {
@@ -41,6 +48,11 @@ FINDING_CODES: Mapping[str, CodedConcept] = MappingProxyType(
         "Pleural_Thickening": CodedConcept("78381009", "SCT", "Pleural thickening"),
         "Hernia": CodedConcept("84089009", "SCT", "Hiatal hernia"),
         NO_FINDING_LABEL: CodedConcept("281900007", "SCT", "No abnormality detected"),
+        # torchxrayvision's (CheXpert's) four findings beyond ChestX-ray14
+        "Lung Lesion": CodedConcept.from_code(codes.SCT.Lesion),
+        "Fracture": CodedConcept("125605004", "SCT", "Fracture of bone"),
+        "Lung Opacity": CodedConcept.from_code(codes.DCM.Opacity),
+        "Enlarged Cardiomediastinum": CodedConcept("ENLCARDIOMED", PRIVATE_SCHEME, "Enlarged cardiomediastinum"),
     }
 )
 
@@ -61,6 +73,10 @@ FINDING_CODE_PROVENANCE: Mapping[str, str] = MappingProxyType(
         "Pleural_Thickening": "unverified",
         "Hernia": "corroborated",  # ChestX-ray14 "Hernia" is read as hiatal hernia
         NO_FINDING_LABEL: "corroborated",
+        "Lung Lesion": "dicom",  # SCT 52988006 (DICOM CID 6336 and others); finding site lung implied
+        "Fracture": "corroborated",  # SCT 125605004, the top of SNOMED CT's fracture hierarchy
+        "Lung Opacity": "dicom",  # DCM 112001, DICOM CID 6104: the code of the detector's boxes too
+        "Enlarged Cardiomediastinum": "private",  # no SCT or DCM concept could be verified here
     }
 )
 

@@ -7,7 +7,6 @@ radiograph; Orthanc receives an SR that names that model, its version and its on
 from __future__ import annotations
 
 import json
-import subprocess
 from collections.abc import Iterator
 from io import BytesIO
 from pathlib import Path
@@ -17,7 +16,17 @@ import pytest
 from pydicom.data import get_testdata_file
 from pydicom.uid import Comprehensive3DSRStorage
 
-from tests.peers import Node, Orthanc, have, node_config, storescu, synthetic_cr, wait_for
+from tests.peers import (
+    Node,
+    Orthanc,
+    have,
+    node_config,
+    received_outputs,
+    run_one_study,
+    storescu,
+    synthetic_cr,
+    wait_for,
+)
 from tests.unit import training_data
 from training.__main__ import main
 
@@ -63,33 +72,10 @@ def pacs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
 def test_a_recipe_trained_resnet50_runs_in_the_node_and_its_sr_reaches_the_pacs(
     pneumonia_bundle: Path, pacs: Orthanc, tmp_path: Path
 ) -> None:
-    cfg = node_config(tmp_path / "node", pneumonia_bundle,
-                      [{"name": "orthanc", "ae_title": pacs.aet, "host": "127.0.0.1", "port": pacs.dicom_port, "timeout": 10}],
-                      pipelines={"chest_xray": {"bundle": str(pneumonia_bundle), "device": "cpu", "version": "2.1.0"}})
-    node = Node(cfg).start(timeout=120)
-    try:
-        assert storescu(node.port, RG1).returncode == 0
-        study_uid = str(pydicom.dcmread(RG1, stop_before_pixels=True).StudyInstanceUID)
-
-        def done() -> dict | None:
-            jobs = [j for j in node.jobs() if j["study_instance_uid"] == study_uid]
-            assert not [j for j in jobs if j["state"] == "failed"], jobs
-            return next((j for j in jobs if j["state"] == "done"), None)
-
-        job = wait_for(done, 180, "the pneumonia job", interval=0.5)
-    finally:
-        node.stop()
+    job = run_one_study(tmp_path / "node", pneumonia_bundle, pacs, RG1, "2.1.0", timeout=180)
     assert job["model_version"] == "2.1.0" and [o["kind"] for o in job["outputs"]] == ["sr", "sc", "seg", "gsps"]
-    for output in job["outputs"]:  # every object in Orthanc, from this model, valid
-        found = next(h["ID"] for h in pacs.lookup(output["sop_instance_uid"]) if h["Type"] == "Instance")
-        data = pacs.get_bytes(f"/instances/{found}/file")
-        ds = pydicom.dcmread(BytesIO(data))
-        assert ds.StudyInstanceUID == study_uid and ds.SoftwareVersions == "2.1.0", output["kind"]
-        path = tmp_path / f"{output['kind']}.dcm"
-        path.write_bytes(data)
-        out = subprocess.run(["dciodvfy", "-new", str(path)], capture_output=True, text=True, timeout=60)
-        assert not [line for line in (out.stdout + out.stderr).splitlines() if line.startswith("Error")], output["kind"]
-        if output["kind"] == "sr":
+    for kind, ds in received_outputs(pacs, job, tmp_path):  # every object in Orthanc, from this model, valid
+        if kind == "sr":
             assert ds.SOPClassUID == Comprehensive3DSRStorage
             text = json.dumps(ds.to_json_dict())
             assert "Pneumonia" in text and "No abnormality detected" not in text  # the bundle's one label

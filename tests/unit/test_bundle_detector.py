@@ -55,17 +55,17 @@ def det_bundle(demo_bundle: Path, det_run: Path, tmp_path_factory: pytest.TempPa
 def test_bundle_with_detector_round_trips(det_bundle: Path, det_run: Path, demo_bundle: Path) -> None:
     b = load_bundle(det_bundle)
     meta, run = b.metadata, json.loads((det_run / "run.json").read_text())
-    spec = meta["networks"]["detector"]
-    assert spec["architecture"] == "RetinaNet" and spec["weights"] == "models/detector.pt"
-    assert spec["args"] == run["network"]["args"] and spec["detection"] == run["detection"]
-    assert b.detector is not None and b.detector_size == spec["input_size"] == 64
-    assert b.detector_threshold == spec["score_threshold"] == run["score_threshold"]
+    spec = meta.networks.detector
+    assert spec is not None and spec.architecture == "RetinaNet" and spec.weights == "models/detector.pt"
+    assert spec.args == run["network"]["args"] and spec.detection == run["detection"]
+    assert b.detector is not None and b.detector_size == spec.input_size == 64
+    assert b.detector_threshold == spec.score_threshold == run["score_threshold"]
     # the detector's hash joins the device_uid: a new detector gives new result UIDs
-    shas = [meta["networks"][k]["sha256"] for k in ("segmentation", "classifier", "detector")]
+    shas = [meta.networks.segmentation.sha256, meta.networks.classifier.sha256, spec.sha256]
     assert b.model.device_uid == device_uid_for(shas) != load_bundle(demo_bundle).model.device_uid
-    assert meta["metrics"]["detector"] == run["metrics"]
-    assert meta["training_data"]["detector"]["run"] == str(det_run.resolve())
-    assert meta["training_data"]["detector"]["dataset"] == run["data"]["dataset"]
+    assert meta.metrics["detector"] == run["metrics"]
+    assert meta.training_data["detector"]["run"] == str(det_run.resolve())
+    assert meta.training_data["detector"]["dataset"] == run["data"]["dataset"]
     # the same weights as the run's
     det, _ = load_detection_run(det_run)
     ours = b.detector.network.state_dict()  # type: ignore[union-attr]
@@ -75,9 +75,9 @@ def test_bundle_with_detector_round_trips(det_bundle: Path, det_run: Path, demo_
 
 def test_bundle_without_detector_is_unchanged(demo_bundle: Path) -> None:
     b = load_bundle(demo_bundle)
-    assert "detector" not in b.metadata["networks"] and not (demo_bundle / "models" / "detector.pt").exists()
+    assert b.metadata.networks.detector is None and not (demo_bundle / "models" / "detector.pt").exists()
     assert b.detector is None and b.detector_size is None and b.detector_threshold is None
-    shas = [b.metadata["networks"][k]["sha256"] for k in ("segmentation", "classifier")]
+    shas = [b.metadata.networks.segmentation.sha256, b.metadata.networks.classifier.sha256]
     assert b.model.device_uid == device_uid_for(shas)
 
 
@@ -101,11 +101,11 @@ def test_detector_metadata_is_checked(det_bundle: Path, tmp_path: Path) -> None:
     meta = json.loads(meta_file.read_text())
     meta["networks"]["detector"]["score_threshold"] = 1.5
     meta_file.write_text(json.dumps(meta))
-    with pytest.raises(BundleError, match=r"networks.detector.score_threshold must be in \[0, 1\]"):
+    with pytest.raises(BundleError, match=r"networks.detector.score_threshold: Input should be less than or equal to 1"):
         read_metadata(copy)
     meta["networks"]["detector"]["architecture"] = "UNet"
     meta_file.write_text(json.dumps(meta))
-    with pytest.raises(BundleError, match="networks.detector.architecture must be 'RetinaNet'"):
+    with pytest.raises(BundleError, match="networks.detector.architecture: Input should be 'RetinaNet'"):
         read_metadata(copy)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import numpy as np
 import pydicom
 import pytest
 import torch
+import yaml
 from pydicom.data import get_testdata_file
 
 from pipelines.bundle import list_bundles, load_bundle
@@ -18,7 +20,7 @@ from tests.unit import training_data
 from training.__main__ import main
 from training.gradcam import DEFAULT_LAYERS
 from training.networks import VGG16, build_network, load_pretrained
-from training.recipe import RecipeError, load_recipe
+from training.recipe import TASKS, RecipeError, load_recipe
 from training.train import RunError, load_run_network
 
 RECIPES = Path(__file__).resolve().parents[2] / "training" / "recipes"
@@ -86,8 +88,8 @@ def test_multilabel_on_lung_crops_exports_a_bundle_the_node_runs(seg_run: Path, 
     assert loaded.model.version == "0.2.0" and not loaded.model.demo and len(loaded.labels) == 15
     assert loaded.thresholds == tuple(run["thresholds"]) and loaded.segmentation_size == 64
     meta = loaded.metadata
-    assert meta["training_data"]["classifier"]["dataset"] == "nih-chestxray14"
-    assert "dice" in meta["metrics"]["segmentation"]["test"]
+    assert meta.training_data["classifier"]["dataset"] == "nih-chestxray14"
+    assert "dice" in meta.metrics["segmentation"]["test"]
 
     pipeline = ChestXrayPipeline(bundle, "cpu")
     ds = pydicom.dcmread(get_testdata_file("RG1_UNCR.dcm"))
@@ -143,8 +145,8 @@ def test_pneumonia_recipes_on_real_jpegs(recipe: str, kermany_real: Path, seg_ru
         main(export)
     assert main([*export, "--segmentation-run", str(seg_run)]) == 0
     meta = load_bundle(tmp_path / "b").metadata
-    assert meta["preprocessing"]["crop"] == "none" and meta["labels"] == ["Pneumonia"] and not meta["demo"]
-    assert meta["networks"]["classifier"]["architecture"] == run["network"]["architecture"]
+    assert meta.preprocessing.crop == "none" and meta.labels == ["Pneumonia"] and not meta.demo
+    assert meta.networks.classifier.architecture == run["network"]["architecture"]
     ds = pydicom.dcmread(get_testdata_file("RG1_UNCR.dcm"))
     pipeline = ChestXrayPipeline(tmp_path / "b", "cpu")
     assert pipeline.cam_layer == layer  # the node explains with the layer the run's panel used
@@ -177,12 +179,38 @@ def test_recipe_overrides_and_errors(tmp_path: Path) -> None:
     with pytest.raises(RecipeError, match="must look like key.sub=value"):
         load_recipe(RECIPES / "lung_segmentation.yaml", ["epochs"])
     (tmp_path / "bad.yaml").write_text("task: regression\n")
-    with pytest.raises(RecipeError, match="task must be one of"):
+    with pytest.raises(RecipeError, match="task: Input should be 'segmentation', 'multilabel', 'binary' or 'detection'"):
         load_recipe(tmp_path / "bad.yaml")
     flip = load_recipe(RECIPES / "pneumonia_small_cnn.yaml", ["augment.flip_lr=true"])
     assert "heart laterality" in flip["warnings"][0]
-    with pytest.raises(RecipeError, match="pos_weight_max must be >= 1, not 0.5"):
+    with pytest.raises(RecipeError, match="pos_weight_max: Input should be greater than or equal to 1"):
         load_recipe(RECIPES / "pneumonia_small_cnn.yaml", ["pos_weight_max=0.5"])
+
+
+@pytest.mark.parametrize(
+    ("sets", "message"),
+    [
+        (["epoch=3"], "epoch: unknown key"),  # a typo is not silently ignored
+        (["optimizer.lr=-1"], "optimizer.lr: Input should be greater than 0"),
+        (["augment.prob=2"], "augment.prob: Input should be less than or equal to 1"),
+        (["split.val=0.5", "split.test=0.5"], "val + test must leave images to train on"),
+        (["network.architecture=RetinaNet"], "task 'segmentation' cannot train a RetinaNet"),
+        (["dataset.format=dicom"], "dataset.format: Input should be 'kermany'"),
+        (["scheduler.name=cosine"], "scheduler.name: Input should be 'plateau' or 'none'"),
+    ],
+)
+def test_bad_recipes_fail_at_load_naming_the_key(sets: list[str], message: str) -> None:
+    with pytest.raises(RecipeError, match=f"lung_segmentation.yaml: .*{re.escape(message)}"):
+        load_recipe(RECIPES / "lung_segmentation.yaml", sets)
+
+
+def test_every_shipped_recipe_validates_and_its_resolved_form_reloads(tmp_path: Path) -> None:
+    for path in sorted(RECIPES.glob("*.yaml")):
+        recipe = load_recipe(path, ["augment.flip_lr=true"])
+        assert recipe["network"]["architecture"] and recipe["task"] in TASKS, path.name
+        resolved = tmp_path / path.name  # what a run writes as recipe.yaml
+        resolved.write_text(yaml.safe_dump(recipe, sort_keys=False))
+        assert load_recipe(resolved) == recipe, path.name
 
 
 def test_crop_lung_needs_a_segmentation_run(tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ from node.writers.codes import FINDING_CODES
 from node.writers.uids import result_uid
 from pipelines.base import Finding, ModelInfo, PipelineResult
 from tests.peers import CXR_SAMPLES
+from training.synthetic import LABELS as DEMO_LABELS
 
 JPEG_SAMPLE = CXR_SAMPLES / "pneumonia" / "person1946_bacteria_4875.jpeg"
 
@@ -67,8 +68,9 @@ def jpeg_source() -> Dataset:
 
 
 def probabilities() -> dict[str, float]:
-    """Fixed probabilities for all 15 labels: 0.05, 0.11, ... 0.89."""
-    return {label: round(0.05 + 0.06 * i, 2) for i, label in enumerate(FINDING_CODES)}
+    """Fixed probabilities for the demo model's 15 labels (in codes.py's order): 0.05, 0.11, ... 0.89."""
+    labels = [label for label in FINDING_CODES if label in DEMO_LABELS]
+    return {label: round(0.05 + 0.06 * i, 2) for i, label in enumerate(labels)}
 
 
 def fake_result(rows: int, cols: int) -> PipelineResult:
