@@ -16,6 +16,7 @@ from sqlalchemy import (
     Enum,
     Float,
     ForeignKey,
+    Index,
     Integer,
     MetaData,
     String,
@@ -103,15 +104,16 @@ class Study(Base):
 
     id: Mapped[int] = mapped_column(primary_key=True)
     study_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
-    state: Mapped[StudyState] = mapped_column(Enum(StudyState, native_enum=False, length=16))
+    state: Mapped[StudyState] = mapped_column(Enum(StudyState, native_enum=False, length=16), index=True)
     calling_ae: Mapped[str | None] = mapped_column(String(16))
     # Number of Study Related Instances, when the sender tells us: completes the study at once.
     expected_instances: Mapped[int | None] = mapped_column(Integer)
     instance_count: Mapped[int] = mapped_column(Integer, default=0)
-    first_received_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    # Indexed (with completed_at): the dashboard counts the last hour's studies and filters by time.
+    first_received_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, index=True)
     last_received_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     released_at: Mapped[datetime | None] = _ts()
-    completed_at: Mapped[datetime | None] = _ts()
+    completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), index=True)
     completion_rule: Mapped[str | None] = mapped_column(String(32))
     # HMAC-SHA256 (key api.identifier_key) of Accession Number and Patient ID: exact search
     # without keeping the identifiers in clear.
@@ -196,11 +198,11 @@ class Job(Base):
     running_at: Mapped[datetime | None] = _ts()
     encoded_at: Mapped[datetime | None] = _ts()
     sending_at: Mapped[datetime | None] = _ts()
-    done_at: Mapped[datetime | None] = _ts()
+    done_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), index=True)  # the last hour's turnaround
     failed_at: Mapped[datetime | None] = _ts()
     cancelled_at: Mapped[datetime | None] = _ts()
     superseded_at: Mapped[datetime | None] = _ts()
-    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, index=True)
 
     @property
     def stage_seconds(self) -> dict[str, Any]:
@@ -225,6 +227,9 @@ class Output(Base):
     series_instance_uid: Mapped[str] = mapped_column(String(64))
     path: Mapped[str] = mapped_column(String(255))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    # An SR's findings [{label, probability, decision, threshold}] as read back from its file,
+    # kept the first time a study page shows them (parsing an SR takes longer than a page may).
+    findings: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)
 
     job: Mapped[Job] = relationship(back_populates="outputs")
     sends: Mapped[list[Send]] = relationship(back_populates="output", order_by="Send.id")
@@ -234,7 +239,9 @@ class Send(Base):
     """Per-destination send status of one output, so a retry skips what is already there."""
 
     __tablename__ = "send"
-    __table_args__ = (UniqueConstraint("output_id", "destination"),)
+    # (state, updated_at): the dashboard's failing destinations are the recent failed sends.
+    __table_args__ = (UniqueConstraint("output_id", "destination"),
+                      Index("ix_send_state_updated_at", "state", "updated_at"))
 
     id: Mapped[int] = mapped_column(primary_key=True)
     output_id: Mapped[int] = mapped_column(ForeignKey("output.id"), index=True)
@@ -255,6 +262,8 @@ class Event(Base):
     """Audit trail: rejections, replays, cancellations, logins, study views (who, when, why, from where)."""
 
     __tablename__ = "event"
+    # The audit log filtered by kind, newest first; a study view is looked up by (kind, at).
+    __table_args__ = (Index("ix_event_kind_at", "kind", "at"),)
 
     id: Mapped[int] = mapped_column(primary_key=True)
     at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, index=True)

@@ -13,6 +13,7 @@ from node.config import Config
 from node.db.models import Job, JobState, Output
 from node.db.session import session_scope
 from node.jobs import job_to_dict
+from node.services.audit import stamp_address
 from node.services.errors import Invalid, NotFound
 from node.services.paging import Page, check_limit, decode_cursor, encode_cursor
 
@@ -54,7 +55,7 @@ def get_job(config: Config, job_id: int) -> dict[str, Any]:
         return job_to_dict(job)
 
 
-def replay_job(config: Config, job_id: int, actor: str, reason: str) -> int:
+def replay_job(config: Config, job_id: int, actor: str, reason: str, address: str | None = None) -> int:
     """Queue a new job redoing job_id; return its id. JobBusy while job_id is active."""
     from node.queue import enqueue_job
 
@@ -64,6 +65,7 @@ def replay_job(config: Config, job_id: int, actor: str, reason: str) -> int:
         raise NotFound(str(e)) from e
     with session_scope(config.database.url) as s:
         priority = s.get_one(Job, new_id).priority
+        stamp_address(s, "replay", new_id, actor, address)
     # The row is committed: if the broker is down now, the reconciler sends it later.
     enqueue_job(config, new_id, priority)
     return new_id
@@ -77,19 +79,23 @@ def failed_job_ids(config: Config, since: datetime | None = None) -> list[int]:
         return list(s.scalars(q.order_by(Job.id)))
 
 
-def replay_failed(config: Config, since: datetime | None, actor: str, reason: str) -> list[dict[str, int]]:
+def replay_failed(config: Config, since: datetime | None, actor: str, reason: str,
+                  address: str | None = None) -> list[dict[str, int]]:
     """Replay every failed job (failed since a time); [{replayed, job}] in id order."""
-    return [{"replayed": j, "job": replay_job(config, j, actor, reason)} for j in failed_job_ids(config, since)]
+    return [{"replayed": j, "job": replay_job(config, j, actor, reason, address)} for j in failed_job_ids(config, since)]
 
 
-def cancel_job(config: Config, job_id: int, actor: str, reason: str) -> None:
+def cancel_job(config: Config, job_id: int, actor: str, reason: str, address: str | None = None) -> None:
+    """Cancel a job that has not finished (TransitionError otherwise); audited."""
     try:
         machine.cancel(config, job_id, actor=actor, reason=reason)
     except LookupError as e:
         raise NotFound(str(e)) from e
+    with session_scope(config.database.url) as s:
+        stamp_address(s, "cancel", job_id, actor, address)
 
 
-def resend_job(config: Config, job_id: int, actor: str, reason: str) -> None:
+def resend_job(config: Config, job_id: int, actor: str, reason: str, address: str | None = None) -> None:
     """Send the job's existing result objects again (no inference)."""
     from node.queue import enqueue_export
 
@@ -97,4 +103,6 @@ def resend_job(config: Config, job_id: int, actor: str, reason: str) -> None:
         machine.resend(config, job_id, actor=actor, reason=reason)
     except LookupError as e:
         raise NotFound(str(e)) from e
+    with session_scope(config.database.url) as s:
+        stamp_address(s, "resend", job_id, actor, address)
     enqueue_export(config, job_id)

@@ -94,11 +94,17 @@ def rules_test(config: Config, data: bytes, calling_ae: str | None = None, calle
 
 
 def workers(config: Config) -> list[dict[str, Any]]:
+    """Every worker that ever beat, with its last heartbeat; `alive` while it is fresher than
+    queue.lost_after_seconds (after that its running jobs are taken over)."""
     with session_scope(config.database.url) as s:
         now = utcnow()
-        return [{"name": w.name, "queues": w.queues, "started_at": w.started_at.isoformat(),
-                 "seen_at": w.seen_at.isoformat(), "seconds_since": round((now - w.seen_at).total_seconds(), 1)}
-                for w in s.scalars(select(WorkerBeat).order_by(WorkerBeat.name))]
+        rows = []
+        for w in s.scalars(select(WorkerBeat).order_by(WorkerBeat.name)):
+            age = round((now - w.seen_at).total_seconds(), 1)
+            rows.append({"name": w.name, "queues": w.queues, "started_at": w.started_at.isoformat(),
+                         "seen_at": w.seen_at.isoformat(), "seconds_since": age,
+                         "alive": age < config.queue.lost_after_seconds})
+        return rows
 
 
 def readiness(config: Config) -> dict[str, Any]:
