@@ -64,9 +64,9 @@ def test_a_revoked_or_expired_token_is_refused_at_once(api: Api) -> None:
     with session_scope(api.config.database.url) as s:
         token_id = s.scalars(select(ApiToken.id).order_by(ApiToken.id)).all()[1]
         assert s.scalar(select(ApiToken.token_hash).where(ApiToken.id == token_id)) != api.tokens["operator"]
-    users.revoke_token(api.config, token_id)
+    users.revoke_token(api.config, token_id, actor="test")
     assert api.client.get("/api/v1/studies", headers=headers).status_code == 401
-    _, short = users.create_token(api.config, "viewer", expires_days=1e-9)
+    _, short = users.create_token(api.config, "viewer", expires_days=1e-9, actor="test")
     assert api.client.get("/api/v1/studies", headers={"Authorization": f"Bearer {short}"}).status_code == 401
 
 
@@ -88,7 +88,8 @@ def test_session_login_csrf_and_logout(api: Api) -> None:
     with session_scope(api.config.database.url) as s:
         ev = s.scalar(select(Event).where(Event.kind == "cancel"))
         assert ev is not None and ev.actor == "api:operator" and ev.detail == "wrong study"
-        assert s.scalar(select(Event.actor).where(Event.kind == "login")) == "operator"
+        assert s.scalar(select(Event.actor).where(Event.kind == "login")) == "api:operator"
+        assert ev.address == "testclient"  # from where
     assert c.post("/api/v1/auth/logout", headers={"X-CSRF-Token": csrf}).status_code == 204
     with session_scope(api.config.database.url) as s:
         assert s.scalars(select(WebSession)).all() == []
@@ -140,7 +141,7 @@ def test_passwords_are_argon2_and_short_ones_refused(api: Api) -> None:
     with session_scope(api.config.database.url) as s:
         assert s.scalar(select(User.password_hash).where(User.name == "viewer")).startswith("$argon2id$")
     with pytest.raises(users.Invalid, match="password"):
-        users.add_user(api.config, "bob", "viewer", "short")
+        users.add_user(api.config, "bob", "viewer", "short", actor="test")
 
 
 def test_security_headers_and_no_stack_traces(api: Api) -> None:

@@ -119,7 +119,7 @@ def test_study_detail_shows_series_routing_and_is_audited(api: Api) -> None:
     assert "1CT1" not in r.text  # no patient identifier in the API
     with session_scope(api.config.database.url) as s:
         ev = s.scalar(select(Event).where(Event.kind == "view_study"))
-        assert ev is not None and ev.actor == "viewer" and ev.detail == study_uid
+        assert ev is not None and ev.actor == "api:viewer" and ev.detail == study_uid and ev.address == "testclient"
 
 
 def test_rules_test_explains_the_decision(api: Api) -> None:
