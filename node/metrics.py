@@ -128,8 +128,8 @@ def http_request(method: str, route: str, status: int, seconds: float) -> None:
 
 class _StateCollector:
     """Gauges read at scrape time from the database, broker and disk, so every API process
-    reports the same truth: jobs and studies by state, queue depth, heartbeat age per queue,
-    spool free bytes, broker reachability."""
+    reports the same truth: jobs and studies in progress by state, queue depth, heartbeat age
+    per queue, spool free bytes, broker reachability."""
 
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -137,21 +137,22 @@ class _StateCollector:
     def collect(self) -> Iterator[Any]:
         from prometheus_client.core import GaugeMetricFamily
 
-        from node.services.overview import counts, heartbeat_ages, queue_depths
+        from node.services.overview import counts, heartbeat_ages, queue_depths, workers
 
         cfg = self.config
         c = counts(cfg)
-        jobs = GaugeMetricFamily(f"{PREFIX}_jobs", "Jobs currently in each state", labels=["state"])
-        for state, n in c["jobs"].items():
+        # In-progress states only: finished ones grow without bound (their _total counters give rates).
+        jobs = GaugeMetricFamily(f"{PREFIX}_jobs", "Jobs now queued, running, encoded or sending", labels=["state"])
+        for state, n in c["jobs"]["now"].items():
             jobs.add_metric([state], n)
         yield jobs
-        studies = GaugeMetricFamily(f"{PREFIX}_studies", "Studies currently in each state", labels=["state"])
-        for state, n in c["studies"].items():
+        studies = GaugeMetricFamily(f"{PREFIX}_studies", "Studies now receiving", labels=["state"])
+        for state, n in c["studies"]["now"].items():
             studies.add_metric([state], n)
         yield studies
         beat = GaugeMetricFamily(f"{PREFIX}_worker_heartbeat_age_seconds",
                                  "Seconds since the freshest heartbeat of a worker serving each queue", labels=["queue"])
-        for queue, age in heartbeat_ages(cfg).items():
+        for queue, age in heartbeat_ages(workers(cfg)).items():
             beat.add_metric([queue], age)
         yield beat
         depths = queue_depths(cfg)

@@ -1,4 +1,5 @@
-"""dashboard: indexes for its counts, time filters, failing sends and audit kinds; an SR output's findings
+"""dashboard: keyset indexes (state, id) for studies and jobs, time indexes for its counts and filters,
+(state, updated_at) for failing sends, (kind, at) for the audit log; an SR output's findings
 
 Revision ID: 0008
 Revises: 0007
@@ -21,7 +22,9 @@ def upgrade() -> None:
         batch_op.create_index('ix_event_kind_at', ['kind', 'at'], unique=False)
 
     with op.batch_alter_table('job', schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f('ix_job_state'))
         batch_op.create_index(batch_op.f('ix_job_done_at'), ['done_at'], unique=False)
+        batch_op.create_index('ix_job_state_id', ['state', 'id'], unique=False)
         batch_op.create_index(batch_op.f('ix_job_updated_at'), ['updated_at'], unique=False)
 
     with op.batch_alter_table('output', schema=None) as batch_op:
@@ -33,12 +36,12 @@ def upgrade() -> None:
     with op.batch_alter_table('study', schema=None) as batch_op:
         batch_op.create_index(batch_op.f('ix_study_completed_at'), ['completed_at'], unique=False)
         batch_op.create_index(batch_op.f('ix_study_first_received_at'), ['first_received_at'], unique=False)
-        batch_op.create_index(batch_op.f('ix_study_state'), ['state'], unique=False)
+        batch_op.create_index('ix_study_state_id', ['state', 'id'], unique=False)
 
 
 def downgrade() -> None:
     with op.batch_alter_table('study', schema=None) as batch_op:
-        batch_op.drop_index(batch_op.f('ix_study_state'))
+        batch_op.drop_index('ix_study_state_id')
         batch_op.drop_index(batch_op.f('ix_study_first_received_at'))
         batch_op.drop_index(batch_op.f('ix_study_completed_at'))
 
@@ -50,7 +53,9 @@ def downgrade() -> None:
 
     with op.batch_alter_table('job', schema=None) as batch_op:
         batch_op.drop_index(batch_op.f('ix_job_updated_at'))
+        batch_op.drop_index('ix_job_state_id')
         batch_op.drop_index(batch_op.f('ix_job_done_at'))
+        batch_op.create_index(batch_op.f('ix_job_state'), ['state'], unique=False)
 
     with op.batch_alter_table('event', schema=None) as batch_op:
         batch_op.drop_index('ix_event_kind_at')

@@ -26,7 +26,7 @@ from node.api import (
 )
 from node.api.auth import Principal, Role, require_role
 from node.config import Config, load_config
-from node.services.ops import readiness
+from node.services.overview import readiness
 
 log = logging.getLogger(__name__)
 API = "/api/v1"
@@ -64,10 +64,20 @@ class SecurityHeaders(BaseHTTPMiddleware):
         h.setdefault("Cache-Control", "private, max-age=3600" if request.url.path.startswith("/static/") else "no-store")
         if self.tls:
             h["Strict-Transport-Security"] = "max-age=31536000"
-        route = request.scope.get("route")
-        metrics.http_request(request.method, getattr(route, "path", "unmatched"), response.status_code,
-                             time.perf_counter() - t0)
+        metrics.http_request(request.method, route_template(request), response.status_code, time.perf_counter() - t0)
         return response
+
+
+def route_template(request: Request) -> str:
+    """The request's path with each path parameter put back as {name} (a metric label must not
+    carry a UID); "unmatched" when no route took the request."""
+    if request.scope.get("route") is None:
+        return "unmatched"
+    names = {str(v): k for k, v in (request.scope.get("path_params") or {}).items()}
+    segments = request.url.path.split("/")
+    if not set(names) <= set(segments):  # a value with a slash or an escape: say nothing of it
+        return "unmatched"
+    return "/".join(f"{{{names[s]}}}" if s in names else s for s in segments)
 
 
 def _same_origin(request: Request) -> bool:

@@ -63,7 +63,7 @@ def overview_figures(request: Request, who: Viewer) -> dict[str, Any]:
 @router.get("/workers")
 def workers(request: Request, who: Viewer) -> list[dict[str, Any]]:
     """Workers and their last heartbeat."""
-    return ops.workers(config_of(request))
+    return overview.workers(config_of(request))
 
 
 @router.get("/audit", response_model=AuditPage)

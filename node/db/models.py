@@ -101,10 +101,12 @@ class SendState(enum.StrEnum):
 
 class Study(Base):
     __tablename__ = "study"
+    # (state, id): a state's studies newest first, read from the index alone (keyset pages).
+    __table_args__ = (Index("ix_study_state_id", "state", "id"),)
 
     id: Mapped[int] = mapped_column(primary_key=True)
     study_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
-    state: Mapped[StudyState] = mapped_column(Enum(StudyState, native_enum=False, length=16), index=True)
+    state: Mapped[StudyState] = mapped_column(Enum(StudyState, native_enum=False, length=16))
     calling_ae: Mapped[str | None] = mapped_column(String(16))
     # Number of Study Related Instances, when the sender tells us: completes the study at once.
     expected_instances: Mapped[int | None] = mapped_column(Integer)
@@ -169,12 +171,15 @@ class Instance(Base):
 
 class Job(Base):
     __tablename__ = "job"
+    # (state, id) serves every lookup by state and gives the failed-jobs page its newest-first
+    # keyset order without a sort (PostgreSQL; SQLite's index on state alone carries the rowid).
+    __table_args__ = (Index("ix_job_state_id", "state", "id"),)
 
     id: Mapped[int] = mapped_column(primary_key=True)
     study_id: Mapped[int] = mapped_column(ForeignKey("study.id"), index=True)
     pipeline: Mapped[str] = mapped_column(String(64))
     model_version: Mapped[str | None] = mapped_column(String(64))
-    state: Mapped[JobState] = mapped_column(Enum(JobState, native_enum=False, length=16), index=True)
+    state: Mapped[JobState] = mapped_column(Enum(JobState, native_enum=False, length=16))
     attempt: Mapped[int] = mapped_column(Integer, default=0)
     worker: Mapped[str | None] = mapped_column(String(255))
     error: Mapped[str | None] = mapped_column(Text)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from datetime import datetime
+from types import SimpleNamespace
 from typing import Any
 
 from sqlalchemy import func, or_, select
@@ -24,8 +25,8 @@ def _ts(v: datetime | None) -> str | None:
     return v.isoformat() if v else None
 
 
-def study_summary(st: Study, instances_per_series: dict[int, int]) -> dict[str, Any]:
-    """The list shape: one row per study (series and jobs loaded)."""
+def study_summary(st: Any, instances_per_series: dict[int, int]) -> dict[str, Any]:
+    """The list shape of a study (an ORM Study or a row namespace with `series` and `jobs`)."""
     skipped = "; ".join(f"{se.modality}: {se.skip_reason}" for se in st.series if se.skip_reason) or None
     return {
         "id": st.id,
@@ -44,7 +45,7 @@ def study_summary(st: Study, instances_per_series: dict[int, int]) -> dict[str, 
     }
 
 
-def series_summary(se: Series, instances: int) -> dict[str, Any]:
+def series_summary(se: Any, instances: int) -> dict[str, Any]:
     """A series and its routing decision."""
     return {
         "series_instance_uid": se.series_instance_uid,
@@ -67,14 +68,16 @@ def series_summary(se: Series, instances: int) -> dict[str, Any]:
     }
 
 
-def _instance_counts(s: Session, studies: list[Study]) -> dict[int, int]:
-    """Instances per series of these studies, counted in one grouped query."""
-    ids = [se.id for st in studies for se in st.series]
-    if not ids:
+def _instance_counts(s: Session, series_ids: list[int]) -> dict[int, int]:
+    """Instances per series, counted in one grouped query."""
+    if not series_ids:
         return {}
-    rows = s.execute(select(Instance.series_id, func.count()).where(Instance.series_id.in_(ids))
+    rows = s.execute(select(Instance.series_id, func.count()).where(Instance.series_id.in_(series_ids))
                      .group_by(Instance.series_id))
     return {sid: int(n) for sid, n in rows}
+
+
+_SERIES_COLUMNS = [c for c in Series.__table__.c if c.name != "routing_attributes"]
 
 
 def list_studies(config: Config, state: str | None = None, q: str | None = None, since: datetime | None = None,
@@ -82,11 +85,12 @@ def list_studies(config: Config, state: str | None = None, q: str | None = None,
     """Studies newest first (by arrival), keyset-paged.
 
     `q` is an exact Study Instance UID, Accession Number or Patient ID; the last two are compared
-    as keyed hashes, so the query is a bound parameter and never text in the SQL.
+    as keyed hashes, so the query is a bound parameter and never text in the SQL. Rows are read
+    as plain rows (series and jobs in one query each), not ORM objects: a page stays cheap.
     """
     check_limit(limit)
     below = decode_cursor(cursor)
-    query = select(Study).options(selectinload(Study.series), selectinload(Study.jobs))
+    query = select(Study.__table__)
     if state:
         try:
             query = query.where(Study.state == StudyState(state))
@@ -101,9 +105,16 @@ def list_studies(config: Config, state: str | None = None, q: str | None = None,
     if below is not None:
         query = query.where(Study.id < below)
     with session_scope(config.database.url) as s:
-        rows = s.scalars(query.order_by(Study.id.desc()).limit(limit + 1)).all()
-        counts = _instance_counts(s, list(rows[:limit]))
-        items = [study_summary(st, counts) for st in rows[:limit]]
+        rows = s.execute(query.order_by(Study.id.desc()).limit(limit + 1)).all()
+        page = rows[:limit]
+        ids = [r.id for r in page]
+        studies = {r.id: SimpleNamespace(**r._mapping, series=[], jobs=[]) for r in page}
+        for se in s.execute(select(*_SERIES_COLUMNS).where(Series.study_id.in_(ids)).order_by(Series.id)):
+            studies[se.study_id].series.append(se)
+        for j in s.execute(select(Job.id, Job.study_id, Job.state).where(Job.study_id.in_(ids)).order_by(Job.id)):
+            studies[j.study_id].jobs.append(j)
+        counts = _instance_counts(s, [se.id for st in studies.values() for se in st.series])
+    items = [study_summary(studies[i], counts) for i in ids]
     return Page(items, encode_cursor(items[-1]["id"]) if len(rows) > limit else None)
 
 
@@ -122,7 +133,7 @@ def get_study(config: Config, study_instance_uid: str) -> dict[str, Any]:
             raise NotFound(f"no study {study_instance_uid}")
         latest = _latest_result(config, st)
         return {
-            **study_summary(st, _instance_counts(s, [st])),
+            **study_summary(st, _instance_counts(s, [se.id for se in st.series])),
             "released_at": _ts(st.released_at),
             "expected_instances": st.expected_instances,
             "job_details": [job_to_dict(j) for j in st.jobs],

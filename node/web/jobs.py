@@ -19,6 +19,7 @@ router = APIRouter(include_in_schema=False)
 Viewer = Annotated[Principal, Depends(require_role(Role.VIEWER))]
 Operator = Annotated[Principal, Depends(operator)]
 ACTIONS = {"replay": "replayed", "resend": "re-sent", "cancel": "cancelled"}
+FAILED_FIRST = 20  # the newest failed jobs above the full list; /jobs?state=failed has them all
 
 
 @router.get("/jobs", response_class=HTMLResponse)
@@ -28,7 +29,7 @@ async def jobs_page(request: Request, who: Viewer, state: str = "",
     cfg = config_of(request)
     failed = None
     if not state and not cursor:
-        failed = await run_in_threadpool(jobs.list_jobs, cfg, JobState.FAILED.value, None, 50, None)
+        failed = await run_in_threadpool(jobs.list_jobs, cfg, JobState.FAILED.value, None, FAILED_FIRST, None)
     result = await run_in_threadpool(jobs.list_jobs, cfg, state or None, None, 50, cursor or None)
     return page(request, "jobs.html", who, failed=failed, page=result, state=state, cursor=cursor,
                 states=[s.value for s in JobState])

@@ -22,7 +22,8 @@ def api(tmp_path: Path) -> Api:
 
 
 def _concrete(path: str) -> str:
-    return path.replace("{study_instance_uid}", "1.2.3").replace("{job_id}", "1").replace("{name}", "pacs")
+    return (path.replace("{study_instance_uid}", "1.2.3").replace("{job_id}", "1").replace("{name}", "pacs")
+            .replace("{token_id}", "1"))
 
 
 def test_every_route_but_health_refuses_anonymous_callers(api: Api) -> None:
@@ -37,7 +38,7 @@ def test_every_route_but_health_refuses_anonymous_callers(api: Api) -> None:
             assert r.status_code == 401, (method, path, r.status_code)
             assert r.headers["content-type"] == "application/problem+json"
             checked += 1
-    assert checked >= 15
+    assert checked >= 25
     assert api.client.get("/healthz").json() == {"status": "ok"}
 
 

@@ -52,6 +52,28 @@ def test_pages_send_a_browser_to_login_and_scripts_get_401(api: Api) -> None:
     assert api.client.get("/metrics").status_code == 401
 
 
+def test_every_dashboard_route_refuses_anonymous_callers(api: Api) -> None:
+    from fastapi.routing import APIRoute
+
+    from node.web import admin, jobs, overview, session, studies
+
+    open_paths = {"/login"}
+    checked = 0
+    for module in (admin, jobs, overview, session, studies):
+        for route in module.router.routes:
+            assert isinstance(route, APIRoute)
+            if route.path in open_paths:
+                continue
+            url = re.sub(r"\{(\w+)\}", lambda m: {"job_id": "1", "output_id": "1", "token_id": "1"}.get(m.group(1), "x"),
+                         route.path)
+            for method in route.methods:
+                r = api.client.request(method, url)
+                assert r.status_code == 401, (method, url, r.status_code)
+                checked += 1
+    assert checked >= 25
+    assert api.client.get("/static/htmx.min.js").status_code == 200  # the vendored script is public
+
+
 def test_login_needs_the_forms_own_token_and_goes_back_only_to_this_site(api: Api) -> None:
     r = api.client.post("/login", data={"name": "viewer", "password": PASSWORD, "login_token": "forged"})
     assert r.status_code == 403 and "expired" in r.text
