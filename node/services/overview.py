@@ -17,10 +17,18 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from node.config import Config
-from node.db.models import ACTIVE_JOB_STATES, Job, JobState, Send, SendState, Study, StudyState, WorkerBeat, utcnow
+from node.db.models import (
+    ACTIVE_JOB_STATES,
+    Job,
+    JobState,
+    Send,
+    SendState,
+    Study,
+    StudyState,
+    WorkerBeat,
+    utcnow,
+)
 from node.db.session import session_scope
-
-
 
 WINDOW = timedelta(hours=1)
 DAY = timedelta(days=1)
