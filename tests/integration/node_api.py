@@ -3,13 +3,40 @@ tokens made with the CLI as an admin would, and a bearer-token client with timeo
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
-from tests.peers import Node, wait_for, wait_port
+from tests.peers import Node, Orthanc, node_config, wait_for, wait_port
 
 TIMEOUT = httpx.Timeout(30.0, connect=5.0)
+
+
+def orthanc_for_module(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
+    """Body of a module fixture: a real Orthanc as the PACS, stopped afterwards."""
+    server = Orthanc(tmp_path_factory.mktemp("orthanc")).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def node_for_module(tmp_path_factory: pytest.TempPathFactory, pacs: Orthanc, bundle: Path,
+                    destination: str) -> Iterator[Node]:
+    """Body of a module fixture: `pacsnode run` (listener, workers, API on a free port) sending
+    its results to `pacs` under the destination name given; its log's tail printed at the end."""
+    work = tmp_path_factory.mktemp("node")
+    cfg = node_config(work, bundle, [{"name": destination, "ae_title": pacs.aet, "host": "127.0.0.1",
+                                      "port": pacs.dicom_port, "timeout": 10}])
+    n = Node(cfg).start(timeout=120)
+    try:
+        yield n
+    finally:
+        n.stop()
+        print(n.log()[-4000:])
 
 
 def first_admin_password(node: Node, timeout: float = 60) -> str:

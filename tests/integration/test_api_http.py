@@ -22,14 +22,19 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from node.db.models import utcnow
-from tests.integration.node_api import TIMEOUT, NodeApi, first_admin_password
+from tests.integration.node_api import (
+    TIMEOUT,
+    NodeApi,
+    first_admin_password,
+    node_for_module,
+    orthanc_for_module,
+)
 from tests.peers import (
     REPO,
     Node,
     Orthanc,
     free_port,
     have,
-    node_config,
     storescu,
     synthetic_cr,
     wait_for,
@@ -46,20 +51,12 @@ PASSWORD = "integration passphrase"
 
 @pytest.fixture(scope="module")
 def pacs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
-    server = Orthanc(tmp_path_factory.mktemp("orthanc")).start()
-    yield server
-    server.stop()
+    yield from orthanc_for_module(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
 def node(tmp_path_factory: pytest.TempPathFactory, pacs: Orthanc, demo_bundle: Path) -> Iterator[Node]:
-    work = tmp_path_factory.mktemp("node")
-    cfg = node_config(work, demo_bundle, [{"name": "orthanc", "ae_title": pacs.aet, "host": "127.0.0.1",
-                                           "port": pacs.dicom_port, "timeout": 10}])
-    n = Node(cfg).start(timeout=120)
-    yield n
-    n.stop()
-    print(n.log()[-4000:])
+    yield from node_for_module(tmp_path_factory, pacs, demo_bundle, "orthanc")
 
 
 @pytest.fixture(scope="module")
