@@ -391,6 +391,9 @@ def cmd_api(args: argparse.Namespace, config: Config) -> int:
     a = config.api
     options: dict[str, Any] = {"host": a.host, "port": a.port, "log_level": config.logging.level.lower(),
                                "server_header": False, "timeout_keep_alive": 5,
+                               # uvicorn's access log prints query strings (a search may be a
+                               # Patient ID); the app logs requests itself (pacsnode.access).
+                               "access_log": False,
                                # Behind a proxy, X-Forwarded-For names the client in the audit log,
                                # but only when the request comes from a proxy the config trusts.
                                "proxy_headers": bool(a.trusted_proxies),

@@ -29,6 +29,7 @@ from node.config import Config, load_config
 from node.services.overview import readiness
 
 log = logging.getLogger(__name__)
+access = logging.getLogger("pacsnode.access")
 API = "/api/v1"
 # No inline script or style anywhere (htmx is configured by a <meta> tag), so 'self' is enough.
 CSP = ("default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
@@ -64,7 +65,13 @@ class SecurityHeaders(BaseHTTPMiddleware):
         h.setdefault("Cache-Control", "private, max-age=3600" if request.url.path.startswith("/static/") else "no-store")
         if self.tls:
             h["Strict-Transport-Security"] = "max-age=31536000"
-        metrics.http_request(request.method, route_template(request), response.status_code, time.perf_counter() - t0)
+        seconds = time.perf_counter() - t0
+        route = route_template(request)
+        metrics.http_request(request.method, route, response.status_code, seconds)
+        # Our access log, instead of uvicorn's: the route template and no query string, since a
+        # search (q=) may be a Patient ID and a path holds UIDs.
+        access.info("%s %s %s %.1f ms from %s", request.method, route, response.status_code, seconds * 1000,
+                    request.client.host if request.client else "-")
         return response
 
 
