@@ -106,8 +106,9 @@ def create_app(config: Config) -> FastAPI:
     from node import web
 
     metrics.setup(config)
-    app = FastAPI(title="pacsnode", version="1", openapi_url=f"{API}/openapi.json", docs_url=f"{API}/docs",
-                  redoc_url=None)
+    # No Swagger UI: it loads its script from a CDN (hospitals are offline, and the CSP says
+    # 'self'). The OpenAPI document is served below, to an authenticated caller like the rest.
+    app = FastAPI(title="pacsnode", version="1", openapi_url=None, docs_url=None, redoc_url=None)
     app.state.config = config
     problems.install(app)
     app.add_middleware(SecurityHeaders, tls=config.api.tls is not None)
@@ -130,6 +131,11 @@ def create_app(config: Config) -> FastAPI:
         if not out["ready"]:
             out["reason"] = "; ".join(f"{k}: {v.get('detail', 'failed')}" for k, v in out["checks"].items() if not v["ok"])
         return JSONResponse(out, status_code=200 if out["ready"] else 503)
+
+    @app.get(f"{API}/openapi.json", include_in_schema=False)
+    async def openapi(who: Principal = Depends(require_role(Role.VIEWER))) -> JSONResponse:  # noqa: B008
+        """The OpenAPI document of /api/v1 (the contract scripts are written against)."""
+        return JSONResponse(app.openapi())
 
     @app.get("/metrics", tags=["health"], response_class=Response,
              responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}})

@@ -124,8 +124,9 @@ async def remove_user(request: Request, name: str, who: Admin) -> Response:
 async def set_password(request: Request, name: str, who: Admin,
                        password: Annotated[str, Form(max_length=1024)]) -> Response:
     try:
-        await run_in_threadpool(lambda: users.set_password(config_of(request), name, password,
-                                                           actor=actor(request, who), address=client_address(request)))
+        await run_in_threadpool(lambda: users.set_password(
+            config_of(request), name, password, actor=actor(request, who), address=client_address(request),
+            keep_session=who.session_id if name == who.name else None))  # an admin's own page stays logged in
     except (Invalid, NotFound) as e:
         return _back(f"Password not changed: {e}.")
     return _back(f"Password of {name} changed; their browser sessions ended.")
