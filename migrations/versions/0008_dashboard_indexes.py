@@ -1,4 +1,4 @@
-"""dashboard: keyset indexes (state, id) for studies and jobs, time indexes for its counts and filters,
+"""dashboard: keyset indexes (state, id) for studies and jobs, time indexes for its counts and filters, replay_of,
 (state, updated_at) for failing sends, (kind, at) for the audit log; an SR output's findings
 
 Revision ID: 0008
@@ -24,6 +24,7 @@ def upgrade() -> None:
     with op.batch_alter_table('job', schema=None) as batch_op:
         batch_op.drop_index(batch_op.f('ix_job_state'))
         batch_op.create_index(batch_op.f('ix_job_done_at'), ['done_at'], unique=False)
+        batch_op.create_index(batch_op.f('ix_job_replay_of'), ['replay_of'], unique=False)
         batch_op.create_index('ix_job_state_id', ['state', 'id'], unique=False)
         batch_op.create_index(batch_op.f('ix_job_updated_at'), ['updated_at'], unique=False)
 
@@ -54,6 +55,7 @@ def downgrade() -> None:
     with op.batch_alter_table('job', schema=None) as batch_op:
         batch_op.drop_index(batch_op.f('ix_job_updated_at'))
         batch_op.drop_index('ix_job_state_id')
+        batch_op.drop_index(batch_op.f('ix_job_replay_of'))
         batch_op.drop_index(batch_op.f('ix_job_done_at'))
         batch_op.create_index(batch_op.f('ix_job_state'), ['state'], unique=False)
 

@@ -113,6 +113,7 @@ class JobOut(BaseModel):
     created_at: str | None
     updated_at: str | None
     outputs: list[OutputOut]
+    replayed_as: list[int] = Field(default_factory=list, description="jobs that replayed this one")
 
 
 class JobPage(BaseModel):

@@ -190,7 +190,8 @@ class Job(Base):
     # Export time, added with one atomic UPDATE by each export pass: export tasks run while the
     # inference worker is still writing `timings`, so a read-modify-write of the JSON would race.
     send_seconds: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
-    replay_of: Mapped[int | None] = mapped_column(ForeignKey("job.id"))
+    # Indexed: a failed job's page and list say which job replayed it.
+    replay_of: Mapped[int | None] = mapped_column(ForeignKey("job.id"), index=True)
     # 0-9 from the routing rule, 9 most urgent; passed to the queue so STAT studies go first.
     priority: Mapped[int] = mapped_column(Integer, default=4, server_default="4")
     # Destination names (or "sender") from the routing rule; null means every configured one.

@@ -49,8 +49,8 @@ def list_jobs(config: Config, state: str | None = None, since: datetime | None =
 
 
 def _as_dicts(s: Session, rows: Sequence[Row[Any]]) -> list[dict[str, Any]]:
-    """Job rows (with their study's UID) as `job_to_dict` shapes them, outputs and sends read in
-    two more queries. job_to_dict only reads attributes, so it is given namespaces of the rows'
+    """Job rows (with their study's UID) as `job_to_dict` shapes them plus `replayed_as`, outputs,
+    sends and replays read in three more queries. job_to_dict only reads attributes, so it is given namespaces of the rows'
     columns: a page of 50 jobs with 400 result rows costs a third of loading them as ORM objects."""
     ids = [r.id for r in rows]
     outputs: dict[int, list[SimpleNamespace]] = {i: [] for i in ids}
@@ -63,22 +63,33 @@ def _as_dicts(s: Session, rows: Sequence[Row[Any]]) -> list[dict[str, Any]]:
         for sd in s.execute(select(Send.output_id, Send.destination, Send.state, Send.attempts, Send.remote_status,
                                    Send.error, Send.sent_at).where(Send.output_id.in_(list(by_output))).order_by(Send.id)):
             by_output[sd.output_id].sends.append(sd)
+    replays = _replays(s, ids)
     out = []
     for r in rows:
         job = SimpleNamespace(**{k: v for k, v in r._mapping.items() if k != "study_instance_uid"},
                               study=SimpleNamespace(study_instance_uid=r.study_instance_uid), outputs=outputs[r.id])
         job.stage_seconds = Job.stage_seconds.fget(job)  # type: ignore[attr-defined]
-        out.append(job_to_dict(cast(Job, job)))
+        out.append({**job_to_dict(cast(Job, job)), "replayed_as": replays.get(r.id, [])})
     return out
 
 
 def get_job(config: Config, job_id: int) -> dict[str, Any]:
+    """One job as `job_to_dict` shapes it, with `replayed_as`: the jobs that replayed it."""
     with session_scope(config.database.url) as s:
         job = s.scalar(select(Job).where(Job.id == job_id).options(
             selectinload(Job.study), selectinload(Job.outputs).selectinload(Output.sends)))
         if job is None:
             raise NotFound(f"no job {job_id}")
-        return job_to_dict(job)
+        return {**job_to_dict(job), "replayed_as": _replays(s, [job_id]).get(job_id, [])}
+
+
+def _replays(s: Session, ids: list[int]) -> dict[int, list[int]]:
+    """For each of these jobs, the ids of the jobs that replayed it (oldest first)."""
+    out: dict[int, list[int]] = {}
+    for new, old in s.execute(select(Job.id, Job.replay_of).where(Job.replay_of.in_(ids)).order_by(Job.id)).tuples():
+        if old is not None:
+            out.setdefault(old, []).append(new)
+    return out
 
 
 def replay_job(config: Config, job_id: int, actor: str, reason: str, address: str | None = None) -> int:

@@ -215,3 +215,12 @@ def test_users_and_tokens_over_the_api_are_for_admins_and_audited(api: Api) -> N
         kinds = [(e.kind, e.actor) for e in s.scalars(select(Event).where(Event.actor == "api:admin").order_by(Event.id))]
     assert kinds == [("user_add", "api:admin"), ("token_create", "api:admin"), ("token_revoke", "api:admin"),
                      ("user_password", "api:admin"), ("user_remove", "api:admin")]
+
+
+def test_a_replayed_job_says_which_job_replayed_it(api: Api) -> None:
+    failed = make_job(api.config, JobState.FAILED)
+    h = api.as_("operator")
+    new = api.client.post(f"/api/v1/jobs/{failed}/replay", json={"reason": "PACS back"}, headers=h).json()["job"]
+    assert api.client.get(f"/api/v1/jobs/{failed}", headers=h).json()["replayed_as"] == [new]
+    listed = {j["id"]: j for j in api.client.get("/api/v1/jobs", headers=h).json()["items"]}
+    assert listed[failed]["replayed_as"] == [new] and listed[new]["replayed_as"] == []
