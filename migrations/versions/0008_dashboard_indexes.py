@@ -26,7 +26,7 @@ def upgrade() -> None:
         batch_op.create_index(batch_op.f('ix_job_done_at'), ['done_at'], unique=False)
         batch_op.create_index(batch_op.f('ix_job_replay_of'), ['replay_of'], unique=False)
         batch_op.create_index('ix_job_state_id', ['state', 'id'], unique=False)
-        batch_op.create_index(batch_op.f('ix_job_updated_at'), ['updated_at'], unique=False)
+        batch_op.create_index('ix_job_updated_at_state', ['updated_at', 'state'], unique=False)
 
     with op.batch_alter_table('output', schema=None) as batch_op:
         batch_op.add_column(sa.Column('findings', sa.JSON(), nullable=True))
@@ -35,7 +35,7 @@ def upgrade() -> None:
         batch_op.create_index('ix_send_state_updated_at', ['state', 'updated_at'], unique=False)
 
     with op.batch_alter_table('study', schema=None) as batch_op:
-        batch_op.create_index(batch_op.f('ix_study_completed_at'), ['completed_at'], unique=False)
+        batch_op.create_index('ix_study_completed_at_state', ['completed_at', 'state'], unique=False)
         batch_op.create_index(batch_op.f('ix_study_first_received_at'), ['first_received_at'], unique=False)
         batch_op.create_index('ix_study_state_id', ['state', 'id'], unique=False)
 
@@ -44,7 +44,7 @@ def downgrade() -> None:
     with op.batch_alter_table('study', schema=None) as batch_op:
         batch_op.drop_index('ix_study_state_id')
         batch_op.drop_index(batch_op.f('ix_study_first_received_at'))
-        batch_op.drop_index(batch_op.f('ix_study_completed_at'))
+        batch_op.drop_index('ix_study_completed_at_state')
 
     with op.batch_alter_table('send', schema=None) as batch_op:
         batch_op.drop_index('ix_send_state_updated_at')
@@ -53,7 +53,7 @@ def downgrade() -> None:
         batch_op.drop_column('findings')
 
     with op.batch_alter_table('job', schema=None) as batch_op:
-        batch_op.drop_index(batch_op.f('ix_job_updated_at'))
+        batch_op.drop_index('ix_job_updated_at_state')
         batch_op.drop_index('ix_job_state_id')
         batch_op.drop_index(batch_op.f('ix_job_replay_of'))
         batch_op.drop_index(batch_op.f('ix_job_done_at'))

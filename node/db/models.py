@@ -101,8 +101,9 @@ class SendState(enum.StrEnum):
 
 class Study(Base):
     __tablename__ = "study"
-    # (state, id): a state's studies newest first, read from the index alone (keyset pages).
-    __table_args__ = (Index("ix_study_state_id", "state", "id"),)
+    # (state, id): a state's studies newest first, read from the index alone (keyset pages);
+    # (completed_at, state): the overview counts the last day's finished studies from the index.
+    __table_args__ = (Index("ix_study_state_id", "state", "id"), Index("ix_study_completed_at_state", "completed_at", "state"))
 
     id: Mapped[int] = mapped_column(primary_key=True)
     study_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
@@ -111,11 +112,11 @@ class Study(Base):
     # Number of Study Related Instances, when the sender tells us: completes the study at once.
     expected_instances: Mapped[int | None] = mapped_column(Integer)
     instance_count: Mapped[int] = mapped_column(Integer, default=0)
-    # Indexed (with completed_at): the dashboard counts the last hour's studies and filters by time.
+    # Indexed: the dashboard counts the last hour's arrivals and filters the list by time.
     first_received_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, index=True)
     last_received_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     released_at: Mapped[datetime | None] = _ts()
-    completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), index=True)
+    completed_at: Mapped[datetime | None] = _ts()
     completion_rule: Mapped[str | None] = mapped_column(String(32))
     # HMAC-SHA256 (key api.identifier_key) of Accession Number and Patient ID: exact search
     # without keeping the identifiers in clear.
@@ -173,7 +174,8 @@ class Job(Base):
     __tablename__ = "job"
     # (state, id) serves every lookup by state and gives the failed-jobs page its newest-first
     # keyset order without a sort (PostgreSQL; SQLite's index on state alone carries the rowid).
-    __table_args__ = (Index("ix_job_state_id", "state", "id"),)
+    # (updated_at, state): `since` filters, and the overview's count of the last day's jobs.
+    __table_args__ = (Index("ix_job_state_id", "state", "id"), Index("ix_job_updated_at_state", "updated_at", "state"))
 
     id: Mapped[int] = mapped_column(primary_key=True)
     study_id: Mapped[int] = mapped_column(ForeignKey("study.id"), index=True)
@@ -208,7 +210,7 @@ class Job(Base):
     failed_at: Mapped[datetime | None] = _ts()
     cancelled_at: Mapped[datetime | None] = _ts()
     superseded_at: Mapped[datetime | None] = _ts()
-    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, index=True)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
     @property
     def stage_seconds(self) -> dict[str, Any]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import shutil
+from collections import Counter
 from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
@@ -42,14 +43,15 @@ def _counts(s: Session) -> dict[str, dict[str, dict[str, int]]]:
     since = utcnow() - DAY
     jobs_now = dict(s.execute(select(Job.state, func.count()).where(Job.state.in_(ACTIVE_JOB_STATES))
                               .group_by(Job.state)).tuples().all())
-    jobs_day = dict(s.execute(select(Job.state, func.count()).where(Job.updated_at >= since,
-                                                                    Job.state.not_in(ACTIVE_JOB_STATES))
-                              .group_by(Job.state)).tuples().all())
     studies_now = dict(s.execute(select(Study.state, func.count()).where(Study.state.in_(ACTIVE_STUDY_STATES))
                                  .group_by(Study.state)).tuples().all())
-    studies_day = dict(s.execute(select(Study.state, func.count()).where(Study.completed_at >= since,
-                                                                         Study.state.not_in(ACTIVE_STUDY_STATES))
-                                 .group_by(Study.state)).tuples().all())
+    # The last day's rows are counted here, not by GROUP BY state: given one, SQLite walks the
+    # whole (state, id) index in state order rather than the time index's day (240 ms, not 2,
+    # at 100,000 jobs).
+    jobs_day = Counter(s.scalars(select(Job.state).where(Job.updated_at >= since,
+                                                         Job.state.not_in(ACTIVE_JOB_STATES))))
+    studies_day = Counter(s.scalars(select(Study.state).where(Study.completed_at >= since,
+                                                              Study.state.not_in(ACTIVE_STUDY_STATES))))
     return {"jobs": {"now": {st.value: int(jobs_now.get(st, 0)) for st in ACTIVE_JOB_STATES},
                      "last_day": {st.value: int(jobs_day.get(st, 0)) for st in JobState if st not in ACTIVE_JOB_STATES}},
             "studies": {"now": {st.value: int(studies_now.get(st, 0)) for st in ACTIVE_STUDY_STATES},
@@ -113,9 +115,11 @@ def _last_hour(s: Session) -> dict[str, Any]:
     since = utcnow() - WINDOW
     received = s.scalar(select(func.count()).select_from(Study).where(Study.first_received_at >= since)) or 0
     completed = s.scalar(select(func.count()).select_from(Study).where(Study.completed_at >= since)) or 0
-    rows = s.execute(select(Job.done_at, Study.last_received_at).join(Study, Job.study_id == Study.id)
-                     .where(Job.done_at >= since, Job.replay_of.is_(None))).all()
-    turnaround = [(done - last).total_seconds() for done, last in rows if done is not None]
+    # Replays are left out here, not in SQL: "replay_of IS NULL" would lead SQLite to walk the
+    # replay_of index (null for nearly every job) instead of the last hour of done_at.
+    rows = s.execute(select(Job.done_at, Study.last_received_at, Job.replay_of).join(Study, Job.study_id == Study.id)
+                     .where(Job.done_at >= since)).all()
+    turnaround = [(done - last).total_seconds() for done, last, replay in rows if done is not None and replay is None]
     return {"received": int(received), "completed": int(completed), "jobs_done": len(turnaround),
             "turnaround_p50": percentile(turnaround, 50), "turnaround_p95": percentile(turnaround, 95)}
 
