@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -168,9 +169,17 @@ def p(values: list[float], q: float) -> float:
 
 
 def run_backend(backend: str, studies: int, requests: int, pg: Postgres | None) -> list[dict[str, Any]]:
+    """Seed, serve and time one database backend in a temporary folder, removed afterwards."""
+    work = Path(tempfile.mkdtemp(prefix=f"pacsnode-bench-api-{backend}-"))
+    try:
+        return _run_in(work, backend, studies, requests, pg)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _run_in(work: Path, backend: str, studies: int, requests: int, pg: Postgres | None) -> list[dict[str, Any]]:
     from tests.unit.web_data import study_with_results
 
-    work = Path(tempfile.mkdtemp(prefix=f"pacsnode-bench-api-{backend}-"))
     url = pg.create_database("bench") if pg else f"sqlite:///{work / 'pacsnode.db'}"
     port = free_port()
     cfg_path = work / "config.yaml"
