@@ -381,7 +381,8 @@ def cmd_tokens(args: argparse.Namespace, config: Config) -> int:
 
 def cmd_api(args: argparse.Namespace, config: Config) -> int:
     """The HTTP service alone; `--workers N` runs N processes on one port. Several such
-    processes (on one host or many, behind a proxy) share nothing but the database."""
+    processes (on one host or many, behind a proxy) share only the database, and api.state_dir
+    for metrics summed across the processes of one host."""
     import uvicorn
 
     from node.services.users import ensure_first_admin
