@@ -113,9 +113,11 @@ def _worker_argv(config_file: Path, queue: str) -> list[str]:
 
 def cmd_run(args: argparse.Namespace, config: Config) -> int:
     """All in one: migrate, make demo weights if missing, start workers, the API and the listener."""
+    from node import metrics
     from node.jobs import reconcile
 
     db_upgrade(config)
+    metrics.reset(config)  # before any child starts: the counters of the last run are gone
     try:
         check_gate(config)
         ensure_bundles(config)
@@ -349,42 +351,44 @@ def cmd_rules(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_users(args: argparse.Namespace, config: Config) -> int:
-    """`users add NAME --role ROLE --password-stdin`, `users list`, `users remove NAME`."""
+    """`users add NAME --role ROLE --password-stdin`, `users passwd NAME --password-stdin`,
+    `users list`, `users remove NAME`; each change is audited with the operating system user."""
     from node.services import users
     from node.services.errors import Invalid, NotFound
 
     db_upgrade(config)
+    if args.action in ("add", "passwd", "remove") and not args.name:
+        print(f"users {args.action}: give NAME", file=sys.stderr)
+        return 2
+    if args.action in ("add", "passwd") and not args.password_stdin:
+        print(f"users {args.action}: give --password-stdin (the password is read from standard input)", file=sys.stderr)
+        return 2
     try:
         if args.action == "add":
-            if not args.name or not args.password_stdin:
-                print("users add: give NAME and --password-stdin (the password is read from standard input)", file=sys.stderr)
-                return 2
-            password = sys.stdin.readline().rstrip("\r\n")
-            users.add_user(config, args.name, args.role, password)
+            users.add_user(config, args.name, args.role, _read_password(), actor=_actor())
             print(f"user {args.name} added with role {args.role}")
+        elif args.action == "passwd":
+            users.set_password(config, args.name, _read_password(), actor=_actor())
+            print(f"password of {args.name} changed (their browser sessions ended)")
         elif args.action == "remove":
-            if not args.name:
-                print("users remove: give NAME", file=sys.stderr)
-                return 2
-            users.remove_user(config, args.name)
+            users.remove_user(config, args.name, actor=_actor())
             print(f"user {args.name} removed (its tokens and sessions with it)")
         else:
             _print(users.list_users(config), args.json, ["id", "name", "role", "tokens", "created_at"])
     except (Invalid, NotFound) as e:
         print(f"users {args.action}: {e}", file=sys.stderr)
         return 1
-    if args.action != "list":
-        from node.services.audit import record
-
-        record(config, f"user_{args.action}", _actor(), f"{args.name} ({args.role})" if args.action == "add" else args.name)
     return 0
+
+
+def _read_password() -> str:
+    return sys.stdin.readline().rstrip("\r\n")
 
 
 def cmd_tokens(args: argparse.Namespace, config: Config) -> int:
     """`tokens create --user NAME [--expires DAYS]` (printed once), `tokens list`, `tokens revoke ID`."""
     from node.services import users
-    from node.services.audit import record
-    from node.services.errors import NotFound
+    from node.services.errors import Invalid, NotFound
 
     db_upgrade(config)
     try:
@@ -392,39 +396,54 @@ def cmd_tokens(args: argparse.Namespace, config: Config) -> int:
             if not args.user:
                 print("tokens create: give --user NAME", file=sys.stderr)
                 return 2
-            token_id, token = users.create_token(config, args.user, args.expires)
-            record(config, "token_create", _actor(), f"token {token_id} for {args.user}")
+            token_id, token = users.create_token(config, args.user, args.expires, actor=_actor())
             print(token)
             print(f"token {token_id} for {args.user}: shown once, store it now", file=sys.stderr)
         elif args.action == "revoke":
             if args.id is None:
                 print("tokens revoke: give the token ID", file=sys.stderr)
                 return 2
-            users.revoke_token(config, args.id)
-            record(config, "token_revoke", _actor(), f"token {args.id}")
+            users.revoke_token(config, args.id, actor=_actor())
             print(f"token {args.id} revoked")
         else:
             _print(users.list_tokens(config), args.json, ["id", "user", "created_at", "expires_at", "revoked_at", "last_used_at"])
-    except NotFound as e:
+    except (Invalid, NotFound) as e:
         print(f"tokens {args.action}: {e}", file=sys.stderr)
         return 1
     return 0
 
 
 def cmd_api(args: argparse.Namespace, config: Config) -> int:
-    """The HTTP service alone (production: several behind a proxy)."""
+    """The HTTP service alone; `--workers N` runs N processes on one port. Several such
+    processes (on one host or many, behind a proxy) share only the database, and api.state_dir
+    for metrics summed across the processes of one host."""
     import uvicorn
 
-    from node.api.app import create_app
     from node.services.users import ensure_first_admin
 
     db_upgrade(config)
     ensure_first_admin(config)
     a = config.api
-    tls = {"ssl_certfile": str(a.tls.certificate), "ssl_keyfile": str(a.tls.private_key)} if a.tls else {}
+    options: dict[str, Any] = {"host": a.host, "port": a.port, "log_level": config.logging.level.lower(),
+                               "server_header": False, "timeout_keep_alive": 5,
+                               # uvicorn's access log prints query strings (a search may be a
+                               # Patient ID); the app logs requests itself (pacsnode.access).
+                               "access_log": False,
+                               # Behind a proxy, X-Forwarded-For names the client in the audit log,
+                               # but only when the request comes from a proxy the config trusts.
+                               "proxy_headers": bool(a.trusted_proxies),
+                               "forwarded_allow_ips": ",".join(a.trusted_proxies) or None}
+    if a.tls:
+        options |= {"ssl_certfile": str(a.tls.certificate), "ssl_keyfile": str(a.tls.private_key)}
     print(f"pacsnode API on {'https' if a.tls else 'http'}://{a.host}:{a.port}", flush=True)
-    uvicorn.run(create_app(config), host=a.host, port=a.port, log_level=config.logging.level.lower(),
-                proxy_headers=False, server_header=False, timeout_keep_alive=5, **tls)  # type: ignore[arg-type]
+    if args.workers > 1:
+        # uvicorn's worker processes import the app themselves: the factory reads PACSNODE_CONFIG.
+        os.environ["PACSNODE_CONFIG"] = str(args.config_file)
+        uvicorn.run("node.api.app:create_app_from_env", factory=True, workers=args.workers, **options)
+    else:
+        from node.api.app import create_app
+
+        uvicorn.run(create_app(config), **options)
     return 0
 
 
@@ -474,7 +493,7 @@ def build_parser() -> argparse.ArgumentParser:
     rs.add_argument("job_id", type=int)
     rs.add_argument("--reason", default="re-sent by operator", help="recorded in the audit trail")
     u = add("users", cmd_users, "users of the API and dashboard")
-    u.add_argument("action", choices=["add", "list", "remove"])
+    u.add_argument("action", choices=["add", "passwd", "list", "remove"])
     u.add_argument("name", nargs="?")
     u.add_argument("--role", choices=["viewer", "operator", "admin"], default="viewer")
     u.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
@@ -485,7 +504,8 @@ def build_parser() -> argparse.ArgumentParser:
     tk.add_argument("--user")
     tk.add_argument("--expires", type=float, metavar="DAYS", help="create: valid this many days (default: until revoked)")
     tk.add_argument("--json", action="store_true")
-    add("api", cmd_api, "the HTTP service (REST API, dashboard, STOW-RS) alone")
+    ap = add("api", cmd_api, "the HTTP service (REST API, dashboard, metrics, STOW-RS) alone")
+    ap.add_argument("--workers", type=int, default=1, help="processes serving the port (default 1)")
     rl = add("rules", cmd_rules, "routing rules")
     rl.add_argument("action", choices=["test"])
     rl.add_argument("file", type=Path, help="a DICOM file, routed as the first instance of its series")

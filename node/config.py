@@ -465,6 +465,10 @@ class ApiConfig(_Strict):
     session_hours: float = Field(8.0, gt=0, le=24 * 30, description="a login lasts this long")
     login_attempts: int = Field(5, ge=1, description="failed logins per name or address in login_window_seconds")
     login_window_seconds: float = Field(300.0, gt=0)
+    trusted_proxies: list[str] = Field(
+        default_factory=list,
+        description="addresses of reverse proxies whose X-Forwarded-For/-Proto are believed (audit 'from where')",
+    )
 
 
 class LoggingConfig(_Strict):

@@ -179,6 +179,8 @@ def node_config(workdir: Path, bundle: Path, destinations: list[dict[str, Any]],
         "destinations": destinations,
         "export": {"calling_ae_title": "PACSNODE", "max_retries": 3, "backoff_seconds": 0.5},
         "pipelines": {"chest_xray": {"bundle": str(bundle), "device": "cpu"}},
+        # `run` starts the HTTP API too: a free port, so that nodes of parallel tests do not collide.
+        "api": {"port": free_port()},
     }
     for key, value in overrides.items():
         cfg.setdefault(key, {})
@@ -199,6 +201,7 @@ class Node:
         self.config_path = config_path
         self.config = yaml.safe_load(config_path.read_text())
         self.port = int(self.config["listener"]["port"])
+        self.api_port = int(self.config.get("api", {}).get("port", 8040))
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = config_path.parent / "node.log"
 

@@ -12,13 +12,14 @@ from starlette.concurrency import run_in_threadpool
 
 from node.config import Config
 from node.services import users
+from node.services.audit import record
 from node.services.users import LoginFailed, Principal, RateLimited, Role
 
 COOKIE = "pacsnode_session"
 CSRF_HEADER = "X-CSRF-Token"
 CSRF_FIELD = "csrf_token"
 
-__all__ = ["COOKIE", "LoginFailed", "Principal", "RateLimited", "Role", "client_address", "csrf_protect",
+__all__ = ["COOKIE", "LoginFailed", "Principal", "RateLimited", "Role", "actor", "client_address", "csrf_protect",
            "current_user", "login", "logout", "require_role"]
 
 
@@ -28,7 +29,13 @@ def config_of(request: Request) -> Config:
 
 
 def client_address(request: Request) -> str | None:
+    """The caller's address for the audit log (the proxy's client when api.trusted_proxies)."""
     return request.client.host if request.client else None
+
+
+def actor(request: Request, who: Principal) -> str:
+    """Who acts, as the audit log names them: the channel and the user (api:alice, web:alice)."""
+    return f"{'web' if not request.url.path.startswith(('/api/', '/dicom-web')) else 'api'}:{who.name}"
 
 
 async def current_user(request: Request) -> Principal:
@@ -84,6 +91,7 @@ def operator(principal: Principal = Depends(csrf_protect)) -> Principal:  # noqa
 
 
 def admin(principal: Principal = Depends(csrf_protect)) -> Principal:  # noqa: B008
+    """Admin actions (users, tokens): role admin, and CSRF-checked."""
     if not principal.can(Role.ADMIN):
         raise HTTPException(403, f"needs role admin (you are {principal.role.value})")
     return principal
@@ -96,24 +104,23 @@ async def login(request: Request, response: Response, name: str, password: str) 
     try:
         cookie, principal = await run_in_threadpool(users.login, cfg, name, password, address)
     except LoginFailed:
-        from node.services.audit import record
-
         await run_in_threadpool(record, cfg, "login_failed", name[:64], None, None, address)
         raise
     response.set_cookie(COOKIE, cookie, max_age=int(cfg.api.session_hours * 3600), httponly=True,
-                        samesite="strict", secure=cfg.api.tls is not None or request.url.scheme == "https", path="/")
-    from node.services.audit import record
-
-    await run_in_threadpool(record, cfg, "login", principal.name, None, None, address)
+                        samesite="strict", secure=secure_cookies(request), path="/")
+    await run_in_threadpool(record, cfg, "login", actor(request, principal), None, None, address)
     return principal
 
 
-async def logout(request: Request, response: Response) -> None:
-    """End the caller's session (if any) and clear the cookie."""
+def secure_cookies(request: Request) -> bool:
+    """Cookies carry Secure under TLS (ours, or a trusted proxy's)."""
+    return config_of(request).api.tls is not None or request.url.scheme == "https"
+
+
+async def logout(request: Request, response: Response, who: Principal) -> None:
+    """End the caller's session and clear the cookie."""
     cfg = config_of(request)
-    cookie = request.cookies.get(COOKIE)
-    if cookie:
-        principal = await run_in_threadpool(users.principal_for_session, cfg, cookie)
-        if principal is not None and principal.session_id:
-            await run_in_threadpool(users.logout, cfg, principal.session_id)
-    response.delete_cookie(COOKIE, path="/", httponly=True, samesite="strict")
+    if who.session_id:
+        await run_in_threadpool(users.logout, cfg, who.session_id)
+        await run_in_threadpool(record, cfg, "logout", actor(request, who), None, None, client_address(request))
+    response.delete_cookie(COOKIE, path="/", httponly=True, samesite="strict", secure=secure_cookies(request))

@@ -26,7 +26,7 @@ async def login(request: Request, response: Response, body: LoginIn) -> Any:
 @router.post("/logout", status_code=204)
 async def logout(request: Request, response: Response,
                  who: Annotated[auth.Principal, Depends(auth.csrf_protect)]) -> Response:
-    await auth.logout(request, response)
+    await auth.logout(request, response, who)
     response.status_code = 204
     return response
 

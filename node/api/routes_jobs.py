@@ -7,17 +7,13 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
 
-from node.api.auth import Principal, Role, client_address, config_of, operator, require_role
+from node.api.auth import Principal, Role, actor, client_address, config_of, operator, require_role
 from node.api.schemas import Done, JobOut, JobPage, Reason, Replayed, ReplayFailed
 from node.services import audit, jobs
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 Viewer = Annotated[Principal, Depends(require_role(Role.VIEWER))]
 Operator = Annotated[Principal, Depends(operator)]
-
-
-def _actor(who: Principal) -> str:
-    return f"api:{who.name}"
 
 
 @router.get("", response_model=JobPage)
@@ -36,31 +32,34 @@ def list_jobs(
 def replay_failed(request: Request, body: ReplayFailed, who: Operator) -> Any:
     """Replay every failed job (failed since `since`)."""
     cfg = config_of(request)
-    out = jobs.replay_failed(cfg, body.since, _actor(who), body.reason)
-    audit.record(cfg, "replay_failed", _actor(who), f"{len(out)} jobs since {body.since}: {body.reason}",
+    out = jobs.replay_failed(cfg, body.since, actor(request, who), body.reason, client_address(request))
+    audit.record(cfg, "replay_failed", actor(request, who), f"{len(out)} jobs since {body.since}: {body.reason}",
                  address=client_address(request))
     return out
 
 
 @router.get("/{job_id}", response_model=JobOut)
 def get_job(request: Request, job_id: int, who: Viewer) -> Any:
+    """One job: every state's timestamp, stage timings, error and its stage, sends per destination."""
     return jobs.get_job(config_of(request), job_id)
 
 
 @router.post("/{job_id}/replay", response_model=Replayed, status_code=201)
 def replay(request: Request, job_id: int, body: Reason, who: Operator) -> Any:
     """Queue a new job redoing this one; 409 while it is still active."""
-    return {"replayed": job_id, "job": jobs.replay_job(config_of(request), job_id, _actor(who), body.reason)}
+    new = jobs.replay_job(config_of(request), job_id, actor(request, who), body.reason, client_address(request))
+    return {"replayed": job_id, "job": new}
 
 
 @router.post("/{job_id}/cancel", response_model=Done)
 def cancel(request: Request, job_id: int, body: Reason, who: Operator) -> Any:
-    jobs.cancel_job(config_of(request), job_id, _actor(who), body.reason)
+    """Cancel a job that has not finished; 409 otherwise."""
+    jobs.cancel_job(config_of(request), job_id, actor(request, who), body.reason, client_address(request))
     return {"job": job_id, "state": "cancelled"}
 
 
 @router.post("/{job_id}/resend", response_model=Done)
 def resend(request: Request, job_id: int, body: Reason, who: Operator) -> Any:
     """Send the existing result objects again (no inference)."""
-    jobs.resend_job(config_of(request), job_id, _actor(who), body.reason)
+    jobs.resend_job(config_of(request), job_id, actor(request, who), body.reason, client_address(request))
     return {"job": job_id, "state": "sending"}

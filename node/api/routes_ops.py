@@ -1,4 +1,4 @@
-"""/api/v1/rules, /destinations, /models, /audit, /workers"""
+"""/api/v1/rules, /destinations, /models, /overview, /workers, /audit"""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
 
-from node.api.auth import Principal, Role, client_address, config_of, operator, require_role
+from node.api.auth import Principal, Role, actor, client_address, config_of, operator, require_role
 from node.api.schemas import AuditPage, EchoOut, RuleDecision
-from node.services import audit, ops
+from node.services import audit, ops, overview
 
 router = APIRouter(tags=["operations"])
 Viewer = Annotated[Principal, Depends(require_role(Role.VIEWER))]
@@ -32,31 +32,44 @@ async def rules_test(request: Request, who: Operator, file: Annotated[UploadFile
 
 @router.get("/destinations")
 def destinations(request: Request, who: Viewer) -> list[dict[str, Any]]:
+    """Configured destinations: protocol, address, the objects each receives, read-back."""
     return ops.destinations(config_of(request))
 
 
 @router.post("/destinations/{name}/echo", response_model=EchoOut)
 def echo(request: Request, name: str, who: Operator) -> Any:
+    """C-ECHO a DICOM destination (an HTTP probe for a STOW-RS one): its result and round trip."""
     cfg = config_of(request)
     out = ops.echo(cfg, name)
-    audit.record(cfg, "echo", f"api:{who.name}", f"{name}: {'ok' if out['ok'] else out['detail']}",
+    audit.record(cfg, "echo", actor(request, who), f"{name}: {'ok' if out['ok'] else out['detail']}",
                  address=client_address(request))
     return out
 
 
 @router.get("/models")
 def models(request: Request, who: Viewer) -> list[dict[str, Any]]:
+    """Model bundles the config names: name, version, demo weights or not, status."""
     return ops.models(config_of(request))
+
+
+@router.get("/overview")
+def overview_figures(request: Request, who: Viewer) -> dict[str, Any]:
+    """What the dashboard's overview shows: studies and jobs per state, queue depths (null:
+    broker not answering), the last hour's throughput and turnaround p50/p95 (seconds),
+    failing destinations, workers with their last heartbeat, spool disk space."""
+    return overview.overview(config_of(request))
 
 
 @router.get("/workers")
 def workers(request: Request, who: Viewer) -> list[dict[str, Any]]:
-    return ops.workers(config_of(request))
+    """Workers and their last heartbeat."""
+    return overview.workers(config_of(request))
 
 
 @router.get("/audit", response_model=AuditPage)
 def audit_log(request: Request, who: Admin, kind: Annotated[str | None, Query(max_length=32)] = None,
               limit: Annotated[int, Query(ge=1, le=500)] = 100,
               cursor: Annotated[str | None, Query(max_length=64)] = None) -> Any:
+    """Who did what, when, from where; newest first."""
     page = audit.list_audit(config_of(request), limit=limit, cursor=cursor, kind=kind)
     return {"items": page.items, "next_cursor": page.next_cursor}

@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
 
-from node.api.auth import Principal, Role, client_address, config_of, require_role
+from node.api.auth import Principal, Role, actor, client_address, config_of, require_role
 from node.api.schemas import StudyDetail, StudyPage
 from node.services import audit, studies
 
@@ -31,8 +31,9 @@ def list_studies(
 
 @router.get("/{study_instance_uid}", response_model=StudyDetail)
 def get_study(request: Request, study_instance_uid: str, who: Viewer) -> Any:
-    """One study: series and routing, jobs, result objects and where each went. Audited."""
+    """One study: series and routing, jobs, result objects and where each went, the timeline and
+    the findings of the latest result. Every call is in the audit log (view_study)."""
     cfg = config_of(request)
     out = studies.get_study(cfg, study_instance_uid)
-    audit.record(cfg, "view_study", who.name, study_instance_uid, address=client_address(request))
+    audit.record_view(cfg, actor(request, who), study_instance_uid, client_address(request))
     return out

@@ -65,7 +65,8 @@ class StudySummary(BaseModel):
     completed_at: str | None
     completion_rule: str | None
     skip_reason: str | None
-    jobs: list[int]
+    jobs: list[int] = Field(description="job ids, oldest first")
+    job_states: list[str] = Field(description="the state of each job in `jobs`")
     calling_ae: str | None
     series: list[SeriesOut]
 
@@ -112,6 +113,7 @@ class JobOut(BaseModel):
     created_at: str | None
     updated_at: str | None
     outputs: list[OutputOut]
+    replayed_as: list[int] = Field(default_factory=list, description="jobs that replayed this one")
 
 
 class JobPage(BaseModel):
@@ -119,10 +121,81 @@ class JobPage(BaseModel):
     next_cursor: str | None
 
 
+class Finding(BaseModel):
+    label: str
+    probability: float | None
+    decision: str | None = Field(description="Present / Absent at the threshold; null for a detected region")
+    threshold: float | None
+
+
+class ResultObject(BaseModel):
+    output_id: int
+    sop_instance_uid: str
+
+
+class LatestResult(BaseModel):
+    job: int
+    state: str
+    model_version: str | None
+    sr: ResultObject
+    overlays: list[ResultObject]
+    findings: list[Finding] | None
+    note: str | None = Field(description="why the findings could not be read, if they could not")
+
+
+class TimelineEvent(BaseModel):
+    at: str
+    after_seconds: float = Field(description="since the study's first instance")
+    event: str
+    detail: str | None
+    job: int | None
+
+
 class StudyDetail(StudySummary):
     released_at: str | None
     expected_instances: int | None
     job_details: list[JobOut]
+    timeline: list[TimelineEvent]
+    latest_result: LatestResult | None
+    findings: list[Finding] | None = Field(description="the findings of the latest result (its SR)")
+
+
+class UserIn(_In):
+    name: str = Field(min_length=1, max_length=64)
+    role: Literal["viewer", "operator", "admin"]
+    password: str = Field(min_length=12, max_length=1024)
+
+
+class PasswordIn(_In):
+    password: str = Field(min_length=12, max_length=1024)
+
+
+class UserOut(BaseModel):
+    id: int
+    name: str
+    role: str
+    created_at: str
+    tokens: int = Field(description="unrevoked API tokens")
+
+
+class TokenIn(_In):
+    user: str = Field(min_length=1, max_length=64)
+    expires_days: float | None = Field(None, gt=0, le=3650, description="null: valid until revoked")
+
+
+class TokenCreated(BaseModel):
+    id: int
+    user: str
+    token: str = Field(description="shown once; only its hash is kept")
+
+
+class TokenOut(BaseModel):
+    id: int
+    user: str
+    created_at: str | None
+    expires_at: str | None
+    revoked_at: str | None
+    last_used_at: str | None
 
 
 class Replayed(BaseModel):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Request
@@ -13,7 +14,8 @@ from pydicom import Dataset
 from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
-from node.api.auth import Principal, client_address, config_of, operator
+from node import metrics
+from node.api.auth import Principal, actor, client_address, config_of, operator
 from node.db.models import Study, utcnow
 from node.db.session import session_scope
 from node.handlers import IngestContext, Peer, StoreRefused, audit, ingest
@@ -77,13 +79,16 @@ def _store_all(ctx: IngestContext, parts: list[tuple[dict[str, str], bytes]], wh
             failed.append((None, None, PROCESSING_FAILURE, f"part of type {ctype} is not application/dicom"))
             continue
         sop_class, sop_uid = _uids(data)
+        t0 = time.perf_counter()
         try:
             study_uid, sop_uid_stored = ingest(data, ctx, None, peer)
         except StoreRefused as e:
+            metrics.instance_refused(e.status)
             log.warning("STOW-RS part from %s refused with 0x%04X: %s", who, e.status, e)
             audit(ctx, "store_refused", who, f"0x{e.status:04X}: {e}")
             failed.append((sop_class, sop_uid, e.status, str(e)))
             continue
+        metrics.instance_received(0x0000, time.perf_counter() - t0)
         studies.add(study_uid)
         stored.append((sop_class or "", sop_uid_stored))
     if studies:
@@ -156,7 +161,7 @@ async def stow(request: Request, who: Annotated[Principal, Depends(operator)]) -
         raise HTTPException(400, str(e)) from e
     if not parts:
         raise HTTPException(400, "the request has no parts")
-    stored, failed = await run_in_threadpool(_store_all, _ctx(request), parts, f"stow:{who.name}",
+    stored, failed = await run_in_threadpool(_store_all, _ctx(request), parts, actor(request, who),
                                              client_address(request))
     status = 200 if not failed else 202 if stored else 409
     return JSONResponse(store_response(stored, failed).to_json_dict(), status_code=status,

@@ -16,6 +16,7 @@ from sqlalchemy import (
     Enum,
     Float,
     ForeignKey,
+    Index,
     Integer,
     MetaData,
     String,
@@ -104,6 +105,9 @@ class SendState(enum.StrEnum):
 
 class Study(Base):
     __tablename__ = "study"
+    # (state, id): a state's studies newest first, read from the index alone (keyset pages);
+    # (completed_at, state): the overview counts the last day's finished studies from the index.
+    __table_args__ = (Index("ix_study_state_id", "state", "id"), Index("ix_study_completed_at_state", "completed_at", "state"))
 
     id: Mapped[int] = mapped_column(primary_key=True)
     study_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
@@ -112,7 +116,8 @@ class Study(Base):
     # Number of Study Related Instances, when the sender tells us: completes the study at once.
     expected_instances: Mapped[int | None] = mapped_column(Integer)
     instance_count: Mapped[int] = mapped_column(Integer, default=0)
-    first_received_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    # Indexed: the dashboard counts the last hour's arrivals and filters the list by time.
+    first_received_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, index=True)
     last_received_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     released_at: Mapped[datetime | None] = _ts()
     completed_at: Mapped[datetime | None] = _ts()
@@ -171,12 +176,16 @@ class Instance(Base):
 
 class Job(Base):
     __tablename__ = "job"
+    # (state, id) serves every lookup by state and gives the failed-jobs page its newest-first
+    # keyset order without a sort (PostgreSQL; SQLite's index on state alone carries the rowid).
+    # (updated_at, state): `since` filters, and the overview's count of the last day's jobs.
+    __table_args__ = (Index("ix_job_state_id", "state", "id"), Index("ix_job_updated_at_state", "updated_at", "state"))
 
     id: Mapped[int] = mapped_column(primary_key=True)
     study_id: Mapped[int] = mapped_column(ForeignKey("study.id"), index=True)
     pipeline: Mapped[str] = mapped_column(String(64))
     model_version: Mapped[str | None] = mapped_column(String(64))
-    state: Mapped[JobState] = mapped_column(Enum(JobState, native_enum=False, length=16), index=True)
+    state: Mapped[JobState] = mapped_column(Enum(JobState, native_enum=False, length=16))
     attempt: Mapped[int] = mapped_column(Integer, default=0)
     worker: Mapped[str | None] = mapped_column(String(255))
     error: Mapped[str | None] = mapped_column(Text)
@@ -187,7 +196,8 @@ class Job(Base):
     # Export time, added with one atomic UPDATE by each export pass: export tasks run while the
     # inference worker is still writing `timings`, so a read-modify-write of the JSON would race.
     send_seconds: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
-    replay_of: Mapped[int | None] = mapped_column(ForeignKey("job.id"))
+    # Indexed: a failed job's page and list say which job replayed it.
+    replay_of: Mapped[int | None] = mapped_column(ForeignKey("job.id"), index=True)
     # 0-9 from the routing rule, 9 most urgent; passed to the queue so STAT studies go first.
     priority: Mapped[int] = mapped_column(Integer, default=DEFAULT_PRIORITY, server_default=str(DEFAULT_PRIORITY))
     # Destination names (or "sender") from the routing rule; null means every configured one.
@@ -200,7 +210,7 @@ class Job(Base):
     running_at: Mapped[datetime | None] = _ts()
     encoded_at: Mapped[datetime | None] = _ts()
     sending_at: Mapped[datetime | None] = _ts()
-    done_at: Mapped[datetime | None] = _ts()
+    done_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), index=True)  # the last hour's turnaround
     failed_at: Mapped[datetime | None] = _ts()
     cancelled_at: Mapped[datetime | None] = _ts()
     superseded_at: Mapped[datetime | None] = _ts()
@@ -234,6 +244,9 @@ class Output(Base):
     # fewer than all only where validation.tools chose a weaker gate.
     checks: Mapped[list[str] | None] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    # An SR's findings [{label, probability, decision, threshold}] as read back from its file,
+    # kept the first time a study page shows them (parsing an SR takes longer than a page may).
+    findings: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)
 
     job: Mapped[Job] = relationship(back_populates="outputs")
     sends: Mapped[list[Send]] = relationship(back_populates="output", order_by="Send.id")
@@ -243,7 +256,9 @@ class Send(Base):
     """Per-destination send status of one output, so a retry skips what is already there."""
 
     __tablename__ = "send"
-    __table_args__ = (UniqueConstraint("output_id", "destination"),)
+    # (state, updated_at): the dashboard's failing destinations are the recent failed sends.
+    __table_args__ = (UniqueConstraint("output_id", "destination"),
+                      Index("ix_send_state_updated_at", "state", "updated_at"))
 
     id: Mapped[int] = mapped_column(primary_key=True)
     output_id: Mapped[int] = mapped_column(ForeignKey("output.id"), index=True)
@@ -267,6 +282,8 @@ class Event(Base):
     """Audit trail: rejections, replays, cancellations, logins, study views (who, when, why, from where)."""
 
     __tablename__ = "event"
+    # The audit log filtered by kind, newest first; a study view is looked up by (kind, at).
+    __table_args__ = (Index("ix_event_kind_at", "kind", "at"),)
 
     id: Mapped[int] = mapped_column(primary_key=True)
     at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, index=True)

@@ -1,20 +1,13 @@
-"""Destinations (and C-ECHO), model bundles, the rule tester and readiness."""
+"""Destinations (and C-ECHO), model bundles and the rule tester."""
 
 from __future__ import annotations
 
-import shutil
 import time
-from datetime import timedelta
 from io import BytesIO
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, select, text
-from sqlalchemy.exc import SQLAlchemyError
-
 from node.config import Config
-from node.db.models import WorkerBeat, utcnow
-from node.db.session import session_scope
 from node.services.errors import Invalid, NotFound
 
 
@@ -91,42 +84,3 @@ def rules_test(config: Config, data: bytes, calling_ae: str | None = None, calle
             "reason": d.reason, "pipelines": list(d.pipelines), "priority": d.priority,
             "destinations": None if d.destinations is None else list(d.destinations),
             "trace": list(d.trace)}
-
-
-def workers(config: Config) -> list[dict[str, Any]]:
-    with session_scope(config.database.url) as s:
-        now = utcnow()
-        return [{"name": w.name, "queues": w.queues, "started_at": w.started_at.isoformat(),
-                 "seen_at": w.seen_at.isoformat(), "seconds_since": round((now - w.seen_at).total_seconds(), 1)}
-                for w in s.scalars(select(WorkerBeat).order_by(WorkerBeat.name))]
-
-
-def readiness(config: Config) -> dict[str, Any]:
-    """Each check's result; `ready` only when all pass. Every check is bounded in time."""
-    from node.queue import INFERENCE_QUEUE, waiting
-
-    checks: dict[str, dict[str, Any]] = {}
-    try:
-        with session_scope(config.database.url) as s:
-            s.execute(text("SELECT 1"))
-            stale = utcnow() - timedelta(seconds=config.queue.lost_after_seconds)
-            seen = s.scalar(select(func.max(WorkerBeat.seen_at)))
-        checks["database"] = {"ok": True}
-        fresh = seen is not None and seen >= stale
-        checks["worker"] = {"ok": fresh, "detail": "no worker heartbeat yet" if seen is None else
-                            f"last heartbeat {seen.isoformat()}"}
-    except SQLAlchemyError as e:
-        checks["database"] = {"ok": False, "detail": type(e).__name__}
-        checks["worker"] = {"ok": False, "detail": "database unavailable"}
-    try:
-        checks["broker"] = {"ok": True, "waiting": waiting(config, INFERENCE_QUEUE)}
-    except Exception as e:  # kombu raises many types (OSError, OperationalError, ...): all mean "not ready"
-        checks["broker"] = {"ok": False, "detail": f"{type(e).__name__}: {e}"[:300]}
-    try:
-        free = shutil.disk_usage(config.storage.path).free
-        ok = free >= config.storage.min_free_mb * 2**20
-        checks["spool"] = {"ok": ok, "free_bytes": free,
-                           **({} if ok else {"detail": "free space below storage.min_free_mb"})}
-    except OSError as e:
-        checks["spool"] = {"ok": False, "detail": str(e)}
-    return {"ready": all(c["ok"] for c in checks.values()), "checks": checks}

@@ -18,7 +18,7 @@ from argon2.exceptions import InvalidHashError, VerificationError
 from sqlalchemy import delete, func, select
 
 from node.config import Config
-from node.db.models import ApiToken, LoginAttempt, User, WebSession, utcnow
+from node.db.models import ApiToken, Event, LoginAttempt, User, WebSession, utcnow
 from node.db.session import session_scope
 from node.identifiers import _private_write
 from node.services.errors import Invalid, NotFound
@@ -80,7 +80,8 @@ def _check_password(password: str) -> str:
     return password
 
 
-def add_user(config: Config, name: str, role: str, password: str) -> int:
+def add_user(config: Config, name: str, role: str, password: str, *, actor: str, address: str | None = None) -> int:
+    """Create a user (audited as user_add by `actor`); Invalid names the bad field."""
     _check_name(name)
     try:
         r = Role(role)
@@ -93,7 +94,12 @@ def add_user(config: Config, name: str, role: str, password: str) -> int:
         user = User(name=name, role=r.value, password_hash=_hasher.hash(password), created_at=utcnow())
         s.add(user)
         s.flush()
+        s.add(_event("user_add", actor, f"{name} ({r.value})", address))
         return user.id
+
+
+def _event(kind: str, actor: str, detail: str, address: str | None) -> Event:
+    return Event(kind=kind, actor=actor[:64], detail=detail, address=(address or "")[:64] or None)
 
 
 def list_users(config: Config) -> list[dict[str, Any]]:
@@ -104,29 +110,64 @@ def list_users(config: Config) -> list[dict[str, Any]]:
                  "tokens": tokens.get(u.id, 0)} for u in s.scalars(select(User).order_by(User.name))]
 
 
-def remove_user(config: Config, name: str) -> None:
-    """Delete a user with their tokens and sessions (they are refused at once)."""
+def _user(s: Any, name: str) -> User:
+    user = s.scalar(select(User).where(User.name == name))
+    if user is None:
+        raise NotFound(f"no user {name!r}")
+    return user
+
+
+def remove_user(config: Config, name: str, *, actor: str, address: str | None = None) -> None:
+    """Delete a user with their tokens and sessions (they are refused at once). The last admin
+    stays: without one, nobody could manage users from the API or the dashboard."""
     with session_scope(config.database.url) as s:
-        user = s.scalar(select(User).where(User.name == name))
-        if user is None:
-            raise NotFound(f"no user {name!r}")
+        user = _user(s, name)
+        if user.role == Role.ADMIN and s.scalar(select(func.count()).where(User.role == Role.ADMIN.value)) == 1:
+            raise Invalid("name", f"{name} is the last admin; add another admin first")
         s.execute(delete(ApiToken).where(ApiToken.user_id == user.id))
         s.execute(delete(WebSession).where(WebSession.user_id == user.id))
         s.delete(user)
+        s.add(_event("user_remove", actor, name, address))
 
 
-def create_token(config: Config, name: str, expires_days: float | None = None) -> tuple[int, str]:
-    """A new API token for user `name`: (id, token). Only its hash is stored; show it once."""
-    token = TOKEN_PREFIX + secrets.token_urlsafe(32)
+def set_password(config: Config, name: str, password: str, *, actor: str, address: str | None = None,
+                 keep_session: str | None = None) -> None:
+    """Give a user a new password; their other browser sessions end (tokens stay valid)."""
+    _check_password(password)
+    with session_scope(config.database.url) as s:
+        user = _user(s, name)
+        user.password_hash = _hasher.hash(password)
+        ended = delete(WebSession).where(WebSession.user_id == user.id)
+        if keep_session:
+            ended = ended.where(WebSession.id != keep_session)
+        s.execute(ended)
+        s.add(_event("user_password", actor, name, address))
+
+
+def check_password(config: Config, name: str, password: str) -> bool:
+    """Whether `password` is the user's current one (for a change of one's own password)."""
     with session_scope(config.database.url) as s:
         user = s.scalar(select(User).where(User.name == name))
-        if user is None:
-            raise NotFound(f"no user {name!r}")
+        try:
+            return user is not None and _hasher.verify(user.password_hash, password)
+        except (VerificationError, InvalidHashError):
+            return False
+
+
+def create_token(config: Config, name: str, expires_days: float | None = None, *, actor: str,
+                 address: str | None = None) -> tuple[int, str]:
+    """A new API token for user `name`: (id, token). Only its hash is stored; show it once."""
+    if expires_days is not None and expires_days <= 0:
+        raise Invalid("expires", "a positive number of days")
+    token = TOKEN_PREFIX + secrets.token_urlsafe(32)
+    with session_scope(config.database.url) as s:
+        user = _user(s, name)
         now = utcnow()
         row = ApiToken(user_id=user.id, token_hash=_sha(token), created_at=now,
                        expires_at=now + timedelta(days=expires_days) if expires_days else None)
         s.add(row)
         s.flush()
+        s.add(_event("token_create", actor, f"token {row.id} for {name}", address))
         return row.id, token
 
 
@@ -140,12 +181,14 @@ def list_tokens(config: Config) -> list[dict[str, Any]]:
                  "revoked_at": ts(t.revoked_at), "last_used_at": ts(t.last_used_at)} for t, n in rows]
 
 
-def revoke_token(config: Config, token_id: int) -> None:
+def revoke_token(config: Config, token_id: int, *, actor: str, address: str | None = None) -> None:
+    """Revoke a token: the next request that carries it is refused."""
     with session_scope(config.database.url) as s:
         row = s.get(ApiToken, token_id)
         if row is None:
             raise NotFound(f"no token {token_id}")
         row.revoked_at = row.revoked_at or utcnow()
+        s.add(_event("token_revoke", actor, f"token {token_id}", address))
 
 
 def principal_for_token(config: Config, token: str) -> Principal | None:
@@ -229,7 +272,7 @@ def ensure_first_admin(config: Config) -> Path | None:
     tmp.unlink(missing_ok=True)
     _private_write(tmp, f"user: admin\npassword: {password}\n")
     try:
-        add_user(config, "admin", Role.ADMIN, password)
+        add_user(config, "admin", Role.ADMIN, password, actor="pacsnode (first start)")
     except Invalid:  # another process created it at the same moment: its file wins
         tmp.unlink()
         return None

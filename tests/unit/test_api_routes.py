@@ -119,7 +119,7 @@ def test_study_detail_shows_series_routing_and_is_audited(api: Api) -> None:
     assert "1CT1" not in r.text  # no patient identifier in the API
     with session_scope(api.config.database.url) as s:
         ev = s.scalar(select(Event).where(Event.kind == "view_study"))
-        assert ev is not None and ev.actor == "viewer" and ev.detail == study_uid
+        assert ev is not None and ev.actor == "api:viewer" and ev.detail == study_uid and ev.address == "testclient"
 
 
 def test_rules_test_explains_the_decision(api: Api) -> None:
@@ -136,3 +136,91 @@ def test_readyz_names_the_missing_worker(api: Api) -> None:
     r = api.client.get("/readyz")
     assert r.status_code == 503 and "worker" in r.json()["reason"]
     assert r.json()["checks"]["database"]["ok"] is True
+
+
+def test_study_detail_has_timeline_latest_result_and_findings(api: Api) -> None:
+    from tests.unit.web_data import probabilities, study_with_results
+
+    r = study_with_results(api.config)
+    body = api.client.get(f"/api/v1/studies/{r.study_uid}", headers=api.as_("viewer")).json()
+    latest = body["latest_result"]
+    assert (latest["job"], latest["state"], latest["sr"]["output_id"]) == (r.job_id, "done", r.sr_output)
+    assert [o["output_id"] for o in latest["overlays"]] == [r.sc_output]
+    assert {f["label"]: f["probability"] for f in body["findings"]} == probabilities()
+    assert {f["decision"] for f in body["findings"]} == {"Present", "Absent"} and {f["threshold"] for f in body["findings"]} == {0.5}
+    events = [e["event"] for e in body["timeline"]]
+    assert events[0] == "first instance received" and events[-1] == "SC confirmed in pacs"
+    assert [e["after_seconds"] for e in body["timeline"]] == sorted(e["after_seconds"] for e in body["timeline"])
+    sends = [sd for o in body["job_details"][0]["outputs"] for sd in o["sends"]]
+    assert [(sd["destination"], sd["state"], sd["remote_status"]) for sd in sends] == [("pacs", "sent", 0)] * 2
+    assert "Doe" not in str(body) and "PID-1" not in str(body)  # the JSON API carries no patient attribute
+
+
+def test_overview_figures(api: Api) -> None:
+    from datetime import timedelta
+
+    from node.db.models import utcnow
+
+    now = utcnow()
+    with session_scope(api.config.database.url) as s:
+        for i, seconds in enumerate((10, 20, 30, 40)):  # four first runs done in the last hour
+            st = Study(study_instance_uid=f"1.2.9.{i}", state="complete", first_received_at=now - timedelta(minutes=5),
+                       last_received_at=now - timedelta(minutes=5), completed_at=now - timedelta(minutes=4))
+            s.add(st)
+            s.flush()
+            s.add(Job(study_id=st.id, pipeline="chest_xray", state=JobState.DONE, instance_ids=[], timings={},
+                      done_at=now - timedelta(minutes=5) + timedelta(seconds=seconds), updated_at=now))
+        job = Job(study_id=st.id, pipeline="chest_xray", state=JobState.SENDING, instance_ids=[], timings={})
+        s.add(job)
+        s.flush()
+        out = Output(job_id=job.id, kind="sr", sop_class_uid="1.2", sop_instance_uid="1.2.3", series_instance_uid="1.2.4",
+                     path="x.dcm")
+        s.add(out)
+        s.flush()
+        s.add(Send(output_id=out.id, destination="pacs", state=SendState.PENDING, attempts=2, error="association rejected"))
+    body = api.client.get("/api/v1/overview", headers=api.as_("viewer")).json()
+    assert body["counts"]["jobs"]["last_day"]["done"] == 4 and body["counts"]["jobs"]["now"]["sending"] == 1
+    assert body["counts"]["studies"]["last_day"]["complete"] == 4 and body["counts"]["studies"]["now"] == {"receiving": 0}
+    hour = body["last_hour"]
+    assert (hour["received"], hour["completed"], hour["jobs_done"]) == (4, 4, 4)
+    assert (hour["turnaround_p50"], hour["turnaround_p95"]) == (20, 40)
+    assert body["failing"] == [{"destination": "pacs", "failed": 0, "retrying": 1, "last_error": "association rejected",
+                                "last_at": body["failing"][0]["last_at"]}]
+    assert body["queues"] == {"inference": 0, "export": 0} and body["disk"]["free_bytes"] > 0
+
+
+def test_users_and_tokens_over_the_api_are_for_admins_and_audited(api: Api) -> None:
+    h = api.as_("admin")
+    assert api.client.get("/api/v1/users", headers=api.as_("operator")).status_code == 403
+    r = api.client.post("/api/v1/users", json={"name": "alice", "role": "operator", "password": "a long passphrase"},
+                        headers=h)
+    assert r.status_code == 201 and r.json()["role"] == "operator"
+    r = api.client.post("/api/v1/users", json={"name": "bob", "role": "boss", "password": "a long passphrase"},
+                        headers=h)
+    assert r.status_code == 422 and r.json()["errors"][0]["field"] == "role"
+    r = api.client.post("/api/v1/tokens", json={"user": "alice", "expires_days": 7}, headers=h)
+    assert r.status_code == 201
+    token, token_id = r.json()["token"], r.json()["id"]
+    alice = {"Authorization": f"Bearer {token}"}
+    assert api.client.get("/api/v1/auth/me", headers=alice).json()["name"] == "alice"
+    assert all("token" not in t for t in api.client.get("/api/v1/tokens", headers=h).json())  # never shown again
+    assert api.client.delete(f"/api/v1/tokens/{token_id}", headers=h).status_code == 204
+    assert api.client.get("/api/v1/auth/me", headers=alice).status_code == 401  # refused at once
+    assert api.client.put("/api/v1/users/alice/password", json={"password": "another passphrase"}, headers=h).status_code == 204
+    r = api.client.delete("/api/v1/users/admin", headers=h)
+    assert r.status_code == 422 and "last admin" in r.json()["detail"]
+    assert api.client.delete("/api/v1/users/alice", headers=h).status_code == 204
+    assert api.client.delete("/api/v1/users/alice", headers=h).status_code == 404
+    with session_scope(api.config.database.url) as s:
+        kinds = [(e.kind, e.actor) for e in s.scalars(select(Event).where(Event.actor == "api:admin").order_by(Event.id))]
+    assert kinds == [("user_add", "api:admin"), ("token_create", "api:admin"), ("token_revoke", "api:admin"),
+                     ("user_password", "api:admin"), ("user_remove", "api:admin")]
+
+
+def test_a_replayed_job_says_which_job_replayed_it(api: Api) -> None:
+    failed = make_job(api.config, JobState.FAILED)
+    h = api.as_("operator")
+    new = api.client.post(f"/api/v1/jobs/{failed}/replay", json={"reason": "PACS back"}, headers=h).json()["job"]
+    assert api.client.get(f"/api/v1/jobs/{failed}", headers=h).json()["replayed_as"] == [new]
+    listed = {j["id"]: j for j in api.client.get("/api/v1/jobs", headers=h).json()["items"]}
+    assert listed[failed]["replayed_as"] == [new] and listed[new]["replayed_as"] == []

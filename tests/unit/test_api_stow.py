@@ -90,3 +90,11 @@ def test_stow_with_curl_reports_failed_parts_and_refuses_viewers(served: tuple[A
     assert _stored(api) == {str(pydicom.dcmread(CT).SOPInstanceUID)}
     assert curl(api.tokens["viewer"])[0] == 403
     assert curl("pn_forged")[0] == 401
+    # Counted like C-STOREs, and the refusal audited with who sent it.
+    text = api.client.get("/metrics", headers=api.as_("viewer")).text
+    assert 'pacsnode_instances_received_total{status="0x0000"} 1.0' in text
+    assert 'pacsnode_instances_refused_total{status="0xC210"} 1.0' in text
+    from node.db.models import Event
+
+    with session_scope(api.config.database.url) as s:
+        assert s.scalar(select(Event.actor).where(Event.kind == "store_refused")) == "api:operator"

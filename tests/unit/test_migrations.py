@@ -40,15 +40,15 @@ def test_0002_adds_routing_columns_and_its_downgrade_removes_them(tmp_path: Path
     assert "routing_attributes" not in {c["name"] for c in insp.get_columns("series")}
 
 
-def test_0010_adds_gate_checks_and_commitment_columns_and_its_downgrade_removes_them(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'm10.db'}"
+def test_0009_adds_gate_checks_and_commitment_columns_and_its_downgrade_removes_them(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'm9.db'}"
     cfg = _alembic(url)
-    command.upgrade(cfg, "0010")
+    command.upgrade(cfg, "0009")
     insp = inspect(engine_for(url))
     assert "checks" in {c["name"] for c in insp.get_columns("output")}
     assert "commitment_uid" in {c["name"] for c in insp.get_columns("send")}
     assert "ix_send_commitment_uid" in {i["name"] for i in insp.get_indexes("send")}
-    command.downgrade(cfg, "0007")
+    command.downgrade(cfg, "0008")
     insp = inspect(engine_for(url))
     assert "checks" not in {c["name"] for c in insp.get_columns("output")}
     assert "commitment_uid" not in {c["name"] for c in insp.get_columns("send")}

@@ -4,8 +4,8 @@ output.checks: which checks of the validation gate ran on each result object.
 send.commitment_uid: the Storage Commitment transaction that names the object; the
 new send state 'committing' fits the existing VARCHAR(16) (a non-native enum).
 
-Revision ID: 0010
-Revises: 0007
+Revision ID: 0009
+Revises: 0008
 Create Date: 2026-12-02
 """
 from collections.abc import Sequence
@@ -14,8 +14,8 @@ import sqlalchemy as sa
 from alembic import op
 
 
-revision: str = '0010'
-down_revision: str | None = '0007'
+revision: str = '0009'
+down_revision: str | None = '0008'
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
