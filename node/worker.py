@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from functools import cache, partial
 from pathlib import Path
 from typing import TypeVar
@@ -275,8 +275,11 @@ def _encode(config: Config, ji: JobInput, sources: list[Dataset], results: list[
         "sc": (build_overlay_sc, SC_SERIES_NUMBER), "seg": (build_segmentation, SEG_SERIES_NUMBER),
         "gsps": (build_presentation_state, GSPS_SERIES_NUMBER),
     }
-    # Same sources and model -> same UIDs, so a re-run never gives the PACS duplicates.
+    # Same sources and model -> same UIDs, so a re-run never gives the PACS duplicates; and the
+    # same times (those of the job a replay redoes), so a replay writes the same bytes.
     key = (ji.study_uid, ji.pipeline, model.version, model.device_uid, *ji.content_keys)
+    when = _content_datetime(config, ji.job_id)
+    sr_uid = result_uid(*key, "sr", "1")
     # The SR goes out first, while the other objects are still being drawn: it is what the
     # radiologist's worklist waits for. Each object is validated before it is written.
     first = True
@@ -284,9 +287,10 @@ def _encode(config: Config, ji: JobInput, sources: list[Dataset], results: list[
         sr = _build(timings, "sr", lambda: build_comprehensive_3d_sr(
             sources, results, model,
             series_instance_uid=result_uid(*key, "sr-series"),
-            sop_instance_uid=result_uid(*key, "sr", "1"),
-            series_number=SR_SERIES_NUMBER, instance_number=1,
-            supersedes=[ji.predecessor_sr] if ji.predecessor_sr else (),
+            sop_instance_uid=sr_uid,
+            series_number=SR_SERIES_NUMBER, instance_number=1, content_datetime=when,
+            # a replay supersedes the job it redoes, whose SR has this SR's UID: not a predecessor
+            supersedes=[ji.predecessor_sr] if ji.predecessor_sr and ji.predecessor_sr[2] != sr_uid else (),
         ))
         _validate(timings, "sr", sr, validate)
         _store_outputs(config, ji.job_id, [("sr", sr)], dests, first=True)
@@ -297,14 +301,14 @@ def _encode(config: Config, ji: JobInput, sources: list[Dataset], results: list[
         builder, series_number = per_image[kind]
         series_uid = result_uid(*key, f"{kind}-series")
         for i, (src, res) in enumerate(zip(sources, results, strict=True), start=1):
-            if kind == "seg" and not res.lung_mask.any():
+            if kind == "seg" and not any(mask.any() for mask in res.regions.values()):
                 # An empty SEG carries nothing; the SR and GSPS still say what was found.
-                log.warning("job %d: no lung found in image %d: no SEG for it", ji.job_id, i)
+                log.warning("job %d: no region found in image %d: no SEG for it", ji.job_id, i)
                 continue
             obj = _build(timings, kind, partial(
                 builder, src, res, model, series_instance_uid=series_uid,
                 sop_instance_uid=result_uid(*key, kind, str(i)),
-                series_number=series_number, instance_number=i,
+                series_number=series_number, instance_number=i, content_datetime=when,
             ))
             _validate(timings, kind, obj, validate)
             others.append((kind, obj))
@@ -314,6 +318,19 @@ def _encode(config: Config, ji: JobInput, sources: list[Dataset], results: list[
         assert job is not None
         transition(job, JobState.ENCODED, model_version=model.version, timings={**job.timings, **timings})
     enqueue_export(config, ji.job_id)
+
+
+def _content_datetime(config: Config, job_id: int) -> datetime:
+    """Content date/time of a job's objects: when the first job of its replay chain was created
+    (local time, as DICOM dates and times without an offset are)."""
+    with session_scope(config.database.url) as s:
+        job = s.get(Job, job_id)
+        while job is not None and job.replay_of is not None:
+            job = s.get(Job, job.replay_of)
+        if job is None:
+            raise PermanentError("encode", f"job {job_id} or the job it replays no longer exists")
+        created = job.created_at if job.created_at.tzinfo else job.created_at.replace(tzinfo=UTC)
+        return created.astimezone().replace(tzinfo=None)
 
 
 def _requeue(config: Config, job_id: int, why: str) -> None:
