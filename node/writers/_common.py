@@ -298,6 +298,7 @@ def draw_outlines(
     line = max(2, round(long_side / 700))
     typeface = font(max(12, round(long_side * 0.02)))
     labelled: set[tuple[str, str]] = set()
+    taken: list[tuple[float, float, float, float]] = []  # labels already placed: none covers another
     for o in drawn:
         points = [(float(x) * scale, float(y) * scale) for x, y in o.points]
         draw.line(points, fill=colour(o), width=line, joint="curve")
@@ -306,7 +307,11 @@ def draw_outlines(
         labelled.add((o.kind, o.name))
         left, top = min(p[0] for p in points), min(p[1] for p in points)
         box = draw.textbbox((0, 0), o.text, font=typeface)
-        x = min(max(0.0, left), max(0.0, width - (box[2] - box[0])))
-        y = top - (box[3] - box[1]) - 2 * line
-        draw.text((x, y if y >= 0 else top + line), o.text, font=typeface, fill=colour(o),
+        w, h = box[2] - box[0], box[3] - box[1] + line
+        x = min(max(0.0, left), max(0.0, width - w))
+        y = top - h - line if top - h - line >= 0 else top + line
+        while any(x < r and x + w > lf and y < b and y + h > t for lf, t, r, b in taken) and y + h < height:
+            y += h  # below the label in the way
+        taken.append((x, y, x + w, y + h))
+        draw.text((x, y), o.text, font=typeface, fill=colour(o),
                   stroke_width=0 if halo is None else max(1, line // 2), stroke_fill=halo)

@@ -100,7 +100,8 @@ def render_overlay(result: PipelineResult, model: ModelInfo) -> np.ndarray:
         for f in result.top(3)
     ]
     if result.heatmaps:
-        findings.append("heatmap: " + ", ".join(label.replace("_", " ") for label in result.heatmaps))
+        heatmaps = "heatmaps: " + ", ".join(label.replace("_", " ") for label in result.heatmaps)
+        findings += wrap(draw, heatmaps, typeface, width - 2 * margin)
     box_height = margin * 2 + line_height * len(findings)
     top = height - box_height
     box_width = margin * 2 + max(draw.textlength(t, font=typeface) for t in findings)
