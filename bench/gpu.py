@@ -142,14 +142,17 @@ def parity(bundles: Sequence[Path], dev: torch.device, images: list[Dataset]) ->
         p_got = np.array([[f.probability for f in r.findings] for r in got])
         flips = sum(a.present != b.present for r, g in zip(ref, got, strict=True)
                     for a, b in zip(r.findings, g.findings, strict=True))  # fmt: skip
-        dice = [2 * (r.lung_mask & g.lung_mask).sum() / max(1, r.lung_mask.sum() + g.lung_mask.sum())
-                for r, g in zip(ref, got, strict=True)]  # fmt: skip
+        dice = [2 * (r.regions[name] & g.regions[name]).sum() / max(1, r.regions[name].sum() + g.regions[name].sum())
+                for r, g in zip(ref, got, strict=True) for name in r.regions]  # fmt: skip
+        # heatmaps of the findings both devices put above threshold (a flip is counted above)
+        heat = [float(np.abs(r.heatmaps[k] - g.heatmaps[k]).max())
+                for r, g in zip(ref, got, strict=True) for k in r.heatmaps.keys() & g.heatmaps.keys()]  # fmt: skip
         out[str(bundle)] = {
             "images": len(images), "findings": p_ref.shape[1],
             "max_probability_difference": float(np.abs(p_ref - p_got).max()),
             "decisions_that_differ": int(flips),
-            "min_lung_mask_dice": round(float(min(dice)), 5),
-            "max_heatmap_difference": float(max(np.abs(r.heatmap - g.heatmap).max() for r, g in zip(ref, got, strict=True))),
+            "min_region_dice": round(float(min(dice)), 5) if dice else None,
+            "max_heatmap_difference": max(heat) if heat else None,
             "peak_gpu_mb": _peak_mb(dev),
         }  # fmt: skip
     return {"bundles": out}

@@ -8,6 +8,7 @@ Starts a throwaway Orthanc (with the DICOMweb plugin) and prints the median seco
 from __future__ import annotations
 
 import argparse
+import datetime
 import statistics
 import sys
 import tempfile
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
                 for n in range(args.repeat):
                     ids = {"series_instance_uid": result_uid("bench", kind, "series"),
                            "sop_instance_uid": result_uid("bench", kind, str(n)), "series_number": 1,
-                           "instance_number": n + 1}
+                           "instance_number": n + 1, "content_datetime": datetime.datetime.now()}
                     t0 = time.perf_counter()
                     ds = build(**ids)
                     t["build"].append(time.perf_counter() - t0)

@@ -8,16 +8,17 @@
     img2dcm -k BodyPartExamined=CHEST -k ViewPosition=PA sample.jpeg /tmp/cxr.dcm
     python docs/render.py --demo /tmp/cxr.dcm --bundle models/chest_xray --out docs/img
 
-The GSPS's grayscale pipeline (modality, VOI and presentation LUTs) is applied by DCMTK's
-`dcmp2pgm`, as a DICOM viewer would. `dcmp2pgm` does not draw graphic annotations, so the
-polylines and text boxes are drawn here from the GSPS's own Graphic Annotation Sequence (in its
-layers' recommended colours): the picture shows what the object says, not what the pipeline
-returned.
+The GSPS is applied by DCMTK's `dcmp2pgm`, as a DICOM viewer would: grayscale pipeline
+(modality, VOI and presentation LUTs) and the bitmap display shutter that carries the outlines
+and their labels. `dcmp2pgm` does not draw graphic annotations, so the polylines and text boxes
+are drawn here on top from the GSPS's own Graphic Annotation Sequence (in its layers'
+recommended colours): the picture shows what the object says, not what the pipeline returned.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import subprocess
 import sys
 import tempfile
@@ -82,7 +83,8 @@ def _layer_colours(gsps: Dataset) -> dict[str, tuple[int, int, int]]:
 
 def _draw_annotations(picture: Image.Image, gsps: Dataset) -> None:
     """Draw PIXEL-unit polylines and text objects of every graphic annotation (one-frame images)."""
-    from node.writers.sc import _wrap  # one word-wrapper for burned-in and drawn text
+    from node.writers._common import wrap  # one word-wrapper for burned-in and drawn text
+
     draw = ImageDraw.Draw(picture)
     colours = _layer_colours(gsps)
     width = max(2, round(max(picture.size) / 400))
@@ -98,7 +100,7 @@ def _draw_annotations(picture: Image.Image, gsps: Dataset) -> None:
             left, top = (float(v) for v in t.BoundingBoxTopLeftHandCorner)
             right = float(t.BoundingBoxBottomRightHandCorner[0])
             # Wrapped inside the bounding box, as viewers do.
-            lines = _wrap(draw, str(t.UnformattedTextValue), font, right - left)
+            lines = wrap(draw, str(t.UnformattedTextValue), font, right - left)
             draw.multiline_text((left, top), "\n".join(lines), fill=colour, font=font,
                                 stroke_width=max(1, width // 2), stroke_fill=(0, 0, 0))
 
@@ -178,7 +180,8 @@ def render_demo(image: Path, bundle: Path, out: Path, device: str = "cpu") -> li
         paths = {}
         for kind, build in (("sc", build_overlay_sc), ("gsps", build_presentation_state)):
             ds = build(source, result, pipeline.model, series_instance_uid=result_uid(*key, kind, "series"),
-                       sop_instance_uid=result_uid(*key, kind), series_number=1, instance_number=1)
+                       sop_instance_uid=result_uid(*key, kind), series_number=1, instance_number=1,
+                       content_datetime=datetime.datetime.now())
             paths[kind] = Path(tmp) / f"{kind}.dcm"
             ds.save_as(paths[kind], enforce_file_format=True)
         return render_files(image, paths["gsps"], paths["sc"], out, stem)

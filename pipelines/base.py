@@ -1,4 +1,5 @@
-"""What every pipeline returns: findings, masks and heatmaps in source geometry. No DICOM writing here."""
+"""What every pipeline returns: findings, named regions, heatmaps per finding and boxes, in source
+geometry. No DICOM writing here."""
 
 from __future__ import annotations
 
@@ -42,22 +43,62 @@ class Finding:
         return self.probability >= self.threshold
 
 
+Crop = tuple[int, int, int, int]  # a crop window: y0, y1, x0, x1 (half-open), in source pixels
+
+
+@dataclass(frozen=True)
+class Box:
+    """One detection: an axis-aligned rectangle in source pixels, its label and score.
+
+    Corners are pixel edges, DICOM's sub-pixel convention (the top left corner of the top left
+    pixel is (0, 0)): x along the columns, y along the rows, x0 < x1 <= Columns, y0 < y1 <= Rows.
+    This is the only box convention of a result; detectors convert to it.
+    """
+
+    x0: float
+    y0: float
+    x1: float
+    y1: float
+    label: str  # what was detected, e.g. "Lung Opacity" (coded by the writers)
+    score: float  # in [0, 1]
+
+    @property
+    def width(self) -> float:
+        return self.x1 - self.x0
+
+    @property
+    def height(self) -> float:
+        return self.y1 - self.y0
+
+
 @dataclass
 class PipelineResult:
-    """Result for one source image. Arrays have the source image's shape (Rows, Columns)."""
+    """What every pipeline returns for one source image. No DICOM here: the writers code it.
+
+    Every array has the source image's shape (Rows, Columns):
+    - `regions`: named masks (bool), e.g. {"lungs": mask}; the writers turn names into codes
+      (node/writers/codes.py), so a new region needs a code there.
+    - `heatmaps`: per finding label, float32 in [0, 1] (the finding's Grad-CAM); a pipeline gives
+      one for each finding it localises (chest_xray: every finding above its threshold).
+    - `boxes`: detections, empty when the pipeline has no detector.
+    """
 
     findings: list[Finding]
-    lung_mask: np.ndarray  # bool, (rows, cols)
-    heatmap: np.ndarray  # float32 in [0, 1], (rows, cols), Grad-CAM of heatmap_label
-    heatmap_label: str
     display: np.ndarray  # float32 in [0, 1], (rows, cols): the image as a viewer shows it
+    regions: dict[str, np.ndarray] = field(default_factory=dict)
+    heatmaps: dict[str, np.ndarray] = field(default_factory=dict)
+    boxes: list[Box] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
-    # lung-opacity detections (x, y, width, height, score) in source pixels, x along the columns;
-    # empty when the bundle has no detector
-    boxes: list[tuple[float, float, float, float, float]] = field(default_factory=list)
 
     def top(self, n: int = 3) -> list[Finding]:
         return sorted(self.findings, key=lambda f: f.probability, reverse=True)[:n]
+
+    def finding(self, label: str) -> Finding:
+        """The finding with this label (KeyError naming the labels when there is none)."""
+        for f in self.findings:
+            if f.label == label:
+                return f
+        raise KeyError(f"no finding {label!r}; findings: {[f.label for f in self.findings]}")
 
 
 class InputError(ValueError):

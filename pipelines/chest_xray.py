@@ -3,9 +3,10 @@
     to_display -> resize (area) + histogram equalisation -> UNet -> threshold, opening,
     two largest components -> lung box (+margin; whole image if empty) -> crop at source
     resolution -> resize + equalisation -> classifier -> sigmoid -> findings at the bundle's
-    thresholds; Grad-CAM of the heatmap label; mask and heatmap mapped back to (Rows, Columns).
+    thresholds; a Grad-CAM for each finding above its threshold (not "No Finding"); the lung
+    mask (region "lungs") and the heatmaps mapped back to (Rows, Columns).
     With a detector in the bundle: whole image -> resize + equalisation -> RetinaNet -> boxes
-    with score >= the bundle's score threshold, in source pixels.
+    ("Lung Opacity") with score >= the bundle's score threshold, in source pixels.
 
 The classifier is whatever the bundle holds (pipelines/networks.py): the 15-label DenseNet121
 of the demo and ChestX-ray14 recipes, or a pneumonia model (DenseNet121, ResNet50, VGG16, the
@@ -20,8 +21,8 @@ recipe: training imports them, so training and inference see the same pixels.
 Grad-CAM without a backward pass for DenseNet121: MONAI's DenseNet121 ends with relu -> global
 average pool -> linear, so d logit_c / d A_k(i, j) = w_ck / HW everywhere, and Grad-CAM for
 class c is exactly ReLU(sum_k (w_ck / HW) A_k) over the post-ReLU feature maps A. One forward
-pass of `features` gives both the logits and the CAM. Other architectures get MONAI's GradCAM
-(pipelines/gradcam.py), one backward pass per image.
+pass of `features` gives both the logits and every finding's CAM. Other architectures get
+MONAI's GradCAM (pipelines/gradcam.py), one backward pass per finding above threshold.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from scipy import ndimage
 from skimage.morphology import disk
 
 from pipelines import xrv
-from pipelines.base import Finding, InputError, ModelInfo, PipelineResult
+from pipelines.base import Box, Crop, Finding, InputError, ModelInfo, PipelineResult
 from pipelines.bundle import Bundle, load_bundle
 from pipelines.detector import from_detector
 from pipelines.device import autocast, resolve_device
@@ -50,12 +51,15 @@ from pipelines.gradcam import DEFAULT_LAYERS, GradCamExplainer
 from pipelines.imaging import to_display
 
 __all__ = [
+    "DETECTION_LABEL",
+    "LUNGS",
     "NO_FINDING",
     "ChestXrayPipeline",
     "FeatureHead",
     "cam_from_features",
     "classifier_input",
     "heatmap_label_index",
+    "localised_findings",
     "lung_box",
     "postprocess_mask",
     "segmentation_input",
@@ -64,8 +68,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 NO_FINDING = "No Finding"
+LUNGS = "lungs"  # the region the segmentation network outlines
+DETECTION_LABEL = "Lung Opacity"  # what the bundle's detector finds (RSNA's one class)
 HIST_BINS = 256
-Box = tuple[int, int, int, int]  # y0, y1, x0, x1 (half-open), in source pixels
 
 
 # ---- the recipe (shared with training) -------------------------------------------------------
@@ -78,7 +83,7 @@ def segmentation_input(display: np.ndarray, size: int) -> torch.Tensor:
     return _as_tensor(HistogramNormalize(num_bins=HIST_BINS, min=0, max=1)(img))
 
 
-def classifier_input(display: np.ndarray, box: Box, size: int) -> torch.Tensor:
+def classifier_input(display: np.ndarray, box: Crop, size: int) -> torch.Tensor:
     """Crop (H, W) display to box -> (1, size, size): resize (area down, bilinear up), equalise."""
     y0, y1, x0, x1 = box
     crop = torch.from_numpy(np.ascontiguousarray(display[y0:y1, x0:x1], dtype=np.float32))[None]
@@ -98,7 +103,7 @@ def postprocess_mask(prob: torch.Tensor, threshold: float, opening_radius: int) 
     return _as_tensor(kept)[0].numpy().astype(bool)
 
 
-def lung_box(mask: np.ndarray, shape: tuple[int, int], margin: float) -> Box | None:
+def lung_box(mask: np.ndarray, shape: tuple[int, int], margin: float) -> Crop | None:
     """Bounding box of a (S, S) mask, grown by margin x its size, in (H, W) source pixels.
 
     None when the mask is empty (the caller uses the whole image).
@@ -118,15 +123,21 @@ def lung_box(mask: np.ndarray, shape: tuple[int, int], margin: float) -> Box | N
     return y0, y1, x0, x1
 
 
-def heatmap_label_index(probs: np.ndarray, thresholds: Sequence[float], labels: Sequence[str]) -> int:
-    """The top finding, but not "No Finding" when another finding is present."""
+def localised_findings(probs: np.ndarray, thresholds: Sequence[float], labels: Sequence[str]) -> list[int]:
+    """Indices of the findings that get a heatmap: every one at or above its threshold, except
+    "No Finding" (it has no place in the image), most probable first."""
     present = [
         i for i, (p, t, lab) in enumerate(zip(probs, thresholds, labels, strict=True))
         if p >= t and lab != NO_FINDING
     ]  # fmt: skip
-    if present:
-        return max(present, key=lambda i: probs[i])
-    return int(np.argmax(probs))
+    return sorted(present, key=lambda i: -float(probs[i]))
+
+
+def heatmap_label_index(probs: np.ndarray, thresholds: Sequence[float], labels: Sequence[str]) -> int:
+    """The one finding to explain when only one is drawn (training's Grad-CAM panel): the most
+    probable localised finding, else the top finding."""
+    present = localised_findings(probs, thresholds, labels)
+    return present[0] if present else int(np.argmax(probs))
 
 
 class FeatureHead(torch.nn.Module):
@@ -252,33 +263,39 @@ class ChestXrayPipeline:
             seg_in = torch.stack([segmentation_input(d, s) for d in displays])
             logits = self._forward(self._seg, seg_in)
             probs = torch.sigmoid(logits.float())[:, 0].cpu()
-            masks, boxes = [], []
+            masks, crops = [], []
             for d, p in zip(displays, probs, strict=True):
                 m = postprocess_mask(p, self.mask_threshold, self.opening_radius)
-                box = lung_box(m, d.shape, self.crop_margin) if self.crop_to_lungs else (0, d.shape[0], 0, d.shape[1])
-                if box is None:
+                crop = lung_box(m, d.shape, self.crop_margin) if self.crop_to_lungs else (0, d.shape[0], 0, d.shape[1])
+                if crop is None:
                     log.warning("empty lung mask: classifying the whole image")
-                    box = (0, d.shape[0], 0, d.shape[1])
+                    crop = (0, d.shape[0], 0, d.shape[1])
                 masks.append(m)
-                boxes.append(box)
+                crops.append(crop)
             source_masks = [self._to_source(m, d.shape) for m, d in zip(masks, displays, strict=True)]
             t_seg = time.perf_counter() - t0
 
             t0 = time.perf_counter()
-            cls_in, boxes = self._classifier_batch(datasets, displays, boxes)
+            cls_in, crops = self._classifier_batch(datasets, displays, crops)
             out = self._forward(self._cls, cls_in)
             cls_logits, feats = out if self._cam_weight is not None else (out, None)
             cls_probs = torch.sigmoid(cls_logits.float()).cpu().numpy()
             t_cls = time.perf_counter() - t0
 
             t0 = time.perf_counter()
-            top = [heatmap_label_index(p, self.thresholds, self.labels) for p in cls_probs]
-            if self._cam_weight is not None and feats is not None:
-                cams = cam_from_features(feats.float(), self._cam_weight, torch.tensor(top, device=self.device))
-                cams = _minmax(cams).cpu()
-            else:
-                cams = torch.stack([self._explain(x[None], j)[0] for x, j in zip(cls_in, top, strict=True)])
-            heatmaps = [self._place(cam, b, d.shape) for cam, b, d in zip(cams, boxes, displays, strict=True)]
+            # (image, finding) pairs: one heatmap per finding above threshold
+            pairs = [(i, j) for i, p in enumerate(cls_probs)
+                     for j in localised_findings(p, self.thresholds, self.labels)]  # fmt: skip
+            heatmaps: list[dict[str, np.ndarray]] = [{} for _ in displays]
+            if pairs:
+                items = torch.tensor([i for i, _ in pairs], device=self.device)
+                classes = torch.tensor([j for _, j in pairs], device=self.device)
+                if self._cam_weight is not None and feats is not None:
+                    cams = _minmax(cam_from_features(feats.float()[items], self._cam_weight, classes)).cpu()
+                else:  # one backward pass per finding
+                    cams = torch.stack([self._explain(cls_in[i][None], j)[0] for i, j in pairs])
+                for (i, j), cam in zip(pairs, cams, strict=True):
+                    heatmaps[i][self.labels[j]] = self._place(cam, crops[i], displays[i].shape)
             t_heat = time.perf_counter() - t0
 
             t0 = time.perf_counter()
@@ -295,10 +312,9 @@ class ChestXrayPipeline:
             results.append(
                 PipelineResult(
                     findings=findings,
-                    lung_mask=source_masks[i],
-                    heatmap=heatmaps[i],
-                    heatmap_label=self.labels[top[i]],
                     display=displays[i],
+                    regions={LUNGS: source_masks[i]},
+                    heatmaps=heatmaps[i],
                     boxes=detections[i],
                     timings={
                         "decode": t_decode[i],
@@ -313,18 +329,18 @@ class ChestXrayPipeline:
         return results
 
     def _classifier_batch(
-        self, datasets: Sequence[Dataset], displays: Sequence[np.ndarray], boxes: list[Box]
-    ) -> tuple[torch.Tensor, list[Box]]:
+        self, datasets: Sequence[Dataset], displays: Sequence[np.ndarray], crops: list[Crop]
+    ) -> tuple[torch.Tensor, list[Crop]]:
         """The classifier input as the bundle's `preprocessing.scaling` defines it, and the box
         each image was cropped to (where its heatmap goes): pacsnode's recipe on the lung (or
-        whole-image) boxes, or torchxrayvision's centre crop (pipelines/xrv.py)."""
+        whole-image) crops, or torchxrayvision's centre crop (pipelines/xrv.py)."""
         c, pre = self.bundle.classifier_size, self.bundle.preprocessing
         if pre.scaling == "torchxrayvision":
             return xrv.classifier_batch(datasets, displays, c, pre.pixels)
-        return torch.stack([classifier_input(d, b, c) for d, b in zip(displays, boxes, strict=True)]), boxes
+        return torch.stack([classifier_input(d, b, c) for d, b in zip(displays, crops, strict=True)]), crops
 
-    def _detect(self, displays: Sequence[np.ndarray]) -> list[list[tuple[float, float, float, float, float]]]:
-        """Lung-opacity boxes per image: (x, y, w, h, score) in source pixels, score >= threshold.
+    def _detect(self, displays: Sequence[np.ndarray]) -> list[list[Box]]:
+        """Lung-opacity boxes per image in source pixels, score >= threshold, best first.
 
         The detector sees the whole display image as training/detection.py's BoxSet gives it.
         """
@@ -344,8 +360,8 @@ class ChestXrayPipeline:
                 x0, y0 = min(max(float(bx), 0.0), w), min(max(float(by), 0.0), h)  # clipped to the image
                 x1, y1 = min(max(float(bx + bw), 0.0), w), min(max(float(by + bh), 0.0), h)
                 if x1 > x0 and y1 > y0:
-                    found.append((x0, y0, x1 - x0, y1 - y0, float(score)))
-            out.append(sorted(found, key=lambda b: -b[4]))
+                    found.append(Box(x0, y0, x1, y1, DETECTION_LABEL, float(score)))
+            out.append(sorted(found, key=lambda b: -b.score))
         return out
 
     @staticmethod
@@ -355,9 +371,9 @@ class ChestXrayPipeline:
         return (F.interpolate(m, size=shape, mode="bilinear", align_corners=False)[0, 0] >= 0.5).numpy()
 
     @staticmethod
-    def _place(cam: torch.Tensor, box: Box, shape: tuple[int, int]) -> np.ndarray:
-        """(h, w) CAM in [0, 1] -> (H, W) float32: resized into the crop box, zero outside."""
-        y0, y1, x0, x1 = box
+    def _place(cam: torch.Tensor, crop: Crop, shape: tuple[int, int]) -> np.ndarray:
+        """(h, w) CAM in [0, 1] -> (H, W) float32: resized into the crop window, zero outside."""
+        y0, y1, x0, x1 = crop
         out = np.zeros(shape, np.float32)
         up = F.interpolate(cam[None, None], size=(y1 - y0, x1 - x0), mode="bilinear", align_corners=False)
         out[y0:y1, x0:x1] = up[0, 0].clamp_(0, 1).numpy()

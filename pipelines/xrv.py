@@ -28,12 +28,11 @@ import torch
 from pydicom import Dataset
 from skimage.transform import resize
 
-from pipelines.base import InputError
+from pipelines.base import Crop, InputError
 
 __all__ = ["XRV_RANGE", "center_box", "classifier_batch", "normalize", "resize_square", "stored_pixels"]
 
 XRV_RANGE = 1024.0  # torchxrayvision's models take [-1024, 1024]
-Box = tuple[int, int, int, int]  # y0, y1, x0, x1 (half-open), in source pixels
 
 
 def normalize(img: np.ndarray, maxval: float) -> np.ndarray:
@@ -65,7 +64,7 @@ def stored_pixels(ds: Dataset) -> np.ndarray:
     return normalize(data, maxval)
 
 
-def center_box(shape: tuple[int, int]) -> Box:
+def center_box(shape: tuple[int, int]) -> Crop:
     """torchxrayvision.datasets.XRayCenterCrop: the centred square of side min(H, W), as a box."""
     y, x = shape
     crop = min(y, x)
@@ -80,7 +79,7 @@ def resize_square(img: np.ndarray, size: int) -> np.ndarray:
 
 def classifier_batch(
     datasets: Sequence[Dataset], displays: Sequence[np.ndarray], size: int, pixels: str
-) -> tuple[torch.Tensor, list[Box]]:
+) -> tuple[torch.Tensor, list[Crop]]:
     """(N, 1, size, size) classifier input and each image's crop box (for the heatmap).
 
     pixels: "stored" (torchxrayvision's DICOM reader) or "display" (the node's rendering).

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from functools import cache, partial
 from io import BytesIO
 from pathlib import Path
@@ -286,18 +287,24 @@ def _encode(config: Config, ji: JobInput, sources: list[Dataset], results: list[
     per_image: dict[str, Callable[..., Dataset]] = {
         "sc": build_overlay_sc, "seg": build_segmentation, "gsps": build_presentation_state,
     }
-    # Same sources and model -> same UIDs, so a re-run never gives the PACS duplicates.
+    # Same sources and model -> same UIDs, so a re-run never gives the PACS duplicates; and the
+    # same times (those of the job a replay redoes), so a replay writes the same bytes.
     key = (ji.study_uid, ji.pipeline, model.version, model.device_uid, *ji.content_keys)
+    when = _content_datetime(config, ji.job_id)
+    sr_uid = result_uid(*key, "sr", "1")
     # The SR goes out first, while the other objects are still being drawn: it is what the
     # radiologist's worklist waits for. Each object is validated before it is written.
     first = True
     if "sr" in kinds:
         predecessor = ji.predecessor_sr
+        # a replay supersedes the job it redoes, whose SR has this SR's UID: not a predecessor
+        if predecessor is not None and predecessor.sop_uid == sr_uid:
+            predecessor = None
         sr = _build(timings, "sr", lambda: build_comprehensive_3d_sr(
             sources, results, model,
             series_instance_uid=result_uid(*key, "sr-series"),
-            sop_instance_uid=result_uid(*key, "sr", "1"),
-            series_number=numbers["sr"], instance_number=1,
+            sop_instance_uid=sr_uid,
+            series_number=numbers["sr"], instance_number=1, content_datetime=when,
             supersedes=[(predecessor.study_uid, predecessor.series_uid, predecessor.sop_uid)] if predecessor else (),
         ))
         _store_outputs(config, ji.job_id, [_validate(config, timings, "sr", sr)], dests, first=True)
@@ -308,14 +315,14 @@ def _encode(config: Config, ji: JobInput, sources: list[Dataset], results: list[
         builder = per_image[kind]
         series_uid = result_uid(*key, f"{kind}-series")
         for i, (src, res) in enumerate(zip(sources, results, strict=True), start=1):
-            if kind == "seg" and not res.lung_mask.any():
+            if kind == "seg" and not any(mask.any() for mask in res.regions.values()):
                 # An empty SEG carries nothing; the SR and GSPS still say what was found.
-                log.warning("job %d: no lung found in image %d: no SEG for it", ji.job_id, i)
+                log.warning("job %d: no region found in image %d: no SEG for it", ji.job_id, i)
                 continue
             obj = _build(timings, kind, partial(
                 builder, src, res, model, series_instance_uid=series_uid,
                 sop_instance_uid=result_uid(*key, kind, str(i)),
-                series_number=numbers[kind], instance_number=i,
+                series_number=numbers[kind], instance_number=i, content_datetime=when,
             ))
             others.append(_validate(config, timings, kind, obj))
     _store_outputs(config, ji.job_id, others, dests, first=first)
@@ -324,6 +331,19 @@ def _encode(config: Config, ji: JobInput, sources: list[Dataset], results: list[
         assert job is not None
         transition(job, JobState.ENCODED, model_version=model.version, timings={**job.timings, **timings})
     enqueue_export(config, ji.job_id)
+
+
+def _content_datetime(config: Config, job_id: int) -> datetime:
+    """Content date/time of a job's objects: when the first job of its replay chain was created
+    (local time, as DICOM dates and times without an offset are)."""
+    with session_scope(config.database.url) as s:
+        job = s.get(Job, job_id)
+        while job is not None and job.replay_of is not None:
+            job = s.get(Job, job.replay_of)
+        if job is None:
+            raise PermanentError(Stage.ENCODE, f"job {job_id} or the job it replays no longer exists")
+        created = job.created_at if job.created_at.tzinfo else job.created_at.replace(tzinfo=UTC)
+        return created.astimezone().replace(tzinfo=None)
 
 
 def _record(timings: dict[str, float], key: str, seconds: float) -> None:

@@ -5,6 +5,7 @@ shown on the study page. Nothing here lists or scans the spool."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from io import BytesIO
 from typing import Any
@@ -18,6 +19,7 @@ from pydicom.sr.codedict import codes
 from node.config import Config
 from node.services.errors import NotFound
 from node.spool import SpoolError, resolve
+from node.writers import codes as finding_codes
 
 #: Patient and study attributes the study page shows to logged-in users (never logged, never in
 #: the database, never in the JSON API).
@@ -114,30 +116,47 @@ def _is(code: tuple[str, str] | None, concept: Any) -> bool:
 
 
 def findings(root: Item) -> list[dict[str, Any]]:
-    """Each TID 1501/1410 measurement group that carries a probability: its label (tracking
-    identifier), probability, decision (present / absent, when the SR states one) and threshold
-    (from the algorithm parameters, when given)."""
-    out = []
-    stack = [root]
-    while stack:
-        node = stack.pop()
-        if not _is(node.code, codes.DCM.MeasurementGroup):
-            stack.extend(reversed(node.children))
-            continue
-        label = next((c.value for c in node.children if _is(c.code, codes.DCM.TrackingIdentifier)), None)
-        prob = next((c for c in node.children if _is(c.code, codes.DCM.Probability) and c.value_type == "NUM"), None)
-        if label is None or prob is None:
-            continue
-        decision = next((c.value for c in node.children if c.value_type == "CODE" and
-                         (_is(c.value_code, codes.SCT.Present) or _is(c.value_code, codes.SCT.Absent))), None)
-        params = [c.value for c in _descendants(node) if _is(c.code, codes.DCM.AlgorithmParameters)]
-        threshold = next((float(p.split("=", 1)[1]) for p in params if p.startswith("threshold=")), None)
-        try:
-            probability: float | None = float(prob.value.split()[0])
-        except (ValueError, IndexError):
-            probability = None
-        out.append({"label": label, "probability": probability, "decision": decision, "threshold": threshold})
+    """The classifier findings our SR states (node/writers/sr.py), in document order: label,
+    probability, decision (Present / Absent) and threshold. A finding drawn on the image is a
+    TID 1501 group (Finding, Probability NUM, decision CODE, threshold in the algorithm's
+    parameters); one without a place is a CODE (decision) then a TEXT ("...: AI probability P
+    (threshold T)...") under Qualitative Evaluations. Detection boxes and regions carry no
+    decision and are not findings."""
+    labels = {(c.value, c.scheme_designator): label for label, c in finding_codes.FINDING_CODES.items()}
+    out: list[dict[str, Any]] = []
+
+    def visit(node: Item) -> None:
+        if _is(node.code, codes.DCM.MeasurementGroup):
+            concept = next((c.value_code for c in node.children if _is(c.code, codes.DCM.Finding)), None)
+            prob = next((c for c in node.children if _is(c.code, codes.DCM.Probability) and c.value_type == "NUM"), None)
+            decision = next((c.value for c in node.children if c.value_type == "CODE" and c.code == concept), None)
+            params = [c.value for c in _descendants(node) if _is(c.code, codes.DCM.AlgorithmParameters)]
+            threshold = next((float(p.split("=", 1)[1]) for p in params if p.startswith("threshold=")), None)
+            if concept in labels and prob is not None and decision is not None:
+                out.append({"label": labels[concept], "probability": _number(prob.value.split()[0]),
+                            "decision": decision, "threshold": threshold})
+            return
+        for c, t in zip(node.children, node.children[1:], strict=False):
+            said = _STATED.match(t.value) if c.value_type == "CODE" and t.value_type == "TEXT" else None
+            if said and c.code in labels and t.code == c.code:
+                out.append({"label": labels[c.code], "probability": _number(said["p"]),
+                            "decision": c.value, "threshold": _number(said["t"])})
+        for c in node.children:
+            visit(c)
+
+    visit(root)
     return out
+
+
+#: How the SR states a finding without a place (node/writers/sr.py _qualitative_evaluations).
+_STATED = re.compile(r".*: AI probability (?P<p>\S+) \(threshold (?P<t>[^)]+)\)")
+
+
+def _number(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
 
 
 def _descendants(node: Item) -> list[Item]:

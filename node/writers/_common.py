@@ -1,55 +1,170 @@
-"""Helpers shared by the writers: input checks, descriptions, lung outlines, equipment."""
+"""Helpers shared by the writers: input checks, what is drawn where, descriptions, equipment, time.
+
+Every writer draws the same things from a ``PipelineResult`` (``outlines``): the outline of each
+named region, the hot region of each finding's heatmap, and each detection box, each with the
+text a reader sees. The SR, the GSPS and the overlay SC differ only in how they encode them.
+"""
 
 from __future__ import annotations
 
 import datetime
-from typing import TypedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal, TypedDict
 
 import numpy as np
 from highdicom import ContributingEquipment
+from PIL import ImageDraw, ImageFont
 from pydicom import Dataset
+from pydicom.valuerep import DA, DT, TM
 from skimage.measure import approximate_polygon, find_contours
 
 from node.writers import codes
-from pipelines.base import ModelInfo, PipelineResult
+from pipelines.base import Box, ModelInfo, PipelineResult
 
 #: LO (64 characters) is the VR of SeriesDescription, ContentDescription, ...
 _LO_MAX = 64
+#: A finding's hot region: where its heatmap (scaled to [0, 1] per finding) reaches this level.
+HOT_LEVEL = 0.5
+#: Recommended display colours (RGB) of what is drawn, by kind: SEG segments, GSPS layers, SC.
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "region": (0, 255, 255),  # cyan: anatomy the AI outlined
+    "finding": (255, 255, 0),  # yellow: where a finding's evidence is
+    "box": (255, 128, 0),  # orange: detections
+}
+
+Kind = Literal["region", "finding", "box"]
 
 
 def check_result(source: Dataset, result: PipelineResult) -> None:
     """Raise ValueError when ``result`` does not belong to ``source`` or is malformed."""
     shape = (int(source.Rows), int(source.Columns))
     sop = source.get("SOPInstanceUID", "?")
-    for name in ("lung_mask", "heatmap", "display"):
-        array = getattr(result, name)
+    arrays = {"display": result.display}
+    arrays.update({f"regions[{name!r}]": mask for name, mask in result.regions.items()})
+    arrays.update({f"heatmaps[{label!r}]": heat for label, heat in result.heatmaps.items()})
+    for name, array in arrays.items():
         if array.shape != shape:
             raise ValueError(
                 f"result.{name} has shape {array.shape}, source {sop} has (Rows, Columns) {shape}"
             )
     if not result.findings:
         raise ValueError(f"result for {sop} has no findings")
-    rows, cols = shape
-    for x, y, w, h, score in result.boxes:
-        if not (0 <= x and 0 <= y and w > 0 and h > 0 and x + w <= cols and y + h <= rows):
-            raise ValueError(f"box {(x, y, w, h)} is not inside source {sop} (Rows, Columns) {shape}")
-        if not 0.0 <= score <= 1.0:
-            raise ValueError(f"box score {score} is not in [0, 1]")
     for finding in result.findings:
         codes.finding_code(finding.label)  # raises for unknown labels
         if not 0.0 <= finding.probability <= 1.0:
             raise ValueError(
                 f"probability of {finding.label!r} is {finding.probability}, not in [0, 1]"
             )
+    for name, mask in result.regions.items():
+        codes.region(name)  # raises for unknown names
+        if mask.dtype != bool:
+            raise ValueError(f"result.regions[{name!r}] has dtype {mask.dtype}, not bool")
+    for label in result.heatmaps:
+        result.finding(label)  # KeyError: a heatmap of no finding
+    rows, cols = shape
+    for box in result.boxes:
+        codes.finding_code(box.label)
+        if not (0 <= box.x0 < box.x1 <= cols and 0 <= box.y0 < box.y1 <= rows):
+            raise ValueError(f"box {box} is not inside source {sop} (Rows, Columns) {shape}")
+        if not 0.0 <= box.score <= 1.0:
+            raise ValueError(f"box score {box.score} is not in [0, 1]")
 
 
-def box_outline(box: tuple[float, float, float, float, float]) -> np.ndarray:
-    """A detection (x, y, w, h, score) as a closed rectangle: float32 (5, 2) of (column, row).
+@dataclass(frozen=True)
+class Outline:
+    """One closed polygon drawn on the source image, and what it stands for."""
 
-    Box edges are pixel edges, which is DICOM's sub-pixel convention (see ``lung_contours``).
+    kind: Kind
+    name: str  # region name, finding label or box label
+    points: np.ndarray  # float32 (n, 2) of (column, row), first point == last (see mask_outlines)
+    text: str  # what a reader sees beside it, e.g. "Consolidation 0.53"
+    probability: float | None  # the finding's probability or the box's score; None for regions
+    index: int  # 0, 1, ... among the outlines of the same kind and name
+
+    @property
+    def key(self) -> str:
+        """A name for this outline that is stable across runs (for derived UIDs)."""
+        return f"{self.kind}:{self.name}:{self.index}"
+
+
+def outlines(result: PipelineResult) -> list[Outline]:
+    """What every writer draws: region outlines (left to right), each finding's hot region (most
+    probable first; none where its heatmap has no hot region), then the boxes (best first)."""
+    drawn: list[Outline] = []
+    for name, mask in result.regions.items():
+        label = codes.region(name).label
+        for i, points in enumerate(mask_outlines(mask)):
+            drawn.append(Outline("region", name, points, f"{label} (AI)", None, i))
+    for label in sorted(result.heatmaps, key=lambda lab: -result.finding(lab).probability):
+        hot = hot_region(result.heatmaps[label])
+        if hot is not None:
+            p = result.finding(label).probability
+            drawn.append(Outline("finding", label, hot, f"{finding_text(label, p)} (AI)", p, 0))
+    for i, box in enumerate(sorted(result.boxes, key=lambda b: -b.score)):
+        text = f"{finding_text(box.label, box.score)} (AI)"
+        drawn.append(Outline("box", box.label, box_outline(box), text, box.score, i))
+    return drawn
+
+
+def finding_text(label: str, probability: float) -> str:
+    """A finding or detection with its probability as readers see it: "Pleural Thickening 0.77"."""
+    return f"{label.replace('_', ' ')} {probability:.2f}"
+
+
+def box_outline(box: Box) -> np.ndarray:
+    """A detection as a closed rectangle: float32 (5, 2) of (column, row), clockwise from the top
+    left. Box corners are pixel edges, which is DICOM's sub-pixel convention (see mask_outlines)."""
+    x0, y0, x1, y1 = box.x0, box.y0, box.x1, box.y1
+    return np.array([(x0, y0), (x1, y0), (x1, y1), (x0, y1), (x0, y0)], dtype=np.float32)
+
+
+def hot_region(heatmap: np.ndarray, level: float = HOT_LEVEL) -> np.ndarray | None:
+    """The outline of the largest area where ``heatmap`` >= ``level`` (None if there is none)."""
+    candidates = mask_outlines(heatmap >= level)
+    if not candidates:
+        return None
+    return max(candidates, key=_area)
+
+
+def _area(outline: np.ndarray) -> float:
+    x, y = outline[:, 0].astype(np.float64), outline[:, 1].astype(np.float64)
+    return 0.5 * abs(float(np.dot(x, np.roll(y, 1)) - np.dot(y, np.roll(x, 1))))
+
+
+def mask_outlines(mask: np.ndarray, tolerance: float = 1.5, max_side: int = 512,
+                  min_fraction: float = 0.02) -> list[np.ndarray]:
+    """Closed outlines of ``mask`` as float32 arrays (n, 2) of (column, row) pixel coordinates.
+
+    Coordinates follow DICOM's sub-pixel convention shared by SR SCOORD and GSPS PIXEL units:
+    the top left corner of the top left pixel is (0, 0), so pixel (row r, column c) has its
+    centre at (c + 0.5, r + 0.5). First point == last point. Specks are dropped: outlines of
+    fewer than 4 points or enclosing less than ``min_fraction`` of the largest one's area.
+    Outlines are traced on the mask subsampled to at most ``max_side`` pixels and simplified
+    (Douglas-Peucker, ``tolerance`` subsampled pixels): the masks come from a 256 px
+    segmentation or a 7 x 7 heatmap, so full resolution adds cost and points, not detail
+    (~60 ms and thousands of points on 2000 px). Sorted left to right.
     """
-    x, y, w, h, _ = box
-    return np.array([(x, y), (x + w, y), (x + w, y + h), (x, y + h), (x, y)], dtype=np.float32)
+    step = max(1, -(-max(mask.shape) // max_side))
+    small = np.asarray(mask, dtype=bool)[::step, ::step]
+    padded = np.pad(small, 1)  # close outlines touching the border
+    found = []
+    for contour in find_contours(padded.astype(np.uint8), 0.5):
+        contour = approximate_polygon(contour - 1.0, tolerance=tolerance)
+        if len(contour) < 4:
+            continue
+        # Back to source pixels: subsampled pixel k stands for source pixel k * step.
+        rows = np.clip(contour[:, 0] * step, 0, mask.shape[0] - 1) + 0.5
+        cols = np.clip(contour[:, 1] * step, 0, mask.shape[1] - 1) + 0.5
+        outline = np.stack([cols, rows], axis=1).astype(np.float32)
+        if not np.array_equal(outline[0], outline[-1]):
+            outline = np.vstack([outline, outline[:1]])
+        found.append(outline)
+    if found:
+        largest = max(_area(o) for o in found)
+        found = [o for o in found if _area(o) >= min_fraction * largest]
+    found.sort(key=lambda o: float(o[:, 0].mean()))
+    return found
 
 
 def ai_description(kind: str, model: ModelInfo) -> str:
@@ -83,50 +198,120 @@ class DeviceAttributes(TypedDict):
 
 
 def device_attributes(model: ModelInfo) -> DeviceAttributes:
-    """General Equipment keywords of highdicom constructors naming the algorithm as the device."""
+    """General Equipment keywords of highdicom constructors naming the algorithm as the device.
+
+    Passed to the constructors, which check each value against its VR (a model name over 64
+    characters is refused there, not silently cut)."""
     return DeviceAttributes(
         manufacturer=model.manufacturer,
-        manufacturer_model_name=model.name[:_LO_MAX],
+        manufacturer_model_name=model.name,
         software_versions=model.version,
-        device_serial_number=model.device_uid[:_LO_MAX],
+        device_serial_number=model.device_uid,
     )
 
 
-def processing_equipment(model: ModelInfo) -> ContributingEquipment:
+class SeriesTime(TypedDict):
+    """Series date/time keyword arguments of highdicom's constructors."""
+
+    series_date: datetime.date
+    series_time: datetime.time
+
+
+class ContentTime(SeriesTime):
+    """Content and series date/time keyword arguments of highdicom's constructors."""
+
+    content_date: datetime.date
+    content_time: datetime.time
+
+
+def series_time(when: datetime.datetime) -> SeriesTime:
+    """Series date/time from the job's timestamp (not the clock): for objects without content
+    date/time (GSPS, whose creation date/time ``stamp`` sets)."""
+    return SeriesTime(series_date=when.date(), series_time=when.time())
+
+
+def content_time(when: datetime.datetime) -> ContentTime:
+    """Content and series date/time from the job's timestamp (not the clock), so a replay of the
+    same job writes the same bytes."""
+    return ContentTime(content_date=when.date(), content_time=when.time(), **series_time(when))
+
+
+def processing_equipment(model: ModelInfo, when: datetime.datetime) -> ContributingEquipment:
     """Contributing Equipment item naming the algorithm that produced the object."""
     return ContributingEquipment(
         manufacturer=model.manufacturer,
         purpose_of_reference=codes.PROCESSING_EQUIPMENT,
-        manufacturer_model_name=model.name[:_LO_MAX],
+        manufacturer_model_name=model.name,
         software_versions=model.version,
-        contribution_datetime=datetime.datetime.now(),
+        contribution_datetime=when,
         contribution_description=ai_description("analysis", model),
     )
 
 
-def lung_contours(mask: np.ndarray, tolerance: float = 1.5, max_side: int = 512) -> list[np.ndarray]:
-    """Closed outlines of ``mask`` as float32 arrays (n, 2) of (column, row) pixel coordinates.
+def stamp(ds: Dataset, when: datetime.datetime) -> None:
+    """Replace the wall-clock timestamps highdicom writes with no argument to set them
+    (instance creation, its own Contributing Equipment item, secondary capture and presentation
+    creation) by ``when``: the same job gives the same bytes."""
+    date, time = DA(when.date()), TM(when.time())
+    ds.InstanceCreationDate, ds.InstanceCreationTime = date, time
+    for item in ds.get("ContributingEquipmentSequence", []):
+        item.ContributionDateTime = DT(when)
+    if "DateOfSecondaryCapture" in ds:
+        ds.DateOfSecondaryCapture, ds.TimeOfSecondaryCapture = date, time
+    if "PresentationCreationDate" in ds:
+        ds.PresentationCreationDate, ds.PresentationCreationTime = date, time
 
-    Coordinates follow DICOM's sub-pixel convention shared by SR SCOORD and GSPS PIXEL units:
-    the top left corner of the top left pixel is (0, 0), so pixel (row r, column c) has its
-    centre at (c + 0.5, r + 0.5). First point == last point. Specks (< 4 points) are dropped.
-    Outlines are traced on the mask subsampled to at most ``max_side`` pixels (the masks come
-    from a 256 px segmentation, so full resolution adds cost, not detail: ~60 ms on 2000 px).
-    """
-    step = max(1, -(-max(mask.shape) // max_side))
-    small = np.asarray(mask, dtype=bool)[::step, ::step]
-    padded = np.pad(small, 1)  # close outlines touching the border
-    outlines = []
-    for contour in find_contours(padded.astype(np.uint8), 0.5):
-        contour = approximate_polygon(contour - 1.0, tolerance=tolerance)
-        if len(contour) < 4:
+
+# --- Drawing (pixels: the overlay SC, the GSPS's bitmap shutter, docs/render.py) -----------------
+
+
+def font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    """Pillow's built-in scalable font at ``size`` pixels (no font file on the host needed)."""
+    return ImageFont.load_default(size=size)
+
+
+def wrap(draw: ImageDraw.ImageDraw, text: str, typeface: ImageFont.FreeTypeFont | ImageFont.ImageFont,
+         width: float) -> list[str]:
+    """``text`` broken into lines no wider than ``width`` pixels (words are never split)."""
+    lines: list[str] = []
+    for word in text.split():
+        if lines and draw.textlength(f"{lines[-1]} {word}", font=typeface) <= width:
+            lines[-1] = f"{lines[-1]} {word}"
+        else:
+            lines.append(word)
+    return lines
+
+
+def draw_outlines(
+    draw: ImageDraw.ImageDraw,
+    drawn: list[Outline],
+    colour: Callable[[Outline], int | tuple[int, int, int]],
+    scale: float = 1.0,
+    halo: tuple[int, int, int] | None = None,
+) -> None:
+    """Draw each outline and its text (once per region name: both lungs share one label) onto
+    ``draw``, an image of the source scaled by ``scale``. Text sits above the outline's top left
+    corner, or inside it at the image's top edge; sizes follow the image's long side. ``halo``:
+    a colour drawn around the letters, to keep them legible on bright bone (colour images)."""
+    width, height = draw.im.size
+    long_side = max(width, height)
+    line = max(2, round(long_side / 700))
+    typeface = font(max(12, round(long_side * 0.02)))
+    labelled: set[tuple[str, str]] = set()
+    taken: list[tuple[float, float, float, float]] = []  # labels already placed: none covers another
+    for o in drawn:
+        points = [(float(x) * scale, float(y) * scale) for x, y in o.points]
+        draw.line(points, fill=colour(o), width=line, joint="curve")
+        if (o.kind, o.name) in labelled and o.kind == "region":
             continue
-        # Back to source pixels: subsampled pixel k stands for source pixel k * step.
-        rows = np.clip(contour[:, 0] * step, 0, mask.shape[0] - 1) + 0.5
-        cols = np.clip(contour[:, 1] * step, 0, mask.shape[1] - 1) + 0.5
-        outline = np.stack([cols, rows], axis=1).astype(np.float32)
-        if not np.array_equal(outline[0], outline[-1]):
-            outline = np.vstack([outline, outline[:1]])
-        outlines.append(outline)
-    outlines.sort(key=lambda o: float(o[:, 0].mean()))  # left to right in the image
-    return outlines
+        labelled.add((o.kind, o.name))
+        left, top = min(p[0] for p in points), min(p[1] for p in points)
+        box = draw.textbbox((0, 0), o.text, font=typeface)
+        w, h = box[2] - box[0], box[3] - box[1] + line
+        x = min(max(0.0, left), max(0.0, width - w))
+        y = top - h - line if top - h - line >= 0 else top + line
+        while any(x < r and x + w > lf and y < b and y + h > t for lf, t, r, b in taken) and y + h < height:
+            y += h  # below the label in the way
+        taken.append((x, y, x + w, y + h))
+        draw.text((x, y), o.text, font=typeface, fill=colour(o),
+                  stroke_width=0 if halo is None else max(1, line // 2), stroke_fill=halo)

@@ -1,5 +1,9 @@
 """Coded concepts used by the writers: one table, nothing coded anywhere else.
 
+A pipeline names things in plain words (``pipelines.base.PipelineResult``): finding labels,
+region names, box labels. This module turns each name into its coded concept; a name without
+one is refused by the writers with the known names listed.
+
 Finding labels (ChestX-ray14 plus "No Finding", and the four more of torchxrayvision's 18
 pathologies) map to SNOMED CT (SCT) concepts where one could be checked, else to DICOM (DCM)
 codes, else to a private scheme. Provenance of each code is recorded in
@@ -20,6 +24,7 @@ codes, else to a private scheme. Provenance of each code is recorded in
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from types import MappingProxyType
 
 from highdicom.sr import CodedConcept
@@ -82,13 +87,12 @@ FINDING_CODE_PROVENANCE: Mapping[str, str] = MappingProxyType(
 
 
 def finding_code(label: str) -> CodedConcept:
-    """The coded concept of a pipeline finding label."""
-    try:
-        return FINDING_CODES[label]
-    except KeyError as e:
-        raise ValueError(
-            f"no coded concept for finding label {label!r}; known: {sorted(FINDING_CODES)}"
-        ) from e
+    """The coded concept of a finding or detection label."""
+    code = FINDING_CODES.get(label) or DETECTION_CODES.get(label)
+    if code is None:
+        known = sorted({*FINDING_CODES, *DETECTION_CODES})
+        raise ValueError(f"no coded concept for finding label {label!r}; known: {known}")
+    return code
 
 
 # --- Report structure --------------------------------------------------------------------
@@ -98,10 +102,7 @@ CHEST_XRAY_PROCEDURE = CodedConcept("399208008", "SCT", "Plain chest X-ray")
 #: Anatomy: lung (DICOM CID 7151 / 4).
 LUNG = CodedConcept.from_code(codes.SCT.Lung)
 ANATOMICAL_STRUCTURE = CodedConcept.from_code(codes.SCT.AnatomicalStructure)
-#: Lung-opacity detections (the RSNA detector's boxes): finding type "Opacity" (DICOM CID 6102 /
-#: 6104, chest CAD findings: "any circumscribed area that appears more nearly white than its
-#: surround") with finding site LUNG. No SNOMED CT concept for "lung opacity" could be checked
-#: against a SNOMED CT release here, so the DICOM context-group code is used (provenance: dicom).
+#: Finding type of a lung-opacity detection (see DETECTION_CODES).
 OPACITY = CodedConcept.from_code(codes.DCM.Opacity)
 #: Numeric measurement name and unit for a classifier output in [0, 1].
 PROBABILITY = CodedConcept.from_code(codes.DCM.Probability)
@@ -117,3 +118,34 @@ QUALITATIVE_EVALUATIONS = CodedConcept("C0034375", "UMLS", "Qualitative Evaluati
 DEVICE_OBSERVER = CodedConcept.from_code(codes.DCM.Device)
 ARTIFICIAL_INTELLIGENCE = CodedConcept.from_code(codes.cid7162.ArtificialIntelligence)
 PROCESSING_EQUIPMENT = CodedConcept.from_code(codes.DCM.ProcessingEquipment)
+
+#: Lung-opacity detections (the RSNA detector's boxes): finding type "Opacity" (DICOM CID 6102 /
+#: 6104, chest CAD findings: "any circumscribed area that appears more nearly white than its
+#: surround"); the label says where. No SNOMED CT concept for "lung opacity" could be checked
+#: against a SNOMED CT release here, so the DICOM context-group code is used (provenance: dicom).
+DETECTION_CODES: Mapping[str, CodedConcept] = MappingProxyType({"Lung Opacity": OPACITY})
+
+
+# --- Named regions (segmentations) ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Region:
+    """How a named region of a pipeline result is coded (SEG segment, SR finding)."""
+
+    label: str  # what readers see, e.g. "Lung fields" (SEG segment label, SR and GSPS text)
+    category: CodedConcept  # Segmented Property Category (DICOM CID 7150)
+    type: CodedConcept  # Segmented Property Type (DICOM CID 7151 / 4)
+
+
+REGIONS: Mapping[str, Region] = MappingProxyType(
+    {"lungs": Region("Lung fields", ANATOMICAL_STRUCTURE, LUNG)}
+)
+
+
+def region(name: str) -> Region:
+    """The coding of a region name of a pipeline result."""
+    try:
+        return REGIONS[name]
+    except KeyError as e:
+        raise ValueError(f"no coded concept for region {name!r}; known: {sorted(REGIONS)}") from e

@@ -1,22 +1,34 @@
-"""RGB Secondary Capture overlay: the image with lung outline, heatmap and findings burned in."""
+"""RGB Secondary Capture overlay: the image with outlines, heatmaps and findings burned in.
+
+Displays in every viewer (it is an image): the one result object that needs no support for
+SR, SEG or presentation states.
+"""
 
 from __future__ import annotations
 
+import datetime
 from functools import lru_cache
 
 import numpy as np
 from highdicom import PatientOrientationValuesBiped
 from highdicom.sc import SCImage
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 from pydicom import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 
 from node.writers._common import (
+    COLOURS,
     ai_description,
     ai_statement,
     check_result,
-    lung_contours,
+    content_time,
+    draw_outlines,
+    finding_text,
+    font,
+    outlines,
     processing_equipment,
+    stamp,
+    wrap,
 )
 from pipelines.base import ModelInfo, PipelineResult
 
@@ -25,7 +37,6 @@ MAX_SIDE = 2048
 #: Heatmap values below this are fully transparent; opacity rises to HEATMAP_MAX_ALPHA at 1.
 HEATMAP_FLOOR = 0.25
 HEATMAP_MAX_ALPHA = 0.5
-OUTLINE_RGB = (0, 255, 255)
 BANNER_RGB = (160, 0, 0)
 TEXT_RGB = (255, 255, 255)
 
@@ -50,20 +61,6 @@ def _to_uint8(image: np.ndarray) -> np.ndarray:
     return (np.clip(image, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 
 
-def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
-    return ImageFont.load_default(size=size)
-
-
-def _wrap(draw: ImageDraw.ImageDraw, text: str, font, width: float) -> list[str]:
-    lines: list[str] = []
-    for word in text.split():
-        if lines and draw.textlength(f"{lines[-1]} {word}", font=font) <= width:
-            lines[-1] = f"{lines[-1]} {word}"
-        else:
-            lines.append(word)
-    return lines
-
-
 def render_overlay(result: PipelineResult, model: ModelInfo) -> np.ndarray:
     """The overlay as an (rows, cols, 3) uint8 RGB array (at most MAX_SIDE on the long side)."""
     rows, cols = result.display.shape
@@ -71,45 +68,46 @@ def render_overlay(result: PipelineResult, model: ModelInfo) -> np.ndarray:
     size = (max(1, round(cols * scale)), max(1, round(rows * scale)))  # PIL: (width, height)
 
     gray = Image.fromarray(_to_uint8(result.display), mode="L")
-    heat = Image.fromarray(_to_uint8(result.heatmap), mode="L")
     if scale < 1.0:
         gray = gray.resize(size, Image.Resampling.BILINEAR)
-        heat = heat.resize(size, Image.Resampling.BILINEAR)
-    colours, opacity = _heatmap_luts()
-    heat_rgb = Image.merge("RGB", [heat.point(colours[:, i].tolist()) for i in range(3)])
-    mask = heat.point(opacity.tolist())
-    canvas = Image.composite(heat_rgb, gray.convert("RGB"), mask)
+    canvas = gray.convert("RGB")
+    if result.heatmaps:
+        # all findings' heatmaps in one layer: the strongest evidence at each pixel
+        heat = Image.fromarray(_to_uint8(np.maximum.reduce(list(result.heatmaps.values()))), mode="L")
+        if scale < 1.0:
+            heat = heat.resize(size, Image.Resampling.BILINEAR)
+        colours, opacity = _heatmap_luts()
+        heat_rgb = Image.merge("RGB", [heat.point(colours[:, i].tolist()) for i in range(3)])
+        canvas = Image.composite(heat_rgb, canvas, heat.point(opacity.tolist()))
 
     draw = ImageDraw.Draw(canvas)
-    width, height = size
-    long_side = max(width, height)
-    line_width = max(2, round(long_side / 500))
-    for outline in lung_contours(result.lung_mask):
-        points = [(float(x) * scale, float(y) * scale) for x, y in outline]
-        draw.line(points, fill=OUTLINE_RGB, width=line_width, joint="curve")
+    draw_outlines(draw, outlines(result), lambda o: COLOURS[o.kind], scale, halo=(0, 0, 0))
 
     # Text: about 2.2 % of the long side (~45 px at 2048), never below 12 px.
-    font = _font(max(12, round(long_side * 0.022)))
+    width, height = size
+    long_side = max(width, height)
+    typeface = font(max(12, round(long_side * 0.022)))
     margin = max(4, round(long_side * 0.008))
-    line_height = round(font.size * 1.25) if hasattr(font, "size") else 14
-    banner_lines = _wrap(draw, ai_statement(model), font, width - 2 * margin)
+    line_height = round(typeface.size * 1.25) if hasattr(typeface, "size") else 14
+    banner_lines = wrap(draw, ai_statement(model), typeface, width - 2 * margin)
     banner_height = margin * 2 + line_height * len(banner_lines)
     draw.rectangle((0, 0, width, banner_height), fill=BANNER_RGB)
     for i, text in enumerate(banner_lines):
-        draw.text((margin, margin + i * line_height), text, font=font, fill=TEXT_RGB)
+        draw.text((margin, margin + i * line_height), text, font=typeface, fill=TEXT_RGB)
 
     findings = [
-        f"{f.label.replace('_', ' ')}: {f.probability:.2f}"
-        + (" (above threshold)" if f.present else "")
+        finding_text(f.label, f.probability) + (" (above threshold)" if f.present else "")
         for f in result.top(3)
     ]
-    findings.append(f"heatmap: {result.heatmap_label.replace('_', ' ')}")
+    if result.heatmaps:
+        heatmaps = "heatmaps: " + ", ".join(label.replace("_", " ") for label in result.heatmaps)
+        findings += wrap(draw, heatmaps, typeface, width - 2 * margin)
     box_height = margin * 2 + line_height * len(findings)
     top = height - box_height
-    box_width = margin * 2 + max(draw.textlength(t, font=font) for t in findings)
+    box_width = margin * 2 + max(draw.textlength(t, font=typeface) for t in findings)
     draw.rectangle((0, top, min(width, box_width), height), fill=(0, 0, 0))
     for i, text in enumerate(findings):
-        draw.text((margin, top + margin + i * line_height), text, font=font, fill=TEXT_RGB)
+        draw.text((margin, top + margin + i * line_height), text, font=typeface, fill=TEXT_RGB)
     return np.asarray(canvas)
 
 
@@ -133,11 +131,13 @@ def build_overlay_sc(
     sop_instance_uid: str,
     series_number: int,
     instance_number: int,
+    content_datetime: datetime.datetime,
 ) -> SCImage:
     """RGB Secondary Capture of ``result`` over ``source``, in the source study, new series.
 
-    Burned in: lung outline, semi-transparent heatmap, top 3 findings with probabilities,
-    an "AI RESULT" banner with algorithm name, version and (demo) disclaimer.
+    Burned in: every outline with its label, the findings' heatmaps (semi-transparent), the top 3
+    findings with probabilities, an "AI RESULT" banner with algorithm name, version and (demo)
+    disclaimer.
     """
     check_result(source, result)
     pixels = render_overlay(result, model)
@@ -153,20 +153,23 @@ def build_overlay_sc(
         sop_instance_uid=sop_instance_uid,
         instance_number=instance_number,
         manufacturer=model.manufacturer,
+        manufacturer_model_name=model.name,
+        software_versions=model.version,
+        device_serial_number=model.device_uid,
         # highdicom requires an orientation for PATIENT images; an unknown one is written
         # empty below (Type 2C) rather than guessed.
         patient_orientation=orientation or ("L", "F"),
         transfer_syntax_uid=ExplicitVRLittleEndian,
-        contributing_equipment=[processing_equipment(model)],
+        contributing_equipment=[processing_equipment(model, content_datetime)],
+        series_description=ai_description("CXR overlay", model),
+        **content_time(content_datetime),
     )
     if orientation is None:
         sc.PatientOrientation = []  # Type 2C: empty (unknown)
+    # SC Equipment and SC Image attributes highdicom sets to fixed values or leaves out.
     sc.ConversionType = "WSD"  # produced on a workstation, not digitised
     sc.BurnedInAnnotation = "YES"
-    sc.SeriesDescription = ai_description("CXR overlay", model)
     sc.ImageComments = ai_statement(model)[:10240]
-    sc.ManufacturerModelName = model.name[:64]
-    sc.SoftwareVersions = model.version
     sc.DerivationDescription = ai_statement(model)[:1024]
     reference = Dataset()
     reference.ReferencedSOPClassUID = source.SOPClassUID
@@ -178,4 +181,5 @@ def build_overlay_sc(
         # General Series Laterality (2C) is needed unless the body part is known to be
         # unpaired: copy the source's value, or send it empty (unknown), never guess.
         sc.Laterality = source.get("Laterality")
+    stamp(sc, content_datetime)
     return sc

@@ -5,6 +5,7 @@ Objects are built from the real pipeline's output on RG1 (demo bundle), as the w
 
 from __future__ import annotations
 
+import datetime
 import html
 import re
 import subprocess
@@ -17,6 +18,7 @@ from PIL import Image
 from pydicom.data import get_testdata_file
 
 from docs.render import MAX_BYTES, render_files
+from node.writers import codes
 from node.writers.gsps import build_presentation_state
 from node.writers.sc import build_overlay_sc
 from node.writers.sr import build_comprehensive_3d_sr
@@ -44,7 +46,7 @@ def objects(demo_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> tupl
     paths = {}
     for kind in ("sr", "sc", "gsps"):
         ids = {"series_instance_uid": result_uid("see", kind, "series"), "sop_instance_uid": result_uid("see", kind),
-               "series_number": 1, "instance_number": 1}
+               "series_number": 1, "instance_number": 1, "content_datetime": datetime.datetime(2025, 1, 2, 3, 4, 5)}
         if kind == "sr":
             ds = build_comprehensive_3d_sr([source], [result], pipeline.model, **ids)
         elif kind == "sc":
@@ -67,15 +69,21 @@ def test_dsr2html_names_each_finding_with_its_probability_and_decision(
     out = subprocess.run(["dsr2html", str(paths["sr"])], capture_output=True, text=True, timeout=60, check=True)
     text = _text(out.stdout)
     assert "Imaging Measurement Report" in text
-    groups = text.split("Measurement Group")[1:]  # findings, and the lung region groups
+    groups = text.split("Measurement Group")[1:]  # the drawn regions and their numbers
+    number = r"(\d(?:\.\d+)?(?:e[-+]?\d+)?)"  # small values are DS exponents (2.8e-05)
     for finding in result.findings:
-        [group] = [g for g in groups if f'Tracking Identifier = "{finding.label}"' in g]
-        # The probability is rendered as "<value> 1" (UCUM unity), then the decision; small
-        # values are written as DS in exponent form (2.8e-05).
-        m = re.search(r" (\d(?:\.\d+)?(?:e[-+]?\d+)?) 1 1 (Present|Absent) ", group)
-        assert m, f"no probability and decision for {finding.label} in: {group[:1200]}"
-        assert float(m.group(1)) == pytest.approx(finding.probability, abs=1e-5), finding.label
-        assert m.group(2) == ("Present" if finding.present else "Absent"), finding.label
+        if finding.label in result.heatmaps:  # drawn: a group with its probability and decision
+            [group] = [g for g in groups if f'Tracking Identifier = "{finding.label}"' in g]
+            m = re.search(rf" {number} 1 1 (Present|Absent) ", group)  # "<value> 1" (UCUM unity)
+            assert m, f"no probability and decision for {finding.label} in: {group[:1200]}"
+            value, decision = m.groups()
+        else:  # a qualitative evaluation read as one sentence: "Absent Pneumonia: AI probability ..."
+            meaning = re.escape(codes.finding_code(finding.label).meaning)
+            m = re.search(rf" (Present|Absent) {meaning}: AI probability {number} \(threshold ", text)
+            assert m, f"no sentence for {finding.label}"
+            decision, value = m.groups()
+        assert float(value) == pytest.approx(finding.probability, abs=1e-5), finding.label
+        assert decision == ("Present" if finding.present else "Absent"), finding.label
 
 
 def test_dcmpschk_passes_the_gsps(objects: tuple[PipelineResult, dict[str, Path]]) -> None:

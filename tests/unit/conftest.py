@@ -15,7 +15,7 @@ from node.listener import start_listener
 
 @pytest.fixture(scope="module", params=sorted(SOURCES))
 def source(request: pytest.FixtureRequest) -> Dataset:
-    """Each real source image in turn: RG1 (CR, MONOCHROME1) and a cxr-sample JPEG."""
+    """Each real source image in turn: RG1 (CR, MONOCHROME1), RG1 as DX, a cxr-sample JPEG as SC."""
     return SOURCES[request.param]()
 
 

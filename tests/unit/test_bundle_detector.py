@@ -13,7 +13,7 @@ import torch
 from pydicom.data import get_testdata_file
 
 from pipelines.bundle import BundleError, device_uid_for, list_bundles, load_bundle, read_metadata
-from pipelines.chest_xray import ChestXrayPipeline, classifier_input
+from pipelines.chest_xray import DETECTION_LABEL, ChestXrayPipeline, classifier_input
 from pipelines.imaging import to_display
 from tests.unit import training_data
 from training.__main__ import main
@@ -130,9 +130,10 @@ def test_pipeline_returns_boxes_in_source_pixels(det_bundle: Path, det_run: Path
     (result,) = ChestXrayPipeline(copy, "cpu").run([ds])
     rows, cols = int(ds.Rows), int(ds.Columns)
     assert result.boxes and "detection" in result.timings
-    for x, y, w, h, score in result.boxes:
-        assert 0 <= x < x + w <= cols and 0 <= y < y + h <= rows and 0 <= score <= 1
-    assert [b[4] for b in result.boxes] == sorted((b[4] for b in result.boxes), reverse=True)
+    for box in result.boxes:
+        assert 0 <= box.x0 < box.x1 <= cols and 0 <= box.y0 < box.y1 <= rows and 0 <= box.score <= 1
+        assert box.label == DETECTION_LABEL
+    assert [b.score for b in result.boxes] == sorted((b.score for b in result.boxes), reverse=True)
 
     # the same boxes as the training code's path: BoxSet's input, from_detector back to source
     det, _ = load_detection_run(det_run)
@@ -142,7 +143,7 @@ def test_pipeline_returns_boxes_in_source_pixels(det_bundle: Path, det_run: Path
         (out,) = det(classifier_input(display, (0, rows, 0, cols), 64)[None])
     order = np.argsort(-out["labels_scores"].numpy(), kind="stable")
     expected = from_detector(out["boxes"].numpy()[order], (rows, cols), 64)
-    got = np.array([b[:4] for b in result.boxes])
+    got = np.array([(b.x0, b.y0, b.width, b.height) for b in result.boxes])
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-2)
 
 

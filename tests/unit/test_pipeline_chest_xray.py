@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -18,12 +20,14 @@ from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, ge
 from pipelines.base import InputError, PipelineResult
 from pipelines.bundle import load_bundle
 from pipelines.chest_xray import (
+    LUNGS,
     NO_FINDING,
     ChestXrayPipeline,
     FeatureHead,
     cam_from_features,
     classifier_input,
     heatmap_label_index,
+    localised_findings,
     lung_box,
 )
 from pipelines.device import DeviceError, resolve_device
@@ -63,21 +67,38 @@ def rg1() -> Dataset:
     return pydicom.dcmread(get_testdata_file("RG1_UNCR.dcm"))
 
 
-def _check(result: PipelineResult, shape: tuple[int, int], labels: tuple[str, ...]) -> None:
+def _check(result: PipelineResult, shape: tuple[int, int], pipeline: ChestXrayPipeline) -> None:
+    labels = pipeline.labels
     assert [f.label for f in result.findings] == list(labels) and len(labels) == 15
     assert all(0.0 <= f.probability <= 1.0 for f in result.findings)
-    assert result.lung_mask.dtype == bool and result.lung_mask.shape == shape
-    assert result.lung_mask.any()
-    assert result.heatmap.dtype == np.float32 and result.heatmap.shape == shape
-    assert 0.0 <= result.heatmap.min() and result.heatmap.max() <= 1.0 and result.heatmap.max() > 0
-    assert result.heatmap_label in labels
+    assert set(result.regions) == {LUNGS}
+    lungs = result.regions[LUNGS]
+    assert lungs.dtype == bool and lungs.shape == shape and lungs.any()
+    # a heatmap for exactly the findings at or above their threshold, "No Finding" aside
+    assert set(result.heatmaps) == {f.label for f in result.findings if f.present and f.label != NO_FINDING}
+    for heat in result.heatmaps.values():  # all zero where no feature raises the finding's score
+        assert heat.dtype == np.float32 and heat.shape == shape
+        assert 0.0 <= heat.min() and heat.max() <= 1.0
     assert result.display.shape == shape
+    assert result.boxes == []  # the demo bundle has no detector
     assert set(result.timings) == STAGES and all(v >= 0 for v in result.timings.values())
+
+
+def _all_present(bundle: Path, tmp_path: Path, **classifier: object) -> Path:
+    """A copy of ``bundle`` whose thresholds are 0 (every finding is present, so every finding
+    gets a heatmap), with ``classifier`` set in its classifier spec (thresholds are not hashed)."""
+    copy = Path(shutil.copytree(bundle, tmp_path / "bundle"))
+    meta_file = copy / "configs" / "metadata.json"
+    meta = json.loads(meta_file.read_text())
+    meta["thresholds"] = dict.fromkeys(meta["thresholds"], 0.0)
+    meta["networks"]["classifier"].update(classifier)
+    meta_file.write_text(json.dumps(meta))
+    return copy
 
 
 def test_rg1(pipeline: ChestXrayPipeline, rg1: Dataset) -> None:
     (result,) = pipeline.run([rg1])
-    _check(result, (1955, 1841), pipeline.labels)
+    _check(result, (1955, 1841), pipeline)
     assert pipeline.model.demo and pipeline.id == "chest_xray"
 
 
@@ -85,8 +106,8 @@ def test_real_jpeg_and_batch(pipeline: ChestXrayPipeline, rg1: Dataset) -> None:
     ds = jpeg_dataset(JPEG)
     results = pipeline.run([ds, rg1])
     assert len(results) == 2
-    _check(results[0], (ds.Rows, ds.Columns), pipeline.labels)
-    _check(results[1], (1955, 1841), pipeline.labels)
+    _check(results[0], (ds.Rows, ds.Columns), pipeline)
+    _check(results[1], (1955, 1841), pipeline)
     # batching does not change results
     (alone,) = pipeline.run([ds])
     np.testing.assert_allclose(
@@ -101,14 +122,42 @@ def test_bad_image_in_batch_names_it(pipeline: ChestXrayPipeline, rg1: Dataset) 
         pipeline.run([rg1, bad])
 
 
-def test_heatmap_zero_outside_crop_box(pipeline: ChestXrayPipeline, rg1: Dataset) -> None:
+def test_one_heatmap_per_finding_above_threshold_zero_outside_the_crop(demo_bundle: Path, rg1: Dataset,
+                                                                         tmp_path: Path) -> None:
+    pipeline = ChestXrayPipeline(_all_present(demo_bundle, tmp_path), "cpu")
     (result,) = pipeline.run([rg1])
-    ys, xs = np.nonzero(result.heatmap)
-    rows, cols = np.nonzero(result.lung_mask)
-    # the box is the lung mask's box plus the margin, so heat stays near the lungs
-    h, w = result.heatmap.shape
-    assert ys.min() >= rows.min() - 0.2 * h and ys.max() <= rows.max() + 0.2 * h
-    assert xs.min() >= cols.min() - 0.2 * w and xs.max() <= cols.max() + 0.2 * w
+    _check(result, (1955, 1841), pipeline)
+    assert len(result.heatmaps) == 14  # every label but "No Finding"
+    rows, cols = np.nonzero(result.regions[LUNGS])
+    h, w = rg1.Rows, rg1.Columns
+    for heat in (heat for heat in result.heatmaps.values() if heat.max() > 0):
+        ys, xs = np.nonzero(heat)
+        # the crop box is the lung mask's box plus the margin, so heat stays near the lungs
+        assert ys.min() >= rows.min() - 0.2 * h and ys.max() <= rows.max() + 0.2 * h
+        assert xs.min() >= cols.min() - 0.2 * w and xs.max() <= cols.max() + 0.2 * w
+    # each finding's own CAM: the classes' weights differ, so the maps do (those not all zero)
+    maps = [heat for heat in result.heatmaps.values() if heat.max() > 0]
+    assert len(maps) >= 7 and len({m.tobytes() for m in maps}) == len(maps)
+
+
+def test_other_layers_take_one_backward_pass_per_finding(demo_bundle: Path, rg1: Dataset, tmp_path: Path) -> None:
+    # a Grad-CAM layer other than the backward-free one: MONAI's GradCAM for each present finding
+    bundle = _all_present(demo_bundle, tmp_path, gradcam_layer="features.transition3")
+    pipeline = ChestXrayPipeline(bundle, "cpu")
+    assert pipeline.cam_layer == "features.transition3"
+    calls: list[int] = []
+    explain = pipeline._explain.__call__
+    pipeline._explain = lambda x, j: calls.append(j) or explain(x, j)  # type: ignore[method-assign]
+    (result,) = pipeline.run([rg1])
+    _check(result, (1955, 1841), pipeline)
+    assert sorted(calls) == sorted(pipeline.labels.index(label) for label in result.heatmaps)
+
+
+def test_localised_findings_rule() -> None:
+    labels = ("A", "B", NO_FINDING, "C")
+    thresholds = (0.5, 0.5, 0.5, 0.9)
+    assert localised_findings(np.array([0.6, 0.7, 0.9, 0.8]), thresholds, labels) == [1, 0]  # B, A; not C, not No Finding
+    assert localised_findings(np.array([0.2, 0.4, 0.9, 0.3]), thresholds, labels) == []
 
 
 def test_fast_cam_equals_monai_gradcam(demo_bundle: Path, rg1: Dataset) -> None:

@@ -94,7 +94,7 @@ def test_multilabel_on_lung_crops_exports_a_bundle_the_node_runs(seg_run: Path, 
     pipeline = ChestXrayPipeline(bundle, "cpu")
     ds = pydicom.dcmread(get_testdata_file("RG1_UNCR.dcm"))
     (result,) = pipeline.run([ds])
-    assert result.lung_mask.shape == (ds.Rows, ds.Columns) and len(result.findings) == 15
+    assert result.regions["lungs"].shape == (ds.Rows, ds.Columns) and len(result.findings) == 15
     assert all(0 <= f.probability <= 1 for f in result.findings)
 
     listed = list_bundles([tmp_path / "models", tmp_path / "nowhere"])
@@ -151,14 +151,17 @@ def test_pneumonia_recipes_on_real_jpegs(recipe: str, kermany_real: Path, seg_ru
     pipeline = ChestXrayPipeline(tmp_path / "b", "cpu")
     assert pipeline.cam_layer == layer  # the node explains with the layer the run's panel used
     (result,) = pipeline.run([ds])
-    assert [f.label for f in result.findings] == ["Pneumonia"] and result.heatmap_label == "Pneumonia"
+    assert [f.label for f in result.findings] == ["Pneumonia"]
     # the classifier saw the whole image: its probability is the run's own on the whole display
     net, _ = load_run_network(tmp_path / "run")
     with torch.inference_mode():
         x = classifier_input(result.display, (0, ds.Rows, 0, ds.Columns), run["input_size"])
         expected = float(torch.sigmoid(net(x[None]))[0, 0])
     assert result.findings[0].probability == pytest.approx(expected, abs=1e-4)
-    assert result.heatmap.shape == (ds.Rows, ds.Columns) and 0 <= result.heatmap.min() <= result.heatmap.max() <= 1
+    # a heatmap when the finding is above its threshold, made with the run's Grad-CAM layer
+    assert set(result.heatmaps) == ({"Pneumonia"} if result.findings[0].present else set())
+    for heat in result.heatmaps.values():
+        assert heat.shape == (ds.Rows, ds.Columns) and 0 <= heat.min() <= heat.max() <= 1
 
 
 def test_pretrained_local_file_rgb_to_gray(tmp_path: Path) -> None:

@@ -156,7 +156,7 @@ def test_study_page_shows_findings_preview_sr_and_timeline_and_is_audited(api: A
     assert image.mode == "RGB" and max(image.size) <= 1024
     # The SR as text: its content tree, with the probability of each finding.
     sr = api.client.get(f"/results/{r.sr_output}/sr").text
-    assert "Imaging Measurement Report" in sr and "Probability: 0.89" in sr and "No Finding" in sr
+    assert "Imaging Measurement Report" in sr and "No abnormality detected: AI probability 0.89" in sr
     assert api.client.get(f"/results/{r.sr_output}/preview.png").status_code == 404  # an SR has no preview
     # One view: the page itself; its image, SR text and live refreshes within minutes add none.
     views = _events(api, "view_study")

@@ -39,3 +39,13 @@ def test_dicom_provenance_means_the_code_is_in_pydicoms_dictionary():
 def test_unknown_label_is_rejected_by_name():
     with pytest.raises(ValueError, match="'Support Devices'"):
         codes.finding_code("Support Devices")
+
+
+def test_detection_labels_and_regions_are_coded_and_unknown_ones_named():
+    assert codes.finding_code("Lung Opacity") == codes.OPACITY
+    lungs = codes.region("lungs")
+    assert (lungs.label, lungs.type, lungs.category) == ("Lung fields", codes.LUNG, codes.ANATOMICAL_STRUCTURE)
+    with pytest.raises(ValueError, match=r"no coded concept for region 'liver'; known: \['lungs'\]"):
+        codes.region("liver")
+    with pytest.raises(ValueError, match="known: .*'Lung Opacity'"):
+        codes.finding_code("Rib fracture")

@@ -5,20 +5,49 @@ import subprocess
 
 import pytest
 from pydicom.uid import Comprehensive3DSRStorage
-from writers_data import MODEL, fake_result, identity, needs_dciodvfy, probabilities, rg1, roundtrip
+from writers_data import (
+    HEATMAPS,
+    MODEL,
+    boxes,
+    fake_result,
+    identity,
+    needs_dciodvfy,
+    probabilities,
+    rg1,
+    roundtrip,
+)
 
-from node.writers.sr import build_comprehensive_3d_sr
+from node.writers import codes
+from node.writers.sr import FREEHAND_TRACKING_ID, RECTANGLE_TRACKING_ID, build_comprehensive_3d_sr
 from node.writers.validate import ValidationFailed, check, validate
 
+IMAGING_MEASUREMENTS, MEASUREMENT_GROUP, TRACKING_UID, TRACKING_ID = "126010", "125007", "112040", "112039"
+IMAGE_REGION, FINDING, COMMENT = "111030", "121071", "121106"
 
-def build(source, **kwargs):
+
+def build(source, with_boxes=False, **kwargs):
     result = fake_result(source.Rows, source.Columns)
+    if with_boxes:
+        result.boxes = boxes(source.Rows, source.Columns)
     return build_comprehensive_3d_sr([source], [result], MODEL, **identity("sr"), **kwargs)
 
 
 @pytest.fixture(scope="module")
 def sr(source):
-    return build(source)
+    return build(source, with_boxes=True)
+
+
+def _name(item):
+    return item.ConceptNameCodeSequence[0].CodeValue
+
+
+def _groups(ds):
+    [measurements] = [i for i in ds.ContentSequence if _name(i) == IMAGING_MEASUREMENTS]
+    return [g for g in measurements.ContentSequence if _name(g) == MEASUREMENT_GROUP]
+
+
+def _items(group):
+    return {_name(c): c for c in group.ContentSequence}
 
 
 def test_sr_round_trips_and_keeps_study(source, sr):
@@ -30,6 +59,7 @@ def test_sr_round_trips_and_keeps_study(source, sr):
     assert back.CompletionFlag == "COMPLETE" and back.VerificationFlag == "UNVERIFIED"
     assert back.PreliminaryFlag == "PRELIMINARY"
     assert "(DEMO)" in back.SeriesDescription and MODEL.version in back.SeriesDescription
+    assert (back.ManufacturerModelName, back.SoftwareVersions) == (MODEL.name, MODEL.version)
     equipment = back.ContributingEquipmentSequence[-2]
     assert equipment.ManufacturerModelName == MODEL.name
     assert equipment.SoftwareVersions == MODEL.version
@@ -38,6 +68,78 @@ def test_sr_round_trips_and_keeps_study(source, sr):
 @needs_dciodvfy
 def test_sr_has_no_dciodvfy_errors(sr):
     assert validate(sr) == []
+
+
+def _scoord(items):
+    """The group's outline: its Image Region, or the SCOORD its first NUM is inferred from."""
+    if IMAGE_REGION in items:
+        return items[IMAGE_REGION]
+    num = next(c for c in items.values() if c.ValueType == "NUM")
+    return next(c for c in num.ContentSequence if c.ValueType == "SCOORD")
+
+
+def _num(items):
+    return next(c for c in items.values() if c.ValueType == "NUM")
+
+
+def test_every_measurement_group_is_drawable_by_ohif(source, sr):
+    """OHIF draws a group from its SCOORD (at group level, or under a NUM) on the image the
+    SCOORD's IMAGE child names; a group without one stops the whole SR from loading."""
+    groups = [_items(g) for g in _groups(roundtrip(sr))]
+    assert len(groups) == 2 + 2 + 2  # two lung fields, two findings' hot regions, two boxes
+    assert len({g[TRACKING_UID].UID for g in groups}) == len(groups)
+    for items in groups:
+        assert TRACKING_ID in items, "OHIF needs the Tracking Identifier"
+        scoord = _scoord(items)
+        assert scoord.GraphicType == "POLYLINE"
+        ref = scoord.ContentSequence[0].ReferencedSOPSequence[0]
+        assert ref.ReferencedSOPInstanceUID == source.SOPInstanceUID
+        points = list(scoord.GraphicData)
+        assert points[:2] == points[-2:], "closed polygon"
+
+
+def test_findings_and_boxes_load_into_ohifs_measurement_panel(sr):
+    """The Cornerstone3D adapters pick the tool from the Tracking Identifier, read the outline
+    under the group's first NUM and take the label from the DCM 121106 Comment; region groups
+    have a plain identifier (no adapter claims them) and no NUM."""
+    groups = [_items(g) for g in _groups(roundtrip(sr))]
+    assert {g[COMMENT].TextValue for g in groups} == {
+        "Lung fields (AI)", "Consolidation 0.53 (AI)", "Edema 0.59 (AI)", "Lung Opacity 0.87 (AI)",
+        "Lung Opacity 0.42 (AI)"}  # fmt: skip
+    for items in groups:
+        identifier = items[TRACKING_ID].TextValue
+        if items[COMMENT].TextValue == "Lung fields (AI)":
+            assert identifier == "Lung fields" and IMAGE_REGION in items
+            assert not any(c.ValueType == "NUM" for c in items.values())
+            continue
+        rectangle = len(_scoord(items).GraphicData) == 10
+        assert identifier == (RECTANGLE_TRACKING_ID if rectangle else FREEHAND_TRACKING_ID)
+        assert IMAGE_REGION not in items and _num(items).ContentSequence
+
+
+def test_each_located_finding_has_its_probability_and_decision(sr):
+    groups = [_items(g) for g in _groups(roundtrip(sr))]
+    for label in HEATMAPS:
+        concept = codes.finding_code(label)
+        [items] = [g for g in groups if g[FINDING].ConceptCodeSequence[0].CodeValue == concept.value]
+        assert float(_num(items).MeasuredValueSequence[0].NumericValue) == pytest.approx(probabilities()[label])
+        assert items[concept.value].ConceptCodeSequence[0].CodeValue == codes.PRESENT.value
+        assert items[COMMENT].TextValue == f"{label} {probabilities()[label]:.2f} (AI)"
+
+
+def test_findings_without_a_place_are_qualitative_evaluations(sr):
+    back = roundtrip(sr)
+    [container] = [i for i in back.ContentSequence if _name(i) == codes.QUALITATIVE_EVALUATIONS.value]
+    assert container.ContentSequence[0].TextValue.startswith("AI RESULT")
+    items = container.ContentSequence[1:]
+    unplaced = {label: p for label, p in probabilities().items() if label not in HEATMAPS}
+    assert len(items) == 2 * len(unplaced)
+    for (label, p), decision, text in zip(unplaced.items(), items[::2], items[1::2], strict=True):
+        concept = codes.finding_code(label)
+        assert (decision.ValueType, _name(decision), _name(text)) == ("CODE", concept.value, concept.value)
+        expected = codes.PRESENT if p >= 0.5 else codes.ABSENT
+        assert decision.ConceptCodeSequence[0].CodeValue == expected.value
+        assert text.TextValue == f"{concept.meaning}: AI probability {p:g} (threshold 0.5)."
 
 
 def test_same_inputs_give_same_content_uids(source):
@@ -64,23 +166,38 @@ def test_supersedes_references_predecessor(source):
 
 def test_mismatched_result_is_rejected_by_shape(source):
     wrong = fake_result(10, 10)
-    with pytest.raises(ValueError, match=r"lung_mask has shape \(10, 10\)"):
+    with pytest.raises(ValueError, match=r"result.display has shape \(10, 10\)"):
         build_comprehensive_3d_sr([source], [wrong], MODEL, **identity("sr"))
 
 
-@pytest.mark.skipif(shutil.which("dsr2html") is None, reason="no dsr2html (DCMTK)")
-def test_dsr2html_names_every_finding_and_probability(sr, tmp_path):
+def test_unknown_region_is_rejected_by_name(source):
+    result = fake_result(source.Rows, source.Columns)
+    result.regions["heart"] = result.regions["lungs"]
+    with pytest.raises(ValueError, match="no coded concept for region 'heart'; known: \\['lungs'\\]"):
+        build_comprehensive_3d_sr([source], [result], MODEL, **identity("sr"))
+
+
+def _dsr2html_text(ds, tmp_path) -> str:
     path = tmp_path / "sr.dcm"
-    sr.save_as(path, enforce_file_format=True)
+    ds.save_as(path, enforce_file_format=True)
     rendered = subprocess.run(
         ["dsr2html", str(path)], capture_output=True, text=True, timeout=60, check=True
     ).stdout
-    text = re.sub(r"\s+", " ", html.unescape(re.sub(r"<[^>]+>", " ", rendered)))
+    return re.sub(r"\s+", " ", html.unescape(re.sub(r"<[^>]+>", " ", rendered)))
+
+
+@pytest.mark.skipif(shutil.which("dsr2html") is None, reason="no dsr2html (DCMTK)")
+def test_dsr2html_names_every_finding_with_probability_and_decision(sr, tmp_path):
+    text = _dsr2html_text(sr, tmp_path)
     groups = text.split("Measurement Group")
     for label, probability in probabilities().items():
-        matching = [g for g in groups if f'Tracking Identifier = "{label}"' in g]
-        assert len(matching) == 1, label
-        assert f" {probability:g} " in matching[0], (label, probability)
+        decision = "Present" if probability >= 0.5 else "Absent"
+        if label in HEATMAPS:  # drawn: its probability, decision and label, in one group
+            [group] = [g for g in groups if f"{label} {probability:.2f} (AI)" in g]
+            assert f" {probability:g} 1 1 {decision} " in group, (label, group)
+        else:  # read as one sentence: "Absent Pulmonary edema: AI probability 0.59 (threshold 0.5)."
+            meaning = codes.finding_code(label).meaning
+            assert f"{decision} {meaning}: AI probability {probability:g} (threshold 0.5)." in text, label
     assert "AI RESULT" in text and MODEL.disclaimer.upper() in text
 
 
@@ -99,51 +216,23 @@ def _walk(items):
         yield from _walk(item.get("ContentSequence", []))
 
 
-def _boxes(source):
-    """Two hand-made lung-opacity boxes (x, y, w, h, score) inside the source image."""
-    rows, cols = int(source.Rows), int(source.Columns)
-    return [(0.2 * cols, 0.3 * rows, 0.15 * cols, 0.2 * rows, 0.87), (0.6 * cols, 0.4 * rows, 0.1 * cols, 0.25 * rows, 0.42)]
-
-
-def _opacity_groups(ds):
-    report = ds.ContentSequence
-    measurements = next(i for i in report if i.ConceptNameCodeSequence[0].CodeValue == "126010")
-    return [g for g in measurements.ContentSequence
-            if any(getattr(c, "TextValue", "").startswith("Lung opacity") for c in g.ContentSequence)]  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def sr_with_boxes(source):
-    result = fake_result(source.Rows, source.Columns)
-    result.boxes = _boxes(source)
-    return build_comprehensive_3d_sr([source], [result], MODEL, **identity("sr"))
-
-
-@needs_dciodvfy
-def test_sr_with_boxes_has_no_dciodvfy_errors(sr_with_boxes):
-    assert validate(sr_with_boxes) == []
-
-
-def test_sr_boxes_are_closed_rectangles_with_their_scores(source, sr, sr_with_boxes):
-    back = roundtrip(sr_with_boxes)
-    groups = _opacity_groups(back)
-    assert len(groups) == 2 and _opacity_groups(roundtrip(sr)) == []
-    for group, (x, y, w, h, score) in zip(groups, _boxes(source), strict=True):
-        items = {c.ConceptNameCodeSequence[0].CodeValue: c for c in group.ContentSequence}
-        assert items["121071"].ConceptCodeSequence[0].CodeValue == "112001"  # finding: Opacity
-        assert items["363698007"].ConceptCodeSequence[0].CodeValue == "39607008"  # finding site: lung
+def test_boxes_are_closed_rectangles_with_their_scores(source, sr):
+    groups = [_items(g) for g in _groups(roundtrip(sr))]
+    rectangles = [g for g in groups if g[TRACKING_ID].TextValue == RECTANGLE_TRACKING_ID]
+    assert len(rectangles) == 2
+    for items, box in zip(rectangles, boxes(source.Rows, source.Columns), strict=True):
+        assert items[FINDING].ConceptCodeSequence[0].CodeValue == codes.OPACITY.value
+        assert "363698007" not in items  # no Finding Site: OHIF would label it "363698007: Lung"
         assert "111001" in items  # algorithm name, as the other groups carry
-        region = items["111030"]
-        assert region.GraphicType == "POLYLINE"
-        assert region.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
-        expected = [x, y, x + w, y, x + w, y + h, x, y + h, x, y]
-        assert list(region.GraphicData) == pytest.approx(expected, abs=1e-3)
-        probability = [c for c in group.ContentSequence if c.ValueType == "NUM"]
-        assert len(probability) == 1 and float(probability[0].MeasuredValueSequence[0].NumericValue) == pytest.approx(score)
+        expected = [box.x0, box.y0, box.x1, box.y0, box.x1, box.y1, box.x0, box.y1, box.x0, box.y0]
+        assert list(_scoord(items).GraphicData) == pytest.approx(expected, abs=1e-3)
+        assert float(_num(items).MeasuredValueSequence[0].NumericValue) == pytest.approx(box.score)
+        assert codes.OPACITY.value not in items  # a score, no decision at a threshold
 
 
 def test_box_outside_the_image_is_rejected(source):
     result = fake_result(source.Rows, source.Columns)
-    result.boxes = [(float(source.Columns) - 5, 0.0, 10.0, 10.0, 0.5)]
+    [box, _] = boxes(source.Rows, source.Columns)
+    result.boxes = [type(box)(float(source.Columns) - 5, 0.0, float(source.Columns) + 5, 10.0, box.label, 0.5)]
     with pytest.raises(ValueError, match="is not inside source"):
         build_comprehensive_3d_sr([source], [result], MODEL, **identity("sr"))

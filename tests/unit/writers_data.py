@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import shutil
 from io import BytesIO
 
@@ -11,10 +12,11 @@ import pytest
 from PIL import Image
 from pydicom import Dataset, dcmread
 from pydicom.data import get_testdata_file
+from pydicom.uid import DigitalXRayImageStorageForPresentation
 
 from node.writers.codes import FINDING_CODES
 from node.writers.uids import result_uid
-from pipelines.base import Finding, ModelInfo, PipelineResult
+from pipelines.base import Box, Finding, ModelInfo, PipelineResult
 from tests.peers import CXR_SAMPLES
 from training.synthetic import LABELS as DEMO_LABELS
 
@@ -33,6 +35,20 @@ THRESHOLD = 0.5
 def rg1() -> Dataset:
     """The real CR chest radiograph RG1_UNCR.dcm (MONOCHROME1, 1955 x 1841)."""
     return dcmread(get_testdata_file("RG1_UNCR.dcm"))
+
+
+def dx_source() -> Dataset:
+    """RG1's real pixels as a Digital X-Ray (For Presentation) image: projection geometry given
+    by Imager Pixel Spacing only, as DX detectors write it (no Pixel Spacing)."""
+    ds = rg1()
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = DigitalXRayImageStorageForPresentation
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = result_uid("test", "dx", "sop")
+    ds.SeriesInstanceUID = result_uid("test", "dx", "series")
+    ds.Modality = "DX"
+    ds.PresentationIntentType = "FOR PRESENTATION"
+    del ds.PixelSpacing
+    ds.ImagerPixelSpacing = [0.168, 0.168]
+    return ds
 
 
 def jpeg_source() -> Dataset:
@@ -73,29 +89,46 @@ def probabilities() -> dict[str, float]:
     return {label: round(0.05 + 0.06 * i, 2) for i, label in enumerate(labels)}
 
 
+#: The findings of ``fake_result`` that have a heatmap, and its centre (column, row) as fractions.
+HEATMAPS = {"Consolidation": (0.65, 0.55), "Edema": (0.3, 0.4)}
+
+
 def fake_result(rows: int, cols: int) -> PipelineResult:
-    """Two ellipse lung fields, a Gaussian heatmap in the right image half, fixed findings."""
+    """Two ellipse lung fields (region "lungs"), a Gaussian heatmap for each finding of
+    ``HEATMAPS`` (both above threshold), fixed findings, no boxes."""
     yy, xx = np.mgrid[0:rows, 0:cols].astype(np.float32)
     lungs = np.zeros((rows, cols), dtype=bool)
     for centre in (0.3, 0.7):
         lungs |= ((xx - centre * cols) / (0.14 * cols)) ** 2 + (
             (yy - 0.5 * rows) / (0.3 * rows)
         ) ** 2 <= 1.0
-    heatmap = np.exp(
-        -(((xx - 0.65 * cols) / (0.1 * cols)) ** 2 + ((yy - 0.55 * rows) / (0.1 * rows)) ** 2)
-    ).astype(np.float32)
+    heatmaps = {
+        label: np.exp(-(((xx - cx * cols) / (0.1 * cols)) ** 2 + ((yy - cy * rows) / (0.1 * rows)) ** 2)).astype(np.float32)
+        for label, (cx, cy) in HEATMAPS.items()
+    }
     display = ((xx + yy) / (rows + cols)).astype(np.float32)
     findings = [Finding(label, p, THRESHOLD) for label, p in probabilities().items()]
-    return PipelineResult(findings, lungs, heatmap, "Pneumonia", display)
+    return PipelineResult(findings, display, regions={"lungs": lungs}, heatmaps=heatmaps)
+
+
+def boxes(rows: int, cols: int) -> list[Box]:
+    """Two hand-made lung-opacity detections inside an image of this size."""
+    return [Box(0.2 * cols, 0.3 * rows, 0.35 * cols, 0.5 * rows, "Lung Opacity", 0.87),
+            Box(0.6 * cols, 0.4 * rows, 0.7 * cols, 0.65 * rows, "Lung Opacity", 0.42)]
+
+
+#: The content date/time the writer tests pass (a job's creation, in the worker).
+WHEN = datetime.datetime(2025, 3, 4, 5, 6, 7, 890)
 
 
 def identity(kind: str, job: str = "job-1") -> dict[str, object]:
-    """Deterministic series/SOP UIDs and numbers for one output object."""
+    """Deterministic series/SOP UIDs, numbers and content date/time for one output object."""
     return {
         "series_instance_uid": result_uid(job, MODEL.version, kind, "series"),
         "sop_instance_uid": result_uid(job, MODEL.version, kind, "0"),
         "series_number": 900,
         "instance_number": 1,
+        "content_datetime": WHEN,
     }
 
 
@@ -110,5 +143,5 @@ def roundtrip(ds: Dataset) -> Dataset:
 
 
 #: The real source images the writer tests build from (one module-scoped fixture run per entry).
-SOURCES = {"rg1": rg1, "jpeg": jpeg_source}
+SOURCES = {"rg1": rg1, "dx": dx_source, "jpeg": jpeg_source}
 needs_dciodvfy = pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="no dciodvfy")
