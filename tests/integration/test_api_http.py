@@ -111,7 +111,7 @@ def test_a_stored_study_is_listed_shown_and_counted_by_every_process(api: NodeAp
     full = api.get(f"/api/v1/jobs/{job['id']}").json()
     for state in ("queued", "running", "encoded", "sending", "done"):
         assert full[f"{state}_at"], state
-    assert {"read", "pipeline", "encode", "send"} <= set(full["timings"])
+    assert {"read", "inference", "encode", "validate", "send"} <= set(full["timings"])
     # /metrics sums what the listener, the workers and the API processes counted.
     text = api.get("/metrics").text
     samples = {(s.name, tuple(sorted(s.labels.items()))): s.value

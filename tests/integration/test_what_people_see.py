@@ -73,7 +73,8 @@ def test_dsr2html_names_each_finding_with_its_probability_and_decision(
     number = r"(\d(?:\.\d+)?(?:e[-+]?\d+)?)"  # small values are DS exponents (2.8e-05)
     for finding in result.findings:
         if finding.label in result.heatmaps:  # drawn: a group with its probability and decision
-            [group] = [g for g in groups if f'Tracking Identifier = "{finding.label}"' in g]
+            # its label, the group's Comment: "Edema 0.59 (AI)"
+            [group] = [g for g in groups if re.search(rf" {re.escape(finding.label)} {number} \(AI\)", g)]
             m = re.search(rf" {number} 1 1 (Present|Absent) ", group)  # "<value> 1" (UCUM unity)
             assert m, f"no probability and decision for {finding.label} in: {group[:1200]}"
             value, decision = m.groups()
