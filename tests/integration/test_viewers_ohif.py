@@ -184,13 +184,6 @@ def _look(page: Page, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return pixels, np.asarray(placed["points"], float).reshape(-1, 2)
 
 
-def _hover(page: Page) -> None:
-    """Move the mouse to a point of the viewport's canvas (a different one at each call)."""
-    box = page.evaluate(_CANVAS_JS, [])["box"]
-    x, y = np.random.default_rng().uniform(0.3, 0.7, size=2)
-    page.mouse.move(box["x"] + x * box["width"], box["y"] + y * box["height"])
-
-
 def _on(pixels: np.ndarray, points: np.ndarray, margin: int = 6) -> np.ndarray:
     """Which points fall on the picture, away from its edges."""
     h, w = pixels.shape[:2]
@@ -319,9 +312,6 @@ def test_ohif_draws_our_sr_and_seg_over_the_radiograph(
         ends = np.cumsum([len(points) - 1 for points in outlines.values()])[:-1]
 
         def sr_drawn() -> dict[str, float]:  # per outline: share of its corners with a drawn pixel near
-            # A reader's pointer over the image: OHIF's SR viewport sometimes draws its outlines
-            # only at the next annotation render, which pointer moves over the viewport trigger.
-            _hover(page)
             pixels, placed = _look(page, every)
             drawn, hits = _coloured(pixels), {}
             for label, points in zip(outlines, np.split(placed, ends), strict=True):
