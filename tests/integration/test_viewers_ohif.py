@@ -1,15 +1,25 @@
 """What a radiologist sees in OHIF 3.13.2: the node's SR and SEG over a real radiograph.
 
-Real peers only: the radiograph goes to Orthanc (the PACS) and to `pacsnode run` with DCMTK's
+Real peers only: both radiographs go to Orthanc (the PACS) and to one `pacsnode run` with DCMTK's
 storescu; the node sends its results to the same Orthanc; OHIF's released `dist/` (npm) is
-served with Orthanc's DICOMweb on one origin (tests/ohif.py); Debian's Chromium, driven by
-playwright, opens the study as a reader would: the SR series, "Yes" to load its measurements,
-then the SEG series. The test checks what the page shows: no page error, the findings listed by
-name in the measurement panel, the SR's outlines and the SEG's lung fields drawn over the image
-where our objects put them (screen pixels before and after, at points mapped by OHIF's own
-image-to-screen transform), the segment's label in the segmentation panel.
+served with Orthanc's DICOMweb on one origin (tests/ohif.py); one Debian Chromium, driven by
+playwright, opens each study as a reader would: the SR series and "Yes" to track its
+measurements, then the SEG series. The test checks what the page shows: no page error, the SR's
+outlines and the SEG's lung fields drawn over the image where our objects put them (pixels of
+the viewport's canvas at points mapped by OHIF's own image-to-screen transform: the plain
+radiograph has nothing coloured; each outline's corners are drawn; sampled pixels well inside
+the lung fields are tinted, those well outside are not), the findings listed by name in the
+measurement panel, the segment's label in the segmentation panel.
 
-Set PACSNODE_SCREENSHOTS=<folder> to keep the pictures (docs/img/ohif-sr-seg-*.png come from here).
+Where the time goes (software WebGL): tracking the SR's measurements makes cornerstone compute
+each region's statistics with one canvas transform per image pixel inside the region's bounds
+(PlanarFreehandROI), minutes of main thread for RG1 (2k x 2k, with the demo model calling every
+finding present) on 2 shared cores. The SEG is checked as OHIF shows it when its series is
+opened (over the source image, its panel listing the segment), without "Yes" to load it into
+the tracking viewport: on a loaded machine that "Yes" took longer than tracking the SR itself.
+
+Set PACSNODE_SCREENSHOTS=<folder> to keep the README's picture (docs/img/ohif-sr-seg-cxr-sample.png):
+then the test also says "Yes" to load the SEG into the tracking viewport, beside the outlines.
 """
 
 from __future__ import annotations
@@ -17,9 +27,10 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import pydicom
@@ -32,17 +43,34 @@ from tests.browser import PAGE_TIMEOUT_S, chromium
 from tests.ohif import OhifServer, ohif_dist
 from tests.peers import CXR_SAMPLES, Node, Orthanc, have, img2dcm, node_config, storescu, wait_for
 
+if TYPE_CHECKING:
+    from playwright.sync_api import Browser, Page, ViewportSize
+
 pytestmark = [
     pytest.mark.integration,
     pytest.mark.slow,
+    pytest.mark.timeout(900),  # the module's set-up (node, both jobs) is charged to its first test
     pytest.mark.skipif(not have("Orthanc", "storescu", "img2dcm"), reason="needs Orthanc and DCMTK"),
 ]
 
-RG1 = Path(get_testdata_file("RG1_UNCR.dcm"))
+RG1 = Path(str(get_testdata_file("RG1_UNCR.dcm")))
 CXR = CXR_SAMPLES / "pneumonia" / "person1946_bacteria_4874.jpeg"
+SOURCES = ("rg1", "cxr-sample")
 T = TypeVar("T")
 #: Seconds for OHIF to load a study, an SR or a SEG (software-rendered WebGL on 2 shared cores).
 LOAD_TIMEOUT_S = 300.0
+#: The browser window: small enough for software WebGL, large enough for OHIF's panels.
+WINDOW: ViewportSize = {"width": 1100, "height": 720}
+
+
+@dataclass
+class Study:
+    """One radiograph sent to the PACS and to the node, with the node's SR and SEG as the PACS holds them."""
+
+    source: str
+    uid: str
+    sr: pydicom.Dataset
+    seg: pydicom.Dataset
 
 
 @pytest.fixture(scope="module")
@@ -63,18 +91,39 @@ def node(tmp_path_factory: pytest.TempPathFactory, pacs: Orthanc, demo_bundle: P
 
 
 @pytest.fixture(scope="module")
+def studies(tmp_path_factory: pytest.TempPathFactory, node: Node, pacs: Orthanc) -> dict[str, Study]:
+    """Both radiographs sent at once (the node works on one while it receives the other), then
+    each study's SR and SEG read back from the PACS."""
+    folder = tmp_path_factory.mktemp("radiographs")
+    uids = {}
+    for source in SOURCES:
+        path, extra = _radiograph(source, folder)
+        uids[source] = str(pydicom.dcmread(path, stop_before_pixels=True).StudyInstanceUID)
+        for port, aec in ((pacs.dicom_port, pacs.aet), (node.port, "PACSNODE")):  # the PACS has the original
+            out = storescu(port, path, aec=aec, extra=extra)
+            assert out.returncode == 0, out.stderr
+    return {source: Study(source, uid, **_results(node, pacs, uid)) for source, uid in uids.items()}
+
+
+@pytest.fixture(scope="module")
 def ohif(pacs: Orthanc) -> Iterator[OhifServer]:
     with OhifServer(ohif_dist(), pacs.dicomweb_url) as server:
         yield server
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    with chromium() as b:
+        yield b
 
 
 def _radiograph(source: str, folder: Path) -> tuple[Path, tuple[str, ...]]:
     """The file to send and storescu's extra options."""
     if source == "cxr-sample":
         return img2dcm(CXR, folder / "cxr.dcm", "ViewPosition=PA", "PatientName=CXR^Sample"), ("-xy",)
-    # RG1 stores Pixel Spacing 0\0: OHIF then scales its world by zero and draws nothing at all
+    # RG1 stores Pixel Spacing 0\\0: OHIF then scales its world by zero and draws nothing at all
     # (the original image included). Sent as its modality should have written it: same pixels
-    # and UIDs, no Pixel Spacing. The node's own handling of 0\0 is tested in the unit tests.
+    # and UIDs, no Pixel Spacing. The node's own handling of 0\\0 is tested in the unit tests.
     ds = pydicom.dcmread(RG1)
     del ds.PixelSpacing
     path = folder / "rg1.dcm"
@@ -90,7 +139,8 @@ def _results(node: Node, pacs: Orthanc, study_uid: str) -> dict[str, pydicom.Dat
         assert not failed, f"job failed at {failed[0]['error_stage']}: {failed[0]['error']}"
         return next((j for j in jobs if j["state"] == "done"), None)
 
-    job = wait_for(done, 300, f"the node's job on {study_uid}", interval=1.0)
+    # each look is a `pacsnode jobs` process: not so often that it slows the node it waits for
+    job = wait_for(done, 300, f"the node's job on {study_uid}", interval=3.0)
     objects: dict[str, pydicom.Dataset] = {}
     for output in job["outputs"]:
         if output["kind"] in ("sr", "seg"):
@@ -113,23 +163,32 @@ def _outlines(sr: pydicom.Dataset) -> dict[str, np.ndarray]:
     return found
 
 
-def _to_screen(page: Any, points: np.ndarray) -> np.ndarray:
-    """Image (column, row) points -> page pixels, by OHIF's cornerstone transform of the viewport."""
-    return np.asarray(page.evaluate(
-        """(points) => {
-          const vp = window.cornerstone.getEnabledElements()[0].viewport;
-          const imageId = vp.getCurrentImageId();
-          const rect = vp.getCanvas().getBoundingClientRect();
-          return points.map(p => {
-            const c = vp.worldToCanvas(window.cornerstone.utilities.imageToWorldCoords(imageId, p));
-            return [rect.left + c[0], rect.top + c[1]];
-          });
-        }""", points.tolist()))  # fmt: skip
+#: The enabled viewport's canvas: its box on the page and cornerstone's image -> canvas transform.
+_CANVAS_JS = """(points) => {
+  const vp = window.cornerstone.getEnabledElements()[0].viewport;
+  const imageId = vp.getCurrentImageId();
+  const r = vp.getCanvas().getBoundingClientRect();
+  return {box: {x: r.left, y: r.top, width: r.width, height: r.height},
+          points: points.map(p => vp.worldToCanvas(window.cornerstone.utilities.imageToWorldCoords(imageId, p)))};
+}"""
 
 
-def _shot(page: Any) -> np.ndarray:
-    png = page.screenshot(timeout=LOAD_TIMEOUT_S * 1000)  # software WebGL: a busy page is slow to paint
-    return np.asarray(Image.open(BytesIO(png)).convert("RGB"), dtype=int)
+def _look(page: Page, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A picture of the viewport's canvas as the page shows it (with the SVG annotations and
+    overlays on it; only the canvas: a whole-page picture costs more in software WebGL) and
+    where the image (column, row) points fall on it, by OHIF's cornerstone transform. Both are
+    taken together, as OHIF may still be laying out its panels."""
+    placed = page.evaluate(_CANVAS_JS, points.tolist())
+    png = page.screenshot(clip=placed["box"], animations="disabled", timeout=LOAD_TIMEOUT_S * 1000)
+    pixels = np.asarray(Image.open(BytesIO(png)).convert("RGB"), dtype=int)
+    return pixels, np.asarray(placed["points"], float).reshape(-1, 2)
+
+
+def _on(pixels: np.ndarray, points: np.ndarray, margin: int = 6) -> np.ndarray:
+    """Which points fall on the picture, away from its edges."""
+    h, w = pixels.shape[:2]
+    x, y = points[:, 0], points[:, 1]
+    return (x >= margin) & (x < w - margin) & (y >= margin) & (y < h - margin)
 
 
 def _coloured(pixels: np.ndarray) -> np.ndarray:
@@ -159,10 +218,10 @@ def _wait_until(measure: Callable[[], T], good: Callable[[T], bool], what: str) 
             return value
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {LOAD_TIMEOUT_S:.0f} s waiting for {what}: {value}")
-        time.sleep(2)
+        time.sleep(1)
 
 
-def _wait_image(page: Any) -> None:
+def _wait_image(page: Page) -> None:
     """Until the viewport shows the radiograph (not black), with the guided tour dismissed."""
     def shown() -> bool:
         if page.get_by_text("Skip all").count():
@@ -175,82 +234,122 @@ def _wait_image(page: Any) -> None:
               const d = x.getImageData(0, 0, t.width, t.height).data; let s = 0;
               for (let i = 0; i < d.length; i += 4 * 97) s += d[i]; return s / (d.length / (4 * 97)) > 20; }"""))  # fmt: skip
 
-    wait_for(shown, LOAD_TIMEOUT_S, "OHIF to show the radiograph", interval=1.0)
+    wait_for(shown, LOAD_TIMEOUT_S, "OHIF to show the radiograph", interval=0.5)
 
 
-@pytest.mark.parametrize("source", ["rg1", "cxr-sample"])
+def _check_seg(page: Page, seg: pydicom.Dataset) -> None:
+    """Open the SEG as a reader does (double-click its series): OHIF shows it over the source
+    image; every sampled lung-field pixel is tinted, every sampled pixel well outside is not."""
+    page.get_by_text(str(seg.SeriesDescription), exact=True).dblclick()
+    page.get_by_text("Do you want to open this Segmentation?").wait_for(timeout=LOAD_TIMEOUT_S * 1000)
+    _wait_image(page)
+    mask = seg.pixel_array.astype(bool)
+    # pixels well inside and well outside the lung fields (2 % of the image away from their edge)
+    step = max(1, round(0.02 * max(mask.shape)))
+    rng = np.random.default_rng(0)
+
+    def sample(where: np.ndarray) -> np.ndarray:
+        r, c = np.nonzero(where)
+        pick = rng.choice(len(r), 300, replace=len(r) < 300)
+        return np.stack([c[pick] + 0.5, r[pick] + 0.5], axis=1)
+
+    inside, outside = sample(~_grow(~mask, step)), sample(~_grow(mask, step))
+
+    def tinted() -> tuple[float, float]:  # shares of the points inside, and outside, that are tinted
+        pixels, placed = _look(page, np.concatenate([inside, outside]))
+        shares = []
+        for points in (placed[:len(inside)], placed[len(inside):]):
+            xy = points[_on(pixels, points)].astype(int)
+            assert len(xy) > 100, f"only {len(xy)} of the sampled points are on the viewport"
+            shares.append(float(_coloured(pixels)[xy[:, 1], xy[:, 0]].mean()))
+        return shares[0], shares[1]
+
+    # the prompt box and the viewport's badges are coloured: a few sampled points may fall on them
+    _wait_until(tinted, lambda share: share[0] > 0.85 and share[1] < 0.15, "OHIF to tint the SEG's lung fields (inside, outside)")
+    _stage("SEG drawn")
+
+
+def _grow(mask: np.ndarray, step: int) -> np.ndarray:
+    """The mask dilated by a (2 step + 1)-pixel square: a running sum along each axis in turn."""
+    grown = mask
+    for axis in (0, 1):
+        sums = np.cumsum(np.moveaxis(grown, axis, 0), axis=0, dtype=np.int32)
+        sums = np.concatenate([np.zeros((step + 1, *sums.shape[1:]), np.int32), sums,
+                               np.repeat(sums[-1:], step, axis=0)])  # fmt: skip
+        grown = np.moveaxis(sums[2 * step + 1:] - sums[:-2 * step - 1] > 0, 0, axis)
+    return grown
+
+
+@pytest.mark.parametrize("source", SOURCES)
 def test_ohif_draws_our_sr_and_seg_over_the_radiograph(
-    source: str, node: Node, pacs: Orthanc, ohif: OhifServer, tmp_path: Path
+    source: str, studies: dict[str, Study], ohif: OhifServer, browser: Browser, tmp_path: Path
 ) -> None:
-    path, extra = _radiograph(source, tmp_path)
-    study_uid = str(pydicom.dcmread(path, stop_before_pixels=True).StudyInstanceUID)
-    for port, aec in ((pacs.dicom_port, pacs.aet), (node.port, "PACSNODE")):  # the PACS has the original
-        out = storescu(port, path, aec=aec, extra=extra)
-        assert out.returncode == 0, out.stderr
-    objects = _results(node, pacs, study_uid)
-    outlines = _outlines(objects["sr"])
+    study = studies[source]
+    outlines = _outlines(study.sr)
     # e.g. "Pneumonia 0.97 (AI)": the findings above threshold whose Grad-CAM has a hot region
     findings = {label for label in outlines if not label.startswith("Lung fields")}
     assert findings, "the demo model finds nothing on this image: nothing for the panel to list"
 
     keep = os.environ.get("PACSNODE_SCREENSHOTS")
-    with chromium() as browser:
-        page = browser.new_page(viewport={"width": 1400, "height": 900})
-        page.set_default_timeout(PAGE_TIMEOUT_S * 1000)
-        errors: list[str] = []
-        page.on("pageerror", lambda e: errors.append(str(e)))
-        try:
-            page.goto(ohif.viewer_url(study_uid))
-            _wait_image(page)
-            _stage('study shown')
-            before = _shot(page)
+    context = browser.new_context(viewport=WINDOW, reduced_motion="reduce")
+    page = context.new_page()
+    page.set_default_timeout(PAGE_TIMEOUT_S * 1000)
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    try:
+        page.goto(ohif.viewer_url(study.uid))
+        _wait_image(page)
+        _stage("study shown")
+        # the radiograph alone: gray, nothing coloured drawn over it
+        plain = _coloured(_look(page, np.zeros((0, 2)))[0])
+        assert plain.mean() < 0.02, f"{plain.mean():.1%} of the plain radiograph's viewport is coloured"
 
-            # The SR: OHIF draws every outline of it on the image, then asks to track its measurements.
-            page.get_by_text(str(objects["sr"].SeriesDescription), exact=True).dblclick()
-            page.get_by_text("Do you want to continue tracking measurements").wait_for(timeout=LOAD_TIMEOUT_S * 1000)
-            screens = {label: _to_screen(page, points[:-1]) for label, points in outlines.items()}
+        # The SR: OHIF draws every outline of it on the image, then asks to track its measurements.
+        page.get_by_text(str(study.sr.SeriesDescription), exact=True).dblclick()
+        page.get_by_text("Do you want to continue tracking measurements").wait_for(timeout=LOAD_TIMEOUT_S * 1000)
+        _wait_image(page)
+        every = np.concatenate([points[:-1] for points in outlines.values()])
+        ends = np.cumsum([len(points) - 1 for points in outlines.values()])[:-1]
 
-            def sr_drawn() -> dict[str, float]:
-                drawn = _coloured(_shot(page)) & ~_coloured(before)
-                return {label: float(_near(drawn, points).mean()) for label, points in screens.items()}
+        def sr_drawn() -> dict[str, float]:  # per outline: share of its corners with a drawn pixel near
+            pixels, placed = _look(page, every)
+            drawn, hits = _coloured(pixels), {}
+            for label, points in zip(outlines, np.split(placed, ends), strict=True):
+                points = points[_on(pixels, points)]
+                hits[label] = float(_near(drawn, points).mean()) if len(points) >= 3 else 0.0
+            return hits
 
-            _wait_until(sr_drawn, lambda hits: min(hits.values()) > 0.8, "OHIF to draw every outline of the SR")
-            _stage('SR drawn')
-            # Loading the SR's measurements computes each region's statistics: slow in software WebGL.
-            page.locator("[data-cy=yes-hydrate-btn]").click(timeout=LOAD_TIMEOUT_S * 1000)
-            _stage('SR measurements loading')
+        _wait_until(sr_drawn, lambda hits: min(hits.values()) > 0.8, "OHIF to draw every outline of the SR")
+        _stage("SR drawn")
+        # Tracking the SR's measurements computes each region's statistics: slow in software WebGL.
+        page.locator("[data-cy=yes-hydrate-btn]").click(timeout=LOAD_TIMEOUT_S * 1000)
+        _stage("SR measurements tracked")
+        # The measurement panel lists each finding by its label, e.g. "Pneumonia 0.97 (AI)".
+        page.locator("[data-cy=trackedMeasurements-btn]").click(timeout=LOAD_TIMEOUT_S * 1000)
+        for label in findings:
+            page.get_by_text(label, exact=True).first.wait_for(timeout=LOAD_TIMEOUT_S * 1000)
+        _stage("findings listed")
 
-            # The measurement panel lists each finding by its label, e.g. "Pneumonia 0.97 (AI)".
-            page.locator("[data-cy=trackedMeasurements-btn]").click(timeout=LOAD_TIMEOUT_S * 1000)
-            for label in findings:
-                page.get_by_text(label, exact=True).first.wait_for(timeout=LOAD_TIMEOUT_S * 1000)
-                _stage('findings listed')
+        # The SEG, as OHIF shows it when its series is opened: over the source image.
+        _check_seg(page, study.seg)
+        # the segmentation panel: our segment by its label, with its colour and a visibility toggle. The SR's lung fields carry the same label: the
+        # measurement panel must be the one not shown.
+        def segment_listed() -> bool:
+            return (page.locator("[data-cy^=segmentation-select]").filter(visible=True).count() > 0
+                    and page.locator("[data-cy=trackedMeasurements-panel]").filter(visible=True).count() == 0
+                    and page.get_by_text("Lung fields (AI)", exact=True).filter(visible=True).count() > 0)  # fmt: skip
 
-            # The SEG: the lung fields, tinted in the segment's colour over the image.
-            page.get_by_text(str(objects["seg"].SeriesDescription), exact=True).dblclick()
-            page.get_by_text("Do you want to open this Segmentation?").wait_for(timeout=LOAD_TIMEOUT_S * 1000)
-            mask = objects["seg"].pixel_array.astype(bool)
-            rows, cols = np.nonzero(mask)
-            pick = np.random.default_rng(0).choice(len(rows), 200, replace=False)
-            inside = _to_screen(page, np.stack([cols[pick] + 0.5, rows[pick] + 0.5], axis=1))
-            ys, xs = inside[:, 1].astype(int), inside[:, 0].astype(int)
-
-            def seg_tinted() -> float:  # share of the 200 lung pixels tinted now and gray before
-                return float((_coloured(_shot(page))[ys, xs] & ~_coloured(before)[ys, xs]).mean())
-
-            _wait_until(seg_tinted, lambda share: share > 0.9, "OHIF to tint the SEG's lung fields")
-            _stage('SEG drawn')
+        page.locator("[data-cy=panelSegmentation-btn]").click(timeout=LOAD_TIMEOUT_S * 1000)
+        wait_for(segment_listed, LOAD_TIMEOUT_S, "the segment's label in the segmentation panel", interval=0.5)
+        _stage("segment listed")
+        if keep and source == "cxr-sample":  # the README's picture: the SEG loaded beside the outlines
             page.get_by_role("button", name="Yes").click(timeout=LOAD_TIMEOUT_S * 1000)
-            # the segmentation panel: our segment by its label (with its colour and a visibility toggle)
-            page.locator("[data-cy=panelSegmentation-btn]").click(timeout=LOAD_TIMEOUT_S * 1000)
-            page.get_by_text("Lung fields (AI)").first.wait_for(timeout=LOAD_TIMEOUT_S * 1000)
-            _stage('segment listed')
-            if keep:  # the README's picture: findings listed and outlined, lung fields tinted
-                page.locator("[data-cy=trackedMeasurements-btn]").click(timeout=LOAD_TIMEOUT_S * 1000)
-                time.sleep(2)
-                picture = Image.fromarray(_shot(page).astype(np.uint8))
-                save_png(picture, Path(keep) / f"ohif-sr-seg-{source}.png")
-        except Exception:
-            page.screenshot(path=str(tmp_path / "failure.png"), timeout=LOAD_TIMEOUT_S * 1000)  # for the report
-            raise
-        assert errors == [], errors
+            _wait_until(sr_drawn, lambda hits: min(hits.values()) > 0.8, "OHIF to draw the SR's outlines with the SEG")
+            save_png(Image.open(BytesIO(page.screenshot(animations="disabled"))).convert("RGB"),
+                     Path(keep) / f"ohif-sr-seg-{source}.png")  # fmt: skip
+    except Exception:
+        page.screenshot(path=str(tmp_path / "failure.png"), timeout=LOAD_TIMEOUT_S * 1000)  # for the report
+        raise
+    finally:
+        context.close()
+    assert errors == [], errors

@@ -15,7 +15,8 @@ from node.listener import start_listener
 
 @pytest.fixture(scope="module", params=sorted(SOURCES))
 def source(request: pytest.FixtureRequest) -> Dataset:
-    """Each real source image in turn: RG1 (CR, MONOCHROME1), RG1 as DX, a cxr-sample JPEG as SC."""
+    """Each real source image in turn: RG1 (CR, MONOCHROME1), RG1 as DX, a cxr-sample JPEG as SC
+    (pixels re-encoded by highdicom, and JPEG-wrapped by img2dcm)."""
     return SOURCES[request.param]()
 
 

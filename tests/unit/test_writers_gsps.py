@@ -1,3 +1,4 @@
+import copy
 import shutil
 import subprocess
 
@@ -103,7 +104,10 @@ def test_dcmp2pgm_draws_outlines_and_labels_and_leaves_the_rest_of_the_image(sou
     """DCMTK's presentation-state renderer against the same image rendered without the GSPS:
     every shutter pixel is white, every other pixel unchanged."""
     image, ps = tmp_path / "image.dcm", tmp_path / "gsps.dcm"
-    source.save_as(image, enforce_file_format=True)
+    shown = copy.deepcopy(source)
+    if shown.file_meta.TransferSyntaxUID.is_compressed:
+        shown.decompress()  # dcmp2pgm registers no JPEG decoder; same image, same UIDs
+    shown.save_as(image, enforce_file_format=True)
     gsps.save_as(ps, enforce_file_format=True)
 
     def render(*args: str) -> np.ndarray:

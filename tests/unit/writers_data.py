@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import datetime
 import shutil
+import tempfile
 from io import BytesIO
+from pathlib import Path
 
 import highdicom as hd
 import numpy as np
@@ -12,12 +14,12 @@ import pytest
 from PIL import Image
 from pydicom import Dataset, dcmread
 from pydicom.data import get_testdata_file
-from pydicom.uid import DigitalXRayImageStorageForPresentation
+from pydicom.uid import DigitalXRayImageStorageForPresentation, JPEGBaseline8Bit
 
 from node.writers.codes import FINDING_CODES
 from node.writers.uids import result_uid
 from pipelines.base import Box, Finding, ModelInfo, PipelineResult
-from tests.peers import CXR_SAMPLES
+from tests.peers import CXR_SAMPLES, img2dcm
 from training.synthetic import LABELS as DEMO_LABELS
 
 JPEG_SAMPLE = CXR_SAMPLES / "pneumonia" / "person1946_bacteria_4875.jpeg"
@@ -83,6 +85,21 @@ def jpeg_source() -> Dataset:
     return dcmread(BytesIO(buffer.getvalue()))
 
 
+def img2dcm_source() -> Dataset:
+    """A real chest radiograph JPEG wrapped by DCMTK's img2dcm, as a site without a DICOM
+    modality sends one: Secondary Capture, JPEG Baseline pixel data (not re-encoded), no
+    spacing, no orientation, only the patient's name and ID given (DCMTK's presentation-state
+    renderer refuses a GSPS whose Patient's Name is empty)."""
+    if not JPEG_SAMPLE.exists():
+        pytest.skip(f"sample radiograph {JPEG_SAMPLE} not present")
+    if shutil.which("img2dcm") is None:
+        pytest.skip("no img2dcm (DCMTK)")
+    with tempfile.TemporaryDirectory() as folder:
+        ds = dcmread(img2dcm(JPEG_SAMPLE, Path(folder) / "sc.dcm", "PatientName=Test^Img2dcm", "PatientID=TEST-IMG2DCM"))
+    assert ds.file_meta.TransferSyntaxUID == JPEGBaseline8Bit, ds.file_meta.TransferSyntaxUID
+    return ds
+
+
 def probabilities() -> dict[str, float]:
     """Fixed probabilities for the demo model's 15 labels (in codes.py's order): 0.05, 0.11, ... 0.89."""
     labels = [label for label in FINDING_CODES if label in DEMO_LABELS]
@@ -143,5 +160,5 @@ def roundtrip(ds: Dataset) -> Dataset:
 
 
 #: The real source images the writer tests build from (one module-scoped fixture run per entry).
-SOURCES = {"rg1": rg1, "dx": dx_source, "jpeg": jpeg_source}
+SOURCES = {"rg1": rg1, "dx": dx_source, "jpeg": jpeg_source, "img2dcm": img2dcm_source}
 needs_dciodvfy = pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="no dciodvfy")
