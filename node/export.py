@@ -20,8 +20,9 @@ import pydicom
 import requests
 from dicomweb_client.api import DICOMwebClient
 from pydicom import Dataset
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE, evt
+from pydicom.filereader import read_file_meta_info
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE, _config, evt
 from pynetdicom.association import Association
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # generated at import
     StorageCommitmentPushModel,
@@ -37,6 +38,11 @@ from node.dimse import succeeded, tune_connection
 from node.engine.errors import Stage
 
 log = logging.getLogger(__name__)
+
+# A file path given to send_c_store is streamed from disk as it is, not decoded and encoded
+# again (for an SR, that round trip cost more than the C-STORE itself): `_stored_form` gives a
+# path only where the destination accepted the file's own transfer syntax.
+_config.STORE_SEND_CHUNKED_DATASET = True
 
 
 class DestinationUnavailable(ConnectionError):
@@ -98,18 +104,27 @@ def _associate(ae: AE, dest: Destination) -> Association:
     return assoc
 
 
+def _stored_form(assoc: Association, path: Path, meta: Dataset) -> Path | Dataset:
+    """What to give send_c_store: the file itself when the destination accepted its SOP class in
+    the file's transfer syntax, else the decoded dataset (pynetdicom converts it to one accepted)."""
+    sop_class, syntax = UID(meta.MediaStorageSOPClassUID), UID(meta.TransferSyntaxUID)
+    if any(c.abstract_syntax == sop_class and syntax in c.transfer_syntax for c in assoc.accepted_contexts):
+        return path
+    return pydicom.dcmread(path)
+
+
 def _c_store(dest: Destination, paths: Sequence[Path], calling_ae_title: str) -> list[SendOutcome]:
-    datasets = [pydicom.dcmread(p) for p in paths]
+    metas = [read_file_meta_info(p) for p in paths]
     ae = _ae(dest, calling_ae_title)
-    for sop_class in sorted({str(ds.SOPClassUID) for ds in datasets}):
+    for sop_class in sorted({str(m.MediaStorageSOPClassUID) for m in metas}):
         ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
     assoc = _associate(ae, dest)
     outcomes = []
     try:
-        for path, ds in zip(paths, datasets, strict=True):
+        for path, meta in zip(paths, metas, strict=True):
             try:
-                rsp = assoc.send_c_store(ds)
-            except (RuntimeError, ValueError) as e:
+                rsp = assoc.send_c_store(_stored_form(assoc, path, meta))
+            except (RuntimeError, ValueError, AttributeError) as e:
                 outcomes.append(SendOutcome(path, None, f"not sent: {e}", utcnow()))
                 continue
             status = int(rsp.Status) if "Status" in rsp else None
