@@ -22,7 +22,7 @@ from dicomweb_client.api import DICOMwebClient
 from pydicom import Dataset
 from pydicom.filereader import read_file_meta_info
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE, _config, evt
+from pynetdicom import _config, evt
 from pynetdicom.association import Association
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # generated at import
     StorageCommitmentPushModel,
@@ -34,7 +34,7 @@ from pynetdicom.status import STATUS_PENDING, STATUS_SUCCESS, code_to_category
 from node import metrics
 from node.config import Destination
 from node.db.models import utcnow
-from node.dimse import succeeded, tune_connection
+from node.dimse import RequestorAE, succeeded, tune_connection
 from node.engine.errors import Stage
 
 log = logging.getLogger(__name__)
@@ -86,8 +86,8 @@ def send_files(dest: Destination, paths: Sequence[Path], calling_ae_title: str) 
         metrics.stage_seconds(Stage.SEND, time.perf_counter() - t0)
 
 
-def _ae(dest: Destination, calling_ae_title: str) -> AE:
-    ae = AE(ae_title=calling_ae_title)
+def _ae(dest: Destination, calling_ae_title: str) -> RequestorAE:
+    ae = RequestorAE(ae_title=calling_ae_title)
     ae.connection_timeout = dest.timeout
     ae.acse_timeout = dest.timeout
     ae.dimse_timeout = dest.timeout
@@ -95,7 +95,7 @@ def _ae(dest: Destination, calling_ae_title: str) -> AE:
     return ae
 
 
-def _associate(ae: AE, dest: Destination) -> Association:
+def _associate(ae: RequestorAE, dest: Destination) -> Association:
     assert dest.host is not None and dest.port is not None and dest.ae_title is not None  # config checks
     assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, evt_handlers=[(evt.EVT_CONN_OPEN, tune_connection)])
     if not assoc.is_established:

@@ -84,9 +84,6 @@ def start_training(config: Config, names: list[str], quick: bool = False) -> lis
         argv = [sys.executable, "-m", "training", "demo", "--out", str(bundle), *(["--quick"] if quick else [])]
         with open(log_path, "wb") as out:
             proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        # Lower priority (set before the child starts its compute threads, which inherit it): the
-        # listener and the export worker keep their pace while the training takes every core.
-        os.setpriority(os.PRIO_PROCESS, proc.pid, 10)
         t = DemoTraining(name, bundle, proc, time.time(), log_path)
         _write_state(config, name, state="training", pid=proc.pid, started_at=t.started, bundle=str(bundle),
                      log=str(log_path), quick=quick)
