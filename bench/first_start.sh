@@ -38,6 +38,7 @@ cleanup() {
   rm -rf "$WORK"
 }
 trap cleanup EXIT
+trap "exit 143" INT TERM  # so that the EXIT trap stops the node
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 DICOM_PORT=$(free_port)
@@ -70,7 +71,8 @@ answered=""
 while :; do
   now=$(date +%s.%N)
   elapsed=$(python3 -c "print(f'{$now - $t0:.1f}')")
-  if echoscu -to 2 -ta 2 -td 2 -aec PACSNODE 127.0.0.1 "$DICOM_PORT" >/dev/null 2>&1; then
+  # STORESCU: the calling AE title config.yaml allows (deny by default)
+  if echoscu -to 2 -ta 2 -td 2 -aet STORESCU -aec PACSNODE 127.0.0.1 "$DICOM_PORT" >/dev/null 2>&1; then
     answered=$elapsed; break
   fi
   if ! kill -0 "$NODE_PID" 2>/dev/null; then
