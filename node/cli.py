@@ -137,7 +137,7 @@ def cmd_run(args: argparse.Namespace, config: Config) -> int:
     lock = threading.Lock()
     stopping = threading.Event()
 
-    def start_inference() -> None:
+    def start_inference_when_trained() -> None:
         if not all([t.wait(config) for t in trainings]):
             return  # logged by wait(); the jobs stay queued, nothing received is lost
         try:
@@ -148,11 +148,12 @@ def cmd_run(args: argparse.Namespace, config: Config) -> int:
         with lock:
             if not stopping.is_set():
                 children.append(subprocess.Popen(_worker_argv(args.config_file, "inference"), env=env))
-                if trainings:
-                    log.info("inference worker started: the studies that waited for the model bundle go now")
+                log.info("inference worker started: the studies that waited for the model bundle go now")
 
-    starter = threading.Thread(target=start_inference, name="start-inference", daemon=True)
-    starter.start()
+    if trainings:
+        threading.Thread(target=start_inference_when_trained, name="start-inference", daemon=True).start()
+    else:  # every bundle is there: the worker loads its models while the listener starts
+        children.append(subprocess.Popen(_worker_argv(args.config_file, "inference"), env=env))
     try:
         return _serve(config)
     finally:
