@@ -13,7 +13,7 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -49,12 +49,12 @@ class BundleCheckError(RuntimeError):
     """A configured model bundle is missing, unreadable or not the version config.yaml pins."""
 
 
-def ensure_bundles(config: Config, train_missing: bool = True) -> None:
+def ensure_bundles(config: Config, training: Collection[str] = ()) -> None:
     """Check every enabled pipeline's bundle (and pinned version) and device before anything starts.
 
-    train_missing (`pacsnode run`): a missing bundle with no version pinned gets demo weights
-    (first run); a pinned version is never replaced by demo weights. An inference worker
-    (train_missing=False) only checks.
+    Pipelines named in `training` are having their demo weights made in the background
+    (node/first_run.py, `pacsnode run`): only their device is checked. Any other missing bundle
+    is an error, as is a bundle that is not the pinned version.
     """
     from pipelines.bundle import BundleError, read_metadata  # metadata only: no torch here
     from pipelines.device import DeviceError, check_device  # torch only in a child process
@@ -62,24 +62,23 @@ def ensure_bundles(config: Config, train_missing: bool = True) -> None:
     for name, pc in config.pipelines.items():
         if not pc.enabled:
             continue
-        if not (pc.bundle / "configs" / "metadata.json").exists():
-            if pc.version is not None or not train_missing:
-                pinned = f" (version {pc.version})" if pc.version else ""
-                raise BundleCheckError(
-                    f"pipelines.{name}: model bundle {pc.bundle}{pinned} is missing; install it with "
-                    "`python -m training export`"
-                    + (", or drop `version` to start on demo weights" if pc.version else "")
-                )
-            log.warning("model bundle %s for %s is missing: training demo weights (a few minutes)", pc.bundle, name)
-            subprocess.run([sys.executable, "-m", "training", "demo", "--out", str(pc.bundle)], check=True)
-        try:
-            meta = read_metadata(pc.bundle, pc.version)
-        except BundleError as e:
-            raise BundleCheckError(f"pipelines.{name}: {e}") from e
         try:  # device: cuda on a machine without CUDA stops here, never runs on the CPU instead
             check_device(pc.device)
         except DeviceError as e:
             raise BundleCheckError(f"pipelines.{name}.device: {e}") from e
+        if name in training:
+            continue
+        if not (pc.bundle / "configs" / "metadata.json").exists():
+            pinned = f" (version {pc.version})" if pc.version else ""
+            raise BundleCheckError(
+                f"pipelines.{name}: model bundle {pc.bundle}{pinned} is missing; install it with "
+                "`python -m training export`"
+                + (", or drop `version` to start on demo weights" if pc.version else "")
+            )
+        try:
+            meta = read_metadata(pc.bundle, pc.version)
+        except BundleError as e:
+            raise BundleCheckError(f"pipelines.{name}: {e}") from e
         log.info("pipeline %s: bundle %s version %s%s", name, pc.bundle, meta.version,
                  " (demo weights)" if meta.demo else "")  # fmt: skip
 
@@ -112,32 +111,59 @@ def _worker_argv(config_file: Path, queue: str) -> list[str]:
 
 
 def cmd_run(args: argparse.Namespace, config: Config) -> int:
-    """All in one: migrate, make demo weights if missing, start workers, the API and the listener."""
+    """All in one: migrate, start workers, the API and the listener. A missing demo bundle is
+    trained in the background (node/first_run.py): the listener answers at once, and the
+    inference worker starts when every bundle is ready."""
     from node import metrics
+    from node.first_run import needs_training, start_training
     from node.jobs import reconcile
 
     db_upgrade(config)
     metrics.reset(config)  # before any child starts: the counters of the last run are gone
+    missing = needs_training(config)
     try:
         check_gate(config)
-        ensure_bundles(config)
+        ensure_bundles(config, training=missing)
     except (BundleCheckError, GateCheckError) as e:
         print(f"pacsnode: {e}", file=sys.stderr)
         return 2
     # The workers of a previous run were ours and are gone: every unfinished job goes again.
     reconcile(config, stale_after=0)
     env = {**os.environ, "PACSNODE_CONFIG": str(args.config_file)}
-    workers = [
-        subprocess.Popen(_worker_argv(args.config_file, q), env=env) for q in ("inference", "export")
-    ]
+    children = [subprocess.Popen(_worker_argv(args.config_file, "export"), env=env)]
     if config.api.enabled:
-        workers.append(subprocess.Popen([sys.executable, "-m", "node.cli", "--config", str(args.config_file), "api"], env=env))
+        children.append(subprocess.Popen([sys.executable, "-m", "node.cli", "--config", str(args.config_file), "api"], env=env))
+    trainings = start_training(config, missing, quick=args.quick_demo)
+    lock = threading.Lock()
+    stopping = threading.Event()
+
+    def start_inference_when_trained() -> None:
+        if not all([t.wait(config) for t in trainings]):
+            return  # logged by wait(); the jobs stay queued, nothing received is lost
+        try:
+            ensure_bundles(config)
+        except BundleCheckError as e:
+            log.error("%s: the inference worker does not start", e)
+            return
+        with lock:
+            if not stopping.is_set():
+                children.append(subprocess.Popen(_worker_argv(args.config_file, "inference"), env=env))
+                log.info("inference worker started: the studies that waited for the model bundle go now")
+
+    if trainings:
+        threading.Thread(target=start_inference_when_trained, name="start-inference", daemon=True).start()
+    else:  # every bundle is there: the worker loads its models while the listener starts
+        children.append(subprocess.Popen(_worker_argv(args.config_file, "inference"), env=env))
     try:
         return _serve(config)
     finally:
-        for w in workers:
+        with lock:
+            stopping.set()
+        for t in trainings:
+            t.proc.terminate()
+        for w in children:
             w.terminate()
-        for w in workers:
+        for w in children:
             try:
                 w.wait(timeout=20)
             except subprocess.TimeoutExpired:
@@ -174,7 +200,7 @@ def cmd_worker(args: argparse.Namespace, config: Config) -> int:
     if args.queues.split(",") != [EXPORT_QUEUE]:  # it runs models and the gate: both must be there
         try:
             check_gate(config)
-            ensure_bundles(config, train_missing=False)
+            ensure_bundles(config)
         except (BundleCheckError, GateCheckError) as e:
             print(f"pacsnode: {e}", file=sys.stderr)
             return 2
@@ -458,7 +484,9 @@ def build_parser() -> argparse.ArgumentParser:
         sp.set_defaults(fn=fn)
         return sp
 
-    add("run", cmd_run, "all in one: listener, completion, workers (embedded default)")
+    run = add("run", cmd_run, "all in one: listener, completion, workers (embedded default)")
+    run.add_argument("--quick-demo", action="store_true",
+                     help="a missing demo bundle is trained small (seconds, for trying the node and for tests)")
     add("listener", cmd_listener, "DICOM listener and study completion only")
     w = add("worker", cmd_worker, "a Celery worker")
     w.add_argument("-Q", "--queues", default="inference", help="inference, export or both, comma separated")

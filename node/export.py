@@ -20,8 +20,9 @@ import pydicom
 import requests
 from dicomweb_client.api import DICOMwebClient
 from pydicom import Dataset
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE, evt
+from pydicom.filereader import read_file_meta_info
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import _config, evt
 from pynetdicom.association import Association
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # generated at import
     StorageCommitmentPushModel,
@@ -33,10 +34,15 @@ from pynetdicom.status import STATUS_PENDING, STATUS_SUCCESS, code_to_category
 from node import metrics
 from node.config import Destination
 from node.db.models import utcnow
-from node.dimse import succeeded, tune_connection
+from node.dimse import RequestorAE, succeeded, tune_connection
 from node.engine.errors import Stage
 
 log = logging.getLogger(__name__)
+
+# A file path given to send_c_store is streamed from disk as it is, not decoded and encoded
+# again (for an SR, that round trip cost more than the C-STORE itself): `_stored_form` gives a
+# path only where the destination accepted the file's own transfer syntax.
+_config.STORE_SEND_CHUNKED_DATASET = True
 
 
 class DestinationUnavailable(ConnectionError):
@@ -80,8 +86,8 @@ def send_files(dest: Destination, paths: Sequence[Path], calling_ae_title: str) 
         metrics.stage_seconds(Stage.SEND, time.perf_counter() - t0)
 
 
-def _ae(dest: Destination, calling_ae_title: str) -> AE:
-    ae = AE(ae_title=calling_ae_title)
+def _ae(dest: Destination, calling_ae_title: str) -> RequestorAE:
+    ae = RequestorAE(ae_title=calling_ae_title)
     ae.connection_timeout = dest.timeout
     ae.acse_timeout = dest.timeout
     ae.dimse_timeout = dest.timeout
@@ -89,7 +95,7 @@ def _ae(dest: Destination, calling_ae_title: str) -> AE:
     return ae
 
 
-def _associate(ae: AE, dest: Destination) -> Association:
+def _associate(ae: RequestorAE, dest: Destination) -> Association:
     assert dest.host is not None and dest.port is not None and dest.ae_title is not None  # config checks
     assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, evt_handlers=[(evt.EVT_CONN_OPEN, tune_connection)])
     if not assoc.is_established:
@@ -98,18 +104,27 @@ def _associate(ae: AE, dest: Destination) -> Association:
     return assoc
 
 
+def _stored_form(assoc: Association, path: Path, meta: Dataset) -> Path | Dataset:
+    """What to give send_c_store: the file itself when the destination accepted its SOP class in
+    the file's transfer syntax, else the decoded dataset (pynetdicom converts it to one accepted)."""
+    sop_class, syntax = UID(meta.MediaStorageSOPClassUID), UID(meta.TransferSyntaxUID)
+    if any(c.abstract_syntax == sop_class and syntax in c.transfer_syntax for c in assoc.accepted_contexts):
+        return path
+    return pydicom.dcmread(path)
+
+
 def _c_store(dest: Destination, paths: Sequence[Path], calling_ae_title: str) -> list[SendOutcome]:
-    datasets = [pydicom.dcmread(p) for p in paths]
+    metas = [read_file_meta_info(p) for p in paths]
     ae = _ae(dest, calling_ae_title)
-    for sop_class in sorted({str(ds.SOPClassUID) for ds in datasets}):
+    for sop_class in sorted({str(m.MediaStorageSOPClassUID) for m in metas}):
         ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
     assoc = _associate(ae, dest)
     outcomes = []
     try:
-        for path, ds in zip(paths, datasets, strict=True):
+        for path, meta in zip(paths, metas, strict=True):
             try:
-                rsp = assoc.send_c_store(ds)
-            except (RuntimeError, ValueError) as e:
+                rsp = assoc.send_c_store(_stored_form(assoc, path, meta))
+            except (RuntimeError, ValueError, AttributeError) as e:
                 outcomes.append(SendOutcome(path, None, f"not sent: {e}", utcnow()))
                 continue
             status = int(rsp.Status) if "Status" in rsp else None

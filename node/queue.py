@@ -40,7 +40,11 @@ def broker_settings(config: Config) -> dict[str, object]:
                 "processed_folder": str(folder / "processed"),
                 "control_folder": str(folder / "control"),  # default is ./control in the cwd
                 "store_processed": False,
-                "polling_interval": 0.05,
+                # A job waits this long at most to be picked up, twice on its way (inference, then
+                # the SR's export): at 50 ms the inference pickup took 58 ms median, at 10 ms 20 ms.
+                # The price, measured on a busy 2-core VM: an idle worker polls at 2.3% of a core
+                # (0.45% at 50 ms). Production (Redis) does not poll.
+                "polling_interval": 0.01,
             },
             # The filesystem transport has no fanout exchange for remote control.
             "worker_enable_remote_control": False,

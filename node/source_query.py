@@ -9,10 +9,10 @@ from __future__ import annotations
 import logging
 
 from pydicom import Dataset
-from pynetdicom import AE
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind  # type: ignore[attr-defined]  # generated at import
 
 from node.config import QuerySource
+from node.dimse import RequestorAE
 
 log = logging.getLogger(__name__)
 
@@ -21,7 +21,7 @@ PENDING = (0xFF00, 0xFF01)
 
 def study_instance_count(source: QuerySource, study_uid: str, calling_ae: str) -> int | None:
     """Number of Study Related Instances the source PACS reports for study_uid, or None."""
-    ae = AE(ae_title=calling_ae)
+    ae = RequestorAE(ae_title=calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = source.timeout
     ae.connection_timeout = source.timeout
     ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)

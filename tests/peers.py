@@ -205,11 +205,12 @@ class Node:
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = config_path.parent / "node.log"
 
-    def start(self, timeout: float = 120.0) -> Node:
+    def start(self, timeout: float = 120.0, *run_args: str) -> Node:
+        """`pacsnode run [run_args]`; return once the listener's port accepts connections."""
         log = open(self.log_path, "ab")  # noqa: SIM115
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "TCP_NODELAY": "1"}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "node.cli", "--config", str(self.config_path), "run"],
+            [sys.executable, "-m", "node.cli", "--config", str(self.config_path), "run", *run_args],
             stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env, start_new_session=True,
         )
         wait_port(self.port, timeout)

@@ -16,7 +16,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import cache, partial
-from io import BytesIO
 from pathlib import Path
 from typing import TypeVar
 
@@ -72,6 +71,7 @@ class Built:
     kind: str
     dataset: Dataset
     checks: tuple[str, ...]
+    data: bytes  # the file the gate judged: stored and sent as it is, never encoded again
 
 
 @cache
@@ -385,7 +385,7 @@ def _validate(config: Config, timings: dict[str, float], kind: str, ds: Dataset)
     _record(timings, f"{Stage.VALIDATE}_{kind}", time.perf_counter() - t0)
     if verdict.errors:
         raise PermanentError(Stage.VALIDATE, f"{kind} failed validation: " + "; ".join(verdict.errors[:10]))
-    return Built(kind, ds, verdict.checks)
+    return Built(kind, ds, verdict.checks, verdict.data)
 
 
 def _store_outputs(config: Config, job_id: int, objects: list[Built],
@@ -407,11 +407,9 @@ def _store_outputs(config: Config, job_id: int, objects: list[Built],
         index = len(job.outputs)
         for built in objects:
             ds = built.dataset
-            buf = BytesIO()
-            ds.save_as(buf, enforce_file_format=True)
             rel = output_relpath(job.id, built.kind, index)
             index += 1
-            write_atomic(config.storage.path, rel, buf.getvalue())
+            write_atomic(config.storage.path, rel, built.data)
             out = Output(job_id=job.id, kind=built.kind, sop_class_uid=str(ds.SOPClassUID),
                          sop_instance_uid=str(ds.SOPInstanceUID), series_instance_uid=str(ds.SeriesInstanceUID),
                          path=rel, checks=list(built.checks))

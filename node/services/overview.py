@@ -17,6 +17,7 @@ from sqlalchemy import and_, func, or_, select, text
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
+from node import first_run
 from node.config import Config
 from node.db.models import (
     ACTIVE_JOB_STATES,
@@ -162,12 +163,14 @@ def _readiness(config: Config, db_error: str | None, worker_rows: Sequence[dict[
     checks["broker"] = {"ok": True, "waiting": queues} if queues is not None else {"ok": False, "detail": "not answering"}
     checks["spool"] = {"ok": space["ok"], "free_bytes": space["free_bytes"],
                        **({} if space["ok"] else {"detail": space.get("detail", "free space below storage.min_free_mb")})}
+    checks["models"] = first_run.readiness_check(config)  # demo weights still being trained on a first run
     return {"ready": all(c["ok"] for c in checks.values()), "checks": checks}
 
 
 def readiness(config: Config) -> dict[str, Any]:
     """/readyz: database, a worker heartbeat within queue.lost_after_seconds, the broker, spool
-    free space; `ready` only when all pass. Every check is bounded in time."""
+    free space, models (not while a first run's demo weights are being trained); `ready` only
+    when all pass. Every check is bounded in time."""
     try:
         with session_scope(config.database.url) as s:
             s.execute(text("SELECT 1"))

@@ -1,7 +1,9 @@
 """Validation gate for written objects: dciodvfy, dcmpschk (GSPS) and a pydicom re-read.
 
 ``judge(ds, tools)`` runs the gate and returns a ``Verdict``: the error messages (empty: the
-object passed) and which checks ran. ``validate(ds)`` returns the messages; ``check(ds)``
+object passed), which checks ran and the bytes they judged (store and send those: encoding the
+object again would cost as much as judging it, and would not be what was checked). The external
+validators run as processes while pydicom re-reads the bytes here. ``validate(ds)`` returns the messages; ``check(ds)``
 raises ``ValidationFailed`` carrying them. The gate fails closed: a configured validator that
 is not installed is an error for every object, never a skipped check; ``require_tools`` lets
 the node refuse to start instead. Warnings of the external tools are logged at DEBUG.
@@ -13,8 +15,8 @@ import logging
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
 
@@ -42,6 +44,8 @@ class Verdict:
 
     errors: list[str]
     checks: tuple[str, ...]
+    #: The object as written (a DICOM file with its meta header): exactly what the checks read.
+    data: bytes = field(default=b"", compare=False, repr=False)
 
 
 class ValidationFailed(Exception):
@@ -75,26 +79,40 @@ def tools_for(ds: Dataset, tools: Sequence[str]) -> tuple[str, ...]:
     return tuple(t for t in TOOLS if t in tools and (t != "dcmpschk" or gsps))
 
 
-def _run(tool: str, path: Path) -> tuple[int, str]:
-    """Run one validator on a file; RuntimeError when it cannot run (missing, timed out)."""
-    exe = shutil.which(tool)
-    if exe is None:
-        # Fail closed: an object the configured gate cannot check does not pass it.
-        raise RuntimeError(f"not installed (Debian package {TOOLS[tool]}); the gate cannot check this object")
-    try:
-        proc = subprocess.run(
-            [exe, str(path)], capture_output=True, text=True, timeout=TOOL_TIMEOUT_S, check=False
-        )
-    except subprocess.TimeoutExpired as e:
-        raise RuntimeError(f"timed out after {TOOL_TIMEOUT_S} s") from e
-    except OSError as e:
-        raise RuntimeError(f"cannot run: {e}") from e
-    return proc.returncode, proc.stdout + proc.stderr
+class _Running:
+    """One validator started on a file; ``result()`` waits for its exit status and output."""
+
+    def __init__(self, tool: str, path: Path) -> None:
+        self.tool = tool
+        self.error: str | None = None
+        self.proc: subprocess.Popen[str] | None = None
+        exe = shutil.which(tool)
+        if exe is None:
+            # Fail closed: an object the configured gate cannot check does not pass it.
+            self.error = f"not installed (Debian package {TOOLS[tool]}); the gate cannot check this object"
+            return
+        try:
+            self.proc = subprocess.Popen([exe, str(path)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, text=True)
+        except OSError as e:
+            self.error = f"cannot run: {e}"
+
+    def result(self) -> tuple[int, str]:
+        """Exit status and output (stdout and stderr); RuntimeError when it could not run or timed out."""
+        if self.proc is None:
+            raise RuntimeError(self.error)
+        try:
+            output, _ = self.proc.communicate(timeout=TOOL_TIMEOUT_S)
+        except subprocess.TimeoutExpired as e:
+            self.proc.kill()
+            self.proc.communicate()
+            raise RuntimeError(f"timed out after {TOOL_TIMEOUT_S} s") from e
+        return self.proc.returncode, output
 
 
-def _dciodvfy(path: Path) -> list[str]:
+def _dciodvfy(run: _Running) -> list[str]:
     try:
-        _, output = _run("dciodvfy", path)
+        _, output = run.result()
     except RuntimeError as e:
         return [f"dciodvfy: {e}"]
     errors = []
@@ -113,9 +131,9 @@ def _dciodvfy(path: Path) -> list[str]:
 DCMPSCHK_TOLERATED = ("patientName absent or empty in presentation state",)
 
 
-def _dcmpschk(path: Path) -> list[str]:
+def _dcmpschk(run: _Running) -> list[str]:
     try:
-        returncode, output = _run("dcmpschk", path)
+        returncode, output = run.result()
     except RuntimeError as e:
         return [f"dcmpschk: {e}"]
     lines = output.splitlines()
@@ -142,7 +160,7 @@ def _dcmpschk(path: Path) -> list[str]:
     return errors
 
 
-_CHECKS = {"dciodvfy": _dciodvfy, "dcmpschk": _dcmpschk}
+_CHECKS: dict[str, Callable[[_Running], list[str]]] = {"dciodvfy": _dciodvfy, "dcmpschk": _dcmpschk}
 
 
 def _reread(data: bytes) -> list[str]:
@@ -164,17 +182,20 @@ def judge(ds: Dataset, tools: Sequence[str] = tuple(TOOLS)) -> Verdict:
     except Exception as e:  # cannot be written: that is the validation result
         return Verdict([f"pydicom: cannot write object: {type(e).__name__}: {e}"], (REREAD,))
     data = buffer.getvalue()
-    errors = _reread(data)
     applied = tools_for(ds, tools)
     with tempfile.TemporaryDirectory(prefix="pacsnode-validate-") as tmp:
         path = Path(tmp) / "object.dcm"
         path.write_bytes(data)
-        for tool in applied:
-            errors += _CHECKS[tool](path)
+        # The validators are processes of their own: they judge the file while pydicom re-reads
+        # the bytes here, and the gate waits for every verdict.
+        running = [_Running(tool, path) for tool in applied]
+        errors = _reread(data)
+        for run in running:
+            errors += _CHECKS[run.tool](run)
     uid = ds.get("SOPInstanceUID", "?")
     if errors:
         logger.info("%s failed validation with %d error(s)", uid, len(errors))
-    return Verdict(errors, (REREAD, *applied))
+    return Verdict(errors, (REREAD, *applied), data)
 
 
 def validate(ds: Dataset, tools: Sequence[str] = tuple(TOOLS)) -> list[str]:
