@@ -156,8 +156,11 @@ def test_imported_networks_match_torchxrayvisions_forward(name: str, reference: 
         logits = bundle.classifier(x).numpy()
     probs = torch.sigmoid(torch.from_numpy(logits)).numpy()  # float32, as the pipeline computes them
     theirs = reference.arrays
-    assert np.abs(logits - theirs[f"{name}_logits"][:, keep]).max() < 1e-3  # logits span about [-4, 4]
-    assert np.abs(probs - theirs[f"{name}_probs"][:, keep]).max() < 1e-4
+    # float32 rounding: oneDNN picks its convolution kernels by memory layout and threads, and in a
+    # full-suite run ResNet50 at 512 px differed by 1.4e-3 in one logit (2.2e-4 in probability)
+    # where a run of this module alone matched to the bit. A wrong weight mapping is off by > 0.1.
+    assert np.abs(logits - theirs[f"{name}_logits"][:, keep]).max() < 5e-3  # logits span about [-4, 4]
+    assert np.abs(probs - theirs[f"{name}_probs"][:, keep]).max() < 1e-3
     # the bundle's thresholds are op_threshs: present exactly when torchxrayvision's op_norm >= 0.5
     present = probs >= np.array(bundle.thresholds)
     assert (present == (theirs[f"{name}_op_norm"][:, keep] >= 0.5)).all()
@@ -174,7 +177,7 @@ def test_the_node_pipeline_gives_torchxrayvisions_probabilities(name: str, refer
     for i, path in enumerate(reference.dicoms):
         (result,) = pipeline.run([pydicom.dcmread(path)])
         ours = np.array([f.probability for f in result.findings])
-        assert np.abs(ours - reference.arrays[f"{name}_probs"][i, keep]).max() < 1e-4, path.name
+        assert np.abs(ours - reference.arrays[f"{name}_probs"][i, keep]).max() < 1e-3, path.name  # as above
         ds = pydicom.dcmread(path, stop_before_pixels=True)
         shapes = {m.shape for m in (*result.regions.values(), *result.heatmaps.values())}
         assert result.regions and shapes == {(ds.Rows, ds.Columns)}
