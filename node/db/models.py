@@ -244,8 +244,9 @@ class Output(Base):
     # fewer than all only where validation.tools chose a weaker gate.
     checks: Mapped[list[str] | None] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
-    # An SR's findings [{label, probability, decision, threshold}] as read back from its file,
-    # kept the first time a study page shows them (parsing an SR takes longer than a page may).
+    # An SR's findings [{label, probability, decision, threshold}]: recorded when the SR is
+    # written, or (SRs of earlier versions) read back from its file the first time a study page
+    # shows them; parsing an SR takes longer than a page may.
     findings: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)
 
     job: Mapped[Job] = relationship(back_populates="outputs")

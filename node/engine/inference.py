@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import cache, partial
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import pydicom
 from pydicom import Dataset
@@ -307,7 +307,8 @@ def _encode(config: Config, ji: JobInput, sources: list[Dataset], results: list[
             series_number=numbers["sr"], instance_number=1, content_datetime=when,
             supersedes=[(predecessor.study_uid, predecessor.series_uid, predecessor.sop_uid)] if predecessor else (),
         ))
-        _store_outputs(config, ji.job_id, [_validate(config, timings, "sr", sr)], dests, first=True)
+        _store_outputs(config, ji.job_id, [_validate(config, timings, "sr", sr)], dests, first=True,
+                       findings=stated_findings(results))
         enqueue_export(config, ji.job_id)
         first = False
     others: list[Built] = []
@@ -388,9 +389,20 @@ def _validate(config: Config, timings: dict[str, float], kind: str, ds: Dataset)
     return Built(kind, ds, verdict.checks, verdict.data)
 
 
-def _store_outputs(config: Config, job_id: int, objects: list[Built],
-                   destinations: Sequence[Destination], first: bool) -> None:
-    """Write objects under the spool and record them with a pending send per destination.
+def stated_findings(results: Sequence[PipelineResult]) -> list[dict[str, Any]]:
+    """Each classifier finding as the SR states it (what node.services.results.findings reads
+    back from the file): kept on the SR's row, so no study page has to parse the SR."""
+    from node.writers import codes
+
+    return [{"label": f.label, "probability": round(float(f.probability), 6),
+             "decision": (codes.PRESENT if f.present else codes.ABSENT).meaning, "threshold": f.threshold}
+            for r in results for f in r.findings]
+
+
+def _store_outputs(config: Config, job_id: int, objects: list[Built], destinations: Sequence[Destination],
+                   first: bool, findings: list[dict[str, Any]] | None = None) -> None:
+    """Write objects under the spool and record them with a pending send per destination
+    (and, on the SR's row, the findings it states).
 
     `first` marks the first batch of an attempt: what an interrupted earlier attempt wrote
     is replaced (same deterministic UIDs, so nothing new reaches the PACS twice).
@@ -412,7 +424,7 @@ def _store_outputs(config: Config, job_id: int, objects: list[Built],
             write_atomic(config.storage.path, rel, built.data)
             out = Output(job_id=job.id, kind=built.kind, sop_class_uid=str(ds.SOPClassUID),
                          sop_instance_uid=str(ds.SOPInstanceUID), series_instance_uid=str(ds.SeriesInstanceUID),
-                         path=rel, checks=list(built.checks))
+                         path=rel, checks=list(built.checks), findings=findings if built.kind == "sr" else None)
             s.add(out)
             s.flush()
             for dest in (d for d in destinations if built.kind in d.wants(config.export)):

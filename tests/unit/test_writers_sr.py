@@ -11,6 +11,7 @@ from writers_data import (
     boxes,
     fake_result,
     identity,
+    jpeg_source,
     needs_dciodvfy,
     probabilities,
     rg1,
@@ -236,3 +237,20 @@ def test_box_outside_the_image_is_rejected(source):
     result.boxes = [type(box)(float(source.Columns) - 5, 0.0, float(source.Columns) + 5, 10.0, box.label, 0.5)]
     with pytest.raises(ValueError, match="is not inside source"):
         build_comprehensive_3d_sr([source], [result], MODEL, **identity("sr"))
+
+
+def test_the_findings_kept_on_the_srs_row_are_what_the_sr_states():
+    """The job engine records each SR's findings when it writes it (no study page parses the SR);
+    the dashboard's reader of older SRs must read the same from the file."""
+    from node.engine.inference import stated_findings
+    from node.services.results import content_tree, findings
+
+    source = jpeg_source()
+    result = fake_result(source.Rows, source.Columns)
+    sr = roundtrip(build_comprehensive_3d_sr([source], [result], MODEL, **identity("sr", "1")))
+    key = lambda f: f["label"]  # noqa: E731
+    read, kept = sorted(findings(content_tree(sr)), key=key), sorted(stated_findings([result]), key=key)
+    assert [f["label"] for f in read] == [f["label"] for f in kept] and len(kept) == len(result.findings)
+    for r, k in zip(read, kept, strict=True):
+        assert (r["decision"], r["threshold"]) == (k["decision"], k["threshold"]), k["label"]
+        assert r["probability"] == pytest.approx(k["probability"], abs=1e-5), k["label"]
