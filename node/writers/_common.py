@@ -8,6 +8,7 @@ text a reader sees. The SR, the GSPS and the overlay SC differ only in how they 
 from __future__ import annotations
 
 import datetime
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, TypedDict
@@ -88,9 +89,23 @@ class Outline:
         return f"{self.kind}:{self.name}:{self.index}"
 
 
+#: Outlines already traced, by id() of a result still alive (entries leave with their result): the
+#: SR, the GSPS and the overlay SC of one job draw the same outlines, traced once.
+_traced: dict[int, tuple[Outline, ...]] = {}
+
+
 def outlines(result: PipelineResult) -> list[Outline]:
     """What every writer draws: region outlines (left to right), each finding's hot region (most
-    probable first; none where its heatmap has no hot region), then the boxes (best first)."""
+    probable first; none where its heatmap has no hot region), then the boxes (best first).
+    Traced once per result: later calls return the same outlines."""
+    key = id(result)
+    if key not in _traced:
+        _traced[key] = tuple(_trace(result))
+        weakref.finalize(result, _traced.pop, key, None)
+    return list(_traced[key])
+
+
+def _trace(result: PipelineResult) -> list[Outline]:
     drawn: list[Outline] = []
     for name, mask in result.regions.items():
         label = codes.region(name).label
@@ -120,8 +135,10 @@ def box_outline(box: Box) -> np.ndarray:
 
 
 def hot_region(heatmap: np.ndarray, level: float = HOT_LEVEL) -> np.ndarray | None:
-    """The outline of the largest area where ``heatmap`` >= ``level`` (None if there is none)."""
-    candidates = mask_outlines(heatmap >= level)
+    """The outline of the largest area where ``heatmap`` >= ``level`` (None if there is none).
+    Thresholded on the grid ``mask_outlines`` traces on, not on every source pixel."""
+    step = _step(heatmap.shape, MAX_TRACE_SIDE)
+    candidates = _outlines_of(np.asarray(heatmap)[::step, ::step] >= level, step, heatmap.shape)
     if not candidates:
         return None
     return max(candidates, key=_area)
@@ -132,7 +149,18 @@ def _area(outline: np.ndarray) -> float:
     return 0.5 * abs(float(np.dot(x, np.roll(y, 1)) - np.dot(y, np.roll(x, 1))))
 
 
-def mask_outlines(mask: np.ndarray, tolerance: float = 1.5, max_side: int = 512,
+#: Outlines are traced on masks subsampled to at most this many pixels a side: the pipelines'
+#: masks come from a 256 px segmentation or a 7 x 7 heatmap upsampled to the source, so a finer
+#: grid adds cost and points, not detail (on a 2000 px radiograph, tracing at 512 px gave 2-3
+#: times the points and took 90 ms for the lungs; at 256 px, 25 ms).
+MAX_TRACE_SIDE = 256
+
+
+def _step(shape: tuple[int, ...], max_side: int) -> int:
+    return max(1, -(-max(shape) // max_side))
+
+
+def mask_outlines(mask: np.ndarray, tolerance: float = 1.5, max_side: int = MAX_TRACE_SIDE,
                   min_fraction: float = 0.02) -> list[np.ndarray]:
     """Closed outlines of ``mask`` as float32 arrays (n, 2) of (column, row) pixel coordinates.
 
@@ -140,13 +168,17 @@ def mask_outlines(mask: np.ndarray, tolerance: float = 1.5, max_side: int = 512,
     the top left corner of the top left pixel is (0, 0), so pixel (row r, column c) has its
     centre at (c + 0.5, r + 0.5). First point == last point. Specks are dropped: outlines of
     fewer than 4 points or enclosing less than ``min_fraction`` of the largest one's area.
-    Outlines are traced on the mask subsampled to at most ``max_side`` pixels and simplified
-    (Douglas-Peucker, ``tolerance`` subsampled pixels): the masks come from a 256 px
-    segmentation or a 7 x 7 heatmap, so full resolution adds cost and points, not detail
-    (~60 ms and thousands of points on 2000 px). Sorted left to right.
+    Outlines are traced on the mask subsampled to at most ``max_side`` pixels
+    (``MAX_TRACE_SIDE``) and simplified (Douglas-Peucker, ``tolerance`` subsampled pixels).
+    Sorted left to right.
     """
-    step = max(1, -(-max(mask.shape) // max_side))
-    small = np.asarray(mask, dtype=bool)[::step, ::step]
+    step = _step(mask.shape, max_side)
+    return _outlines_of(np.asarray(mask, dtype=bool)[::step, ::step], step, mask.shape, tolerance, min_fraction)
+
+
+def _outlines_of(small: np.ndarray, step: int, shape: tuple[int, ...], tolerance: float = 1.5,
+                 min_fraction: float = 0.02) -> list[np.ndarray]:
+    """``mask_outlines`` of a mask already subsampled by ``step`` from ``shape``."""
     padded = np.pad(small, 1)  # close outlines touching the border
     found = []
     for contour in find_contours(padded.astype(np.uint8), 0.5):
@@ -154,8 +186,8 @@ def mask_outlines(mask: np.ndarray, tolerance: float = 1.5, max_side: int = 512,
         if len(contour) < 4:
             continue
         # Back to source pixels: subsampled pixel k stands for source pixel k * step.
-        rows = np.clip(contour[:, 0] * step, 0, mask.shape[0] - 1) + 0.5
-        cols = np.clip(contour[:, 1] * step, 0, mask.shape[1] - 1) + 0.5
+        rows = np.clip(contour[:, 0] * step, 0, shape[0] - 1) + 0.5
+        cols = np.clip(contour[:, 1] * step, 0, shape[1] - 1) + 0.5
         outline = np.stack([cols, rows], axis=1).astype(np.float32)
         if not np.array_equal(outline[0], outline[-1]):
             outline = np.vstack([outline, outline[:1]])

@@ -139,13 +139,14 @@ def _finding_group(
 ) -> MeasurementsAndQualitativeEvaluations:
     """TID 1501 group of a finding's hot region or a detection box: the probability (or score)
     inferred from the outline (NUM > INFERRED FROM SCOORD POLYLINE > IMAGE, TID 300), the decision
-    at the threshold for a classifier finding, and the label."""
+    at the threshold for a classifier finding, and the label. The algorithm (with its threshold)
+    is named once, on the group: TID 300's optional copy under the NUM would repeat the same five
+    items in every group (a fifth of the document) and no reader needs it there."""
     assert outline.probability is not None  # findings and boxes have one
     concept = codes.finding_code(outline.name)
     algorithm = _algorithm(model, threshold)
     probability = Measurement(
         name=codes.PROBABILITY, value=round(float(outline.probability), 6), unit=codes.NO_UNITS,
-        algorithm_id=algorithm,
         referenced_coordinates=[CoordinatesForMeasurement(
             graphic_type=GraphicTypeValues.POLYLINE,  # closed: first point == last
             graphic_data=outline.points,
