@@ -7,9 +7,13 @@ senders in each round; a round lasts from the first send to the last job `done` 
 database (end to end: receive, complete, infer, encode, send to Orthanc). Workers are started
 and their models loaded before the clock starts. Prints both rates and their ratio.
 
-    python bench/throughput.py [--studies 20] [--size 512] [--bundle models/chest_xray]
+    python bench/throughput.py [--studies 20] [--size 512] [--bundle models/chest_xray] [--threads split|default]
 
-On a machine with fewer cores than workers the ratio says more about the CPU than the engine.
+--threads split (the default): one worker gets every core's torch thread, each of two workers half
+of them (`pacsnode worker --threads`), as an operator sizing workers for a host would; `default`
+leaves torch's own default (one thread per core in every worker: with two workers, twice as many
+threads as cores). On a machine with fewer cores than workers the ratio says more about the CPU
+than the engine.
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ from tests.peers import (  # noqa: E402
 
 
 def run_round(workers: int, files: list[Path], work: Path, pg: Postgres, pacs: Orthanc, bundle: Path,
-              device: str) -> float:
+              device: str, threads: int | None) -> float:
     """Seconds from the first send until every study's job is done, with `workers` inference processes."""
     redis = Redis(work / "redis").start()
     url = pg.create_database(f"bench_{workers}w")
@@ -60,7 +64,7 @@ def run_round(workers: int, files: list[Path], work: Path, pg: Postgres, pacs: O
         node.start_listener()
         node.start_worker("export1", "export")
         for i in range(workers):
-            node.start_worker(f"inf{i + 1}")
+            node.start_worker(f"inf{i + 1}", "inference", 120.0, *(["--threads", str(threads)] if threads else []))
         t0 = time.monotonic()
         threads = [threading.Thread(target=storescu, args=(node.port, *files[i::4]), kwargs={"timeout": 300})
                    for i in range(4)]
@@ -95,6 +99,8 @@ def main() -> int:
     p.add_argument("--size", type=int, default=512, help="rows and columns of each synthetic CR")
     p.add_argument("--bundle", type=Path, default=REPO / "models" / "chest_xray")
     p.add_argument("--device", default="cpu", help="pipeline device for every worker: cpu, cuda, cuda:N")
+    p.add_argument("--threads", choices=["split", "default"], default="split",
+                   help="torch threads per worker: the cores split among the workers, or torch's default")
     args = p.parse_args()
     if not (args.bundle / "configs" / "metadata.json").exists():
         subprocess.run([sys.executable, "-m", "training", "demo", "--out", str(args.bundle)], check=True, cwd=REPO)
@@ -106,10 +112,11 @@ def main() -> int:
         try:
             rates = {}
             for n in (1, 2):
-                seconds = run_round(n, files, work / f"round{n}", pg, pacs, args.bundle.resolve(), args.device)
+                threads = max(1, (os.cpu_count() or 1) // n) if args.threads == "split" else None
+                seconds = run_round(n, files, work / f"round{n}", pg, pacs, args.bundle.resolve(), args.device, threads)
                 rates[n] = args.studies / seconds * 60
-                print(f"{n} inference worker(s): {args.studies} studies in {seconds:.1f} s = {rates[n]:.1f} studies/min",
-                      flush=True)
+                print(f"{n} inference worker(s), torch threads each: {threads or 'default'}: {args.studies} studies "
+                      f"in {seconds:.1f} s = {rates[n]:.1f} studies/min", flush=True)
         finally:
             pacs.stop()
             pg.stop()

@@ -5,11 +5,16 @@ with a pynetdicom SCU (TCP_NODELAY), and reads from the node's database when Ort
 the SR's C-STORE. Prints the median turnaround less the quiet time; the node's own part of it
 (the turnaround less the models' time, measured in the same job) against the 150 ms target; the
 turnaround against the models' time + 150 ms and against 0.3 s; a plain storescu -> Orthanc
-store of the same file measured in the same run; and the stage breakdown (the SR's path:
+store of the same file measured in the same run; the PACS's part of the SR's path (the same SR,
+under a new SOP Instance UID, sent to Orthanc by node.export.send_files alone: association and
+C-STORE, no database or queue); and the stage breakdown (the SR's path:
 encode_sr, validate_sr, then sr_store_queue_send = writing it to the spool, queueing its export,
 the export worker picking it up and the C-STORE until Orthanc answered).
 
-    python bench/turnaround.py [--runs 5] [--bundle models/chest_xray]
+    python bench/turnaround.py [--runs 5] [--bundle models/chest_xray] [--objects sr,seg,sc,gsps]
+
+--objects: what the destination receives (the node builds only that); `--objects sr` shows what
+drawing the other objects while the SR is being sent costs the SR (two cores are shared).
 """
 
 from __future__ import annotations
@@ -57,6 +62,7 @@ def main() -> int:
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--bundle", type=Path, default=REPO / "models" / "chest_xray")
     p.add_argument("--gap", type=float, default=2.0, help="seconds between studies")
+    p.add_argument("--objects", default="sr,seg,sc,gsps", help="result objects the destination receives")
     args = p.parse_args()
     if not (args.bundle / "configs" / "metadata.json").exists():
         subprocess.run([sys.executable, "-m", "training", "demo", "--out", str(args.bundle)], check=True, cwd=REPO)
@@ -71,25 +77,29 @@ def main() -> int:
             plain_store = time.perf_counter() - t0
             assert out.returncode == 0, out.stderr
             cfg = node_config(work / "node", args.bundle.resolve(),
-                              [{"name": "orthanc", "ae_title": pacs.aet, "host": "127.0.0.1", "port": pacs.dicom_port}],
+                              [{"name": "orthanc", "ae_title": pacs.aet, "host": "127.0.0.1", "port": pacs.dicom_port,
+                                "objects": args.objects.split(",")}],
                               completion={"quiet_seconds": QUIET, "poll_seconds": 0.02})
             node = Node(cfg).start(timeout=300)
             try:
                 # Warm-up: the first job pays for lazy imports in the workers.
-                rows = []
+                rows, studies = [], []
                 for _ in range(args.runs + 1):
                     # Each study arrives at an idle node and PACS: the previous one's background
                     # work (Orthanc indexes what it stored; StableAge is 1 s) is not measured here.
                     time.sleep(args.gap)
-                    rows.append(run_once(node, pacs, rg1))
+                    study, row = run_once(node, pacs, rg1)
+                    rows.append(row)
+                    studies.append(study)
                 rows = rows[1:]
+                sr_send = pacs_sr_store(node, studies[-1])
             finally:
                 node.stop()
         finally:
             pacs.stop()
     for r in rows:
         print("  run:", {k: round(v * 1000, 1) for k, v in r.items()})
-    report(rows, plain_store)
+    report(rows, plain_store, sr_send, args.objects)
     return 0
 
 
@@ -106,7 +116,8 @@ def jobs_of(node: Node, study_uid: str) -> list[dict]:
         return [job_to_dict(j) for j in s.scalars(select(Job).join(Study).where(Study.study_instance_uid == study_uid))]
 
 
-def run_once(node: Node, pacs: Orthanc, rg1: Path) -> dict[str, float]:
+def run_once(node: Node, pacs: Orthanc, rg1: Path) -> tuple[str, dict[str, float]]:
+    """Send RG1 as a new study; return its Study Instance UID and the timings of its job."""
     ds = pydicom.dcmread(rg1)
     ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = generate_uid(), generate_uid(), generate_uid()
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
@@ -129,7 +140,7 @@ def run_once(node: Node, pacs: Orthanc, rg1: Path) -> dict[str, float]:
 
     t = job["timings"]
     turnaround = sr_stored - released - QUIET
-    return {
+    return study, {
         "turnaround_less_quiet": turnaround,
         "node_own_work": turnaround - t["inference"],
         "release_to_queued": at("queued_at") - released - QUIET,
@@ -144,9 +155,41 @@ def run_once(node: Node, pacs: Orthanc, rg1: Path) -> dict[str, float]:
     }
 
 
-def report(rows: list[dict[str, float]], plain_store: float) -> None:
+def pacs_sr_store(node: Node, study_uid: str, repeat: int = 5) -> float:
+    """Median seconds for node.export.send_files to store the study's SR (as a new instance) in
+    Orthanc: the PACS's and the network's part of the SR's path, without database or queue."""
+    from sqlalchemy import select
+
+    from node.config import load_config
+    from node.db.models import Job, Output, Study
+    from node.db.session import session_scope
+    from node.export import send_files
+    from node.spool import resolve
+
+    config = load_config(node.config_path)
+    with session_scope(config.database.url) as s:
+        relpath = s.scalars(select(Output.path).join(Job).join(Study).where(
+            Study.study_instance_uid == study_uid, Output.kind == "sr")).one()
+    sr = pydicom.dcmread(resolve(config.storage.path, relpath))
+    [dest] = config.destinations
+    times = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in range(repeat):
+            sr.SOPInstanceUID = sr.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+            path = Path(tmp) / f"sr{n}.dcm"
+            sr.save_as(path, enforce_file_format=True)
+            time.sleep(0.5)
+            t0 = time.time()
+            [out] = send_files(dest, [path], config.export.calling_ae_title)
+            assert out.ok, out.error
+            times.append(out.at.timestamp() - t0)
+    return statistics.median(times)
+
+
+def report(rows: list[dict[str, float]], plain_store: float, sr_send: float, objects: str) -> None:
     med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
-    print(f"runs: {len(rows)} (RG1_UNCR.dcm, CR 1955x1841, uncompressed; quiet time {QUIET} s subtracted)")
+    print(f"runs: {len(rows)} (RG1_UNCR.dcm, CR 1955x1841, uncompressed; quiet time {QUIET} s subtracted; "
+          f"objects: {objects})")
     for k, v in med.items():
         print(f"  {k:24s} {v * 1000:8.1f} ms")
     tt, own, models = med["turnaround_less_quiet"], med["node_own_work"], med["pipeline"]
@@ -156,9 +199,11 @@ def report(rows: list[dict[str, float]], plain_store: float) -> None:
           f"own / models: {own / models:.2f}")
     print(f"reference: storescu -> Orthanc plain store of the same file: {plain_store:.3f} s "
           f"(turnaround / plain store = {tt / plain_store:.1f}x)")
+    print(f"reference: the same SR sent to Orthanc by node.export.send_files alone (association + C-STORE): {sr_send * 1000:.1f} ms; "
+          f"own work less it: {(own - sr_send) * 1000:.1f} ms")
     print(f"load average during the run: {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs "
           "(a shared machine inflates every stage; compare ratios)")
-    print(json.dumps({"median": med, "plain_store_s": plain_store}))
+    print(json.dumps({"median": med, "plain_store_s": plain_store, "pacs_sr_store_s": sr_send}))
 
 
 if __name__ == "__main__":

@@ -194,6 +194,13 @@ def _serve(config: Config) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def cmd_worker(args: argparse.Namespace, config: Config) -> int:
     from node.queue import EXPORT_QUEUE, configure
 
@@ -204,6 +211,12 @@ def cmd_worker(args: argparse.Namespace, config: Config) -> int:
         except (BundleCheckError, GateCheckError) as e:
             print(f"pacsnode: {e}", file=sys.stderr)
             return 2
+    if args.threads is not None:
+        # Before any model loads: torch's default is one thread per core, so two inference
+        # workers on one host would each start as many threads as there are cores.
+        import torch
+
+        torch.set_num_threads(args.threads)
     app = configure(config)
     import node.tasks  # noqa: F401  (registers the tasks)
 
@@ -491,6 +504,9 @@ def build_parser() -> argparse.ArgumentParser:
     w = add("worker", cmd_worker, "a Celery worker")
     w.add_argument("-Q", "--queues", default="inference", help="inference, export or both, comma separated")
     w.add_argument("--concurrency", type=int, default=None, help="threads for an export worker")
+    w.add_argument("--threads", type=_positive_int, default=None,
+                   help="torch threads of an inference worker (default: one per core); with N inference "
+                        "workers on one host, cores / N each")
     w.add_argument("-n", "--name", default=None, help="node name, default QUEUES@%%h; unique per process")
     db = add("db", cmd_db, "database administration")
     db.add_argument("action", choices=["upgrade"])

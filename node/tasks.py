@@ -174,7 +174,14 @@ def _warm(**_: object) -> None:
         if pc.enabled:
             pipeline_for(config, name)
             log.info("pipeline %s loaded from %s", name, pc.bundle)
+    # The writers too: the first study would otherwise import highdicom on its critical path.
+    import node.writers.gsps, node.writers.sc, node.writers.seg, node.writers.sr, node.writers.validate  # noqa: E401, F401, I001
     # Full collections would otherwise walk every tensor and module object loaded above on
-    # each study: measured 200-400 ms spikes while building an SR, gone after freezing.
+    # each study: measured 200-400 ms spikes while building an SR, gone after freezing. An SR
+    # build allocates ~50,000 objects, freed by reference counting: the default gen-0 threshold
+    # (700) ran ~70 collections per SR and still a 225 ms pause in 15 builds; 50,000 ran one,
+    # and the longest pause was 73 ms (bench figures in README, #12).
+    gc.collect()
     gc.freeze()
+    gc.set_threshold(50_000, 50, 1000)
 

@@ -515,11 +515,12 @@ class ProductionNode:
         self.listener = self._spawn("listener", "listener")
         wait_port(self.port, timeout)
 
-    def start_worker(self, name: str, queue: str = "inference", ready_timeout: float = 120.0) -> None:
-        """Start `pacsnode worker -Q queue -n name@%h`; an inference worker is waited for until its model is loaded."""
+    def start_worker(self, name: str, queue: str = "inference", ready_timeout: float = 120.0, *extra: str) -> None:
+        """Start `pacsnode worker -Q queue -n name@%h [extra...]`; an inference worker is waited for
+        until its model is loaded."""
         log_path = self.dir / f"{name}.log"
         offset = log_path.stat().st_size if log_path.exists() else 0
-        self.workers[name] = self._spawn(name, "worker", "-Q", queue, "-n", f"{name}@%h")
+        self.workers[name] = self._spawn(name, "worker", "-Q", queue, "-n", f"{name}@%h", *extra)
         if queue == "inference":
             def loaded() -> bool:
                 proc = self.workers[name]
