@@ -313,7 +313,7 @@ class _Uids:
 _STUDY, _SERIES, _INSTANCE, _EVENT = (cast(Table, m.__table__) for m in (Study, Series, Instance, Event))
 # The three statements of the common case, built once with bound parameters (building and
 # cache-keying a statement per call cost more than running it), executed on a Connection (not an
-# ORM Session): together ~1 ms of CPU less per instance (measured: 4.0 -> 3.x ms).
+# ORM Session): handler CPU per small instance 11.9 -> 9.3 ms (in-process, 200 instances).
 _FIND_INSTANCE = (select(_INSTANCE.c.id, _INSTANCE.c.sha256, _INSTANCE.c.path)
                   .where(_INSTANCE.c.sop_instance_uid == bindparam("b_sop")))
 # A study still receiving: touched, counted (b_inc 0 for a re-sent instance), and given any

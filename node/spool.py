@@ -6,6 +6,7 @@ untrusted, so no path is ever built from one.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import os
 import tempfile
@@ -72,6 +73,26 @@ INCOMING = "incoming"
 # XFS (measured here: 1 ms together, 6 ms one after the other).
 _fsync_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="fsync")
 
+#: A large instance's written data is handed to the kernel's writeback every this many bytes
+#: while it still arrives (sync_file_range, SYNC_FILE_RANGE_WRITE: starts the device writes,
+#: waits for nothing), so the fsync after its last byte finds less left to write (7 MB in 128 KB
+#: writes, measured here: fsync 16.9 -> 13.2 ms). A hint only: durability still comes from that fsync.
+WRITEBACK_BYTES = 1 << 20
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def _sync_file_range() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range  # Linux only
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = (ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint)
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_start_writeback = _sync_file_range()
+
 
 class StagedFile:
     """An instance written into the spool's incoming folder as it arrives, hashed on the way.
@@ -95,6 +116,7 @@ class StagedFile:
         self.error: str | None = None
         self.too_large = False  # the error is the size limit
         self._hash = hashlib.sha256()
+        self._written_back = 0  # bytes handed to writeback so far (WRITEBACK_BYTES)
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         """Append data (from any thread, one writer at a time); failures are kept in `error`."""
@@ -113,6 +135,11 @@ class StagedFile:
             self.size += len(data)
         except OSError as e:
             self.error = f"cannot write to the spool: {e}"
+            return
+        if _start_writeback is not None and self.size - self._written_back >= WRITEBACK_BYTES:
+            # Failure is harmless (the fsync writes it all): the result is not looked at.
+            _start_writeback(self._fd, self._written_back, self.size - self._written_back, _SYNC_FILE_RANGE_WRITE)
+            self._written_back = self.size
 
     def finish(self) -> None:
         """All data is written: start the file's fsync now, so that it runs while the instance
