@@ -148,3 +148,23 @@ def test_a_large_staged_file_is_handed_to_writeback_as_it_arrives(tmp_path: Path
     placement.wait()
     assert placement.path.read_bytes() == chunk * 5
     assert calls == [(0, 2 * len(chunk)), (2 * len(chunk), 2 * len(chunk))]
+
+
+def test_the_hash_of_a_large_file_is_computed_beside_its_writes(tmp_path: Path) -> None:
+    """Batches hashed in another thread give the digest of all bytes in order; a bytearray the
+    caller reuses after write() is copied first."""
+    import node.spool as spool_mod
+
+    staged = StagedFile(tmp_path)
+    buffer = bytearray(spool_mod.HASH_BATCH_BYTES // 3 + 7)
+    for i in range(10):
+        buffer[:] = bytes([i]) * len(buffer)
+        staged.write(buffer)
+        staged.write(os.urandom(1000) if i % 2 else b"")
+    staged.finish()
+    with open(staged.path, "rb") as f:  # type: ignore[arg-type]
+        assert hashlib.sha256(f.read()).hexdigest() == staged.sha256
+    small = StagedFile(tmp_path)
+    small.write(b"abc")
+    small.finish()
+    assert small.sha256 == hashlib.sha256(b"abc").hexdigest()
