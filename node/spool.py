@@ -6,11 +6,13 @@ untrusted, so no path is ever built from one.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import os
 import tempfile
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 
 class SpoolError(OSError):
@@ -72,6 +74,39 @@ INCOMING = "incoming"
 # XFS (measured here: 1 ms together, 6 ms one after the other).
 _fsync_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="fsync")
 
+#: A large instance's written data is handed to the kernel's writeback every this many bytes
+#: while it still arrives (sync_file_range, SYNC_FILE_RANGE_WRITE: starts the device writes,
+#: waits for nothing), so the fsync after its last byte finds less left to write (7 MB in 128 KB
+#: writes, measured here: fsync 16.9 -> 13.2 ms). A hint only: durability still comes from that fsync.
+WRITEBACK_BYTES = 1 << 20
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def _sync_file_range() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range  # Linux only
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = (ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint)
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_start_writeback = _sync_file_range()
+
+#: A large instance is hashed beside its arrival: its data is handed to a hashing thread in
+#: batches of this many bytes (hashlib releases the GIL), so the thread reading the socket does
+#: not also spend ~10 ms per 7 MB in sha256; a small one is hashed at finish(), in one call.
+HASH_BATCH_BYTES = 1 << 20
+_hash_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="sha256")
+
+
+def _hash_batch(previous: Future[None] | None, digest: Any, chunks: list[bytes]) -> None:
+    if previous is not None:
+        previous.result()  # batches of one file in order (submitted earlier, so already running)
+    for chunk in chunks:
+        digest.update(chunk)
+
 
 class StagedFile:
     """An instance written into the spool's incoming folder as it arrives, hashed on the way.
@@ -95,6 +130,10 @@ class StagedFile:
         self.error: str | None = None
         self.too_large = False  # the error is the size limit
         self._hash = hashlib.sha256()
+        self._unhashed: list[bytes] = []  # written, not yet given to the hash
+        self._unhashed_bytes = 0
+        self._hashing: Future[None] | None = None  # the last batch handed to _hash_pool
+        self._written_back = 0  # bytes handed to writeback so far (WRITEBACK_BYTES)
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         """Append data (from any thread, one writer at a time); failures are kept in `error`."""
@@ -109,20 +148,45 @@ class StagedFile:
         try:
             while view:
                 view = view[os.write(self._fd, view):]
-            self._hash.update(data)
             self.size += len(data)
+            # Kept until hashed: bytes (what the socket gives) cannot change meanwhile; anything else is copied.
+            self._unhashed.append(data if isinstance(data, bytes) else bytes(data))
+            self._unhashed_bytes += len(data)
+            if self._unhashed_bytes >= HASH_BATCH_BYTES:
+                self._hash_pending()
         except OSError as e:
             self.error = f"cannot write to the spool: {e}"
+            return
+        if _start_writeback is not None and self.size - self._written_back >= WRITEBACK_BYTES:
+            # Failure is harmless (the fsync writes it all): the result is not looked at.
+            _start_writeback(self._fd, self._written_back, self.size - self._written_back, _SYNC_FILE_RANGE_WRITE)
+            self._written_back = self.size
+
+    def _hash_pending(self) -> None:
+        """Hand the data written since the last batch to the hash (in this thread if no batch runs)."""
+        chunks, size = self._unhashed, self._unhashed_bytes
+        self._unhashed, self._unhashed_bytes = [], 0
+        if self._hashing is None and size < HASH_BATCH_BYTES:
+            _hash_batch(None, self._hash, chunks)
+        elif chunks:
+            self._hashing = _hash_pool.submit(_hash_batch, self._hashing, self._hash, chunks)
 
     def finish(self) -> None:
         """All data is written: start the file's fsync now, so that it runs while the instance
         is checked and recorded (place() waits for it)."""
+        if self._unhashed:
+            self._hash_pending()
         if self._fd is not None and self._synced is None and self.error is None:
             fd, self._fd = self._fd, None
             self._synced = _fsync_pool.submit(_fsync_close, fd)
 
     @property
     def sha256(self) -> str:
+        """Hex digest of everything written (call after finish(), from any one thread)."""
+        if self._unhashed:
+            self._hash_pending()
+        if self._hashing is not None:
+            self._hashing.result()
         return self._hash.hexdigest()
 
     def place(self, relpath: str) -> Placement:

@@ -272,3 +272,47 @@ def test_the_same_instance_from_two_senders_at_once_is_stored_once(cfg: Config, 
     assert _count(cfg, Instance) == 1
     files = _spool_files(cfg)
     assert len(files) == 1 and files[0].read_bytes() == data
+
+
+def test_study_row_follows_each_instance(ctx: IngestContext, cfg: Config) -> None:
+    """The one UPDATE per instance: counts new instances only, sets an expected count and identifier
+    hashes when an instance carries them and leaves them when a later one does not."""
+    from io import BytesIO
+
+    from node.handlers import ingest
+    from node.identifiers import keyed_hash
+
+    study = generate_uid()
+
+    def encoded(sop: str, **elements: Any) -> bytes:
+        ds = pydicom.dcmread(RG1)
+        ds.StudyInstanceUID, ds.SOPInstanceUID = study, sop
+        ds.file_meta.MediaStorageSOPInstanceUID = sop
+        for keyword in ("AccessionNumber", "PatientID", "NumberOfStudyRelatedInstances"):
+            if keyword in ds:
+                del ds[keyword]
+        for keyword, value in elements.items():
+            setattr(ds, keyword, value)
+        out = BytesIO()
+        ds.save_as(out, enforce_file_format=True)
+        return out.getvalue()
+
+    def row() -> Study:
+        with session_scope(cfg.database.url) as s:
+            st = s.scalar(select(Study).where(Study.study_instance_uid == study))
+            assert st is not None
+            return st
+
+    first = generate_uid()
+    ingest(encoded(first), ctx, "SENDER")
+    assert (row().instance_count, row().expected_instances, row().accession_hash) == (1, None, None)
+    ingest(encoded(generate_uid(), AccessionNumber="ACC1", PatientID="P1", NumberOfStudyRelatedInstances=4),
+           ctx, "SENDER")
+    st = row()
+    assert (st.instance_count, st.expected_instances) == (2, 4)
+    assert (st.accession_hash, st.patient_id_hash) == (keyed_hash(cfg, "ACC1"), keyed_hash(cfg, "P1"))
+    ingest(encoded(generate_uid()), ctx, "SENDER")  # carries none of them: they stay
+    ingest(encoded(first, InstanceNumber=99), ctx, "SENDER")  # same instance, new content: not counted
+    st = row()
+    assert (st.instance_count, st.expected_instances) == (3, 4)
+    assert (st.accession_hash, st.patient_id_hash) == (keyed_hash(cfg, "ACC1"), keyed_hash(cfg, "P1"))

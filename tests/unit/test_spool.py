@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -130,3 +131,40 @@ def test_a_file_that_failed_to_write_is_never_placed(tmp_path: Path) -> None:
         staged.place("a.dcm")
     staged.discard()
     assert not (tmp_path / "a.dcm").exists()
+
+
+def test_a_large_staged_file_is_handed_to_writeback_as_it_arrives(tmp_path: Path, monkeypatch: Any) -> None:
+    """Every WRITEBACK_BYTES the written range goes to sync_file_range; the bytes are unchanged."""
+    import node.spool as spool_mod
+
+    calls: list[tuple[int, int]] = []
+    monkeypatch.setattr(spool_mod, "_start_writeback", lambda fd, off, n, flags: calls.append((off, n)) or 0)
+    staged = spool_mod.StagedFile(tmp_path)
+    chunk = b"x" * (spool_mod.WRITEBACK_BYTES // 2 + 1)
+    for _ in range(5):
+        staged.write(chunk)
+    staged.finish()
+    placement = staged.place("instances/aa/bb/cc.dcm")
+    placement.wait()
+    assert placement.path.read_bytes() == chunk * 5
+    assert calls == [(0, 2 * len(chunk)), (2 * len(chunk), 2 * len(chunk))]
+
+
+def test_the_hash_of_a_large_file_is_computed_beside_its_writes(tmp_path: Path) -> None:
+    """Batches hashed in another thread give the digest of all bytes in order; a bytearray the
+    caller reuses after write() is copied first."""
+    import node.spool as spool_mod
+
+    staged = StagedFile(tmp_path)
+    buffer = bytearray(spool_mod.HASH_BATCH_BYTES // 3 + 7)
+    for i in range(10):
+        buffer[:] = bytes([i]) * len(buffer)
+        staged.write(buffer)
+        staged.write(os.urandom(1000) if i % 2 else b"")
+    staged.finish()
+    with open(staged.path, "rb") as f:  # type: ignore[arg-type]
+        assert hashlib.sha256(f.read()).hexdigest() == staged.sha256
+    small = StagedFile(tmp_path)
+    small.write(b"abc")
+    small.finish()
+    assert small.sha256 == hashlib.sha256(b"abc").hexdigest()
