@@ -93,5 +93,6 @@ for _ in $(seq 1 120); do   # the API process may start a few seconds after the 
   fi
   sleep 0.5
 done
+grep '^dev: ' "$WORK/node.log" || true   # ./dev's own steps (virtualenv, pip) and their seconds
 grep -m1 "training .*demo weights in the background" "$WORK/node.log" || echo "(the log does not mention a background training)"
 echo "machine: $(nproc) CPUs, load average $(cut -d' ' -f1-3 /proc/loadavg) (shared machines inflate the figure)"
