@@ -49,12 +49,13 @@ class BundleCheckError(RuntimeError):
     """A configured model bundle is missing, unreadable or not the version config.yaml pins."""
 
 
-def ensure_bundles(config: Config, training: Collection[str] = ()) -> None:
+def ensure_bundles(config: Config, training: Collection[str] = (), check_devices: bool = True) -> None:
     """Check every enabled pipeline's bundle (and pinned version) and device before anything starts.
 
     Pipelines named in `training` are having their demo weights made in the background
     (node/first_run.py, `pacsnode run`): only their device is checked. Any other missing bundle
-    is an error, as is a bundle that is not the pinned version.
+    is an error, as is a bundle that is not the pinned version. `check_devices=False`: not the
+    devices (torch is not installed yet: `pacsnode run` checks them once it is).
     """
     from pipelines.bundle import BundleError, read_metadata  # metadata only: no torch here
     from pipelines.device import DeviceError, check_device  # torch only in a child process
@@ -63,7 +64,8 @@ def ensure_bundles(config: Config, training: Collection[str] = ()) -> None:
         if not pc.enabled:
             continue
         try:  # device: cuda on a machine without CUDA stops here, never runs on the CPU instead
-            check_device(pc.device)
+            if check_devices:
+                check_device(pc.device)
         except DeviceError as e:
             raise BundleCheckError(f"pipelines.{name}.device: {e}") from e
         if name in training:
@@ -113,17 +115,27 @@ def _worker_argv(config_file: Path, queue: str) -> list[str]:
 def cmd_run(args: argparse.Namespace, config: Config) -> int:
     """All in one: migrate, start workers, the API and the listener. A missing demo bundle is
     trained in the background (node/first_run.py): the listener answers at once, and the
-    inference worker starts when every bundle is ready."""
+    inference worker starts when every bundle is ready. On a fresh virtualenv the inference
+    dependencies (torch, ...) may still be being installed by `./dev run`: the training and the
+    inference worker then wait for that install to end."""
     from node import metrics
-    from node.first_run import needs_training, start_training
+    from node.first_run import (
+        DemoTraining,
+        inference_install,
+        needs_training,
+        start_training,
+        wait_for_inference_deps,
+    )
     from node.jobs import reconcile
 
     db_upgrade(config)
     metrics.reset(config)  # before any child starts: the counters of the last run are gone
     missing = needs_training(config)
+    deps_ready = inference_install()["state"] == "ready"
     try:
         check_gate(config)
-        ensure_bundles(config, training=missing)
+        # Without torch the device cannot be checked yet: it is once the install has ended.
+        ensure_bundles(config, training=missing, check_devices=deps_ready)
     except (BundleCheckError, GateCheckError) as e:
         print(f"pacsnode: {e}", file=sys.stderr)
         return 2
@@ -133,11 +145,23 @@ def cmd_run(args: argparse.Namespace, config: Config) -> int:
     children = [subprocess.Popen(_worker_argv(args.config_file, "export"), env=env)]
     if config.api.enabled:
         children.append(subprocess.Popen([sys.executable, "-m", "node.cli", "--config", str(args.config_file), "api"], env=env))
-    trainings = start_training(config, missing, quick=args.quick_demo)
+    trainings: list[DemoTraining] = start_training(config, missing, quick=args.quick_demo) if deps_ready else []
     lock = threading.Lock()
     stopping = threading.Event()
 
-    def start_inference_when_trained() -> None:
+    def start_inference_when_ready() -> None:
+        if not deps_ready:
+            if not wait_for_inference_deps(stopping):
+                return  # logged; the jobs stay queued, nothing received is lost
+            try:
+                ensure_bundles(config, training=missing)
+            except BundleCheckError as e:
+                log.error("%s: the inference worker does not start", e)
+                return
+            with lock:
+                if stopping.is_set():
+                    return
+                trainings.extend(start_training(config, missing, quick=args.quick_demo))
         if not all([t.wait(config) for t in trainings]):
             return  # logged by wait(); the jobs stay queued, nothing received is lost
         try:
@@ -150,8 +174,8 @@ def cmd_run(args: argparse.Namespace, config: Config) -> int:
                 children.append(subprocess.Popen(_worker_argv(args.config_file, "inference"), env=env))
                 log.info("inference worker started: the studies that waited for the model bundle go now")
 
-    if trainings:
-        threading.Thread(target=start_inference_when_trained, name="start-inference", daemon=True).start()
+    if trainings or not deps_ready:
+        threading.Thread(target=start_inference_when_ready, name="start-inference", daemon=True).start()
     else:  # every bundle is there: the worker loads its models while the listener starts
         children.append(subprocess.Popen(_worker_argv(args.config_file, "inference"), env=env))
     try:

@@ -5,15 +5,23 @@
 meanwhile are stored and their jobs wait in the queue, and the inference worker starts when
 every bundle is ready. Each training writes its state to `<storage>/training/<pipeline>.json`
 (and its output to `<pipeline>.log` beside it), which /readyz reads.
+
+On a fresh virtualenv `./dev run` installs the node's own dependencies first and the `inference`
+extra (torch, MONAI, SciPy, scikit-image) in the background, recording its progress in
+`<venv>/pacsnode-install.json`: the listener answers meanwhile, and `run` starts the demo
+training and the inference worker when that install has ended (`wait_for_inference_deps`).
 """
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import json
 import logging
 import os
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +32,86 @@ from node.config import Config
 log = logging.getLogger(__name__)
 
 TRAINING_DIR = "training"
+# The import names of pyproject.toml's `inference` extra: what the inference worker and the demo
+# training need beyond the node's own dependencies.
+INFERENCE_MODULES = ("torch", "monai", "scipy", "skimage", "tqdm")
+INFERENCE_NAMES = "torch, MONAI, SciPy, scikit-image"
+# Written by `./dev run` while it installs the inference extra in the background:
+# {"state": "installing" | "done" | "failed", "pid", "started_at", "log", "exit_code"}.
+INSTALL_STATE = "pacsnode-install.json"
+
+
+def install_state_path() -> Path:
+    """`<venv>/pacsnode-install.json`; PACSNODE_INSTALL_STATE names another file (tests)."""
+    return Path(os.environ.get("PACSNODE_INSTALL_STATE") or Path(sys.prefix) / INSTALL_STATE)
+
+
+def inference_install() -> dict[str, Any]:
+    """Where the inference dependencies stand. "ready": importable, no install running;
+    "installing" (started_at, pid, log): `./dev run` is installing them; "failed" (exit_code,
+    log): that install failed; "stopped": its installer is gone before it ended (the node was
+    killed during it); "missing": not installed and no install under way (a plain
+    `pip install .` without the extra)."""
+    try:
+        state = json.loads(install_state_path().read_text())
+    except (OSError, ValueError):
+        state = {}
+    if state.get("state") == "installing":
+        if _alive(int(state.get("pid", 0))):
+            return state
+        return {**state, "state": "stopped"}
+    if state.get("state") == "failed":
+        return state
+    importlib.invalidate_caches()  # the finders cache directory listings from before the install
+    missing = [m for m in INFERENCE_MODULES if importlib.util.find_spec(m) is None]
+    if not missing:
+        return {"state": "ready"}
+    return {**state, "state": "missing", "missing": missing}
+
+
+def _since(state: dict[str, Any]) -> str:
+    return time.strftime("%H:%M:%S", time.localtime(float(state.get("started_at", 0))))
+
+
+def describe_install(state: dict[str, Any]) -> str:
+    """One line for /readyz and the log: why the models are not ready while the inference
+    dependencies are not there."""
+    where = f" (pip's output: {state['log']})" if state.get("log") else ""
+    if state["state"] == "installing":
+        return (f"installing the inference dependencies ({INFERENCE_NAMES}) since {_since(state)}{where}; "
+                "studies received meanwhile wait in the queue and are processed when the models are ready")
+    if state["state"] == "failed":
+        return (f"installing the inference dependencies ({INFERENCE_NAMES}) failed with exit status "
+                f"{state.get('exit_code')}{where}; studies received wait in the queue; fix it and run "
+                "`./dev run` again")
+    if state["state"] == "stopped":
+        return (f"the install of the inference dependencies ({INFERENCE_NAMES}) started at {_since(state)} "
+                f"stopped before it ended{where}; studies received wait in the queue; run `./dev run` again")
+    return (f"the inference dependencies are not installed (missing: {', '.join(state.get('missing', []))}); "
+            "studies received wait in the queue; install them (`pip install -e '.[inference]'`, or `./dev run`) "
+            "and restart the node")
+
+
+def wait_for_inference_deps(stopping: threading.Event, poll: float = 1.0) -> bool:
+    """Block until the inference dependencies are importable and no install is running: True;
+    False when their install failed or stopped, when they are not installed and nothing installs
+    them (logged as an error: the node keeps receiving, the jobs stay queued), or when `stopping`
+    is set."""
+    waited = False
+    while True:
+        state = inference_install()
+        if state["state"] == "ready":
+            if waited:
+                log.info("inference dependencies installed (%s): the models can be loaded", INFERENCE_NAMES)
+            return True
+        if state["state"] != "installing":
+            log.error("%s: demo training and the inference worker do not start", describe_install(state))
+            return False
+        if not waited:
+            log.warning("%s; demo training and the inference worker start when it ends", describe_install(state))
+            waited = True
+        if stopping.wait(poll):
+            return False
 
 
 def needs_training(config: Config) -> list[str]:
@@ -128,13 +216,19 @@ def _alive(pid: int) -> bool:
 
 def readiness_check(config: Config) -> dict[str, Any]:
     """The /readyz check "models": not ok while demo weights are being trained (the node
-    receives, and the jobs wait in the queue) or when their training failed."""
+    receives, and the jobs wait in the queue) or when their training failed; before that, not ok
+    while the inference dependencies are being installed (or when they are not there)."""
+    install = inference_install()
+    if install["state"] != "ready":
+        then = needs_training(config)
+        return {"ok": False, "detail": describe_install(install)
+                + (f"; then demo weights are trained for {', '.join(then)}" if then else "")}
     waiting = []
     for name, state in training_status(config).items():
         pc = config.pipelines[name]
         if state["state"] == "done" or (pc.bundle / "configs" / "metadata.json").exists():
             continue
-        since = time.strftime("%H:%M:%S", time.localtime(float(state.get("started_at", 0))))
+        since = _since(state)
         if state["state"] == "training":
             waiting.append(f"{name}: demo weights being trained since {since}; studies received meanwhile "
                            "wait in the queue and are processed when the bundle is ready")
