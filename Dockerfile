@@ -7,5 +7,5 @@ COPY pipelines pipelines
 COPY training training
 COPY migrations migrations
 COPY config.yaml alembic.ini ./
-RUN pip install --no-cache-dir -e .
+RUN pip install --no-cache-dir -e ".[inference]"
 USER nobody
