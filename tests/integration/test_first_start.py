@@ -1,5 +1,7 @@
 """First run: `pacsnode run` without a model bundle answers DICOM at once, trains demo weights in
-the background, and processes the study that arrived meanwhile when the bundle is ready.
+the background, and processes the study that arrived meanwhile when the bundle is ready. On a
+fresh virtualenv `./dev run` is still installing torch and the inference dependencies then: the
+node waits for that install (its state file, simulated here) before it starts the training.
 
 `--quick-demo` trains the small demo bundle (seconds, not minutes); the path through the node
 is the same as for the full one. bench/first_start.sh times the full one on a fresh clone.
@@ -7,7 +9,9 @@ is the same as for the full one. bench/first_start.sh times the full one on a fr
 
 from __future__ import annotations
 
+import json
 import subprocess
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -35,7 +39,14 @@ def _at(job: dict, key: str) -> float:
 
 
 @pytest.mark.timeout(900)  # the quick demo training: ~15 s alone, minutes on a busy machine
-def test_a_study_sent_while_demo_weights_train_is_processed_once_they_are_ready(tmp_path: Path) -> None:
+def test_a_study_sent_while_demo_weights_train_is_processed_once_they_are_ready(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # `./dev run`'s background install of the inference extra, under way: a live pid in its state file.
+    install_state = tmp_path / "pacsnode-install.json"
+    installer = subprocess.Popen(["sleep", "900"])
+    install_state.write_text(json.dumps({"state": "installing", "pid": installer.pid, "started_at": time.time(),
+                                         "log": str(tmp_path / "pacsnode-install.log")}))
+    monkeypatch.setenv("PACSNODE_INSTALL_STATE", str(install_state))  # the node's and readiness() below
     pacs = Orthanc(tmp_path / "orthanc").start()
     bundle = tmp_path / "models" / "chest_xray"
     ready_marker = bundle / "configs" / "metadata.json"
@@ -51,14 +62,26 @@ def test_a_study_sent_while_demo_weights_train_is_processed_once_they_are_ready(
         assert echo.returncode == 0, echo.stderr
         assert not ready_marker.exists(), "the bundle was there before the listener answered: nothing is shown"
         models = readiness(config)["checks"]["models"]
-        assert models["ok"] is False and "chest_xray: demo weights being trained since" in models["detail"], models
+        assert models["ok"] is False and models["detail"].startswith("installing the inference dependencies (torch, "), models
+        assert models["detail"].endswith("then demo weights are trained for chest_xray"), models
 
         assert storescu(node.port, RG1).returncode == 0
         study = str(pydicom.dcmread(RG1, stop_before_pixels=True).StudyInstanceUID)
         queued = wait_for(lambda: next((j for j in node.jobs() if j["study_instance_uid"] == study), None), 60,
                           "the study's job")
-        assert not ready_marker.exists(), "the bundle was ready before the study's job was queued"
         assert queued["state"] == "queued", queued
+        assert not (config.storage.path / "training").exists(), "demo training started during the install"
+
+        # The install ends: the training starts, the job still waits for the bundle.
+        install_state.write_text(json.dumps({**json.loads(install_state.read_text()), "state": "done"}))
+        installer.kill()
+
+        def training() -> dict | None:
+            models = readiness(config)["checks"]["models"]
+            return models if models.get("detail", "").startswith("chest_xray: demo weights being trained since") else None
+
+        assert wait_for(training, 60, "the demo training, after the install", interval=0.5)["ok"] is False
+        assert not ready_marker.exists(), "the bundle was ready before the study's job was queued"
 
         job = node.wait_done(study, 600, "the study's job, after the demo training")
         ready_at = ready_marker.stat().st_mtime
@@ -68,10 +91,14 @@ def test_a_study_sent_while_demo_weights_train_is_processed_once_they_are_ready(
         assert pacs.find_study(study), "Orthanc does not have the study"
         assert {o["kind"] for o in job["outputs"]} >= {"sr"}
         log = node.log()
+        assert "installing the inference dependencies (torch, " in log
+        assert "demo training and the inference worker start when it ends" in log
+        assert "inference dependencies installed" in log
         assert "training quick demo weights in the background" in log
         assert "studies received meanwhile wait in the queue" in log
         assert "pipeline chest_xray: demo weights ready after" in log
         assert "inference worker started: the studies that waited for the model bundle go now" in log
     finally:
+        installer.kill()
         node.stop()
         pacs.stop()
