@@ -6,12 +6,13 @@
 # Clones this repository (its committed HEAD) into a temporary folder, with no model bundle, and
 # runs `./dev run` there on free ports (the repository's config.yaml, ports changed), timing the
 # moment DCMTK's echoscu gets an answer. Prints the seconds, their ratio to the 90 s target, and
-# what /readyz says then (demo weights are still being trained in the background). Stops the
-# node and deletes the clone at the end.
+# what /readyz says then (torch and the inference dependencies are still being installed in the
+# background on a new virtualenv, then demo weights are trained). Stops the node and deletes the
+# clone at the end.
 #
 # --reuse-venv PATH: the clone's .venv is PATH (an existing virtualenv with the node's
 # dependencies, e.g. a checkout's .venv) instead of a new one, and the output says so: a new
-# virtualenv costs whatever pip needs to install torch and the dependencies on that machine. The
+# virtualenv costs whatever pip needs to install the node's own dependencies on that machine. The
 # clone's code is what runs (PYTHONPATH), and PATH itself is not changed.
 set -euo pipefail
 
@@ -60,7 +61,7 @@ if [ -n "$REUSE" ]; then
   export PYTHONPATH="$CLONE"
   echo "virtualenv: REUSED $REUSE (not created by this run; the clone's code runs through PYTHONPATH)"
 else
-  echo "virtualenv: new (./dev creates it and installs torch and the dependencies)"
+  echo "virtualenv: new (./dev creates it, installs the node's dependencies, then torch and the inference dependencies in the background)"
 fi
 
 cd "$CLONE"
@@ -94,5 +95,7 @@ for _ in $(seq 1 120); do   # the API process may start a few seconds after the 
   sleep 0.5
 done
 grep '^dev: ' "$WORK/node.log" || true   # ./dev's own steps (virtualenv, pip) and their seconds
-grep -m1 "training .*demo weights in the background" "$WORK/node.log" || echo "(the log does not mention a background training)"
+grep -m1 "installing the inference dependencies" "$WORK/node.log" \
+  || grep -m1 "training .*demo weights in the background" "$WORK/node.log" \
+  || echo "(the log mentions neither a background install nor a background training)"
 echo "machine: $(nproc) CPUs, load average $(cut -d' ' -f1-3 /proc/loadavg) (shared machines inflate the figure)"
