@@ -217,8 +217,10 @@ def _alive(pid: int) -> bool:
 def readiness_check(config: Config) -> dict[str, Any]:
     """The /readyz check "models": not ok while demo weights are being trained (the node
     receives, and the jobs wait in the queue) or when their training failed; before that, not ok
-    while the inference dependencies are being installed (or when they are not there)."""
-    install = inference_install()
+    while the inference dependencies are being installed (or when they are not there).
+    The install is this host's only when the node runs embedded (`pacsnode run`): in production
+    the API's host need not have torch, the inference workers' hosts do."""
+    install = inference_install() if config.embedded_queue else {"state": "ready"}
     if install["state"] != "ready":
         then = needs_training(config)
         return {"ok": False, "detail": describe_install(install)

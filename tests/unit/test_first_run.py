@@ -65,6 +65,15 @@ def test_models_are_not_ready_while_the_inference_dependencies_install(state: Pa
     assert first_run.readiness_check(config) == {"ok": True}
 
 
+def test_production_api_host_needs_no_torch(state: Path, tmp_path: Path) -> None:
+    """With a Redis broker the inference workers run elsewhere: the API's host lacking the
+    inference dependencies does not make the node unready."""
+    config = load_config(node_config(tmp_path / "node", tmp_path / "models" / "chest_xray", [],
+                                     queue={"broker_url": "redis://127.0.0.1:1/0"}))
+    assert first_run.inference_install()["state"] == "missing"
+    assert "inference dependencies" not in first_run.readiness_check(config).get("detail", "")
+
+
 def test_run_waits_for_the_install_to_end(state: Path, caplog: pytest.LogCaptureFixture,
                                           monkeypatch: pytest.MonkeyPatch) -> None:
     caplog.set_level(logging.INFO, logger="node.first_run")
