@@ -74,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
                     t["validate"].append(time.perf_counter() - t0)
                     path = Path(tmp) / f"{kind}.dcm"
                     ds.save_as(path, enforce_file_format=True)
-                    ref = ObjectRef(str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID))
+                    ref = ObjectRef(str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID),
+                                    str(ds.SOPClassUID))
                     for dest, send_key, confirm_key in ((dimse, "dimse", "cfind"), (web, "stow", "qido")):
                         t0 = time.perf_counter()
                         [out] = send_files(dest, [path], "PACSNODE")

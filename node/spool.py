@@ -10,6 +10,7 @@ import ctypes
 import hashlib
 import os
 import tempfile
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -134,6 +135,12 @@ class StagedFile:
         self._unhashed_bytes = 0
         self._hashing: Future[None] | None = None  # the last batch handed to _hash_pool
         self._written_back = 0  # bytes handed to writeback so far (WRITEBACK_BYTES)
+        # finish() runs in the listener's network thread once the data set is complete, but
+        # pynetdicom has queued the message for the handler by then: the handler's place() (which
+        # finishes too) may run at the same moment. Without this lock place() could see the
+        # descriptor handed over but no fsync yet, and refuse the instance ("already placed"),
+        # or both could fsync and close the same descriptor.
+        self._finishing = threading.RLock()
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         """Append data (from any thread, one writer at a time); failures are kept in `error`."""
@@ -174,30 +181,34 @@ class StagedFile:
     def finish(self) -> None:
         """All data is written: start the file's fsync now, so that it runs while the instance
         is checked and recorded (place() waits for it)."""
-        if self._unhashed:
-            self._hash_pending()
-        if self._fd is not None and self._synced is None and self.error is None:
-            fd, self._fd = self._fd, None
-            self._synced = _fsync_pool.submit(_fsync_close, fd)
+        with self._finishing:
+            if self._unhashed:
+                self._hash_pending()
+            if self._fd is not None and self._synced is None and self.error is None:
+                fd, self._fd = self._fd, None
+                self._synced = _fsync_pool.submit(_fsync_close, fd)
 
     @property
     def sha256(self) -> str:
         """Hex digest of everything written (call after finish(), from any one thread)."""
-        if self._unhashed:
-            self._hash_pending()
-        if self._hashing is not None:
-            self._hashing.result()
+        with self._finishing:  # the network thread's finish() may be handing over the last data
+            if self._unhashed:
+                self._hash_pending()
+            hashing = self._hashing
+        if hashing is not None:
+            hashing.result()
         return self._hash.hexdigest()
 
     def place(self, relpath: str) -> Placement:
         """Move the file to root/relpath and start making it durable (file, folder and any new
         parent folders fsync'd); `Placement.wait()` returns once all of it is on disk."""
-        if self.path is None or (self._fd is None and self._synced is None):
-            raise SpoolError("staged file was already placed or discarded")
-        if self.error is not None:
-            raise SpoolError(f"staged file is incomplete: {self.error}")
-        self.finish()
-        assert self._synced is not None  # finish() started it: no error, descriptor open
+        with self._finishing:
+            if self.path is None or (self._fd is None and self._synced is None):
+                raise SpoolError("staged file was already placed or discarded")
+            if self.error is not None:
+                raise SpoolError(f"staged file is incomplete: {self.error}")
+            self.finish()
+            assert self._synced is not None  # finish() started it: no error, descriptor open
         target = resolve(self.root, relpath)
         created = _makedirs(target.parent)
         existed = target.exists()
@@ -209,9 +220,10 @@ class StagedFile:
 
     def discard(self) -> None:
         """Remove the staged file (nothing happens once it was placed)."""
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        with self._finishing:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
         if self.path is not None:
             self.path.unlink(missing_ok=True)  # an fsync still running keeps its own descriptor
             self.path = None

@@ -168,3 +168,33 @@ def test_the_hash_of_a_large_file_is_computed_beside_its_writes(tmp_path: Path) 
     small.write(b"abc")
     small.finish()
     assert small.sha256 == hashlib.sha256(b"abc").hexdigest()
+
+
+def test_place_while_the_network_thread_is_finishing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The listener's network thread calls finish() after pynetdicom has queued the message, so
+    the handler's place() can run at the same moment: it waits for finish() instead of seeing the
+    descriptor handed over but no fsync yet (found by bench/throughput.py: 0xA700 "already placed
+    or discarded" with four concurrent senders)."""
+    import threading
+    import time
+
+    from node import spool
+
+    staged = spool.StagedFile(tmp_path)
+    staged.write(b"x" * 100)
+    submit = spool._fsync_pool.submit
+    handing_over = threading.Event()
+
+    def slow_submit(fn, *args):  # type: ignore[no-untyped-def]
+        handing_over.set()
+        time.sleep(0.2)  # the window between the descriptor handed over and its fsync started
+        return submit(fn, *args)
+
+    monkeypatch.setattr(spool._fsync_pool, "submit", slow_submit)
+    network = threading.Thread(target=staged.finish)
+    network.start()
+    assert handing_over.wait(5)
+    placement = staged.place("instances/a.dcm")
+    placement.wait()
+    network.join(5)
+    assert (tmp_path / "instances" / "a.dcm").read_bytes() == b"x" * 100
