@@ -175,7 +175,11 @@ def _warm(**_: object) -> None:
             pipeline_for(config, name)
             log.info("pipeline %s loaded from %s", name, pc.bundle)
     # The writers too: the first study would otherwise import highdicom on its critical path.
-    import node.writers.gsps, node.writers.sc, node.writers.seg, node.writers.sr, node.writers.validate  # noqa: E401, F401, I001
+    import node.writers.gsps  # noqa: F401
+    import node.writers.sc  # noqa: F401
+    import node.writers.seg  # noqa: F401
+    import node.writers.sr  # noqa: F401
+    import node.writers.validate  # noqa: F401
     # Full collections would otherwise walk every tensor and module object loaded above on
     # each study: measured 200-400 ms spikes while building an SR, gone after freezing. An SR
     # build allocates ~50,000 objects, freed by reference counting: the default gen-0 threshold
