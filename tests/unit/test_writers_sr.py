@@ -2,8 +2,10 @@ import html
 import re
 import shutil
 import subprocess
+from io import BytesIO
 
 import pytest
+from highdicom.sr import Comprehensive3DSR
 from pydicom.uid import Comprehensive3DSRStorage
 from writers_data import (
     HEATMAPS,
@@ -153,6 +155,28 @@ def test_same_inputs_give_same_content_uids(source):
         if item.ValueType == "UIDREF"
     ]
     assert uids[: len(uids) // 2] == uids[len(uids) // 2 :]
+
+
+def test_the_document_is_what_highdicoms_own_constructor_writes(source, monkeypatch):
+    """The writer spares highdicom's constructor its walks over the content tree (sr._document):
+    what it writes, and the content highdicom reads back from it, are the plain constructor's."""
+    import node.writers.sr as writer
+
+    predecessor = (source.StudyInstanceUID, "1.2.826.0.1.3680043.8.498.1", "1.2.826.0.1.3680043.8.498.2")
+    fast = build(source, with_boxes=True, supersedes=[predecessor])
+    monkeypatch.setattr(writer, "_document", lambda content, **kw: Comprehensive3DSR(content=content, **kw))
+    plain = build(source, with_boxes=True, supersedes=[predecessor])
+    assert len(list(_walk(plain.ContentSequence))) > 100
+    assert _written(fast) == _written(plain)
+    assert fast.content == plain.content
+    assert [type(i) for i in fast.content[0].ContentSequence] == [type(i) for i in plain.content[0].ContentSequence]
+    assert fast.CurrentRequestedProcedureEvidenceSequence == plain.CurrentRequestedProcedureEvidenceSequence
+
+
+def _written(ds):
+    buffer = BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
 
 
 def test_supersedes_references_predecessor(source):
