@@ -79,7 +79,7 @@ def main() -> int:
             cfg = node_config(work / "node", args.bundle.resolve(),
                               [{"name": "orthanc", "ae_title": pacs.aet, "host": "127.0.0.1", "port": pacs.dicom_port,
                                 "objects": args.objects.split(",")}],
-                              completion={"quiet_seconds": QUIET, "poll_seconds": 0.02})
+                              completion={"quiet_seconds": QUIET})  # the default poll period
             node = Node(cfg).start(timeout=300)
             try:
                 # Warm-up: the first job pays for lazy imports in the workers.

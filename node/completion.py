@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -54,6 +54,17 @@ def completion_rule(study: StudyClock, now: datetime, quiet_seconds: float, max_
     return None
 
 
+def due_at(study: StudyClock, quiet_seconds: float, max_wait_seconds: float) -> datetime:
+    """When ``completion_rule`` fires for the study if nothing else arrives (while its
+    association is open: at the cap): the completion thread sleeps until then, not a whole poll
+    period past it."""
+    due = study.first_received_at + timedelta(seconds=max_wait_seconds)
+    if study.association_open:
+        return due
+    since = max(study.last_received_at, study.released_at or study.last_received_at)
+    return min(due, since + timedelta(seconds=quiet_seconds))
+
+
 class CompletionService:
     """Background thread: completes studies, creates jobs, queues them, reconciles stuck jobs."""
 
@@ -64,6 +75,8 @@ class CompletionService:
         self._thread = threading.Thread(target=self._loop, name="completion", daemon=True)
         self._last_reconcile = 0.0
         self._asked: dict[str, float] = {}  # study UID -> monotonic time of the last C-FIND
+        #: The earliest time a study still arriving completes unless more arrives (see due_at).
+        self.next_due: datetime | None = None
 
     def start(self) -> None:
         self._thread.start()
@@ -84,7 +97,16 @@ class CompletionService:
                     reconcile(self.config)
             except Exception:  # keep completing other studies; the error is in the log
                 log.exception("completion pass failed")
-            self._stop.wait(self.config.completion.poll_seconds)
+            self._stop.wait(self._sleep())
+
+    def _sleep(self) -> float:
+        """Seconds until the next pass: a poll period, or less when a study falls due sooner (a
+        study completes at its quiet time, not up to a poll period later: #12's turnaround)."""
+        wait = self.config.completion.poll_seconds
+        if self.next_due is not None:
+            # at least 1 ms: a pass never spins, whatever the clocks say
+            wait = min(wait, max(0.001, (self.next_due - utcnow()).total_seconds()))
+        return wait
 
     def tick(self, now: datetime | None = None) -> list[int]:
         """One pass: complete every study whose rule fires; return the ids of the jobs queued."""
@@ -94,6 +116,7 @@ class CompletionService:
             self.ask_source()
         open_studies = self.tracker.open_studies()
         jobs: list[tuple[int, int]] = []
+        dues: list[datetime] = []
         with session_scope(self.config.database.url) as s:
             receiving = s.scalars(select(Study).where(Study.state == StudyState.RECEIVING)).all()
             for study in receiving:
@@ -108,6 +131,9 @@ class CompletionService:
                 rule = completion_rule(clock, now, cc.quiet_seconds, cc.max_wait_seconds)
                 if rule is not None:
                     jobs += self._complete(s, study, rule, now)
+                else:
+                    dues.append(due_at(clock, cc.quiet_seconds, cc.max_wait_seconds))
+        self.next_due = min(dues, default=None)
         # Sent only after the commit, so a worker always finds its job row.
         for job_id, priority in jobs:
             enqueue_job(self.config, job_id, priority)

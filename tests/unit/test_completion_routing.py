@@ -4,8 +4,10 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from node.completion import StudyClock, completion_rule
-from node.config import RoutingConfig
+from node.completion import CompletionService, StudyClock, completion_rule, due_at
+from node.config import Config, RoutingConfig
+from node.db.models import utcnow
+from node.handlers import AssociationTracker
 from node.routing import SeriesAttributes, route
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -35,6 +37,28 @@ def clock(last: float = 0, released: float | None = 0, open_: bool = False, coun
 )
 def test_completion_rule(study: StudyClock, now: float, rule: str | None) -> None:
     assert completion_rule(study, T0 + timedelta(seconds=now), quiet_seconds=2, max_wait_seconds=600) == rule
+
+
+@pytest.mark.parametrize(
+    "study",
+    [clock(released=1), clock(last=5, released=1), clock(released=None, last=3), clock(open_=True),
+     clock(open_=True, count=2, expected=3), clock(released=590)],
+)
+def test_a_study_falls_due_when_its_rule_fires(study: StudyClock) -> None:
+    """The completion thread sleeps until due_at: the rule must fire then, and not a moment before."""
+    due = due_at(study, quiet_seconds=2, max_wait_seconds=600)
+    assert completion_rule(study, due, quiet_seconds=2, max_wait_seconds=600) is not None
+    assert completion_rule(study, due - timedelta(microseconds=1), quiet_seconds=2, max_wait_seconds=600) is None
+
+
+def test_the_completion_thread_sleeps_until_the_next_study_is_due(tmp_path) -> None:
+    service = CompletionService(Config.model_validate({"storage": {"path": str(tmp_path)},
+                                                       "completion": {"poll_seconds": 5}}), AssociationTracker())
+    assert service._sleep() == 5  # nothing arriving: a poll period
+    service.next_due = utcnow() + timedelta(seconds=0.5)
+    assert 0.3 < service._sleep() <= 0.5
+    service.next_due = utcnow() - timedelta(seconds=1)
+    assert service._sleep() == 0.001  # overdue: the next pass at once, never a spin
 
 
 @pytest.mark.parametrize(
