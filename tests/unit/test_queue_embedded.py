@@ -1,0 +1,78 @@
+"""The embedded broker: messages wake a waiting consumer as they are written (node/fswatch.py)."""
+
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from kombu import Connection, Exchange, Queue
+
+from node.config import Config
+from node.fswatch import FolderWatch
+from node.queue import broker_settings
+
+linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="inotify is Linux's")
+
+
+def _later(seconds: float, action) -> threading.Thread:
+    thread = threading.Thread(target=lambda: (time.sleep(seconds), action()))
+    thread.start()
+    return thread
+
+
+@linux
+def test_a_file_renamed_into_the_folder_wakes_the_wait(tmp_path: Path) -> None:
+    (tmp_path / ".partial").write_bytes(b"x")  # written before the watch: it wakes nothing
+    watch = FolderWatch(str(tmp_path))
+    assert watch.active
+    assert watch.wait(0.05) is False  # nothing landed: the timeout
+    thread = _later(0.2, lambda: os.replace(tmp_path / ".partial", tmp_path / "1.msg"))
+    t0 = time.monotonic()
+    assert watch.wait(5) is True
+    assert 0.15 < time.monotonic() - t0 < 2
+    thread.join()
+    (tmp_path / "2.msg").write_bytes(b"y")  # landed before the wait began: not lost
+    assert watch.wait(0) is True
+    assert watch.wait(0.05) is False  # and each file wakes it once
+    watch.close()
+
+
+def test_without_inotify_the_wait_is_a_sleep(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("node.fswatch._libc", lambda: None)
+    watch = FolderWatch(str(tmp_path))
+    assert not watch.active
+    t0 = time.monotonic()
+    assert watch.wait(0.1) is False
+    assert time.monotonic() - t0 >= 0.1
+
+
+@linux
+def test_an_idle_consumer_takes_a_message_as_it_is_queued(tmp_path: Path) -> None:
+    """An idle embedded consumer looks for messages once a second; one sent meanwhile is
+    delivered at once, not at the next look."""
+    config = Config.model_validate({"storage": {"path": str(tmp_path)}})
+    settings = broker_settings(config)
+    # kombu's own loop would sleep this long between looks: only the watched folder can wake it sooner
+    options = {**settings["broker_transport_options"], "polling_interval": 5.0}
+    queue = Queue("inference", Exchange("inference"), routing_key="inference")
+    got: list[float] = []
+    with Connection(str(settings["broker_url"]), transport_options=options) as conn:
+        consumer = conn.Consumer(queue, callbacks=[lambda body, message: (got.append(time.monotonic()), message.ack())])
+        consumer.consume()
+        with pytest.raises(TimeoutError):
+            conn.drain_events(timeout=0.1)  # nothing queued: the wait times out
+        sent: list[float] = []
+
+        def send() -> None:
+            with Connection(str(settings["broker_url"]), transport_options=options) as other:
+                other.Producer().publish({"job": 1}, exchange=queue.exchange, routing_key="inference", declare=[queue])
+            sent.append(time.monotonic())
+
+        thread = _later(0.3, send)
+        conn.drain_events(timeout=5)
+        thread.join()
+        assert conn.transport._watch.active
+    assert len(got) == 1
+    assert got[0] - sent[0] < 0.2  # woken by the message, not at the next look (1 s, or 5 s polling)
