@@ -115,7 +115,7 @@ def _comment(text: str) -> TextContentItem:
 
 
 def _region_group(
-    source: Dataset, outline: Outline, tracking_uid: str, model: ModelInfo
+    source: Dataset, outline: Outline, tracking_uid: str, algorithm: AlgorithmIdentification
 ) -> PlanarROIMeasurementsAndQualitativeEvaluations:
     """TID 1410 group of a named region: its outline as a closed SCOORD POLYLINE "Image Region" on
     ``source``, what it is (anatomy), and its label."""
@@ -129,14 +129,14 @@ def _region_group(
         ),
         finding_type=region.type,
         finding_category=region.category,
-        algorithm_id=_algorithm(model),
+        algorithm_id=algorithm,
     )
     group[0].ContentSequence.append(_comment(outline.text))
     return group
 
 
 def _finding_group(
-    source: Dataset, outline: Outline, threshold: float | None, tracking_uid: str, model: ModelInfo
+    source: Dataset, outline: Outline, threshold: float | None, tracking_uid: str, algorithm: AlgorithmIdentification
 ) -> MeasurementsAndQualitativeEvaluations:
     """TID 1501 group of a finding's hot region or a detection box: the probability (or score)
     inferred from the outline (NUM > INFERRED FROM SCOORD POLYLINE > IMAGE, TID 300), the decision
@@ -145,7 +145,6 @@ def _finding_group(
     items in every group (a fifth of the document) and no reader needs it there."""
     assert outline.probability is not None  # findings and boxes have one
     concept = codes.finding_code(outline.name)
-    algorithm = _algorithm(model, threshold)
     probability = Measurement(
         name=codes.PROBABILITY, value=round(float(outline.probability), 6), unit=codes.NO_UNITS,
         referenced_coordinates=[CoordinatesForMeasurement(
@@ -271,16 +270,25 @@ def build_comprehensive_3d_sr(
         ),
     )
     groups: list[MeasurementsAndQualitativeEvaluations | PlanarROIMeasurementsAndQualitativeEvaluations] = []
+    # One algorithm identification per threshold, its items shared by the groups that name it:
+    # they are never changed once built, and seven copies cost 4 ms of each SR (#12).
+    algorithms: dict[float | None, AlgorithmIdentification] = {}
+
+    def algorithm(threshold: float | None = None) -> AlgorithmIdentification:
+        if threshold not in algorithms:
+            algorithms[threshold] = _algorithm(model, threshold)
+        return algorithms[threshold]
+
     unplaced: list[tuple[Finding, str]] = []
     for index, (source, result) in enumerate(zip(sources, results, strict=True)):
         placed = set()
         for outline in outlines(result):
             uid = result_uid(str(sop_instance_uid), str(index), outline.key)
             if outline.kind == "region":
-                groups.append(_region_group(source, outline, uid, model))
+                groups.append(_region_group(source, outline, uid, algorithm()))
                 continue
             threshold = result.finding(outline.name).threshold if outline.kind == "finding" else None
-            groups.append(_finding_group(source, outline, threshold, uid, model))
+            groups.append(_finding_group(source, outline, threshold, uid, algorithm(threshold)))
             placed.add(outline.name)
         where = f" (image {index + 1} of {len(sources)})" if len(sources) > 1 else ""
         unplaced += [(f, where) for f in result.findings if f.label not in placed]
