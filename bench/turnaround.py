@@ -3,8 +3,10 @@
 Starts Orthanc and `pacsnode run` (embedded mode), sends RG1_UNCR.dcm N times as new studies
 with a pynetdicom SCU (TCP_NODELAY), and reads from the node's database when Orthanc answered
 the SR's C-STORE. Prints the median turnaround less the quiet time; the node's own part of it
-(the turnaround less the models' time, measured in the same job) against the 150 ms target; the
-turnaround against the models' time + 150 ms and against 0.3 s; a plain storescu -> Orthanc
+(the turnaround less the models' time: segmentation, classification and heatmap, measured in the
+same job; for a compressed image less its decode too, which the targets allow) against the
+150 ms target; the turnaround against the models' time + 150 ms and against 0.3 s (each plus
+the decode for a compressed image); a plain storescu -> Orthanc
 store of the same file measured in the same run; the PACS's part of the SR's path (the same SR,
 under a new SOP Instance UID, sent to Orthanc by node.export.send_files alone: association and
 C-STORE, no database or queue); and the stage breakdown (the SR's path:
@@ -12,6 +14,7 @@ encode_sr, validate_sr, then sr_store_queue_send = writing it to the spool, queu
 the export worker picking it up and the C-STORE until Orthanc answered).
 
     python bench/turnaround.py [--runs 5] [--bundle models/chest_xray] [--objects sr,seg,sc,gsps]
+                               [--image RG1_UNCR.dcm | RG1_J2KR.dcm | a file]
 
 --objects: what the destination receives (the node builds only that); `--objects sr` shows what
 drawing the other objects while the SR is being sent costs the SR (two cores are shared).
@@ -63,17 +66,25 @@ def main() -> int:
     p.add_argument("--bundle", type=Path, default=REPO / "models" / "chest_xray")
     p.add_argument("--gap", type=float, default=2.0, help="seconds between studies")
     p.add_argument("--objects", default="sr,seg,sc,gsps", help="result objects the destination receives")
+    p.add_argument("--image", default="RG1_UNCR.dcm", help="a pydicom-data test file (RG1_J2KR.dcm: JPEG 2000) or a path")
     args = p.parse_args()
     if not (args.bundle / "configs" / "metadata.json").exists():
         subprocess.run([sys.executable, "-m", "training", "demo", "--out", str(args.bundle)], check=True, cwd=REPO)
-    rg1 = Path(get_testdata_file("RG1_UNCR.dcm"))
+    rg1 = Path(args.image) if Path(args.image).is_file() else Path(str(get_testdata_file(args.image)))
+    meta = pydicom.dcmread(rg1, stop_before_pixels=True)
+    compressed = meta.file_meta.TransferSyntaxUID.is_compressed
+    image = (f"{rg1.name}, {meta.Modality} {meta.Rows}x{meta.Columns}, "
+             f"{meta.file_meta.TransferSyntaxUID.name if compressed else 'uncompressed'}")
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         pacs = Orthanc(work / "orthanc").start()
         try:
             # Reference in the same run: a plain store of the same file straight into Orthanc.
             t0 = time.perf_counter()
-            out = storescu(pacs.dicom_port, rg1, aec=pacs.aet)
+            # storescu proposes uncompressed syntaxes unless told: a JPEG 2000 file travels as it is.
+            proposes = {"1.2.840.10008.1.2.4.90": ("-xv",), "1.2.840.10008.1.2.4.91": ("-xw",)}
+            out = storescu(pacs.dicom_port, rg1, aec=pacs.aet,
+                           extra=proposes.get(str(meta.file_meta.TransferSyntaxUID), ()))
             plain_store = time.perf_counter() - t0
             assert out.returncode == 0, out.stderr
             cfg = node_config(work / "node", args.bundle.resolve(),
@@ -99,7 +110,7 @@ def main() -> int:
             pacs.stop()
     for r in rows:
         print("  run:", {k: round(v * 1000, 1) for k, v in r.items()})
-    report(rows, plain_store, sr_send, args.objects)
+    report(rows, plain_store, sr_send, args.objects, image, compressed)
     return 0
 
 
@@ -140,9 +151,13 @@ def run_once(node: Node, pacs: Orthanc, rg1: Path) -> tuple[str, dict[str, float
 
     t = job["timings"]
     turnaround = sr_stored - released - QUIET
+    # The models' time: the pipeline less decoding the image (the node's own work for an
+    # uncompressed image; the targets allow it on top for a compressed one).
+    models = t["inference"] - t["inference_decode"]
     return study, {
         "turnaround_less_quiet": turnaround,
-        "node_own_work": turnaround - t["inference"],
+        "models": models,
+        "node_own_work": turnaround - models,
         "release_to_queued": at("queued_at") - released - QUIET,
         "queue_wait": at("running_at") - at("queued_at"),
         "read": t["read"], "decode": t["inference_decode"], "segmentation": t["inference_segmentation"],
@@ -186,21 +201,26 @@ def pacs_sr_store(node: Node, study_uid: str, repeat: int = 5) -> float:
     return statistics.median(times)
 
 
-def report(rows: list[dict[str, float]], plain_store: float, sr_send: float, objects: str) -> None:
+def report(rows: list[dict[str, float]], plain_store: float, sr_send: float, objects: str, image: str,
+           compressed: bool) -> None:
     med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
-    print(f"runs: {len(rows)} (RG1_UNCR.dcm, CR 1955x1841, uncompressed; quiet time {QUIET} s subtracted; "
-          f"objects: {objects})")
+    print(f"runs: {len(rows)} ({image}; quiet time {QUIET} s subtracted; objects: {objects})")
     for k, v in med.items():
         print(f"  {k:24s} {v * 1000:8.1f} ms")
-    tt, own, models = med["turnaround_less_quiet"], med["node_own_work"], med["pipeline"]
-    print(f"turnaround (median)         {tt:.3f} s   ratio to the 0.3 s target: {tt / 0.3:.2f}")
-    print(f"models (median)             {models:.3f} s   turnaround / (models + 0.15 s): {tt / (models + 0.15):.2f}")
-    print(f"node's own work (median)    {own:.3f} s   ratio to the 0.15 s target: {own / 0.15:.2f}   "
-          f"own / models: {own / models:.2f}")
+    tt, own, models = med["turnaround_less_quiet"], med["node_own_work"], med["models"]
+    # A compressed image's decode is allowed on top of each target; an uncompressed one's is own work.
+    allowed = statistics.median(r["decode"] for r in rows) if compressed else 0.0
+    plus = f" + decode {allowed:.3f} s" if compressed else ""
+    print(f"turnaround (median)         {tt:.3f} s   ratio to the 0.3 s{plus} target: {tt / (0.3 + allowed):.2f}")
+    print(f"models (median)             {models:.3f} s   turnaround / (models + 0.15 s{plus}): "
+          f"{tt / (models + 0.15 + allowed):.2f}")
+    print(f"node's own work (median)    {own - allowed:.3f} s   ratio to the 0.15 s target: {(own - allowed) / 0.15:.2f}   "
+          f"own / models: {(own - allowed) / models:.2f}"
+          + (" (turnaround less models and decode)" if compressed else " (turnaround less models; decode included)"))
     print(f"reference: storescu -> Orthanc plain store of the same file: {plain_store:.3f} s "
           f"(turnaround / plain store = {tt / plain_store:.1f}x)")
     print(f"reference: the same SR sent to Orthanc by node.export.send_files alone (association + C-STORE): {sr_send * 1000:.1f} ms; "
-          f"own work less it: {(own - sr_send) * 1000:.1f} ms")
+          f"own work less it: {(own - allowed - sr_send) * 1000:.1f} ms")
     print(f"load average during the run: {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs "
           "(a shared machine inflates every stage; compare ratios)")
     print(json.dumps({"median": med, "plain_store_s": plain_store, "pacs_sr_store_s": sr_send}))
