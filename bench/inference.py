@@ -9,9 +9,12 @@ forward pass would take if every FLOP ran at GEMM speed. Prints images/s and tim
 - eager, channels_last: NHWC weights and input (oneDNN's preferred layout for convolutions);
 - frozen, channels_last: TorchScript trace + torch.jit.freeze, as pipelines/chest_xray.py runs it;
 - frozen + optimize_for_inference: torch.jit.optimize_for_inference on top (oneDNN/MKLDNN
-  layouts and fusions chosen at load).
+  layouts and fusions chosen at load);
+- with --compile, torch.compile (Inductor: fuses the batch norms, ReLUs and concatenations
+  between the convolutions into generated C++; needs a C++ compiler, and compiles once per
+  batch size: the compile time is printed).
 
-    python bench/inference.py [--threads N] [--repeat 5]
+    python bench/inference.py [--threads N] [--repeat 5] [--compile]
 
 The classifier of the demo bundle is this network (one input channel, 15 labels); the weights
 do not change the time, so the network is built here with random ones.
@@ -56,7 +59,7 @@ def count_flops(net: torch.nn.Module, x: torch.Tensor) -> int:
     return int(counter.get_total_flops())
 
 
-def variants(net: torch.nn.Module) -> dict[str, Callable[[torch.Tensor], object]]:
+def variants(net: torch.nn.Module, compiled: bool = False) -> dict[str, Callable[[torch.Tensor], object]]:
     """The ways of running `net` compared here (each returns a callable taking a NCHW batch)."""
     eager = net.eval()
     nhwc = DenseNet121(spatial_dims=2, in_channels=1, out_channels=15).eval()
@@ -71,12 +74,32 @@ def variants(net: torch.nn.Module) -> dict[str, Callable[[torch.Tensor], object]
     def nhwc_input(run: Callable[[torch.Tensor], object]) -> Callable[[torch.Tensor], object]:
         return lambda x: run(x.contiguous(memory_format=torch.channels_last))
 
-    return {
+    runs: dict[str, Callable[[torch.Tensor], object]] = {
         "eager": eager,
         "eager, channels_last": nhwc_input(nhwc),
         "frozen, channels_last (the pipeline's)": nhwc_input(frozen),
         "frozen + optimize_for_inference": nhwc_input(optimised),
     }
+    if compiled:
+        runs["torch.compile (Inductor), channels_last"] = nhwc_input(_compile_timed(nhwc))
+    return runs
+
+
+def _compile_timed(net: torch.nn.Module) -> Callable[[torch.Tensor], object]:
+    """torch.compile'd ``net``; the first call of each batch size compiles, and says how long it took."""
+    compiled = torch.compile(net, dynamic=False)
+    seen: set[int] = set()
+
+    def run(x: torch.Tensor) -> object:
+        if x.shape[0] in seen:
+            return compiled(x)
+        t0 = time.perf_counter()
+        out = compiled(x)
+        seen.add(x.shape[0])
+        print(f"  (torch.compile for batch {x.shape[0]}: {time.perf_counter() - t0:.0f} s)", flush=True)
+        return out
+
+    return run
 
 
 def seconds_per_batch(run: Callable[[torch.Tensor], object], batch: int, repeat: int) -> float:
@@ -93,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's own choice)")
     p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--compile", action="store_true", help="also torch.compile (Inductor; minutes of compiling)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -111,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'variant':42s} {'batch':>5s} {'ms/image':>9s} {'images/s':>9s} {'local peak':>10s} "
           f"{'time/bound':>10s}", flush=True)
     rows = []
-    for name, run in variants(net).items():
+    for name, run in variants(net, args.compile).items():
         for b in BATCHES:
             local = matmul_peak(repeat=5)
             peak = max(peak, local)
