@@ -46,3 +46,62 @@ def test_dcmpschk_applies_to_presentation_states_only():
     assert gate.tools_for(gsps, ["dciodvfy", "dcmpschk"]) == ("dciodvfy", "dcmpschk")
     assert gate.tools_for(rg1(), ["dciodvfy", "dcmpschk"]) == ("dciodvfy",)
     assert gate.tools_for(gsps, ["dcmpschk"]) == ("dcmpschk",)
+
+
+@pytest.mark.parametrize("kind", ["sr", "seg", "sc", "gsps"])
+def test_the_gate_writes_what_pydicom_writes(kind):
+    """gate.encode skips pydicom's per-item ambiguous-VR pass: the bytes must not change."""
+    from io import BytesIO
+
+    from writers_data import MODEL, boxes, fake_result, identity
+
+    from node.writers.gsps import build_presentation_state
+    from node.writers.sc import build_overlay_sc
+    from node.writers.seg import build_segmentation
+    from node.writers.sr import build_comprehensive_3d_sr
+
+    source = rg1()
+    result = fake_result(source.Rows, source.Columns)
+    result.boxes = boxes(source.Rows, source.Columns)
+    build = {
+        "sr": lambda: build_comprehensive_3d_sr([source], [result], MODEL, **identity("sr")),
+        "seg": lambda: build_segmentation(source, result, MODEL, **identity("seg")),
+        "sc": lambda: build_overlay_sc(source, result, MODEL, **identity("sc")),
+        "gsps": lambda: build_presentation_state(source, result, MODEL, **identity("gsps")),
+    }[kind]
+    plain = BytesIO()
+    build().save_as(plain, enforce_file_format=True)
+    ds = build()
+    assert gate.encode(ds) == plain.getvalue()
+    assert gate.encode(ds) == plain.getvalue()  # and again, once marked
+
+
+def test_the_gate_still_resolves_ambiguous_vrs_in_nested_items():
+    """An element of VR "US or SS" deep in the tree is written as SS where the pixels are signed."""
+    from io import BytesIO
+
+    from pydicom import Dataset, dcmread
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage
+
+    def build():
+        ds = Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.SOPClassUID, ds.SOPInstanceUID = SecondaryCaptureImageStorage, "1.2.3.4"
+        ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPClassUID, ds.SOPInstanceUID
+        ds.PixelRepresentation = 1
+        inner = Dataset()
+        inner.SmallestImagePixelValue = -5
+        middle = Dataset()
+        middle.ReferencedImageSequence = [inner]
+        ds.SourceImageSequence = [middle]
+        return ds
+
+    plain = BytesIO()
+    build().save_as(plain, enforce_file_format=True)
+    data = gate.encode(build())
+    assert data == plain.getvalue()
+    back = dcmread(BytesIO(data))
+    value = back.SourceImageSequence[0].ReferencedImageSequence[0]["SmallestImagePixelValue"]
+    assert (value.VR, value.value) == ("SS", -5)
