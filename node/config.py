@@ -189,7 +189,9 @@ class QuerySource(_Strict):
 class CompletionConfig(_Strict):
     quiet_seconds: float = Field(2.0, ge=0, description="quiet time after release before a study is complete")
     max_wait_seconds: float = Field(600.0, gt=0)
-    poll_seconds: float = Field(0.1, gt=0)
+    poll_seconds: float = Field(
+        0.1, gt=0, description="how often arriving studies are looked at; one due sooner (quiet time, cap) is completed then"
+    )
     query_source: QuerySource | None = Field(
         None, description="C-FIND the source PACS for Number of Study Related Instances; null: do not ask"
     )
