@@ -124,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     net = DenseNet121(spatial_dims=2, in_channels=1, out_channels=15).eval()
     flops = count_flops(net, torch.zeros(1, 1, SIZE, SIZE))
     peak = matmul_peak()
+    print(f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset: spinning)')} "
+          "(pacsnode's workers run PASSIVE unless told otherwise: node/cli.py)")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, oneDNN "
           f"{'on' if torch.backends.mkldnn.is_available() else 'off'}; {os.cpu_count()} CPUs, "
           f"load average {os.getloadavg()[0]:.2f} (a shared machine inflates the times; the peak is measured in the same run)")

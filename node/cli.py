@@ -225,9 +225,18 @@ def _positive_int(text: str) -> int:
     return value
 
 
+#: OpenMP threads that wait sleep instead of spinning (GNU OpenMP, which torch's CPU build uses;
+#: read once, when torch loads it). With spinning, an inference worker on cores something else
+#: is using collapsed: DenseNet121 at 224 px took 0.6-3.7 s an image instead of 50 ms beside
+#: two busy processes on this 2-core VM; sleeping, 59-99 ms. The price on idle cores is ~10%
+#: (50 -> 57 ms). Set OMP_WAIT_POLICY=ACTIVE in the environment to spin on a dedicated host.
+OMP_WAIT_POLICY = "PASSIVE"
+
+
 def cmd_worker(args: argparse.Namespace, config: Config) -> int:
     from node.queue import EXPORT_QUEUE, configure
 
+    os.environ.setdefault("OMP_WAIT_POLICY", OMP_WAIT_POLICY)  # before torch loads
     if args.queues.split(",") != [EXPORT_QUEUE]:  # it runs models and the gate: both must be there
         try:
             check_gate(config)

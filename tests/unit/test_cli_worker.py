@@ -1,7 +1,8 @@
-"""`pacsnode worker --threads`: how many torch threads an inference worker runs."""
+"""`pacsnode worker`: how many torch threads an inference worker runs, and how they wait."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -34,3 +35,23 @@ def test_threads_are_set_before_the_worker_starts(monkeypatch: pytest.MonkeyPatc
         assert started and "export" in started[0]
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize(("given", "used"), [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_openmp_threads_sleep_unless_told_to_spin(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                   given: str | None, used: str) -> None:
+    """A worker sets OMP_WAIT_POLICY before torch is loaded in it (torch's OpenMP reads it once)."""
+    if given is None:
+        monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    else:
+        monkeypatch.setenv("OMP_WAIT_POLICY", given)
+    seen: list[str | None] = []
+
+    class App:
+        def worker_main(self, argv: list[str]) -> None:
+            seen.append(os.environ.get("OMP_WAIT_POLICY"))
+
+    monkeypatch.setattr("node.queue.configure", lambda config: App())
+    args = build_parser().parse_args(["worker", "-Q", "export"])
+    assert cmd_worker(args, parse_config({"storage": {"path": str(tmp_path)}})) == 0
+    assert seen == [used]
