@@ -13,10 +13,11 @@ import threading
 import time
 import uuid
 from queue import Empty
-from typing import Any, cast
+from typing import Any, ClassVar, cast
 
 from celery import Celery
 from kombu.transport import TRANSPORT_ALIASES, filesystem
+from kombu.transport.virtual import BrokerState
 from kombu.utils.encoding import str_to_bytes
 from kombu.utils.json import dumps
 from kombu.utils.scheduling import FairCycle
@@ -61,6 +62,16 @@ class WholeMessageFilesystemTransport(filesystem.Transport):
 
     Channel = _WholeMessageChannel
     _watch: FolderWatch | None = None
+    #: kombu keeps one exchange/binding table for every filesystem connection in a process and
+    #: skips writing a binding to the control folder when that table already has it: a second
+    #: spool in the same process (tests, a reconfigured app) got no binding file, and what was
+    #: published to it was dropped. One table per control folder, as the files are.
+    _states: ClassVar[dict[str, BrokerState]] = {}
+
+    def __init__(self, client: Any, **kwargs: Any) -> None:
+        super().__init__(client, **kwargs)
+        folder = os.path.abspath(client.transport_options.get("control_folder", "control"))
+        self.state = self._states.setdefault(folder, BrokerState())  # setdefault: atomic under the GIL
 
     def drain_events(self, connection: Any, timeout: float | None = None) -> None:  # type: ignore[override]  # as kombu's virtual.Transport
         """kombu's virtual transport loop (deliver one message or raise socket.timeout), except

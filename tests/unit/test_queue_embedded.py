@@ -76,3 +76,17 @@ def test_an_idle_consumer_takes_a_message_as_it_is_queued(tmp_path: Path) -> Non
         assert conn.transport._watch.active
     assert len(got) == 1
     assert got[0] - sent[0] < 0.2  # woken by the message, not at the next look (1 s, or 5 s polling)
+
+
+def test_a_second_spool_in_one_process_gets_its_messages(tmp_path: Path) -> None:
+    """kombu shares one binding table among a process's filesystem connections; ours keeps one
+    per control folder, so a queue bound for one spool is bound again (on disk) for the next."""
+    queue = Queue("inference", Exchange("inference"), routing_key="inference")
+    for spool in ("first", "second"):
+        settings = broker_settings(Config.model_validate({"storage": {"path": str(tmp_path / spool)}}))
+        with Connection(str(settings["broker_url"]), transport_options=settings["broker_transport_options"]) as conn:
+            conn.Producer().publish({"spool": spool}, exchange=queue.exchange, routing_key="inference", declare=[queue])
+            got: list[object] = []
+            with conn.Consumer(queue, callbacks=[lambda body, message, got=got: (got.append(body), message.ack())]):
+                conn.drain_events(timeout=5)
+        assert got == [{"spool": spool}]
