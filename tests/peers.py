@@ -204,6 +204,7 @@ class Node:
         self.api_port = int(self.config.get("api", {}).get("port", 8040))
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = config_path.parent / "node.log"
+        self._config: Any = None
 
     def start(self, timeout: float = 120.0, *run_args: str) -> Node:
         """`pacsnode run [run_args]`; return once the listener's port accepts connections."""
@@ -228,17 +229,35 @@ class Node:
         return out.stdout
 
     def jobs(self) -> list[dict[str, Any]]:
+        """`pacsnode jobs --json`, run as an operator runs it."""
         return list(json.loads(self.cli("jobs", "--json")))
+
+    def job_rows(self) -> list[dict[str, Any]]:
+        """The jobs as `pacsnode jobs --json` lists them, read in this process with the command's
+        own query (node.services.jobs.list_jobs, the command's default limit): milliseconds, where each run
+        of the command costs a second of CPU, taken from the node it waits for on 2 cores."""
+        from node.config import load_config
+        from node.services.jobs import list_jobs
+
+        if self._config is None:
+            self._config = load_config(self.config_path)
+        return list(list_jobs(self._config, limit=100).items)
+
+    def wait_jobs(self, pick: Callable[[list[dict[str, Any]]], T | None], timeout: float, what: str) -> T:
+        """Poll the jobs (`job_rows`) until pick() finds what it looks for (pick may assert, e.g.
+        that nothing failed), then return what it finds in `pacsnode jobs --json`'s output."""
+        wait_for(lambda: pick(self.job_rows()), timeout, what, interval=0.2)
+        return wait_for(lambda: pick(self.jobs()), 60, f"{what} (in `pacsnode jobs --json`)", interval=0.5)
 
     def wait_done(self, study_uid: str, timeout: float, what: str) -> dict[str, Any]:
         """The study's finished job (its `pacsnode jobs --json` row); fails at once if one failed."""
 
-        def done() -> dict[str, Any] | None:
-            jobs = [j for j in self.jobs() if j["study_instance_uid"] == study_uid]
+        def done(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+            jobs = [j for j in rows if j["study_instance_uid"] == study_uid]
             assert not [j for j in jobs if j["state"] == "failed"], jobs
             return next((j for j in jobs if j["state"] == "done"), None)
 
-        return wait_for(done, timeout, what, interval=0.5)
+        return self.wait_jobs(done, timeout, what)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")

@@ -25,7 +25,6 @@ from tests.peers import (
     run_one_study,
     storescu,
     synthetic_cr,
-    wait_for,
 )
 from tests.unit import training_data
 from training.__main__ import main
@@ -105,12 +104,12 @@ def test_two_pipelines_on_one_study_each_bring_their_own_job_and_results(
         assert storescu(node.port, emergency, aet="ED_CR").returncode == 0
         assert storescu(node.port, ward, aet="WARD").returncode == 0
 
-        def all_done() -> list[dict] | None:
-            jobs = [j for j in node.jobs() if j["study_instance_uid"] in (emergency_uid, ward_uid)]
+        def all_done(rows: list[dict]) -> list[dict] | None:
+            jobs = [j for j in rows if j["study_instance_uid"] in (emergency_uid, ward_uid)]
             assert not [j for j in jobs if j["state"] == "failed"], jobs
             return jobs if len(jobs) == 3 and all(j["state"] == "done" for j in jobs) else None
 
-        jobs = wait_for(all_done, 240, "three jobs: two for the emergency study, one for the ward's", interval=0.5)
+        jobs = node.wait_jobs(all_done, 240, "three jobs: two for the emergency study, one for the ward's")
     finally:
         node.stop()
     # Routing chose: the ward's study matches only the chest rule.

@@ -78,13 +78,13 @@ def _dciodvfy_errors(data: bytes, tmp: Path) -> list[str]:
 
 
 def _job_for(n: Node, study_uid: str, state: str = "done") -> dict:
-    def check() -> dict | None:
-        jobs = [j for j in n.jobs() if j["study_instance_uid"] == study_uid]
+    def check(rows: list[dict]) -> dict | None:
+        jobs = [j for j in rows if j["study_instance_uid"] == study_uid]
         failed = [j for j in jobs if j["state"] == "failed"]
         assert not failed, f"job failed: {failed[0]['error_stage']}: {failed[0]['error']}"
         return next((j for j in jobs if j["state"] == state), None)
 
-    return wait_for(check, 180, f"job of study {study_uid} to be {state}", interval=0.5)
+    return n.wait_jobs(check, 180, f"job of study {study_uid} to be {state}")
 
 
 @pytest.mark.parametrize("source", ["RG1_UNCR", "RG1_J2KR", "cxr-sample"])
@@ -104,13 +104,13 @@ def test_radiograph_comes_back_as_sr_and_overlay_in_the_same_study(
     out = storescu(running_node.port, path, extra=extra)
     assert out.returncode == 0, out.stderr
 
-    def new_done_job() -> dict | None:
-        jobs = [j for j in running_node.jobs() if j["study_instance_uid"] == study_uid and j["id"] not in before]
+    def new_done_job(rows: list[dict]) -> dict | None:
+        jobs = [j for j in rows if j["study_instance_uid"] == study_uid and j["id"] not in before]
         failed = [j for j in jobs if j["state"] == "failed"]
         assert not failed, f"job failed at {failed[0]['error_stage']}: {failed[0]['error']}"
         return next((j for j in jobs if j["state"] == "done"), None)
 
-    job = wait_for(new_done_job, 180, f"a new done job for {source}", interval=0.5)
+    job = running_node.wait_jobs(new_done_job, 180, f"a new done job for {source}")
     assert job["pipeline"] == "chest_xray"
     assert job["model_version"] == "0.1.0"
     for key in ("created_at", "queued_at", "running_at", "encoded_at", "sending_at", "done_at"):
@@ -178,12 +178,12 @@ def test_replay_reruns_a_done_job_with_the_same_result_uids(running_node: Node, 
     out = json.loads(running_node.cli("replay", str(original["id"]), "--json", "--reason", "test"))
     new_id = out[0]["job"]
 
-    def replayed() -> dict | None:
-        j = next(j for j in running_node.jobs() if j["id"] == new_id)
+    def replayed(rows: list[dict]) -> dict | None:
+        j = next(j for j in rows if j["id"] == new_id)
         assert j["state"] != "failed", j["error"]
         return j if j["state"] == "done" else None
 
-    job = wait_for(replayed, 180, "the replayed job", interval=0.5)
+    job = running_node.wait_jobs(replayed, 180, "the replayed job")
     assert job["replay_of"] == original["id"]
     # Same images and model: same UIDs, so the PACS is not given duplicates.
     assert [o["sop_instance_uid"] for o in job["outputs"]] == [o["sop_instance_uid"] for o in original["outputs"]]

@@ -67,8 +67,8 @@ def test_a_study_sent_while_demo_weights_train_is_processed_once_they_are_ready(
 
         assert storescu(node.port, RG1).returncode == 0
         study = str(pydicom.dcmread(RG1, stop_before_pixels=True).StudyInstanceUID)
-        queued = wait_for(lambda: next((j for j in node.jobs() if j["study_instance_uid"] == study), None), 60,
-                          "the study's job")
+        queued = node.wait_jobs(lambda rows: next((j for j in rows if j["study_instance_uid"] == study), None), 60,
+                                "the study's job")
         assert queued["state"] == "queued", queued
         assert not (config.storage.path / "training").exists(), "demo training started during the install"
 

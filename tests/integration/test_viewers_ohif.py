@@ -133,14 +133,13 @@ def _radiograph(source: str, folder: Path) -> tuple[Path, tuple[str, ...]]:
 
 def _results(node: Node, pacs: Orthanc, study_uid: str) -> dict[str, pydicom.Dataset]:
     """The SR and SEG of the study's done job, as Orthanc holds them."""
-    def done() -> dict[str, Any] | None:
-        jobs = [j for j in node.jobs() if j["study_instance_uid"] == study_uid]
+    def done(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+        jobs = [j for j in rows if j["study_instance_uid"] == study_uid]
         failed = [j for j in jobs if j["state"] == "failed"]
         assert not failed, f"job failed at {failed[0]['error_stage']}: {failed[0]['error']}"
         return next((j for j in jobs if j["state"] == "done"), None)
 
-    # each look is a `pacsnode jobs` process: not so often that it slows the node it waits for
-    job = wait_for(done, 300, f"the node's job on {study_uid}", interval=3.0)
+    job = node.wait_jobs(done, 300, f"the node's job on {study_uid}")
     objects: dict[str, pydicom.Dataset] = {}
     for output in job["outputs"]:
         if output["kind"] in ("sr", "seg"):
