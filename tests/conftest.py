@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.peers import reap
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _reap_peers() -> Iterator[None]:
+    """Servers that fixtures stopped without waiting (their shutdown overlaps the next tests) are
+    waited for at the end of the session: none outlives it."""
+    yield
+    reap()
 
 
 @pytest.fixture(scope="session")

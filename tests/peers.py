@@ -130,9 +130,11 @@ class Orthanc:
     def has_instance(self, sop_uid: str) -> bool:
         return any(h["Type"] == "Instance" for h in self.lookup(sop_uid))
 
-    def stop(self) -> None:
+    def stop(self, wait: bool = True) -> None:
+        """SIGTERM; wait=False leaves its shutdown (2.5 s, most of it Orthanc's own pauses) to
+        `reap()`: for a fixture's teardown, when nothing needs the port closed."""
         if self.proc is not None:
-            _terminate(self.proc, 15)
+            _terminate(self.proc, 15, wait)
 
     def get(self, path: str) -> Any:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=10) as r:
@@ -161,11 +163,12 @@ class Orthanc:
 
 @contextmanager
 def orthanc(workdir: Path, **options: Any) -> Iterator[Orthanc]:
+    """An Orthanc for a `with` block; told to stop at its end, its shutdown left to `reap()`."""
     server = Orthanc(workdir, **options).start()
     try:
         yield server
     finally:
-        server.stop()
+        server.stop(wait=False)
 
 
 def node_config(workdir: Path, bundle: Path, destinations: list[dict[str, Any]], **overrides: Any) -> Path:
@@ -217,9 +220,11 @@ class Node:
         wait_port(self.port, timeout)
         return self
 
-    def stop(self) -> None:
+    def stop(self, wait: bool = True) -> None:
+        """SIGTERM to the node's process group; wait=False leaves its shutdown (3-4 s: each
+        Celery worker's warm shutdown) to `reap()`, for a fixture's teardown."""
         if self.proc is not None:
-            _stop_group(self.proc)
+            _stop_group(self.proc, wait=wait)
 
     def cli(self, *args: str, timeout: float = 60) -> str:
         out = subprocess.run(
@@ -277,7 +282,7 @@ def run_one_study(workdir: Path, bundle: Path, pacs: Orthanc, source: Path, vers
         study_uid = str(pydicom.dcmread(source, stop_before_pixels=True).StudyInstanceUID)
         return node.wait_done(study_uid, timeout, f"the job of {source.name}")
     finally:
-        node.stop()
+        node.stop(wait=False)
 
 
 def received_outputs(pacs: Orthanc, job: dict[str, Any], folder: Path) -> Iterator[tuple[str, Any]]:
@@ -558,12 +563,18 @@ class ProductionNode:
     def stop_worker(self, name: str) -> None:
         _stop_group(self.workers.pop(name))
 
-    def stop(self) -> None:
-        for name in list(self.workers):
-            self.stop_worker(name)
-        if self.listener is not None:
-            _stop_group(self.listener)
-            self.listener = None
+    def stop(self, wait: bool = True) -> None:
+        """SIGTERM to every process at once (each shuts down in parallel with the others), then
+        wait for them all; wait=False leaves that to `reap()`."""
+        procs = [p for p in (*self.workers.values(), self.listener) if p is not None and p.poll() is None]
+        self.workers, self.listener = {}, None
+        for proc in procs:
+            os.killpg(proc.pid, signal.SIGTERM)
+        for proc in procs:
+            if wait:
+                _wait_or_kill(proc, 30, group=True)
+            else:
+                _stopping.append((proc, True))
 
     def cli(self, *args: str, timeout: float = 60) -> str:
         out = subprocess.run(
@@ -588,23 +599,49 @@ def _started(server: Orthanc | Postgres | Redis, check: Callable[[], object], ti
         raise
 
 
-def _terminate(proc: subprocess.Popen[bytes], timeout: float) -> None:
-    """SIGTERM a server, SIGKILL it if it is still there after timeout."""
+#: Processes told to stop that nobody waited for (stop(wait=False)): `reap()` waits for them.
+_stopping: list[tuple[subprocess.Popen[bytes], bool]] = []
+
+
+def reap(timeout: float = 30) -> None:
+    """Wait for every process told to stop without waiting (SIGKILL after `timeout`): the test
+    session's last teardown calls it, so no peer outlives the session."""
+    while _stopping:
+        proc, group = _stopping.pop()
+        _wait_or_kill(proc, timeout, group)
+
+
+def _wait_or_kill(proc: subprocess.Popen[bytes], timeout: float, group: bool) -> None:
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        if group:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        else:
+            proc.kill()
+        proc.wait(timeout=10)
+
+
+def _terminate(proc: subprocess.Popen[bytes], timeout: float, wait: bool = True) -> None:
+    """SIGTERM a server, SIGKILL it if it is still there after timeout (wait=False: `reap()`
+    waits, and kills it then if need be)."""
     if proc.poll() is None:
         proc.terminate()
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+        if wait:
+            _wait_or_kill(proc, timeout, group=False)
+        else:
+            _stopping.append((proc, False))
 
 
-def _stop_group(proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
-    """SIGTERM a process group started with start_new_session, SIGKILL it after timeout."""
+def _stop_group(proc: subprocess.Popen[bytes], timeout: float = 30, wait: bool = True) -> None:
+    """SIGTERM a process group started with start_new_session, SIGKILL it after timeout
+    (wait=False: `reap()` waits, and kills it then if need be)."""
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
+        if wait:
+            _wait_or_kill(proc, timeout, group=True)
+        else:
+            _stopping.append((proc, True))

@@ -21,7 +21,7 @@ def orthanc_for_module(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ort
     try:
         yield server
     finally:
-        server.stop()
+        server.stop(wait=False)
 
 
 def node_for_module(tmp_path_factory: pytest.TempPathFactory, pacs: Orthanc, bundle: Path,
@@ -35,7 +35,7 @@ def node_for_module(tmp_path_factory: pytest.TempPathFactory, pacs: Orthanc, bun
     try:
         yield n
     finally:
-        n.stop()
+        n.stop(wait=False)
         print(n.log()[-4000:])
 
 

@@ -65,7 +65,7 @@ def pneumonia_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def pacs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
     server = Orthanc(tmp_path_factory.mktemp("orthanc")).start()
     yield server
-    server.stop()
+    server.stop(wait=False)
 
 
 def test_a_recipe_trained_resnet50_runs_in_the_node_and_its_sr_reaches_the_pacs(
@@ -111,7 +111,7 @@ def test_two_pipelines_on_one_study_each_bring_their_own_job_and_results(
 
         jobs = node.wait_jobs(all_done, 240, "three jobs: two for the emergency study, one for the ward's")
     finally:
-        node.stop()
+        node.stop(wait=False)
     # Routing chose: the ward's study matches only the chest rule.
     assert [j["pipeline"] for j in jobs if j["study_instance_uid"] == ward_uid] == ["chest_xray"]
     mine = {j["pipeline"]: j for j in jobs if j["study_instance_uid"] == emergency_uid}

@@ -43,7 +43,7 @@ RESULT_CLASSES = (Comprehensive3DSRStorage, SecondaryCaptureImageStorage, Segmen
 def pacs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
     server = Orthanc(tmp_path_factory.mktemp("orthanc")).start()
     yield server
-    server.stop()
+    server.stop(wait=False)
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +56,7 @@ def running_node(tmp_path_factory: pytest.TempPathFactory, pacs: Orthanc, demo_b
                       pipelines={"chest_xray": {"bundle": str(demo_bundle), "device": "cpu", "version": "0.1.0"}})
     n = Node(cfg).start(timeout=120)
     yield n
-    n.stop()
+    n.stop(wait=False)
     print(n.log()[-5000:])
 
 

@@ -100,5 +100,5 @@ def test_a_study_sent_while_demo_weights_train_is_processed_once_they_are_ready(
         assert "inference worker started: the studies that waited for the model bundle go now" in log
     finally:
         installer.kill()
-        node.stop()
-        pacs.stop()
+        node.stop(wait=False)
+        pacs.stop(wait=False)

@@ -65,7 +65,7 @@ def pg() -> Iterator[Postgres]:
 def pacs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
     server = Orthanc(tmp_path_factory.mktemp("orthanc")).start()
     yield server
-    server.stop()
+    server.stop(wait=False)
 
 
 @pytest.fixture

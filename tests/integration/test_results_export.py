@@ -54,7 +54,7 @@ def orthancs(tmp_path: Path) -> Iterator[Callable[..., Orthanc]]:
 
     yield start
     for server in started:
-        server.stop()
+        server.stop(wait=False)
 
 
 def _config(tmp: Path, bundle: Path, destinations: list[dict[str, Any]], **export: Any) -> Config:

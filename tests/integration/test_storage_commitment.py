@@ -66,7 +66,7 @@ class Site:
 
     def stop(self) -> None:
         self.server.shutdown()
-        self.pacs.stop()
+        self.pacs.stop(wait=False)
 
     def job(self, job_id: int) -> tuple[JobState, str | None, str | None]:
         with session_scope(self.config.database.url) as s:

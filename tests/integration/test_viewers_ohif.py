@@ -77,7 +77,7 @@ class Study:
 def pacs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
     server = Orthanc(tmp_path_factory.mktemp("orthanc"), dicomweb=True).start()
     yield server
-    server.stop()
+    server.stop(wait=False)
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +87,7 @@ def node(tmp_path_factory: pytest.TempPathFactory, pacs: Orthanc, demo_bundle: P
                                       "port": pacs.dicom_port, "timeout": 10}])  # fmt: skip
     n = Node(cfg).start(timeout=180)
     yield n
-    n.stop()
+    n.stop(wait=False)
 
 
 @pytest.fixture(scope="module")

@@ -38,7 +38,7 @@ RG1 = Path(get_testdata_file("RG1_UNCR.dcm"))
 def pacs(tmp_path: Path) -> Iterator[Orthanc]:
     server = Orthanc(tmp_path / "orthanc").start()
     yield server
-    server.stop()
+    server.stop(wait=False)
 
 
 def _objects(cfg: Config, job_id: int) -> tuple[JobState, dict[str, bytes]]:

@@ -217,7 +217,7 @@ def test_a_wrong_checksum_or_model_is_refused(reference: Reference, seg_run: Pat
 def pacs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
     server = Orthanc(tmp_path_factory.mktemp("orthanc")).start()
     yield server
-    server.stop()
+    server.stop(wait=False)
 
 
 @pytest.mark.skipif(not have("Orthanc", "storescu", "dciodvfy"), reason="needs Orthanc, DCMTK, dicom3tools")
