@@ -160,7 +160,7 @@ def _failed_row(page: Page, api: NodeApi, uid: str) -> str:
         row = page.locator(f"#failed tr:has(a[href='/studies/{uid}'])")
         return row.locator("td").first.text_content() if row.count() else None
 
-    return str(wait_for(check, JOB_TIMEOUT_MS / 1000, f"the job of {uid} in the failed list", interval=2))
+    return str(wait_for(check, JOB_TIMEOUT_MS / 1000, f"the job of {uid} in the failed list", interval=0.5))
 
 
 def test_a_job_failed_while_orthanc_was_down_is_replayed_from_the_page_done_once_and_audited(
