@@ -25,13 +25,22 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import time
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 
-import torch
-from monai.networks.nets import DenseNet121
-from torch.utils.flop_counter import FlopCounterMode
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from node.cli import openmp_defaults  # noqa: E402
+
+if __name__ == "__main__":
+    # How the workers' OpenMP threads wait (read once, when torch loads): measured as they run.
+    openmp_defaults(os.environ)
+
+import torch  # noqa: E402
+from monai.networks.nets import DenseNet121  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 SIZE = 224
 BATCHES = (1, 8)
@@ -59,17 +68,23 @@ def count_flops(net: torch.nn.Module, x: torch.Tensor) -> int:
     return int(counter.get_total_flops())
 
 
+def pipeline_frozen(nhwc: torch.nn.Module) -> torch.jit.ScriptModule:
+    """A channels_last network traced and frozen, as pipelines/chest_xray.py runs it on a CPU."""
+    example = torch.zeros(1, 1, SIZE, SIZE).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        return torch.jit.freeze(torch.jit.trace(nhwc, example, check_trace=False))
+
+
 def variants(net: torch.nn.Module, compiled: bool = False) -> dict[str, Callable[[torch.Tensor], object]]:
     """The ways of running `net` compared here (each returns a callable taking a NCHW batch)."""
     eager = net.eval()
     nhwc = DenseNet121(spatial_dims=2, in_channels=1, out_channels=15).eval()
     nhwc.load_state_dict(net.state_dict())
     nhwc = nhwc.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-    example = torch.zeros(1, 1, SIZE, SIZE).contiguous(memory_format=torch.channels_last)
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        frozen = torch.jit.freeze(torch.jit.trace(nhwc, example, check_trace=False))
-        optimised = torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.trace(nhwc, example, check_trace=False)))
+    frozen = pipeline_frozen(nhwc)
+    with torch.no_grad():
+        optimised = torch.jit.optimize_for_inference(pipeline_frozen(nhwc))
 
     def nhwc_input(run: Callable[[torch.Tensor], object]) -> Callable[[torch.Tensor], object]:
         return lambda x: run(x.contiguous(memory_format=torch.channels_last))
@@ -124,8 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     net = DenseNet121(spatial_dims=2, in_channels=1, out_channels=15).eval()
     flops = count_flops(net, torch.zeros(1, 1, SIZE, SIZE))
     peak = matmul_peak()
-    print(f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset: spinning)')} "
-          "(pacsnode's workers run PASSIVE unless told otherwise: node/cli.py)")
+    waits = {k: os.environ[k] for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT") if k in os.environ}
+    print(f"OpenMP threads wait with {waits} (the workers' default unless the environment sets one: node/cli.py)")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, oneDNN "
           f"{'on' if torch.backends.mkldnn.is_available() else 'off'}; {os.cpu_count()} CPUs, "
           f"load average {os.getloadavg()[0]:.2f} (a shared machine inflates the times; the peak is measured in the same run)")

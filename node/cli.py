@@ -13,7 +13,7 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, MutableMapping, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -225,18 +225,29 @@ def _positive_int(text: str) -> int:
     return value
 
 
-#: OpenMP threads that wait sleep instead of spinning (GNU OpenMP, which torch's CPU build uses;
-#: read once, when torch loads it). With spinning, an inference worker on cores something else
-#: is using collapsed: DenseNet121 at 224 px took 0.6-3.7 s an image instead of 50 ms beside
-#: two busy processes on this 2-core VM; sleeping, 59-99 ms. The price on idle cores is ~10%
-#: (50 -> 57 ms). Set OMP_WAIT_POLICY=ACTIVE in the environment to spin on a dedicated host.
-OMP_WAIT_POLICY = "PASSIVE"
+#: OpenMP threads that wait spin for a bounded time, then sleep (libgomp, which torch's CPU build
+#: uses, reads this once, when torch loads it): GOMP_SPINCOUNT=10000, about 0.1 ms. torch's
+#: default spins 3 ms at each barrier, and an inference worker on cores something else was using
+#: collapsed (DenseNet121 at 224 px: 0.6-3.7 s an image instead of 50 ms beside two busy
+#: processes on a 2-core VM). Sleeping at once (OMP_WAIT_POLICY=PASSIVE) wakes the threads through
+#: the kernel for each of the network's several hundred parallel operations: on another VM of that
+#: kind 89 ms an image idle and 179-223 ms beside two busy processes, where the bounded spin took
+#: 55 ms and 128-159 ms (#12; docs/production.md).
+#: An OMP_WAIT_POLICY or GOMP_SPINCOUNT in the environment is left as it is.
+OPENMP_SPINCOUNT = "10000"
+
+
+def openmp_defaults(environ: MutableMapping[str, str]) -> None:
+    """Set the workers' OpenMP wait default in `environ` unless it already says how threads wait
+    (GOMP_SPINCOUNT overrides OMP_WAIT_POLICY in libgomp, so it is set only when neither is)."""
+    if "OMP_WAIT_POLICY" not in environ and "GOMP_SPINCOUNT" not in environ:
+        environ["GOMP_SPINCOUNT"] = OPENMP_SPINCOUNT
 
 
 def cmd_worker(args: argparse.Namespace, config: Config) -> int:
     from node.queue import EXPORT_QUEUE, configure
 
-    os.environ.setdefault("OMP_WAIT_POLICY", OMP_WAIT_POLICY)  # before torch loads
+    openmp_defaults(os.environ)  # before torch loads
     if args.queues.split(",") != [EXPORT_QUEUE]:  # it runs models and the gate: both must be there
         try:
             check_gate(config)

@@ -37,19 +37,25 @@ def test_threads_are_set_before_the_worker_starts(monkeypatch: pytest.MonkeyPatc
         torch.set_num_threads(before)
 
 
-@pytest.mark.parametrize(("given", "used"), [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
-def test_openmp_threads_sleep_unless_told_to_spin(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
-                                                   given: str | None, used: str) -> None:
-    """A worker sets OMP_WAIT_POLICY before torch is loaded in it (torch's OpenMP reads it once)."""
-    if given is None:
-        monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
-    else:
-        monkeypatch.setenv("OMP_WAIT_POLICY", given)
-    seen: list[str | None] = []
+@pytest.mark.parametrize(("given", "used"), [
+    ({}, {"GOMP_SPINCOUNT": "10000"}),
+    ({"OMP_WAIT_POLICY": "PASSIVE"}, {"OMP_WAIT_POLICY": "PASSIVE"}),
+    ({"OMP_WAIT_POLICY": "ACTIVE"}, {"OMP_WAIT_POLICY": "ACTIVE"}),
+    ({"GOMP_SPINCOUNT": "0"}, {"GOMP_SPINCOUNT": "0"}),
+])
+def test_openmp_threads_spin_briefly_unless_told_otherwise(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                            given: dict[str, str], used: dict[str, str]) -> None:
+    """A worker sets how OpenMP threads wait before torch is loaded in it (libgomp reads it once),
+    and never over what the environment already says."""
+    for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in given.items():
+        monkeypatch.setenv(name, value)
+    seen: list[dict[str, str]] = []
 
     class App:
         def worker_main(self, argv: list[str]) -> None:
-            seen.append(os.environ.get("OMP_WAIT_POLICY"))
+            seen.append({k: os.environ[k] for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT") if k in os.environ})
 
     monkeypatch.setattr("node.queue.configure", lambda config: App())
     args = build_parser().parse_args(["worker", "-Q", "export"])
