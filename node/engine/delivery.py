@@ -78,23 +78,29 @@ def _claim_sends(config: Config, job_id: int) -> _Claims:
             return _Claims(job.state if job else None)
         if job.state == JobState.ENCODED:
             transition(job, JobState.SENDING)
-        for out in job.outputs:
-            ref = ObjectRef(job.study.study_instance_uid, out.series_instance_uid, out.sop_instance_uid,
-                            out.sop_class_uid)
-            for sd in out.sends:
-                # Stored: only its confirmation is due. A commitment report that did not come in
-                # time: asked for again.
-                to_confirm = or_(Send.state == SendState.STORED,
-                                 and_(Send.state == SendState.COMMITTING, Send.updated_at < waits.get(sd.destination, now)))
-                for condition, confirm_only in ((to_confirm, True), (to_send, False)):
-                    res = s.execute(update(Send)
-                                    .where(Send.id == sd.id, Send.state.in_(may_become(SendState.SENDING)), condition)
-                                    .values(state=SendState.SENDING, updated_at=now)
-                                    .execution_options(synchronize_session=False))
-                    if res.rowcount == 1:  # type: ignore[attr-defined]
-                        path = resolve(config.storage.path, out.path)
-                        claimed.setdefault(sd.destination, []).append(_Claim(sd.id, path, ref, confirm_only))
-                        break
+        # One query for every send of the job, and the likelier claim first: this runs on the
+        # SR's path to the PACS, and loading outputs, study and sends one by one with two
+        # UPDATEs per send took 5 of its 8 ms (#12).
+        study_uid = job.study.study_instance_uid
+        sends = s.execute(select(Send.id, Send.destination, Output.path, Output.series_instance_uid,
+                                 Output.sop_instance_uid, Output.sop_class_uid)
+                          .join(Output, Send.output_id == Output.id)
+                          .where(Output.job_id == job_id).order_by(Output.id, Send.id)).all()
+        for send_id, destination, path, series_uid, sop_uid, sop_class_uid in sends:
+            # Stored: only its confirmation is due. A commitment report that did not come in
+            # time: asked for again. (Exclusive with to_send: the order saves a statement.)
+            to_confirm = or_(Send.state == SendState.STORED,
+                             and_(Send.state == SendState.COMMITTING, Send.updated_at < waits.get(destination, now)))
+            for condition, confirm_only in ((to_send, False), (to_confirm, True)):
+                res = s.execute(update(Send)
+                                .where(Send.id == send_id, Send.state.in_(may_become(SendState.SENDING)), condition)
+                                .values(state=SendState.SENDING, updated_at=now)
+                                .execution_options(synchronize_session=False))
+                if res.rowcount == 1:  # type: ignore[attr-defined]
+                    ref = ObjectRef(study_uid, series_uid, sop_uid, sop_class_uid)
+                    claimed.setdefault(destination, []).append(_Claim(send_id, resolve(config.storage.path, path),
+                                                                      ref, confirm_only))
+                    break
         return _Claims(job.state, claimed)
 
 
