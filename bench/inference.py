@@ -32,7 +32,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from node.cli import openmp_defaults  # noqa: E402
+from node.cli import OPENMP_WAIT_VARIABLES, openmp_defaults  # noqa: E402
 
 if __name__ == "__main__":
     # How the workers' OpenMP threads wait (read once, when torch loads): measured as they run.
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     net = DenseNet121(spatial_dims=2, in_channels=1, out_channels=15).eval()
     flops = count_flops(net, torch.zeros(1, 1, SIZE, SIZE))
     peak = matmul_peak()
-    waits = {k: os.environ[k] for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT") if k in os.environ}
+    waits = {k: os.environ[k] for k in OPENMP_WAIT_VARIABLES if k in os.environ}
     print(f"OpenMP threads wait with {waits} (the workers' default unless the environment sets one: node/cli.py)")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, oneDNN "
           f"{'on' if torch.backends.mkldnn.is_available() else 'off'}; {os.cpu_count()} CPUs, "

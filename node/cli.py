@@ -232,15 +232,18 @@ def _positive_int(text: str) -> int:
 #: processes on a 2-core VM). Sleeping at once (OMP_WAIT_POLICY=PASSIVE) wakes the threads through
 #: the kernel for each of the network's several hundred parallel operations: on another VM of that
 #: kind 89 ms an image idle and 179-223 ms beside two busy processes, where the bounded spin took
-#: 55 ms and 128-159 ms (#12; docs/production.md).
-#: An OMP_WAIT_POLICY or GOMP_SPINCOUNT in the environment is left as it is.
+#: 55 ms and 128-159 ms (#12; docs/production.md). Spinning threads lose badly when another
+#: program keeps one core busy: the inference worker then runs on fewer threads
+#: (node/engine/cores.py). An OMP_WAIT_POLICY or GOMP_SPINCOUNT in the environment is left as it is.
 OPENMP_SPINCOUNT = "10000"
+#: The environment variables that say how libgomp's threads wait.
+OPENMP_WAIT_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 
 
 def openmp_defaults(environ: MutableMapping[str, str]) -> None:
     """Set the workers' OpenMP wait default in `environ` unless it already says how threads wait
     (GOMP_SPINCOUNT overrides OMP_WAIT_POLICY in libgomp, so it is set only when neither is)."""
-    if "OMP_WAIT_POLICY" not in environ and "GOMP_SPINCOUNT" not in environ:
+    if not any(name in environ for name in OPENMP_WAIT_VARIABLES):
         environ["GOMP_SPINCOUNT"] = OPENMP_SPINCOUNT
 
 

@@ -3,6 +3,8 @@
 - `errors.py`: the stages of a job's work (`Stage`) and the errors raised at them.
 - `inference.py`: an inference worker claims a job, runs its pipeline, builds, validates and
   stores the result objects, and queues their export.
+- `cores.py`: how many torch threads the next forward pass gets, from the cores other programs
+  leave free.
 - `delivery.py`: an export worker sends each stored object to each destination that wants it,
   confirms it there where the destination asks, and closes the job.
 

@@ -222,8 +222,10 @@ def _read(config: Config, ji: JobInput) -> Work | None:
 def _infer(config: Config, pipeline: Pipeline, work: list[Work]) -> list[Work]:
     """Run the pipeline over the batch in one pass; if one image is undecodable, run each job
     apart so only its own job fails. Return the jobs that have their results."""
+    from node.engine.cores import set_threads_for_next_pass
     from pipelines.base import InputError
 
+    set_threads_for_next_pass()
     if len(work) > 1:
         try:
             with _guard(config, [w.job.job_id for w in work], Stage.INFERENCE):
