@@ -6,6 +6,7 @@ Every check goes through a real association (pynetdicom SCU or DCMTK storescu) o
 from __future__ import annotations
 
 import logging
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 from pynetdicom import AE
+from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification
 from sqlalchemy import select
 
@@ -121,6 +123,10 @@ def test_association_limit_is_an_rj_and_counted(tmp_path: Path, serve: Any) -> N
         assert (rj.result, rj.result_source, rj.diagnostic) == (0x02, 0x03, 0x02)  # local limit exceeded
     finally:
         first.release()
+    # The slot is the listener's association thread, which ends shortly after the release's reply
+    # has gone out (pynetdicom counts live threads); until then a new caller is refused as TWO was.
+    wait_for(lambda: not any(isinstance(t, Association) and t.is_acceptor and t.acceptor.port == cfg.listener.port
+                             for t in threading.enumerate()), 10, "the first association's thread to end")
     third = _associate(cfg, "THREE")  # the slot is free again
     assert third.is_established
     third.release()
