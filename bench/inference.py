@@ -27,7 +27,6 @@ import os
 import statistics
 import sys
 import time
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -41,6 +40,8 @@ if __name__ == "__main__":
 import torch  # noqa: E402
 from monai.networks.nets import DenseNet121  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+
+from pipelines.chest_xray import frozen_for_cpu  # noqa: E402
 
 SIZE = 224
 BATCHES = (1, 8)
@@ -69,11 +70,8 @@ def count_flops(net: torch.nn.Module, x: torch.Tensor) -> int:
 
 
 def pipeline_frozen(nhwc: torch.nn.Module) -> torch.jit.ScriptModule:
-    """A channels_last network traced and frozen, as pipelines/chest_xray.py runs it on a CPU."""
-    example = torch.zeros(1, 1, SIZE, SIZE).contiguous(memory_format=torch.channels_last)
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        return torch.jit.freeze(torch.jit.trace(nhwc, example, check_trace=False))
+    """A channels_last network traced and frozen by the pipeline's own code (pipelines/chest_xray.py)."""
+    return frozen_for_cpu(nhwc, (1, 1, SIZE, SIZE))
 
 
 def variants(net: torch.nn.Module, compiled: bool = False) -> dict[str, Callable[[torch.Tensor], object]]:

@@ -5,13 +5,12 @@ A CPU forward pass is several hundred parallel operations; between them torch's 
 (libgomp) wait for the next. They can spin (fast to resume, but a spinning thread takes a core
 that another program, or a preempted sibling, needs) or sleep (resumed through the kernel, which
 costs on a VM). The workers' default (node/cli.py `openmp_defaults`: a short spin; and
-node/engine/cores.py: all threads while the cores are free, one while other programs keep them
-busy) is measured here against the alternatives: each setting runs in a process of its own
-(libgomp reads its environment once),
-the frozen channels_last DenseNet121 at 224 px, batch 1, as pipelines/chest_xray.py runs it,
-with a pause before each forward as between jobs. Prints the median and 90th percentile per
-setting and round, idle and beside each count of `--busy` processes that spin in pure Python,
-and each setting's median against the default's.
+node/engine/cores.py: one thread per core other programs left free) is measured here against
+the alternatives. Each setting runs in a process of its own (libgomp reads its environment
+once): the frozen channels_last DenseNet121 at 224 px, batch 1, built by the pipeline's own
+`frozen_for_cpu`, with a pause before each forward as between jobs. Prints the median and 90th
+percentile per setting and round, idle and beside each count of `--busy` processes that spin in
+pure Python, and each setting's median against the default's.
 
     python bench/openmp_wait.py [--rounds 3] [--forwards 20] [--busy 1,2 (default: 1 and one per core)]
 """

@@ -226,15 +226,13 @@ def _positive_int(text: str) -> int:
 
 
 #: OpenMP threads that wait spin for a bounded time, then sleep (libgomp, which torch's CPU build
-#: uses, reads this once, when torch loads it): GOMP_SPINCOUNT=10000, about 0.1 ms. torch's
-#: default spins 3 ms at each barrier, and an inference worker on cores something else was using
-#: collapsed (DenseNet121 at 224 px: 0.6-3.7 s an image instead of 50 ms beside two busy
-#: processes on a 2-core VM). Sleeping at once (OMP_WAIT_POLICY=PASSIVE) wakes the threads through
-#: the kernel for each of the network's several hundred parallel operations: on another VM of that
-#: kind 89 ms an image idle and 179-223 ms beside two busy processes, where the bounded spin took
-#: 55 ms and 128-159 ms (#12; docs/production.md). Spinning threads lose badly when another
-#: program keeps one core busy: the inference worker then runs on fewer threads
-#: (node/engine/cores.py). An OMP_WAIT_POLICY or GOMP_SPINCOUNT in the environment is left as it is.
+#: uses, reads this once, when torch loads it): GOMP_SPINCOUNT=10000, about 0.1 ms. Sleeping at
+#: once (OMP_WAIT_POLICY=PASSIVE) wakes the threads through the kernel for each of the network's
+#: several hundred parallel operations, which a VM makes expensive: DenseNet121 at 224 px on
+#: idle cores 96 ms a forward against 55 ms spinning briefly (bench/openmp_wait.py, #12).
+#: torch's own 3 ms spin and any spinning lose badly when another program keeps a core busy;
+#: the inference worker then runs on fewer threads (node/engine/cores.py). An OMP_WAIT_POLICY
+#: or GOMP_SPINCOUNT in the environment is left as it is.
 OPENMP_SPINCOUNT = "10000"
 #: The environment variables that say how libgomp's threads wait.
 OPENMP_WAIT_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")

@@ -174,6 +174,19 @@ def _minmax(x: torch.Tensor) -> torch.Tensor:
 # ---- the pipeline ---------------------------------------------------------------------------
 
 
+def frozen_for_cpu(net: torch.nn.Module, shape: tuple[int, ...]) -> torch.jit.ScriptModule:
+    """A channels_last CPU network as the pipeline runs it: TorchScript trace + freeze (batch
+    norms folded into the convolutions before them), its optimisation passes already run once.
+    bench/inference.py and bench/openmp_wait.py time this very function."""
+    example = torch.zeros(shape).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+        # shape checks in norm layers become constants: expected for fixed-size inputs
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        frozen = torch.jit.freeze(torch.jit.trace(net, example, check_trace=False))
+        frozen(example)  # first call runs the optimisation passes
+    return frozen
+
+
 class ChestXrayPipeline:
     """Loaded once per process; `run` takes a batch of single-frame chest radiographs."""
 
@@ -218,13 +231,7 @@ class ChestXrayPipeline:
         net = net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         if self.device.type != "cpu":
             return net
-        example = torch.zeros(shape).contiguous(memory_format=torch.channels_last)
-        with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
-            # shape checks in norm layers become constants: expected for fixed-size inputs
-            warnings.simplefilter("ignore", torch.jit.TracerWarning)
-            frozen = torch.jit.freeze(torch.jit.trace(net, example, check_trace=False))
-            frozen(example)  # first call runs the optimisation passes
-        return frozen
+        return frozen_for_cpu(net, shape)
 
     def _warm_up(self, seg_size: int, cls_size: int, runs: int = 3) -> None:
         """Run each network a few times: TorchScript's profiling executor specialises the graph

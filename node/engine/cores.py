@@ -1,21 +1,22 @@
-"""How many torch threads the next CPU forward pass gets: all of the worker's when the cores are
-free, one when other programs keep them busy (#12).
+"""How many torch threads the next forward pass gets: one per core other programs left free,
+up to the worker's own count (#12).
 
 A forward pass is several hundred parallel operations, each ending at a barrier where the
 worker's OpenMP threads wait for one another. When another program keeps a core busy, one of
-those threads is preempted and every barrier waits for it. DenseNet121 (224 px) on a 2-core VM,
-median ms an image (bench/openmp_wait.py):
+those threads is preempted and every barrier waits for it. DenseNet121 (224 px, batch 1) on a
+2-core VM, median ms a forward (`python bench/openmp_wait.py`, two rounds, one run):
 
 | | idle | 1 busy process | 2 busy processes |
 |---|---|---|---|
-| 2 threads, spinning ~0.1 ms at barriers (the workers' default) | 56 | 250 | 135 |
-| 2 threads, sleeping at once (OMP_WAIT_POLICY=PASSIVE) | 92 | 96 | 205 |
-| 1 thread | 82 | 85 | 148 |
+| 2 threads, spinning ~0.1 ms at barriers (GOMP_SPINCOUNT=10000) | 54.5 | 260.4 | 123.1 |
+| 2 threads, sleeping at once (OMP_WAIT_POLICY=PASSIVE) | 96.1 | 85.1 | 224.7 |
+| 1 thread | 77.1 | 81.4 | 153.1 |
+| spinning ~0.1 ms, threads from this module (the workers' default) | 50.2 | 84.2 | 157.5 |
 
-No fixed thread count wins every column, so the worker looks before each forward pass: a thread
-samples the machine's CPU time (/proc/stat) a few times a second, less this process's own, and
-`CoreMonitor.threads` gives the worker one thread per core the others left free over the last
-sample (up to the worker's own count, at least one).
+No fixed setting is close to the best in every column, so the worker looks before each forward
+pass: a thread samples the machine's CPU time (/proc/stat) four times a second, less this
+process's own, and `CoreMonitor.threads` gives one thread per core the others left free over the
+last sample. On a GPU worker this sizes only the CPU work around the pass.
 """
 
 from __future__ import annotations
