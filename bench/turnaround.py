@@ -14,7 +14,7 @@ encode_sr, validate_sr, then sr_store_queue_send = writing it to the spool, queu
 the export worker picking it up and the C-STORE until Orthanc answered).
 
     python bench/turnaround.py [--runs 5] [--bundle models/chest_xray] [--objects sr,seg,sc,gsps]
-                               [--image RG1_UNCR.dcm | RG1_J2KR.dcm | a file]
+                               [--image RG1_UNCR.dcm | RG1_J2KR.dcm | a file] [--keep-association SECONDS]
 
 --objects: what the destination receives (the node builds only that); `--objects sr` shows what
 drawing the other objects while the SR is being sent costs the SR (two cores are shared).
@@ -67,6 +67,8 @@ def main() -> int:
     p.add_argument("--gap", type=float, default=2.0, help="seconds between studies")
     p.add_argument("--objects", default="sr,seg,sc,gsps", help="result objects the destination receives")
     p.add_argument("--image", default="RG1_UNCR.dcm", help="a pydicom-data test file (RG1_J2KR.dcm: JPEG 2000) or a path")
+    p.add_argument("--keep-association", type=float, default=None, metavar="SECONDS",
+                   help="export.keep_association_seconds (default: the node's); 0 releases after each send")
     args = p.parse_args()
     if not (args.bundle / "configs" / "metadata.json").exists():
         subprocess.run([sys.executable, "-m", "training", "demo", "--out", str(args.bundle)], check=True, cwd=REPO)
@@ -90,7 +92,9 @@ def main() -> int:
             cfg = node_config(work / "node", args.bundle.resolve(),
                               [{"name": "orthanc", "ae_title": pacs.aet, "host": "127.0.0.1", "port": pacs.dicom_port,
                                 "objects": args.objects.split(",")}],
-                              completion={"quiet_seconds": QUIET})  # the default poll period
+                              completion={"quiet_seconds": QUIET},  # the default poll period
+                              **({"export": {"keep_association_seconds": args.keep_association}}
+                                 if args.keep_association is not None else {}))
             node = Node(cfg).start(timeout=300)
             try:
                 # Warm-up: the first job pays for lazy imports in the workers.

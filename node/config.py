@@ -255,6 +255,11 @@ class ExportConfig(_Strict):
     max_retries: int = Field(8, ge=0)
     backoff_seconds: float = Field(2.0, gt=0, description="first retry delay; doubles each attempt")
     backoff_max_seconds: float = Field(300.0, gt=0)
+    keep_association_seconds: float = Field(
+        5.0, ge=0, description="a C-STORE association stays open this long after a send, for the next send to "
+        "the same destination (a job's SR and its other objects leave in two sends); 0 releases it at once. "
+        "Keep it below the destination's own idle timeout",
+    )
     objects: list[ObjectKind] = Field(
         list(OBJECT_KINDS), description="result objects sent to destinations that do not choose their own"
     )

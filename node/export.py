@@ -21,7 +21,15 @@ import requests
 from dicomweb_client.api import DICOMwebClient
 from pydicom import Dataset
 from pydicom.filereader import read_file_meta_info
-from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import (
+    UID,
+    Comprehensive3DSRStorage,
+    ExplicitVRLittleEndian,
+    GrayscaleSoftcopyPresentationStateStorage,
+    ImplicitVRLittleEndian,
+    SecondaryCaptureImageStorage,
+    SegmentationStorage,
+)
 from pynetdicom import _config, evt
 from pynetdicom.association import Association
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # generated at import
@@ -32,6 +40,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # generated at
 from pynetdicom.status import STATUS_PENDING, STATUS_SUCCESS, code_to_category
 
 from node import metrics
+from node.associations import POOL, usable
 from node.config import Destination
 from node.db.models import utcnow
 from node.dimse import RequestorAE, succeeded, tune_connection
@@ -75,13 +84,24 @@ class ObjectRef:
     sop_class_uid: str
 
 
-def send_files(dest: Destination, paths: Sequence[Path], calling_ae_title: str) -> list[SendOutcome]:
-    """Send each file to dest (C-STORE or STOW-RS); raise DestinationUnavailable if it cannot be reached."""
+#: The SOP classes of the node's result objects (SR, SEG, GSPS, overlay SC): every C-STORE
+#: association proposes all four, so the one that carried a job's SR can carry its other objects.
+RESULT_SOP_CLASSES = frozenset({Comprehensive3DSRStorage, SegmentationStorage,
+                                GrayscaleSoftcopyPresentationStateStorage, SecondaryCaptureImageStorage})
+
+
+def send_files(dest: Destination, paths: Sequence[Path], calling_ae_title: str,
+               keep_open_seconds: float = 0.0) -> list[SendOutcome]:
+    """Send each file to dest (C-STORE or STOW-RS); raise DestinationUnavailable if it cannot be reached.
+
+    C-STORE: the association is kept open `keep_open_seconds` after the last file for the next
+    call to the same destination (node/associations.py); 0 releases it at once.
+    """
     t0 = time.perf_counter()
     try:
         if dest.protocol == "stow":
             return _stow(dest, paths)
-        return _c_store(dest, paths, calling_ae_title)
+        return _c_store(dest, paths, calling_ae_title, keep_open_seconds)
     finally:
         metrics.stage_seconds(Stage.SEND, time.perf_counter() - t0)
 
@@ -113,31 +133,50 @@ def _stored_form(assoc: Association, path: Path, meta: Dataset) -> Path | Datase
     return pydicom.dcmread(path)
 
 
-def _c_store(dest: Destination, paths: Sequence[Path], calling_ae_title: str) -> list[SendOutcome]:
+def _c_store(dest: Destination, paths: Sequence[Path], calling_ae_title: str,
+             keep_open_seconds: float) -> list[SendOutcome]:
     metas = [read_file_meta_info(p) for p in paths]
-    ae = _ae(dest, calling_ae_title)
-    for sop_class in sorted({str(m.MediaStorageSOPClassUID) for m in metas}):
-        ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
-    assoc = _associate(ae, dest)
+    classes = tuple(sorted({str(m.MediaStorageSOPClassUID) for m in metas} | RESULT_SOP_CLASSES))
+    key = (dest.host, dest.port, dest.ae_title, dest.timeout, calling_ae_title, classes)
+
+    def open_new() -> Association:
+        ae = _ae(dest, calling_ae_title)
+        for sop_class in classes:
+            ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+        return _associate(ae, dest)
+
+    with POOL.lease(key, open_new, keep_open_seconds) as (assoc, reused):
+        outcomes = _store_each(dest, assoc, paths, metas)
+        lost = reused and outcomes[0].status is None and not usable(assoc)
+    if lost:
+        # The peer closed the kept association (a restart, its own idle timeout) before it
+        # answered anything: the batch goes again on a new one. A C-STORE it did act on and
+        # is sent twice carries the same SOP Instance UID and bytes.
+        log.info("kept association to %s was lost before an answer (%s): sending on a new one",
+                 dest.name, outcomes[0].error)
+        with POOL.lease(key, open_new, keep_open_seconds, reuse=False) as (assoc, _):
+            outcomes = _store_each(dest, assoc, paths, metas)
+    return outcomes
+
+
+def _store_each(dest: Destination, assoc: Association, paths: Sequence[Path], metas: Sequence[Dataset],
+                ) -> list[SendOutcome]:
+    """C-STORE each file on assoc, in order, until the association drops; one outcome per file."""
     outcomes = []
-    try:
-        for path, meta in zip(paths, metas, strict=True):
-            try:
-                rsp = assoc.send_c_store(_stored_form(assoc, path, meta))
-            except (RuntimeError, ValueError, AttributeError) as e:
-                outcomes.append(SendOutcome(path, None, f"not sent: {e}", utcnow()))
-                continue
-            status = int(rsp.Status) if "Status" in rsp else None
-            err = None if status is not None else "no response (timeout or abort)"
-            if status is not None and not succeeded(status):
-                err = f"remote status 0x{status:04X}"
-            outcomes.append(SendOutcome(path, status, err, utcnow()))
-            metrics.send_result(dest.name, "ok" if err is None else "failed")
-            if not assoc.is_established:
-                break
-    finally:
-        if assoc.is_established:
-            assoc.release()
+    for path, meta in zip(paths, metas, strict=True):
+        try:
+            rsp = assoc.send_c_store(_stored_form(assoc, path, meta))
+        except (RuntimeError, ValueError, AttributeError) as e:
+            outcomes.append(SendOutcome(path, None, f"not sent: {e}", utcnow()))
+            continue
+        status = int(rsp.Status) if "Status" in rsp else None
+        err = None if status is not None else "no response (timeout or abort)"
+        if status is not None and not succeeded(status):
+            err = f"remote status 0x{status:04X}"
+        outcomes.append(SendOutcome(path, status, err, utcnow()))
+        metrics.send_result(dest.name, "ok" if err is None else "failed")
+        if not usable(assoc):  # is_established alone lags an abort that just came in
+            break
     # Files never attempted because the association dropped count as not sent.
     done = {o.path for o in outcomes}
     outcomes += [SendOutcome(p, None, "association lost before sending", utcnow()) for p in paths if p not in done]
@@ -236,7 +275,7 @@ def _confirm_cfind(dest: Destination, refs: Sequence[ObjectRef], calling_ae_titl
                 result[ref.sop_uid] = "C-FIND found no such instance"
             else:
                 result[ref.sop_uid] = "C-FIND " + (f"status 0x{final:04X}" if final is not None else "got no response")
-            if not assoc.is_established:
+            if not usable(assoc):
                 break
     finally:
         if assoc.is_established:

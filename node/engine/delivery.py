@@ -121,7 +121,8 @@ def _export_to(config: Config, dest: Destination, items: list[_Claim]) -> list[_
     unavailable: str | None = None
     if to_send:
         try:
-            sent = send_files(dest, [c.path for c in to_send], config.export.calling_ae_title)
+            sent = send_files(dest, [c.path for c in to_send], config.export.calling_ae_title,
+                              config.export.keep_association_seconds)
             outcomes = {c.send_id: o for c, o in zip(to_send, sent, strict=True)}
         except (DestinationUnavailable, OSError) as e:
             unavailable = f"{dest.name}: {e}"

@@ -15,9 +15,11 @@ import pydicom
 import pytest
 from pydicom import Dataset
 from pydicom.data import get_testdata_file
+from pydicom.uid import generate_uid
 
+from node.associations import POOL
 from node.cli import db_upgrade
-from node.config import Config, parse_config
+from node.config import Config, Destination, parse_config
 from node.db.models import (
     Job,
     JobState,
@@ -274,3 +276,31 @@ def test_a_failed_export_keeps_its_reason_on_the_job(
         assert job.updated_at > before  # the reconciler sees that export retries touch the row
         assert job.send_seconds > 0
     assert {sd.state for sd in _sends(cfg, job_id).values()} == {SendState.FAILED}
+
+
+def test_a_kept_association_to_orthanc_survives_its_restart(orthancs: Callable[..., Orthanc], tmp_path: Path) -> None:
+    """The export keeps its association to a PACS open between sends (export.keep_association_seconds);
+    Orthanc restarting in between ends it, and the next send goes on a new one: nothing is lost
+    or reported failed."""
+    POOL.close_all()  # what earlier tests' exports kept open
+    pacs = orthancs("pacs")
+    dest = Destination(**_dimse("pacs", pacs))
+    ds = pydicom.dcmread(RG1)
+    files = []
+    for name in ("before", "after"):
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        files.append(tmp_path / f"{name}.dcm")
+        ds.save_as(files[-1], enforce_file_format=True)
+    try:
+        [out] = send_files(dest, [files[0]], "PACSNODE", keep_open_seconds=60)
+        assert out.ok, out.error
+        assert POOL.idle_count() == 1
+        pacs.stop()
+        pacs.start()
+        [out] = send_files(dest, [files[1]], "PACSNODE", keep_open_seconds=60)
+        assert out.ok, out.error
+        assert POOL.idle_count() == 1  # the new association, kept in its turn
+    finally:
+        POOL.close_all()
+    for path in files:
+        assert pacs.has_instance(str(pydicom.dcmread(path).SOPInstanceUID))
