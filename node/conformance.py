@@ -12,15 +12,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterable
 
-from pydicom.uid import (
-    UID,
-    Comprehensive3DSRStorage,
-    ExplicitVRLittleEndian,
-    GrayscaleSoftcopyPresentationStateStorage,
-    ImplicitVRLittleEndian,
-    SecondaryCaptureImageStorage,
-    SegmentationStorage,
-)
+from pydicom.uid import UID
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # generated at import
     StorageCommitmentPushModel,
@@ -30,14 +22,9 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # generated at
 from pynetdicom.status import Status
 
 from node.config import Config, parse_config
+from node.export import RESULT_SOP_CLASSES, SCU_SYNTAXES
 from node.handlers import CANNOT_UNDERSTAND, DATASET_MISMATCH, OUT_OF_RESOURCES
 from node.listener import accepted_transfer_syntaxes, build_ae
-
-# What the export worker proposes: each result object's SOP class with these two syntaxes
-# (node/export.py, _c_store), and C-FIND for read-back and for the source's instance count.
-RESULT_SOP_CLASSES = {"sr": Comprehensive3DSRStorage, "sc": SecondaryCaptureImageStorage,
-                      "seg": SegmentationStorage, "gsps": GrayscaleSoftcopyPresentationStateStorage}
-SCU_SYNTAXES = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
 
 
 def _name(uid: str) -> str:
@@ -153,8 +140,11 @@ def statement(config: Config) -> str:
         "",
         f"### 3.2 {config.export.calling_ae_title} (export): SOP classes as SCU",
         "",
-        "For each association the export worker proposes only the SOP classes of the objects it",
-        "is sending, each with " + " and ".join(f"{_name(ts)} (`{ts}`)" for ts in SCU_SYNTAXES) + ".",
+        "Each C-STORE association of the export worker proposes the four result SOP classes below (and",
+        "any other class of the files being sent), each with",
+        " and ".join(f"{_name(ts)} (`{ts}`)" for ts in SCU_SYNTAXES) + ", so that one",
+        "association can carry a job's SR and then its other objects. C-FIND and N-ACTION associations",
+        "propose only their own SOP class.",
         "",
         *_table(["SOP class", "UID", "Role", "Sent as"], [
             *[[_name(uid), f"`{uid}`", "SCU", f"result object `{kind}`"] for kind, uid in RESULT_SOP_CLASSES.items()],
@@ -166,8 +156,15 @@ def statement(config: Config) -> str:
         "",
         "#### Association policies (SCU)",
         "",
-        "- One association per batch of result objects per destination; every connect, ACSE and",
-        "  DIMSE wait is bounded by the destination's `timeout`.",
+        "- C-STORE associations are kept open `export.keep_association_seconds`"
+        f" ({config.export.keep_association_seconds:g} s by default; 0:",
+        "  released after each batch) after the last object, for the next batch to the same destination",
+        "  (one export task sends a job's SR, the next its other objects); then released with",
+        "  A-RELEASE. Keep it below the PACS's own idle timeout. An association the PACS ended in the",
+        "  meantime (restart, idle timeout, abort) is not used again; a batch whose first C-STORE on a",
+        "  kept association got no answer because the association was lost is sent again on a new one",
+        "  (same SOP Instance UIDs and bytes). Every connect, ACSE and DIMSE wait is bounded by the",
+        "  destination's `timeout`.",
         "- A refused or failed association is retried with exponential backoff",
         f"  (`export.max_retries` = {config.export.max_retries}); then the job fails with the reason.",
         "- A C-STORE status other than success or warning (0xBxxx, 0x0001, 0x0107, 0x0116) fails",

@@ -84,10 +84,12 @@ class ObjectRef:
     sop_class_uid: str
 
 
-#: The SOP classes of the node's result objects (SR, SEG, GSPS, overlay SC): every C-STORE
-#: association proposes all four, so the one that carried a job's SR can carry its other objects.
-RESULT_SOP_CLASSES = frozenset({Comprehensive3DSRStorage, SegmentationStorage,
-                                GrayscaleSoftcopyPresentationStateStorage, SecondaryCaptureImageStorage})
+#: Every C-STORE association proposes the SOP classes of all the result objects (so the one that
+#: carried a job's SR can carry its other objects), and of any other file it sends, in these
+#: transfer syntaxes (node/conformance.py states both).
+RESULT_SOP_CLASSES = {"sr": Comprehensive3DSRStorage, "sc": SecondaryCaptureImageStorage,
+                      "seg": SegmentationStorage, "gsps": GrayscaleSoftcopyPresentationStateStorage}
+SCU_SYNTAXES = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
 
 
 def send_files(dest: Destination, paths: Sequence[Path], calling_ae_title: str,
@@ -136,13 +138,13 @@ def _stored_form(assoc: Association, path: Path, meta: Dataset) -> Path | Datase
 def _c_store(dest: Destination, paths: Sequence[Path], calling_ae_title: str,
              keep_open_seconds: float) -> list[SendOutcome]:
     metas = [read_file_meta_info(p) for p in paths]
-    classes = tuple(sorted({str(m.MediaStorageSOPClassUID) for m in metas} | RESULT_SOP_CLASSES))
+    classes = tuple(sorted({str(m.MediaStorageSOPClassUID) for m in metas} | set(RESULT_SOP_CLASSES.values())))
     key = (dest.host, dest.port, dest.ae_title, dest.timeout, calling_ae_title, classes)
 
     def open_new() -> Association:
         ae = _ae(dest, calling_ae_title)
         for sop_class in classes:
-            ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+            ae.add_requested_context(sop_class, SCU_SYNTAXES)
         return _associate(ae, dest)
 
     with POOL.lease(key, open_new, keep_open_seconds) as (assoc, reused):
