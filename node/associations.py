@@ -36,8 +36,7 @@ class _Idle:
 class AssociationPool:
     """Idle established associations by key (peer, calling AE, proposed contexts)."""
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
-        self._clock = clock
+    def __init__(self) -> None:
         self._lock = threading.Condition()
         self._idle: dict[Hashable, list[_Idle]] = {}
         self._reaper: threading.Thread | None = None
@@ -78,7 +77,7 @@ class AssociationPool:
             _release(assoc)
             return
         with self._lock:
-            self._idle.setdefault(key, []).append(_Idle(assoc, self._clock() + keep_seconds))
+            self._idle.setdefault(key, []).append(_Idle(assoc, time.monotonic() + keep_seconds))
             if self._reaper is None or not self._reaper.is_alive():
                 self._reaper = threading.Thread(target=self._reap, name="association-reaper", daemon=True)
                 self._reaper.start()
@@ -100,13 +99,13 @@ class AssociationPool:
         """Release idle associations as their keep time passes; end when none is left."""
         while True:
             with self._lock:
-                done = self._expired(self._clock())
+                done = self._expired(time.monotonic())
                 if not done:
                     if not self._idle:
                         self._reaper = None
                         return
                     soonest = min(e.expires for entries in self._idle.values() for e in entries)
-                    self._lock.wait(timeout=max(0.01, soonest - self._clock()))
+                    self._lock.wait(timeout=max(0.01, soonest - time.monotonic()))
                     continue
             for assoc in done:  # outside the lock: a release waits for the peer's answer
                 _release(assoc)
