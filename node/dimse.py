@@ -85,8 +85,9 @@ IDLE_WAIT_SECONDS = 0.05
 #: Most bytes asked of the kernel per recv() call.
 RECV_CHUNK = 1 << 20
 
-#: pynetdicom's DUL poll interval for associations it builds itself (requestors: AE.associate
-#: has no hook for a custom DUL). Its default of 1 ms costs a sleep per PDU exchanged.
+#: DUL poll interval for an association on pynetdicom's own reactor, i.e. one requested through a
+#: plain pynetdicom AE (the benches' senders; the node's own go through RequestorAE, which
+#: polls nothing). pynetdicom's default of 1 ms costs a sleep per PDU exchanged.
 REQUESTOR_POLL_SECONDS = 0.0001
 
 
@@ -107,7 +108,7 @@ def succeeded(status: int | None) -> bool:
 
 def tune_connection(event: evt.Event) -> None:
     """EVT_CONN_OPEN: TCP_NODELAY (small DIMSE messages otherwise wait 40-90 ms for delayed ACKs);
-    on pynetdicom's own DUL (requestors) a shorter poll interval too."""
+    on pynetdicom's own DUL (a plain pynetdicom AE's requests) a shorter poll interval too."""
     assoc = event.assoc
     sock = getattr(assoc.dul.socket, "socket", None)
     if sock is not None:
