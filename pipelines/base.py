@@ -45,6 +45,13 @@ class Finding:
 
 Crop = tuple[int, int, int, int]  # a crop window: y0, y1, x0, x1 (half-open), in source pixels
 
+#: What a pipeline's networks computed for one image, at the networks' own resolution (a
+#: 256 px mask, a 7 x 7 CAM, the probabilities): named arrays, small enough to keep with the job.
+#: Networks may give slightly different numbers with another thread count or batch size; what
+#: follows them (resizing, thresholds, drawing) does not. So a pipeline given these again
+#: (`run(..., saved=...)`) returns the same result, bit for bit, without running its networks.
+ModelOutputs = dict[str, np.ndarray]
+
 
 @dataclass(frozen=True)
 class Box:
@@ -81,6 +88,7 @@ class PipelineResult:
     - `heatmaps`: per finding label, float32 in [0, 1] (the finding's Grad-CAM); a pipeline gives
       one for each finding it localises (chest_xray: every finding above its threshold).
     - `boxes`: detections, empty when the pipeline has no detector.
+    - `outputs`: what the networks computed for this image (see `ModelOutputs`).
     """
 
     findings: list[Finding]
@@ -89,6 +97,7 @@ class PipelineResult:
     heatmaps: dict[str, np.ndarray] = field(default_factory=dict)
     boxes: list[Box] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
+    outputs: ModelOutputs = field(default_factory=dict)
 
     def top(self, n: int = 3) -> list[Finding]:
         return sorted(self.findings, key=lambda f: f.probability, reverse=True)[:n]
@@ -111,8 +120,11 @@ class Pipeline(Protocol):
     id: str
     model: ModelInfo
 
-    def run(self, datasets: Sequence[Dataset]) -> list[PipelineResult]:
-        """Process a batch of single-frame images (pixel data not yet decoded)."""
+    def run(self, datasets: Sequence[Dataset], saved: Sequence[ModelOutputs] | None = None) -> list[PipelineResult]:
+        """Process a batch of single-frame images (pixel data not yet decoded).
+
+        `saved`: each image's `outputs` from an earlier run of this model; the networks are not
+        run and the results equal that run's."""
         ...
 
 

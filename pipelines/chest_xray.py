@@ -43,7 +43,7 @@ from scipy import ndimage
 from skimage.morphology import disk
 
 from pipelines import xrv
-from pipelines.base import Box, Crop, Finding, InputError, ModelInfo, PipelineResult
+from pipelines.base import Box, Crop, Finding, InputError, ModelInfo, ModelOutputs, PipelineResult
 from pipelines.bundle import Bundle, load_bundle
 from pipelines.detector import from_detector
 from pipelines.device import autocast, resolve_device
@@ -71,6 +71,12 @@ NO_FINDING = "No Finding"
 LUNGS = "lungs"  # the region the segmentation network outlines
 DETECTION_LABEL = "Lung Opacity"  # what the bundle's detector finds (RSNA's one class)
 HIST_BINS = 256
+# Names of a result's `outputs` (pipelines.base.ModelOutputs): what `run(saved=...)` reads back.
+MASK = "lung_mask"  # (S, S) bool, after thresholding and opening
+CROP = "crop"  # (4,) int: the window the classifier saw, y0 y1 x0 x1
+PROBABILITIES = "probabilities"  # (labels,) float32
+CAM = "cam:"  # + label: (h, w) float32 CAM in [0, 1], one per localised finding
+BOXES = "boxes"  # (k, 5) float64: x0 y0 x1 y1 score, with a detector only
 
 
 # ---- the recipe (shared with training) -------------------------------------------------------
@@ -248,10 +254,13 @@ class ChestXrayPipeline:
         with autocast(self.device):
             return net(x)
 
-    def run(self, datasets: Sequence[Dataset]) -> list[PipelineResult]:
-        """Process a batch. Batched stages' timings are the batch time divided by its size."""
+    def run(self, datasets: Sequence[Dataset], saved: Sequence[ModelOutputs] | None = None) -> list[PipelineResult]:
+        """Process a batch (see `Pipeline.run`: `saved` skips the networks). Batched stages'
+        timings are the batch time divided by its size."""
         if not datasets:
             return []
+        if saved is not None and len(saved) != len(datasets):
+            raise ValueError(f"{len(saved)} saved outputs for {len(datasets)} images")
         t_start = time.perf_counter()
         n = len(datasets)
         displays, t_decode = [], []
@@ -264,76 +273,94 @@ class ChestXrayPipeline:
                 raise InputError(f"image {i} (SOP Instance UID {uid}): {e}") from e
             t_decode.append(time.perf_counter() - t0)
 
+        stages = dict.fromkeys(("segmentation", "classification", "heatmap"), 0.0)
+        if self._det is not None:
+            stages["detection"] = 0.0
         with torch.inference_mode():
-            t0 = time.perf_counter()
-            s = self.bundle.segmentation_size
-            seg_in = torch.stack([segmentation_input(d, s) for d in displays])
-            logits = self._forward(self._seg, seg_in)
-            probs = torch.sigmoid(logits.float())[:, 0].cpu()
-            masks, crops = [], []
-            for d, p in zip(displays, probs, strict=True):
-                m = postprocess_mask(p, self.mask_threshold, self.opening_radius)
-                crop = lung_box(m, d.shape, self.crop_margin) if self.crop_to_lungs else (0, d.shape[0], 0, d.shape[1])
-                if crop is None:
-                    log.warning("empty lung mask: classifying the whole image")
-                    crop = (0, d.shape[0], 0, d.shape[1])
-                masks.append(m)
-                crops.append(crop)
-            source_masks = [self._to_source(m, d.shape) for m, d in zip(masks, displays, strict=True)]
-            t_seg = time.perf_counter() - t0
-
-            t0 = time.perf_counter()
-            cls_in, crops = self._classifier_batch(datasets, displays, crops)
-            out = self._forward(self._cls, cls_in)
-            cls_logits, feats = out if self._cam_weight is not None else (out, None)
-            cls_probs = torch.sigmoid(cls_logits.float()).cpu().numpy()
-            t_cls = time.perf_counter() - t0
-
-            t0 = time.perf_counter()
-            # (image, finding) pairs: one heatmap per finding above threshold
-            pairs = [(i, j) for i, p in enumerate(cls_probs)
-                     for j in localised_findings(p, self.thresholds, self.labels)]  # fmt: skip
-            heatmaps: list[dict[str, np.ndarray]] = [{} for _ in displays]
-            if pairs:
-                items = torch.tensor([i for i, _ in pairs], device=self.device)
-                classes = torch.tensor([j for _, j in pairs], device=self.device)
-                if self._cam_weight is not None and feats is not None:
-                    cams = _minmax(cam_from_features(feats.float()[items], self._cam_weight, classes)).cpu()
-                else:  # one backward pass per finding
-                    cams = torch.stack([self._explain(cls_in[i][None], j)[0] for i, j in pairs])
-                for (i, j), cam in zip(pairs, cams, strict=True):
-                    heatmaps[i][self.labels[j]] = self._place(cam, crops[i], displays[i].shape)
-            t_heat = time.perf_counter() - t0
-
-            t0 = time.perf_counter()
-            detections = self._detect(displays) if self._det is not None else [[] for _ in displays]
-            t_det = time.perf_counter() - t0
-
+            outputs = list(saved) if saved is not None else self._networks(datasets, displays, stages)
+            results = [self._result(d, o, stages) for d, o in zip(displays, outputs, strict=True)]
         share = (time.perf_counter() - t_start - sum(t_decode)) / n
-        results = []
-        for i in range(n):
-            findings = [
-                Finding(label=lab, probability=float(p), threshold=t)
-                for lab, p, t in zip(self.labels, cls_probs[i], self.thresholds, strict=True)
-            ]
-            results.append(
-                PipelineResult(
-                    findings=findings,
-                    display=displays[i],
-                    regions={LUNGS: source_masks[i]},
-                    heatmaps=heatmaps[i],
-                    boxes=detections[i],
-                    timings={
-                        "decode": t_decode[i],
-                        "segmentation": t_seg / n,
-                        "classification": t_cls / n,
-                        "heatmap": t_heat / n,
-                        **({"detection": t_det / n} if self._det is not None else {}),
-                        "total": t_decode[i] + share,
-                    },
-                )
-            )
+        for r, t in zip(results, t_decode, strict=True):
+            r.timings = {"decode": t, **{k: v / n for k, v in stages.items()}, "total": t + share}
         return results
+
+    def _networks(self, datasets: Sequence[Dataset], displays: Sequence[np.ndarray],
+                  stages: dict[str, float]) -> list[ModelOutputs]:
+        """Run the networks over the batch: each image's outputs at their own resolution (the
+        lung mask, the crop the classifier saw, the probabilities, each localised finding's CAM,
+        the boxes). `stages` gets each stage's batch time added."""
+        t0 = time.perf_counter()
+        s = self.bundle.segmentation_size
+        logits = self._forward(self._seg, torch.stack([segmentation_input(d, s) for d in displays]))
+        probs = torch.sigmoid(logits.float())[:, 0].cpu()
+        masks, crops = [], []
+        for d, p in zip(displays, probs, strict=True):
+            m = postprocess_mask(p, self.mask_threshold, self.opening_radius)
+            crop = lung_box(m, d.shape, self.crop_margin) if self.crop_to_lungs else (0, d.shape[0], 0, d.shape[1])
+            if crop is None:
+                log.warning("empty lung mask: classifying the whole image")
+                crop = (0, d.shape[0], 0, d.shape[1])
+            masks.append(m)
+            crops.append(crop)
+        stages["segmentation"] += time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        cls_in, crops = self._classifier_batch(datasets, displays, crops)
+        out = self._forward(self._cls, cls_in)
+        cls_logits, feats = out if self._cam_weight is not None else (out, None)
+        cls_probs = torch.sigmoid(cls_logits.float()).cpu().numpy()
+        stages["classification"] += time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        # (image, finding) pairs: one heatmap per finding above threshold
+        pairs = [(i, j) for i, p in enumerate(cls_probs)
+                 for j in localised_findings(p, self.thresholds, self.labels)]  # fmt: skip
+        outputs: list[ModelOutputs] = [
+            {MASK: m.astype(bool), CROP: np.asarray(c, np.int64), PROBABILITIES: p.astype(np.float32)}
+            for m, c, p in zip(masks, crops, cls_probs, strict=True)
+        ]
+        if pairs:
+            items = torch.tensor([i for i, _ in pairs], device=self.device)
+            classes = torch.tensor([j for _, j in pairs], device=self.device)
+            if self._cam_weight is not None and feats is not None:
+                cams = _minmax(cam_from_features(feats.float()[items], self._cam_weight, classes)).cpu()
+            else:  # one backward pass per finding
+                cams = torch.stack([self._explain(cls_in[i][None], j)[0] for i, j in pairs])
+            for (i, j), cam in zip(pairs, cams, strict=True):
+                outputs[i][CAM + self.labels[j]] = cam.float().numpy()
+        stages["heatmap"] += time.perf_counter() - t0
+
+        if self._det is not None:
+            t0 = time.perf_counter()
+            for o, found in zip(outputs, self._detect(displays), strict=True):
+                o[BOXES] = np.array([[b.x0, b.y0, b.x1, b.y1, b.score] for b in found], np.float64).reshape(-1, 5)
+            stages["detection"] += time.perf_counter() - t0
+        return outputs
+
+    def _result(self, display: np.ndarray, outputs: ModelOutputs, stages: dict[str, float]) -> PipelineResult:
+        """One image's result from its network outputs, in source geometry. Resizing and
+        thresholds only: the same outputs give the same result whatever the threads or batch."""
+        t0 = time.perf_counter()
+        lungs = self._to_source(outputs[MASK], display.shape)
+        t1 = time.perf_counter()
+        crop = cast(Crop, tuple(int(v) for v in outputs[CROP]))
+        heatmaps = {name[len(CAM):]: self._place(torch.from_numpy(cam), crop, display.shape)
+                    for name, cam in outputs.items() if name.startswith(CAM)}  # fmt: skip
+        stages["segmentation"] += t1 - t0
+        stages["heatmap"] += time.perf_counter() - t1
+        probs = outputs[PROBABILITIES]
+        if len(probs) != len(self.labels):
+            raise ValueError(f"{len(probs)} saved probabilities for the bundle's {len(self.labels)} labels")
+        return PipelineResult(
+            findings=[Finding(label=lab, probability=float(p), threshold=t)
+                      for lab, p, t in zip(self.labels, probs, self.thresholds, strict=True)],
+            display=display,
+            regions={LUNGS: lungs},
+            heatmaps=heatmaps,
+            boxes=[Box(float(x0), float(y0), float(x1), float(y1), DETECTION_LABEL, float(score))
+                   for x0, y0, x1, y1, score in outputs.get(BOXES, ())],
+            outputs=outputs,
+        )
 
     def _classifier_batch(
         self, datasets: Sequence[Dataset], displays: Sequence[np.ndarray], crops: list[Crop]

@@ -127,7 +127,10 @@ def test_pipeline_returns_boxes_in_source_pixels(det_bundle: Path, det_run: Path
     meta_file.write_text(json.dumps(meta))
 
     ds = pydicom.dcmread(get_testdata_file("RG1_UNCR.dcm"))
-    (result,) = ChestXrayPipeline(copy, "cpu").run([ds])
+    pipeline = ChestXrayPipeline(copy, "cpu")
+    (result,) = pipeline.run([ds])
+    (again,) = pipeline.run([ds], saved=[result.outputs])  # what a replay draws: the same boxes
+    assert again.boxes == result.boxes and result.outputs["boxes"].shape == (len(result.boxes), 5)
     rows, cols = int(ds.Rows), int(ds.Columns)
     assert result.boxes and "detection" in result.timings
     for box in result.boxes:

@@ -153,6 +153,43 @@ def test_other_layers_take_one_backward_pass_per_finding(demo_bundle: Path, rg1:
     assert sorted(calls) == sorted(pipeline.labels.index(label) for label in result.heatmaps)
 
 
+def _same(a: PipelineResult, b: PipelineResult) -> bool:
+    """Bit for bit the same findings, regions, heatmaps and boxes."""
+    return (a.findings == b.findings and a.boxes == b.boxes and a.regions.keys() == b.regions.keys()
+            and a.heatmaps.keys() == b.heatmaps.keys()
+            and all(np.array_equal(a.regions[k], b.regions[k]) for k in a.regions)
+            and all(np.array_equal(a.heatmaps[k], b.heatmaps[k]) for k in a.heatmaps))
+
+
+def test_saved_outputs_give_the_same_result_without_the_networks(demo_bundle: Path, rg1: Dataset,
+                                                                  tmp_path: Path) -> None:
+    # A replay must draw the same objects even where the networks' numbers would move a little
+    # (another thread count or batch); so a result carries its networks' outputs, small, and
+    # they alone give the result back.
+    pipeline = ChestXrayPipeline(_all_present(demo_bundle, tmp_path), "cpu")
+    jpeg = jpeg_dataset(JPEG)
+    torch.set_num_threads(1)
+    try:
+        first = pipeline.run([jpeg, rg1])
+    finally:
+        torch.set_num_threads(2)
+    outputs = [r.outputs for r in first]
+    assert outputs[1]["lung_mask"].shape == (pipeline.bundle.segmentation_size,) * 2
+    assert outputs[1]["probabilities"].shape == (15,) and outputs[1]["crop"].shape == (4,)
+    assert {k for k in outputs[1] if k.startswith("cam:")} == {f"cam:{h}" for h in first[1].heatmaps}
+    assert sum(a.nbytes for a in outputs[1].values()) < 100_000  # kept per image in the database
+
+    def no_network(*args: object) -> None:
+        raise AssertionError("a network ran")
+
+    pipeline._forward = no_network  # type: ignore[method-assign, assignment]
+    again = pipeline.run([rg1], saved=[outputs[1]])  # alone, with 2 threads: still the same
+    assert _same(again[0], first[1])
+    _check(again[0], (1955, 1841), pipeline)
+    with pytest.raises(ValueError, match="1 saved outputs for 2 images"):
+        pipeline.run([jpeg, rg1], saved=outputs[:1])
+
+
 def test_localised_findings_rule() -> None:
     labels = ("A", "B", NO_FINDING, "C")
     thresholds = (0.5, 0.5, 0.5, 0.9)
