@@ -18,6 +18,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Text,
@@ -251,6 +252,23 @@ class Output(Base):
 
     job: Mapped[Job] = relationship(back_populates="outputs")
     sends: Mapped[list[Send]] = relationship(back_populates="output", order_by="Send.id")
+
+
+class ModelOutput(Base):
+    """What a pipeline's networks computed for one source image (pipelines.base.ModelOutputs
+    as an .npz, a few KB), kept so that a replay or a later attempt of the same model on the
+    same content draws the same objects (node/engine/model_outputs.py)."""
+
+    __tablename__ = "model_output"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    # sha256 of the pipeline id, model version and UID, and the source's SOP Instance UID and sha256
+    key: Mapped[str] = mapped_column(String(64), unique=True)
+    pipeline: Mapped[str] = mapped_column(String(64))
+    model_version: Mapped[str] = mapped_column(String(64))
+    sop_instance_uid: Mapped[str] = mapped_column(String(64))
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 
 class Send(Base):

@@ -3,6 +3,8 @@
 - `errors.py`: the stages of a job's work (`Stage`) and the errors raised at them.
 - `inference.py`: an inference worker claims a job, runs its pipeline, builds, validates and
   stores the result objects, and queues their export.
+- `model_outputs.py`: the networks' outputs kept per source image, so a replay or a later
+  attempt draws the same objects, byte for byte, without running the networks.
 - `cores.py`: how many torch threads the next forward pass gets, from the cores other programs
   leave free.
 - `delivery.py`: an export worker sends each stored object to each destination that wants it,

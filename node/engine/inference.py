@@ -27,12 +27,13 @@ from node import metrics
 from node.config import Config, Destination
 from node.db.models import Instance, Job, JobState, Output, Send, SendState
 from node.db.session import session_scope
+from node.engine import model_outputs
 from node.engine.errors import PermanentError, Stage, TransientError
 from node.export import ObjectRef
 from node.jobs import TransitionError, abandoned, fail_job, requeue, transition
 from node.queue import enqueue_export
 from node.spool import output_relpath, resolve, write_atomic
-from pipelines.base import ModelInfo, Pipeline, PipelineResult
+from pipelines.base import ModelInfo, ModelOutputs, Pipeline, PipelineResult
 
 T = TypeVar("T")
 
@@ -48,6 +49,7 @@ class JobInput:
     pipeline: str
     paths: list[Path]
     content_keys: list[str]  # "<sop uid>:<sha256>" of each source: re-sent content gets new results
+    source_keys: list[str]  # the same, in the order of `paths`
     predecessor_sr: ObjectRef | None  # the SR this job's SR replaces
     destinations: list[str] | None  # from routing; None: every configured destination
     objects: list[str] | None  # from routing; None: what each destination wants
@@ -116,9 +118,9 @@ def _start(config: Config, job_id: int, worker: str) -> JobInput | None:
             if sr is not None:
                 predecessor = ObjectRef(job.study.study_instance_uid, sr.series_instance_uid, sr.sop_instance_uid,
                                         sr.sop_class_uid)
+        keys = [f"{i.sop_instance_uid}:{i.sha256}" for i in instances]
         return JobInput(job_id, job.study.study_instance_uid, job.pipeline,
-                        [resolve(config.storage.path, i.path) for i in instances],
-                        sorted(f"{i.sop_instance_uid}:{i.sha256}" for i in instances), predecessor,
+                        [resolve(config.storage.path, i.path) for i in instances], sorted(keys), keys, predecessor,
                         job.destinations, job.objects, job.study.calling_ae)
 
 
@@ -220,12 +222,67 @@ def _read(config: Config, ji: JobInput) -> Work | None:
 
 
 def _infer(config: Config, pipeline: Pipeline, work: list[Work]) -> list[Work]:
-    """Run the pipeline over the batch in one pass; if one image is undecodable, run each job
-    apart so only its own job fails. Return the jobs that have their results."""
+    """Each job's results, from the model outputs kept for its sources when every source has
+    some (a replay, a later attempt: the same bytes as before), else from one forward pass over
+    the rest of the batch, whose outputs are then kept. Return the jobs that have their results."""
     from node.engine.cores import set_threads_for_next_pass
+
+    def keys(w: Work) -> list[str]:
+        return [model_outputs.key(pipeline.id, pipeline.model, k) for k in w.job.source_keys]
+
+    try:
+        with _guard(config, [w.job.job_id for w in work], Stage.INFERENCE):
+            saved = model_outputs.load(config, (k for w in work for k in keys(w)))
+    except _Failed:
+        return []
+    again = [w for w in work if all(k in saved for k in keys(w))]
+    fresh = [w for w in work if not any(w is a for a in again)]
+    if fresh:
+        set_threads_for_next_pass()
+    done: list[Work] = []
+    for w in _run_networks(config, pipeline, fresh):
+        try:
+            with _guard(config, [w.job.job_id], Stage.INFERENCE):
+                computed = {k: (source.split(":", 1)[0], r.outputs)
+                            for k, source, r in zip(keys(w), w.job.source_keys, w.results, strict=True)}  # fmt: skip
+                t0 = time.perf_counter()
+                kept = model_outputs.keep(config, pipeline.id, pipeline.model, computed)
+                _record(w.timings, "keep_outputs", time.perf_counter() - t0)  # the node's work, not the models'
+        except _Failed:
+            continue
+        if all(model_outputs.same(kept[k], out) for k, (_, out) in computed.items()):
+            done.append(w)
+        else:  # another worker kept this content's outputs first: draw from those, as it did
+            log.info("job %d: another run kept model outputs for these sources first: drawing from those",
+                     w.job.job_id)
+            saved.update(kept)
+            again.append(w)
+    for w in again:
+        try:
+            with _guard(config, [w.job.job_id], Stage.INFERENCE):
+                w.results = _timed(w.timings, Stage.INFERENCE,
+                                   lambda: _decoded(pipeline, w.sources, [saved[k] for k in keys(w)]))  # noqa: B023
+        except _Failed:
+            continue
+        done.append(w)
+    return [_pipeline_timings(w) for w in work if any(w is d for d in done)]
+
+
+def _decoded(pipeline: Pipeline, sources: list[Dataset], saved: list[ModelOutputs] | None = None) -> list[PipelineResult]:
+    """pipeline.run on one job's sources; an undecodable image fails the job at stage decode."""
     from pipelines.base import InputError
 
-    set_threads_for_next_pass()
+    try:
+        return pipeline.run(sources, saved=saved)
+    except InputError as e:
+        raise PermanentError(Stage.DECODE, str(e)) from e
+
+
+def _run_networks(config: Config, pipeline: Pipeline, work: list[Work]) -> list[Work]:
+    """Run the pipeline over the batch in one pass; if one image is undecodable, run each job
+    apart so only its own job fails. Return the jobs that have their results."""
+    from pipelines.base import InputError
+
     if len(work) > 1:
         try:
             with _guard(config, [w.job.job_id for w in work], Stage.INFERENCE):
@@ -245,18 +302,15 @@ def _infer(config: Config, pipeline: Pipeline, work: list[Work]) -> list[Work]:
         except _Failed:
             return []
         if results is not None:
-            return [_pipeline_timings(w) for w in work]
+            return work
     done = []
     for w in work:
         try:
             with _guard(config, [w.job.job_id], Stage.INFERENCE):
-                try:
-                    w.results = _timed(w.timings, Stage.INFERENCE, lambda: pipeline.run(w.sources))  # noqa: B023
-                except InputError as e:
-                    raise PermanentError(Stage.DECODE, str(e)) from e
+                w.results = _timed(w.timings, Stage.INFERENCE, lambda: _decoded(pipeline, w.sources))  # noqa: B023
         except _Failed:
             continue
-        done.append(_pipeline_timings(w))
+        done.append(w)
     return done
 
 

@@ -150,9 +150,9 @@ def test_waiting_jobs_share_one_forward_pass_and_a_bad_image_fails_only_its_job(
     passes: list[int] = []
     real = inference.pipeline_for(cfg, "chest_xray").run
 
-    def counting(datasets: list) -> list:  # type: ignore[type-arg]
+    def counting(datasets: list, saved: list | None = None) -> list:  # type: ignore[type-arg]
         passes.append(len(datasets))
-        return real(datasets)
+        return real(datasets, saved=saved)
 
     monkeypatch.setattr(inference.pipeline_for(cfg, "chest_xray"), "run", counting)
     inference.run_inference(cfg, job_ids[0], "inference@test")

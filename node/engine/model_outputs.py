@@ -1,0 +1,83 @@
+"""The networks' outputs, kept per source image: every run of one model on one content draws the
+same objects, byte for byte.
+
+A job's result UIDs come from its sources' content and the model (node/writers/uids.py), so a
+replay, or an attempt after a worker died, sends objects under UIDs that the PACS may already
+hold; their bytes must be the same. The networks' numbers are not quite stable: another thread
+count (node/engine/cores.py) or batch size moves a probability by ~1e-6, which can change a
+printed digit of the SR or a pixel of the overlay. Everything after the networks (resizing,
+thresholds, drawing, encoding) is exact. So the first run's network outputs are kept in the
+database (a few KB: the 256 px lung mask, the 7 x 7 CAMs, the probabilities; see
+pipelines.base.ModelOutputs) and later runs of the same model start from them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from collections.abc import Iterable, Mapping
+
+import numpy as np
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+
+from node.config import Config
+from node.db.models import ModelOutput
+from node.db.session import session_scope
+from pipelines.base import ModelInfo, ModelOutputs
+
+__all__ = ["keep", "key", "load", "pack", "same", "unpack"]
+
+
+def key(pipeline_id: str, model: ModelInfo, source: str) -> str:
+    """The key of one source's outputs: pipeline id, model version and UID, and the source's
+    "<SOP Instance UID>:<sha256>" (new content, or a retrained model, is computed afresh)."""
+    return hashlib.sha256("\n".join((pipeline_id, model.version, model.device_uid, source)).encode()).hexdigest()
+
+
+def pack(outputs: ModelOutputs) -> bytes:
+    """Named arrays as an .npz (compressed; no pickled objects)."""
+    buf = io.BytesIO()
+    np.savez_compressed(buf, allow_pickle=False, **outputs)
+    return buf.getvalue()
+
+
+def unpack(data: bytes) -> ModelOutputs:
+    """What `pack` wrote; refuses pickled objects."""
+    with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+        return {name: npz[name] for name in npz.files}
+
+
+def same(a: ModelOutputs, b: ModelOutputs) -> bool:
+    """The same names, shapes, types and values (bit for bit)."""
+    return a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and np.array_equal(a[k], b[k]) for k in a)
+
+
+def load(config: Config, keys: Iterable[str]) -> dict[str, ModelOutputs]:
+    """The outputs kept under these keys (those that have some)."""
+    wanted = sorted(set(keys))
+    if not wanted:
+        return {}
+    with session_scope(config.database.url) as s:
+        rows = s.execute(select(ModelOutput.key, ModelOutput.data).where(ModelOutput.key.in_(wanted))).tuples().all()
+    return {k: unpack(data) for k, data in rows}
+
+
+def keep(config: Config, pipeline_id: str, model: ModelInfo,
+         outputs: Mapping[str, tuple[str, ModelOutputs]]) -> dict[str, ModelOutputs]:
+    """Keep each key's outputs ({key: (SOP Instance UID, outputs)}) unless some are kept under
+    it already; return what is kept under each key, in one transaction. Where another run kept
+    the same key first, its outputs win, and this run must draw from those instead of its own."""
+    for attempt in (1, 2):
+        try:
+            with session_scope(config.database.url) as s:
+                have = dict(s.execute(select(ModelOutput.key, ModelOutput.data)
+                                      .where(ModelOutput.key.in_(list(outputs)))).tuples().all())
+                s.add_all(ModelOutput(key=k, pipeline=pipeline_id, model_version=model.version, sop_instance_uid=sop,
+                                      data=pack(out))
+                          for k, (sop, out) in outputs.items() if k not in have)  # fmt: skip
+            return {k: unpack(have[k]) if k in have else out for k, (_, out) in outputs.items()}
+        except IntegrityError:
+            if attempt == 2:  # another run committed the same key since we looked: look again, once
+                raise
+    raise AssertionError("unreachable")

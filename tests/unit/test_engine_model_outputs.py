@@ -1,0 +1,136 @@
+"""A replay, or any later run of one model on one content, draws from the model outputs the
+first run kept: the same bytes under the same UIDs, even where the networks' numbers would now
+move (another thread count or batch size: ~1e-6, enough to change a printed digit or a pixel)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+import pytest
+import torch
+from pydicom.data import get_testdata_file
+from sqlalchemy import func, select
+
+from node.cli import db_upgrade
+from node.config import Config, parse_config
+from node.db.models import Job, JobState, ModelOutput
+from node.db.session import session_scope
+from node.engine import inference, model_outputs
+from node.jobs import replay
+from node.spool import resolve
+from tests.unit.jobs_data import queued_job
+
+RG1 = Path(get_testdata_file("RG1_UNCR.dcm"))
+
+
+@pytest.fixture
+def cfg(tmp_path: Path, demo_bundle: Path, monkeypatch: pytest.MonkeyPatch) -> Config:
+    config = parse_config({
+        "storage": {"path": str(tmp_path / "spool"), "min_free_mb": 0},
+        "database": {"url": f"sqlite:///{tmp_path / 'db.sqlite'}"},
+        "validation": {"tools": []},  # the pydicom re-read: the bytes are what these tests compare
+        "pipelines": {"chest_xray": {"bundle": str(demo_bundle), "device": "cpu"}},
+    })
+    db_upgrade(config)
+    monkeypatch.setattr(inference, "enqueue_export", lambda *a, **k: None)  # no destination: built, not sent
+    return config
+
+
+def _objects(cfg: Config, job_id: int) -> dict[str, bytes]:
+    """Each output's SOP Instance UID -> its bytes in the spool. The job must be encoded; it is
+    then marked done, as its export would (these tests send nothing), so it can be replayed."""
+    with session_scope(cfg.database.url) as s:
+        job = s.get(Job, job_id)
+        assert job is not None and job.state == JobState.ENCODED, (job and job.state, job and job.error)
+        job.state = JobState.DONE
+        return {o.sop_instance_uid: resolve(cfg.storage.path, o.path).read_bytes() for o in job.outputs}
+
+
+def _nudged(pipeline: Any, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Make the pipeline's networks give other numbers (as another thread count would, only
+    more), counting their calls."""
+    real: Callable[..., Any] = pipeline._forward
+    calls: list[int] = []
+
+    def forward(net: torch.nn.Module, x: torch.Tensor) -> Any:
+        calls.append(1)
+        out = real(net, x)
+        return tuple(t * 1.01 for t in out) if isinstance(out, tuple) else out * 1.01
+
+    monkeypatch.setattr(pipeline, "_forward", forward)
+    return calls
+
+
+def test_a_replay_draws_the_same_bytes_from_the_kept_outputs_without_the_networks(
+    cfg: Config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = queued_job(cfg, RG1)
+    inference.run_inference(cfg, first, "test")
+    before = _objects(cfg, first)
+    assert len(before) == 4  # SR, SC, SEG, GSPS
+    with session_scope(cfg.database.url) as s:
+        (row,) = s.scalars(select(ModelOutput)).all()
+        assert row.pipeline == "chest_xray" and row.sop_instance_uid == pydicom.dcmread(RG1).SOPInstanceUID
+        assert len(row.data) < 20_000
+    pipeline = inference.pipeline_for(cfg, "chest_xray")
+    calls = _nudged(pipeline, monkeypatch)
+
+    second = replay(cfg, first, "test", "byte-identical replay")
+    inference.run_inference(cfg, second, "test")
+    assert calls == []  # the networks did not run
+    assert _objects(cfg, second) == before
+
+
+def test_a_run_that_loses_the_race_to_keep_outputs_draws_from_the_winners(
+    cfg: Config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = queued_job(cfg, RG1)
+    inference.run_inference(cfg, first, "test")
+    before = _objects(cfg, first)
+    pipeline = inference.pipeline_for(cfg, "chest_xray")
+    calls = _nudged(pipeline, monkeypatch)
+    # Another worker's run of the same content: it looked before the first run kept its
+    # outputs, so it runs the (here nudged) networks; keeping finds the first run's outputs.
+    real_load = model_outputs.load
+    looks: list[int] = []
+
+    def load_too_early(config: Config, keys: Any) -> dict[str, Any]:
+        looks.append(1)
+        return {} if len(looks) == 1 else real_load(config, keys)
+
+    monkeypatch.setattr(model_outputs, "load", load_too_early)
+    second = replay(cfg, first, "test", "raced")
+    inference.run_inference(cfg, second, "test")
+    assert calls  # the networks ran...
+    assert _objects(cfg, second) == before  # ...and their numbers were not used
+    with session_scope(cfg.database.url) as s:
+        assert s.scalar(select(func.count()).select_from(ModelOutput)) == 1
+
+
+def test_nudged_networks_do_change_the_objects(cfg: Config, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The control for the tests above: without kept outputs the same nudge changes the bytes.
+    first = queued_job(cfg, RG1)
+    inference.run_inference(cfg, first, "test")
+    before = _objects(cfg, first)
+    _nudged(inference.pipeline_for(cfg, "chest_xray"), monkeypatch)
+    with session_scope(cfg.database.url) as s:
+        s.query(ModelOutput).delete()
+    second = replay(cfg, first, "test", "without kept outputs")
+    inference.run_inference(cfg, second, "test")
+    after = _objects(cfg, second)
+    assert after.keys() == before.keys()  # same UIDs...
+    assert any(after[uid] != before[uid] for uid in before)  # ...other bytes: what keeping prevents
+
+
+def test_packed_outputs_round_trip_without_pickles() -> None:
+    outputs = {"lung_mask": np.eye(4, dtype=bool), "crop": np.array([1, 2, 3, 4]), "cam:A": np.ones((7, 7), np.float32)}
+    back = model_outputs.unpack(model_outputs.pack(outputs))
+    assert model_outputs.same(back, outputs)
+    assert not model_outputs.same(back, {**outputs, "crop": np.array([1, 2, 3, 5])})
+    assert not model_outputs.same(back, {**outputs, "cam:A": np.ones((7, 7), np.float64)})
+    with pytest.raises(ValueError, match="pickle"):
+        model_outputs.pack({"x": np.array([object()])})
