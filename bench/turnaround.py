@@ -166,8 +166,10 @@ def run_once(node: Node, pacs: Orthanc, rg1: Path) -> tuple[str, dict[str, float
         "queue_wait": at("running_at") - at("queued_at"),
         "read": t["read"], "decode": t["inference_decode"], "segmentation": t["inference_segmentation"],
         "classification": t["inference_classification"], "heatmap": t["inference_heatmap"], "pipeline": t["inference"],
+        "keep_outputs": t.get("keep_outputs", 0.0),  # the model outputs kept for replays (node/engine/model_outputs.py)
         "encode_sr": t["encode_sr"], "validate_sr": t["validate_sr"],
-        "sr_store_queue_send": sr_stored - at("running_at") - t["read"] - t["inference"] - t["encode_sr"] - t["validate_sr"],
+        "sr_store_queue_send": sr_stored - at("running_at") - t["read"] - t["inference"] - t.get("keep_outputs", 0.0)
+        - t["encode_sr"] - t["validate_sr"],
         "encode_all": t["encode"], "validate_all": t.get("validate", 0.0),
         "encoded_to_sending": at("sending_at") - at("encoded_at"),
         "send_all_objects": t["send"],
