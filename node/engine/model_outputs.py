@@ -18,12 +18,12 @@ import io
 from collections.abc import Iterable, Mapping
 
 import numpy as np
-from sqlalchemy import select
+from sqlalchemy import insert, select
 from sqlalchemy.exc import IntegrityError
 
 from node.config import Config
-from node.db.models import ModelOutput
-from node.db.session import session_scope
+from node.db.models import ModelOutput, utcnow
+from node.db.session import engine_for
 from pipelines.base import ModelInfo, ModelOutputs
 
 __all__ = ["keep", "key", "load", "pack", "same", "unpack"]
@@ -58,8 +58,8 @@ def load(config: Config, keys: Iterable[str]) -> dict[str, ModelOutputs]:
     wanted = sorted(set(keys))
     if not wanted:
         return {}
-    with session_scope(config.database.url) as s:
-        rows = s.execute(select(ModelOutput.key, ModelOutput.data).where(ModelOutput.key.in_(wanted))).tuples().all()
+    with engine_for(config.database.url).connect() as conn:
+        rows = conn.execute(select(ModelOutput.key, ModelOutput.data).where(ModelOutput.key.in_(wanted))).tuples().all()
     return {k: unpack(data) for k, data in rows}
 
 
@@ -70,12 +70,15 @@ def keep(config: Config, pipeline_id: str, model: ModelInfo,
     the same key first, its outputs win, and this run must draw from those instead of its own."""
     for attempt in (1, 2):
         try:
-            with session_scope(config.database.url) as s:
-                have = dict(s.execute(select(ModelOutput.key, ModelOutput.data)
-                                      .where(ModelOutput.key.in_(list(outputs)))).tuples().all())
-                s.add_all(ModelOutput(key=k, pipeline=pipeline_id, model_version=model.version, sop_instance_uid=sop,
-                                      data=pack(out))
-                          for k, (sop, out) in outputs.items() if k not in have)  # fmt: skip
+            # Core statements on one connection, not the ORM: this is on the SR's path.
+            with engine_for(config.database.url).begin() as conn:
+                have = dict(conn.execute(select(ModelOutput.key, ModelOutput.data)
+                                         .where(ModelOutput.key.in_(list(outputs)))).tuples().all())
+                rows = [{"key": k, "pipeline": pipeline_id, "model_version": model.version, "sop_instance_uid": sop,
+                         "data": pack(out), "created_at": utcnow()}
+                        for k, (sop, out) in outputs.items() if k not in have]  # fmt: skip
+                if rows:
+                    conn.execute(insert(ModelOutput), rows)
             return {k: unpack(have[k]) if k in have else out for k, (_, out) in outputs.items()}
         except IntegrityError:
             if attempt == 2:  # another run committed the same key since we looked: look again, once
