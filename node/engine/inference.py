@@ -236,6 +236,9 @@ def _infer(config: Config, pipeline: Pipeline, work: list[Work]) -> list[Work]:
     except _Failed:
         return []
     again = [w for w in work if all(k in saved for k in keys(w))]
+    for w in again:
+        log.info("job %d: drawn from the model outputs kept for its sources (the networks do not run again)",
+                 w.job.job_id)
     fresh = [w for w in work if not any(w is a for a in again)]
     if fresh:
         set_threads_for_next_pass()
