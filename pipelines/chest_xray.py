@@ -344,6 +344,7 @@ class ChestXrayPipeline:
         lungs = self._to_source(outputs[MASK], display.shape)
         t1 = time.perf_counter()
         crop = cast(Crop, tuple(int(v) for v in outputs[CROP]))
+        # in the outputs' order, which packing keeps: the overlay lists the heatmaps in this order
         heatmaps = {name[len(CAM):]: self._place(torch.from_numpy(cam), crop, display.shape)
                     for name, cam in outputs.items() if name.startswith(CAM)}  # fmt: skip
         stages["segmentation"] += t1 - t0

@@ -264,14 +264,14 @@ def _infer(config: Config, pipeline: Pipeline, work: list[Work]) -> list[Work]:
         try:
             with _guard(config, [w.job.job_id], Stage.INFERENCE):
                 w.results = _timed(w.timings, Stage.INFERENCE,
-                                   lambda: _decoded(pipeline, w.sources, [saved[k] for k in keys(w)]))  # noqa: B023
+                                   lambda: _run_job(pipeline, w.sources, [saved[k] for k in keys(w)]))  # noqa: B023
         except _Failed:
             continue
         done.append(w)
     return [_pipeline_timings(w) for w in work if any(w is d for d in done)]
 
 
-def _decoded(pipeline: Pipeline, sources: list[Dataset], saved: list[ModelOutputs] | None = None) -> list[PipelineResult]:
+def _run_job(pipeline: Pipeline, sources: list[Dataset], saved: list[ModelOutputs] | None = None) -> list[PipelineResult]:
     """pipeline.run on one job's sources; an undecodable image fails the job at stage decode."""
     from pipelines.base import InputError
 
@@ -310,7 +310,7 @@ def _run_networks(config: Config, pipeline: Pipeline, work: list[Work]) -> list[
     for w in work:
         try:
             with _guard(config, [w.job.job_id], Stage.INFERENCE):
-                w.results = _timed(w.timings, Stage.INFERENCE, lambda: _decoded(pipeline, w.sources))  # noqa: B023
+                w.results = _timed(w.timings, Stage.INFERENCE, lambda: _run_job(pipeline, w.sources))  # noqa: B023
         except _Failed:
             continue
         done.append(w)

@@ -130,6 +130,7 @@ def test_packed_outputs_round_trip_without_pickles() -> None:
     outputs = {"lung_mask": np.eye(4, dtype=bool), "crop": np.array([1, 2, 3, 4]), "cam:A": np.ones((7, 7), np.float32)}
     back = model_outputs.unpack(model_outputs.pack(outputs))
     assert model_outputs.same(back, outputs)
+    assert list(back) == list(outputs)  # the order too: the overlay lists heatmaps in this order
     assert not model_outputs.same(back, {**outputs, "crop": np.array([1, 2, 3, 5])})
     assert not model_outputs.same(back, {**outputs, "cam:A": np.ones((7, 7), np.float64)})
     with pytest.raises(ValueError, match="pickle"):
