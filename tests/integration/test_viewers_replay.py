@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from io import BytesIO
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import pytest
@@ -41,6 +42,11 @@ def pacs(tmp_path: Path) -> Iterator[Orthanc]:
     server.stop(wait=False)
 
 
+def _nudge(out: Any) -> Any:
+    """A network's output, 1% off."""
+    return tuple(t * 1.01 for t in out) if isinstance(out, tuple) else out * 1.01
+
+
 def _objects(cfg: Config, job_id: int) -> tuple[JobState, dict[str, bytes]]:
     """The job's state and each output's SOP Instance UID -> the bytes stored in the spool."""
     with session_scope(cfg.database.url) as s:
@@ -66,6 +72,11 @@ def test_a_replayed_job_writes_the_same_bytes_under_the_same_uids(
     for uid, data in stored.items():
         assert pydicom.dcmread(BytesIO(data)) == pydicom.dcmread(BytesIO(before[uid])), uid
 
+    # Were the networks run again, with other threads or batch, their numbers could move ~1e-6;
+    # here they would move 1% (the kept model outputs make that irrelevant: they do not run).
+    pipeline: Any = inference.pipeline_for(cfg, "chest_xray")
+    forward = pipeline._forward
+    monkeypatch.setattr(pipeline, "_forward", lambda net, x: _nudge(forward(net, x)))
     second = replay(cfg, first, "test", "byte-identical replay")
     inference.run_inference(cfg, second, "test")
     state, after = _objects(cfg, second)
