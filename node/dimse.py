@@ -475,16 +475,47 @@ class _WakingCheckpoint(threading.Event):
     """An association's reactor checkpoint. The user's send_*() and release() clear it, then
     wait (sleeping 0.1 ms per look) until the association thread has paused at it: clearing it
     also wakes that thread from its wait for the DUL, or the user would wait up to
-    IDLE_WAIT_SECONDS for it."""
+    IDLE_WAIT_SECONDS for it.
+
+    The association thread passes it with `pass_(assoc)`, which leaves the thread paused when a
+    set() is followed by a clear() before the thread runs: the user's next send_*() right after
+    its last one ended. threading.Event.wait returns in that case (it was set once), while the
+    user, seeing `_is_paused` still true, has already sent its request; the thread then took the
+    peer's response off the queue as an unexpected message ("Received unexpected C-FIND service
+    message") and the user's C-FIND found nothing. pynetdicom 3.0.4's own reactor has the race.
+    """
 
     def __init__(self, wake: threading.Event) -> None:
         super().__init__()
         self._wake = wake
-        self.set()
+        self._lock = threading.Condition()
+        self._open = True
+
+    def is_set(self) -> bool:
+        return self._open
+
+    def set(self) -> None:
+        with self._lock:
+            self._open = True
+            self._lock.notify_all()
 
     def clear(self) -> None:
-        super().clear()
+        with self._lock:
+            self._open = False
         self._wake.set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        with self._lock:
+            return self._lock.wait_for(lambda: self._open, timeout)
+
+    def pass_(self, assoc: Association) -> None:
+        """Pause `assoc`'s thread here until the checkpoint is set, and mark it running again
+        under the lock that clear() takes: a clear() is then either before (still paused) or
+        after (the user waits for the next pause)."""
+        with self._lock:
+            assoc._is_paused = True
+            self._lock.wait_for(lambda: self._open)
+            assoc._is_paused = False
 
 
 class WakingAssociation(Association):
@@ -505,7 +536,7 @@ class WakingAssociation(Association):
         # pynetdicom's setters copy these into the DUL's ARTIM and idle timers: again, for ours.
         self.acse_timeout = self.acse_timeout
         self.network_timeout = self.network_timeout
-        self._reactor_checkpoint = _WakingCheckpoint(self.dul.user_event)
+        self._reactor_checkpoint: _WakingCheckpoint = _WakingCheckpoint(self.dul.user_event)
 
     def kill(self) -> None:
         super().kill()
@@ -523,9 +554,7 @@ class WakingAssociation(Association):
                 # Cleared before looking, so an action after this point wakes the next wait.
                 self.dul.user_event.clear()
             # Paused while the user sends DIMSE or ACSE messages itself (see Association.release).
-            self._is_paused = True
-            self._reactor_checkpoint.wait()
-            self._is_paused = False
+            self._reactor_checkpoint.pass_(self)
 
             context_id, msg = self.dimse.get_msg(block=False)
             # More messages may be queued behind this one: look again before waiting.

@@ -42,6 +42,7 @@ from node.dimse import (
     PYNETDICOM_VERSION,
     StreamingDIMSE,
     WakingAssociation,
+    _WakingCheckpoint,
     received_dataset,
     require_pynetdicom,
     succeeded,
@@ -458,3 +459,25 @@ def test_associations_work_on_descriptors_above_1024(tmp_path: Path, serve: Any)
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     assert out.returncode == 0, out.stderr
     assert _count(cfg) == 2
+
+
+def test_a_checkpoint_set_and_cleared_before_the_association_thread_runs_keeps_it_paused() -> None:
+    # The user's send_*() ends (set), and its next one begins (clear) before the association
+    # thread got to run. threading.Event.wait would let that thread go on, and it would take the
+    # peer's response to the new request off the queue: the user's C-FIND then found nothing
+    # (seen once in the full suite: "Received unexpected C-FIND service message").
+    checkpoint = _WakingCheckpoint(threading.Event())
+    checkpoint.clear()
+    assoc = type("Assoc", (), {"_is_paused": False})()
+    thread = threading.Thread(target=checkpoint.pass_, args=(assoc,), daemon=True)
+    thread.start()
+    wait_for(lambda: assoc._is_paused, 5, "the thread to pause")
+    with checkpoint._lock:  # the association thread cannot run between these two
+        checkpoint.set()
+        checkpoint.clear()
+    thread.join(0.2)
+    assert thread.is_alive() and assoc._is_paused  # still paused: the user's request is its own
+    checkpoint.set()
+    thread.join(5)
+    assert not thread.is_alive() and not assoc._is_paused
+
