@@ -50,6 +50,13 @@ def _objects(cfg: Config, job_id: int) -> dict[str, bytes]:
         return {o.sop_instance_uid: resolve(cfg.storage.path, o.path).read_bytes() for o in job.outputs}
 
 
+def _first_run(cfg: Config) -> tuple[int, dict[str, bytes]]:
+    """A job on RG1, run: its id and its objects."""
+    first = queued_job(cfg, RG1)
+    inference.run_inference(cfg, first, "test")
+    return first, _objects(cfg, first)
+
+
 def _nudged(pipeline: Any, monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Make the pipeline's networks give other numbers (as another thread count would, only
     more), counting their calls."""
@@ -68,16 +75,13 @@ def _nudged(pipeline: Any, monkeypatch: pytest.MonkeyPatch) -> list[int]:
 def test_a_replay_draws_the_same_bytes_from_the_kept_outputs_without_the_networks(
     cfg: Config, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    first = queued_job(cfg, RG1)
-    inference.run_inference(cfg, first, "test")
-    before = _objects(cfg, first)
+    first, before = _first_run(cfg)
     assert len(before) == 4  # SR, SC, SEG, GSPS
     with session_scope(cfg.database.url) as s:
         (row,) = s.scalars(select(ModelOutput)).all()
         assert row.pipeline == "chest_xray" and row.sop_instance_uid == pydicom.dcmread(RG1).SOPInstanceUID
         assert len(row.data) < 20_000
-    pipeline = inference.pipeline_for(cfg, "chest_xray")
-    calls = _nudged(pipeline, monkeypatch)
+    calls = _nudged(inference.pipeline_for(cfg, "chest_xray"), monkeypatch)
 
     second = replay(cfg, first, "test", "byte-identical replay")
     inference.run_inference(cfg, second, "test")
@@ -88,11 +92,8 @@ def test_a_replay_draws_the_same_bytes_from_the_kept_outputs_without_the_network
 def test_a_run_that_loses_the_race_to_keep_outputs_draws_from_the_winners(
     cfg: Config, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    first = queued_job(cfg, RG1)
-    inference.run_inference(cfg, first, "test")
-    before = _objects(cfg, first)
-    pipeline = inference.pipeline_for(cfg, "chest_xray")
-    calls = _nudged(pipeline, monkeypatch)
+    first, before = _first_run(cfg)
+    calls = _nudged(inference.pipeline_for(cfg, "chest_xray"), monkeypatch)
     # Another worker's run of the same content: it looked before the first run kept its
     # outputs, so it runs the (here nudged) networks; keeping finds the first run's outputs.
     real_load = model_outputs.load
@@ -113,9 +114,7 @@ def test_a_run_that_loses_the_race_to_keep_outputs_draws_from_the_winners(
 
 def test_nudged_networks_do_change_the_objects(cfg: Config, monkeypatch: pytest.MonkeyPatch) -> None:
     # The control for the tests above: without kept outputs the same nudge changes the bytes.
-    first = queued_job(cfg, RG1)
-    inference.run_inference(cfg, first, "test")
-    before = _objects(cfg, first)
+    first, before = _first_run(cfg)
     _nudged(inference.pipeline_for(cfg, "chest_xray"), monkeypatch)
     with session_scope(cfg.database.url) as s:
         s.query(ModelOutput).delete()
