@@ -508,6 +508,12 @@ class _WakingCheckpoint(threading.Event):
         with self._lock:
             return self._lock.wait_for(lambda: self._open, timeout)
 
+    def rest(self, assoc: Association) -> None:
+        """Mark `assoc`'s thread paused while it waits for its DUL: the user's send_*() need not
+        wait for it to wake, since it passes `pass_` before it touches a message again."""
+        with self._lock:
+            assoc._is_paused = True
+
     def pass_(self, assoc: Association) -> None:
         """Pause `assoc`'s thread here until the checkpoint is set, and mark it running again
         under the lock that clear() takes: a clear() is then either before (still paused) or
@@ -550,6 +556,7 @@ class WakingAssociation(Association):
         idle = True
         while not self._kill:
             if idle:
+                self._reactor_checkpoint.rest(self)
                 self.dul.user_event.wait(IDLE_WAIT_SECONDS)
                 # Cleared before looking, so an action after this point wakes the next wait.
                 self.dul.user_event.clear()

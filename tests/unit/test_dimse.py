@@ -481,3 +481,20 @@ def test_a_checkpoint_set_and_cleared_before_the_association_thread_runs_keeps_i
     thread.join(5)
     assert not thread.is_alive() and not assoc._is_paused
 
+
+
+def test_a_resting_association_thread_counts_as_paused_until_it_passes_the_checkpoint() -> None:
+    # Waiting for its DUL, the thread is marked paused, so the user's send_*() goes at once; when
+    # the peer's answer wakes it, it stops at the checkpoint the user cleared, not at the queue.
+    checkpoint = _WakingCheckpoint(threading.Event())
+    assoc = type("Assoc", (), {"_is_paused": False})()
+    checkpoint.rest(assoc)
+    assert assoc._is_paused
+    checkpoint.clear()  # the user's request: sent at once, the thread being paused
+    thread = threading.Thread(target=checkpoint.pass_, args=(assoc,), daemon=True)
+    thread.start()  # the answer woke it
+    thread.join(0.2)
+    assert thread.is_alive() and assoc._is_paused
+    checkpoint.set()  # the user has its answer
+    thread.join(5)
+    assert not thread.is_alive() and not assoc._is_paused
