@@ -56,7 +56,7 @@ class JobInput:
     calling_ae: str | None
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: `in` on a batch's lists must not compare data sets
 class Work:
     """One job of a batch on its way through the worker."""
 
@@ -227,19 +227,17 @@ def _infer(config: Config, pipeline: Pipeline, work: list[Work]) -> list[Work]:
     the rest of the batch, whose outputs are then kept. Return the jobs that have their results."""
     from node.engine.cores import set_threads_for_next_pass
 
-    def keys(w: Work) -> list[str]:
-        return [model_outputs.key(pipeline.id, pipeline.model, k) for k in w.job.source_keys]
-
+    keys = {id(w): [model_outputs.key(pipeline.id, pipeline.model, k) for k in w.job.source_keys] for w in work}
     try:
         with _guard(config, [w.job.job_id for w in work], Stage.INFERENCE):
-            saved = model_outputs.load(config, (k for w in work for k in keys(w)))
+            saved = model_outputs.load(config, (k for w in work for k in keys[id(w)]))
     except _Failed:
         return []
-    again = [w for w in work if all(k in saved for k in keys(w))]
+    again = [w for w in work if all(k in saved for k in keys[id(w)])]
     for w in again:
         log.info("job %d: drawn from the model outputs kept for its sources (the networks do not run again)",
                  w.job.job_id)
-    fresh = [w for w in work if not any(w is a for a in again)]
+    fresh = [w for w in work if w not in again]
     if fresh:
         set_threads_for_next_pass()
     done: list[Work] = []
@@ -247,7 +245,7 @@ def _infer(config: Config, pipeline: Pipeline, work: list[Work]) -> list[Work]:
         try:
             with _guard(config, [w.job.job_id], Stage.INFERENCE):
                 computed = {k: (source.split(":", 1)[0], r.outputs)
-                            for k, source, r in zip(keys(w), w.job.source_keys, w.results, strict=True)}  # fmt: skip
+                            for k, source, r in zip(keys[id(w)], w.job.source_keys, w.results, strict=True)}  # fmt: skip
                 t0 = time.perf_counter()
                 kept = model_outputs.keep(config, pipeline.id, pipeline.model, computed)
                 _record(w.timings, "keep_outputs", time.perf_counter() - t0)  # the node's work, not the models'
@@ -264,11 +262,11 @@ def _infer(config: Config, pipeline: Pipeline, work: list[Work]) -> list[Work]:
         try:
             with _guard(config, [w.job.job_id], Stage.INFERENCE):
                 w.results = _timed(w.timings, Stage.INFERENCE,
-                                   lambda: _run_job(pipeline, w.sources, [saved[k] for k in keys(w)]))  # noqa: B023
+                                   lambda: _run_job(pipeline, w.sources, [saved[k] for k in keys[id(w)]]))  # noqa: B023
         except _Failed:
             continue
         done.append(w)
-    return [_pipeline_timings(w) for w in work if any(w is d for d in done)]
+    return [_pipeline_timings(w) for w in work if w in done]
 
 
 def _run_job(pipeline: Pipeline, sources: list[Dataset], saved: list[ModelOutputs] | None = None) -> list[PipelineResult]:

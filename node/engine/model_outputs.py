@@ -66,21 +66,24 @@ def load(config: Config, keys: Iterable[str]) -> dict[str, ModelOutputs]:
 def keep(config: Config, pipeline_id: str, model: ModelInfo,
          outputs: Mapping[str, tuple[str, ModelOutputs]]) -> dict[str, ModelOutputs]:
     """Keep each key's outputs ({key: (SOP Instance UID, outputs)}) unless some are kept under
-    it already; return what is kept under each key, in one transaction. Where another run kept
-    the same key first, its outputs win, and this run must draw from those instead of its own."""
-    for attempt in (1, 2):
-        try:
-            # Core statements on one connection, not the ORM: this is on the SR's path.
-            with engine_for(config.database.url).begin() as conn:
-                have = dict(conn.execute(select(ModelOutput.key, ModelOutput.data)
-                                         .where(ModelOutput.key.in_(list(outputs)))).tuples().all())
-                rows = [{"key": k, "pipeline": pipeline_id, "model_version": model.version, "sop_instance_uid": sop,
-                         "data": pack(out), "created_at": utcnow()}
-                        for k, (sop, out) in outputs.items() if k not in have]  # fmt: skip
-                if rows:
-                    conn.execute(insert(ModelOutput), rows)
-            return {k: unpack(have[k]) if k in have else out for k, (_, out) in outputs.items()}
-        except IntegrityError:
-            if attempt == 2:  # another run committed the same key since we looked: look again, once
-                raise
-    raise AssertionError("unreachable")
+    it already; return what is kept under each key. Where another run kept the same key first,
+    its outputs win, and this run must draw from those instead of its own."""
+    try:
+        return _keep_once(config, pipeline_id, model, outputs)
+    except IntegrityError:  # another run committed the same key since we looked: look again, once
+        return _keep_once(config, pipeline_id, model, outputs)
+
+
+def _keep_once(config: Config, pipeline_id: str, model: ModelInfo,
+               outputs: Mapping[str, tuple[str, ModelOutputs]]) -> dict[str, ModelOutputs]:
+    """One transaction: read what is kept under the keys, insert the rest."""
+    # Core statements on one connection, not the ORM: this is on the SR's path.
+    with engine_for(config.database.url).begin() as conn:
+        have = dict(conn.execute(select(ModelOutput.key, ModelOutput.data)
+                                 .where(ModelOutput.key.in_(list(outputs)))).tuples().all())
+        rows = [{"key": k, "pipeline": pipeline_id, "model_version": model.version, "sop_instance_uid": sop,
+                 "data": pack(out), "created_at": utcnow()}
+                for k, (sop, out) in outputs.items() if k not in have]  # fmt: skip
+        if rows:
+            conn.execute(insert(ModelOutput), rows)
+    return {k: unpack(have[k]) if k in have else out for k, (_, out) in outputs.items()}
