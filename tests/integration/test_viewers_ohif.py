@@ -18,6 +18,11 @@ finding present) on 2 shared cores. The SEG is checked as OHIF shows it when its
 opened (over the source image, its panel listing the segment), without "Yes" to load it into
 the tracking viewport: on a loaded machine that "Yes" took longer than tracking the SR itself.
 
+On a slow page OHIF 3.13.2 may show the SR's image without its outlines until the viewport
+renders again (a race in its SR viewport, see `_redraw`): the test then resizes the window, as
+a reader would, and still requires every outline where the SR puts it.
+PACSNODE_OHIF_SLOWDOWN=8 (Chromium's CPU throttling) makes this page as slow as CI's.
+
 Set PACSNODE_SCREENSHOTS=<folder> to keep the README's picture (docs/img/ohif-sr-seg-cxr-sample.png):
 then the test also says "Yes" to load the SEG into the tracking viewport, beside the outlines.
 """
@@ -59,6 +64,8 @@ SOURCES = ("rg1", "cxr-sample")
 T = TypeVar("T")
 #: Seconds for OHIF to load a study, an SR or a SEG (software-rendered WebGL on 2 shared cores).
 LOAD_TIMEOUT_S = 300.0
+#: Seconds for OHIF to draw the SR's outlines once its series is opened (1-10 s on CI when it does).
+SR_FIRST_DRAW_S = 40.0
 #: The browser window: small enough for software WebGL, large enough for OHIF's panels.
 WINDOW: ViewportSize = {"width": 1100, "height": 720}
 
@@ -224,19 +231,27 @@ def _wait_until(measure: Callable[[], T], good: Callable[[T], bool], what: str,
 #: What the page holds when a drawing check fails: the failure says more than "not drawn".
 _STATE_JS = """() => {
   const cs = window.cornerstone; const els = cs ? cs.getEnabledElements() : [];
-  return els.map(e => ({viewport: e.viewportId, type: e.viewport.type,
+  const tools = window.cornerstoneTools; const all = tools ? tools.annotation.state.getAllAnnotations() : [];
+  const srs = window.services ? window.services.displaySetService.getActiveDisplaySets().filter(d => d.Modality === 'SR') : [];
+  return {viewports: els.map(e => ({viewport: e.viewportId, type: e.viewport.type,
     image: e.viewport.getCurrentImageId ? String(e.viewport.getCurrentImageId()).slice(-60) : null,
-    canvas: [e.viewport.getCanvas().width, e.viewport.getCanvas().height]}));
+    canvas: [e.viewport.getCanvas().width, e.viewport.getCanvas().height],
+    actors: e.viewport.getActors ? e.viewport.getActors().length : null,
+    drawn: e.viewport.element.querySelectorAll('svg *').length})),
+    annotations: all.map(a => [a.metadata.toolName, String(a.metadata.referencedImageId || '').slice(-60)]),
+    srs: srs.map(d => ({loaded: d.isLoaded, rehydratable: d.isRehydratable, measurements: (d.measurements || []).map(
+      m => [m.loaded, String(m.imageId || '').slice(-60)])}))};
 }"""
 
 
-def _page_state(page: Page, console: list[str]) -> str:
-    """The viewports (their images, canvas sizes) and the console's errors, for a failure message."""
+def _page_state(page: Page, console: list[str], errors: list[str]) -> str:
+    """The viewports (their images, canvas sizes, drawn SVG elements), the annotations and SR
+    measurements OHIF holds, and the page's and console's errors, for a failure message."""
     try:
         viewports = page.evaluate(_STATE_JS)
     except Exception as e:  # a hung or crashed page is itself the finding
         viewports = f"unreadable: {e}"
-    return f"viewports {viewports}; console errors {console[-10:]}"
+    return f"page {viewports}; page errors {errors[-10:]}; console errors {console[-10:]}"
 
 
 def _wait_image(page: Page) -> None:
@@ -298,6 +313,29 @@ def _grow(mask: np.ndarray, step: int) -> np.ndarray:
     return grown
 
 
+def _all_drawn(hits: dict[str, float]) -> bool:
+    """Every outline drawn: nearly all its corners have a drawn pixel near."""
+    return min(hits.values()) > 0.8
+
+
+def _redraw(page: Page) -> None:
+    """Make OHIF render the viewport again, as a reader's resize does (a narrower window, then
+    back).
+
+    Why: OHIF 3.13.2's SR viewport (OHIFCornerstoneSRMeasurementViewport) tells its display tool
+    which measurements to draw (setTrackingUniqueIdentifiersForElement) in a React effect after
+    the viewport is enabled, and does not ask for an annotation render then. Where the image is
+    already cached and small (the cxr sample, not RG1) and the page is slow (software WebGL on
+    CI's 2 shared cores, or PACSNODE_OHIF_SLOWDOWN=8 here) the image renders first, with nothing
+    to draw, and no later render comes until the viewport changes. Seen twice in CI; here under
+    an 8x slowdown in each of 3 runs, each time with every annotation and measurement loaded, 5
+    SVG elements drawn instead of 55, and every outline drawn where the SR puts it after one
+    annotation render or resize."""
+    page.set_viewport_size({"width": WINDOW["width"] - 60, "height": WINDOW["height"]})
+    page.wait_for_timeout(2000)  # the resize observer's render, before the size goes back
+    page.set_viewport_size(WINDOW)
+
+
 @pytest.mark.parametrize("source", SOURCES)
 def test_ohif_draws_our_sr_and_seg_over_the_radiograph(
     source: str, studies: dict[str, Study], ohif: OhifServer, browser: Browser, tmp_path: Path
@@ -312,6 +350,9 @@ def test_ohif_draws_our_sr_and_seg_over_the_radiograph(
     context = browser.new_context(viewport=WINDOW, reduced_motion="reduce")
     page = context.new_page()
     page.set_default_timeout(PAGE_TIMEOUT_S * 1000)
+    if os.environ.get("PACSNODE_OHIF_SLOWDOWN"):  # a slower machine, e.g. 8 reproduces CI's (_redraw)
+        slowdown = float(os.environ["PACSNODE_OHIF_SLOWDOWN"])
+        context.new_cdp_session(page).send("Emulation.setCPUThrottlingRate", {"rate": slowdown})
     errors: list[str] = []
     page.on("pageerror", lambda e: errors.append(str(e)))
     console: list[str] = []
@@ -336,23 +377,21 @@ def test_ohif_draws_our_sr_and_seg_over_the_radiograph(
             return hits
 
         # The SR: OHIF draws every outline of it on the image, then asks to track its measurements.
-        # Once in CI (software WebGL, 2 shared cores) the SR's viewport showed the image and the
-        # prompt and drew nothing for 300 s, where it draws in 1-10 s here; a reader would open
-        # the series again, and so does the test, once, after saying what the page held.
-        for attempt in (1, 2):
-            page.get_by_text(str(study.sr.SeriesDescription), exact=True).dblclick()
-            page.get_by_text("Do you want to continue tracking measurements").wait_for(timeout=LOAD_TIMEOUT_S * 1000)
-            _wait_image(page)
+        page.get_by_text(str(study.sr.SeriesDescription), exact=True).dblclick()
+        page.get_by_text("Do you want to continue tracking measurements").wait_for(timeout=LOAD_TIMEOUT_S * 1000)
+        _wait_image(page)
+        every_outline = "OHIF to draw every outline of the SR"
+        try:
+            _wait_until(sr_drawn, _all_drawn, every_outline, timeout=SR_FIRST_DRAW_S)
+        except AssertionError as e:
+            # OHIF 3.13.2's race (see _redraw): the image shown, the outlines not drawn until the
+            # viewport renders again. A reader then resizes, pans or zooms; the test resizes.
+            _stage(f"SR outlines not drawn, the window resized: {e}; {_page_state(page, console, errors)}")
+            _redraw(page)
             try:
-                _wait_until(sr_drawn, lambda hits: min(hits.values()) > 0.8, "OHIF to draw every outline of the SR",
-                            timeout=LOAD_TIMEOUT_S / 2)
-                break
+                _wait_until(sr_drawn, _all_drawn, f"{every_outline} once its viewport rendered again")
             except AssertionError as e:
-                if attempt == 2:
-                    raise AssertionError(f"{e}; {_page_state(page, console)}") from None
-                _stage(f"SR not drawn, opened again: {e}; {_page_state(page, console)}")
-                page.reload()
-                _wait_image(page)
+                raise AssertionError(f"{e}; {_page_state(page, console, errors)}") from None
         _stage("SR drawn")
         # Tracking the SR's measurements computes each region's statistics: slow in software WebGL.
         page.locator("[data-cy=yes-hydrate-btn]").click(timeout=LOAD_TIMEOUT_S * 1000)
