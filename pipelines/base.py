@@ -23,11 +23,21 @@ class ModelInfo:
     manufacturer: str
     device_uid: str  # DICOM UID that changes whenever the model is retrained
     demo: bool  # True while demo weights trained on synthetic data are in use
+    # sha256 of the bundle's metadata (labels, thresholds, preprocessing, sizes): what shapes the
+    # results besides the weights, and may be edited in place without a new version
+    settings_sha256: str
     description: str = ""
 
     @property
     def disclaimer(self) -> str | None:
         return DEMO_DISCLAIMER if self.demo else None
+
+    @property
+    def identity(self) -> tuple[str, str, str]:
+        """What makes this model's results what they are: version, weights and settings. Result
+        UIDs and kept network outputs are keyed by it, so a threshold edited in the bundle gives
+        new objects (a replay's SR then supersedes the old one), never other bytes under old UIDs."""
+        return self.version, self.device_uid, self.settings_sha256
 
 
 @dataclass(frozen=True)

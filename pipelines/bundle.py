@@ -52,6 +52,7 @@ __all__ = [
     "load_bundle",
     "network_files",
     "read_metadata",
+    "settings_sha256",
     "sha256_file",
 ]
 
@@ -97,6 +98,11 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def settings_sha256(meta: BundleMetadata) -> str:
+    """sha256 of the metadata as validated (canonical JSON: key order and spacing do not count)."""
+    return hashlib.sha256(json.dumps(meta.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
 
 
 def device_uid_for(sha256s: list[str]) -> str:
@@ -207,6 +213,7 @@ def load_bundle(path: Path | str, version: str | None = None) -> Bundle:
         manufacturer=meta.manufacturer,
         device_uid=meta.device_uid,
         demo=meta.demo,
+        settings_sha256=settings_sha256(meta),
         description=meta.description,
     )
     det = meta.networks.detector

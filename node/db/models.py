@@ -262,7 +262,7 @@ class ModelOutput(Base):
     __tablename__ = "model_output"
 
     id: Mapped[int] = mapped_column(primary_key=True)
-    # sha256 of the pipeline id, model version and UID, and the source's SOP Instance UID and sha256
+    # sha256 of the pipeline id, model identity (version, weights, settings), and the source's SOP Instance UID and sha256
     key: Mapped[str] = mapped_column(String(64), unique=True)
     pipeline: Mapped[str] = mapped_column(String(64))
     model_version: Mapped[str] = mapped_column(String(64))

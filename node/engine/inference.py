@@ -344,9 +344,10 @@ def _encode(config: Config, ji: JobInput, sources: list[Dataset], results: list[
     per_image: dict[str, Callable[..., Dataset]] = {
         "sc": build_overlay_sc, "seg": build_segmentation, "gsps": build_presentation_state,
     }
-    # Same sources and model -> same UIDs, so a re-run never gives the PACS duplicates; and the
-    # same times (those of the job a replay redoes), so a replay writes the same bytes.
-    key = (ji.study_uid, ji.pipeline, model.version, model.device_uid, *ji.content_keys)
+    # Same sources, model and series numbers -> same UIDs, so a re-run never gives the PACS
+    # duplicates; and the same times (those of the job a replay redoes), so a replay writes the
+    # same bytes. Anything else that shapes the bytes (a threshold, a series number) gives new UIDs.
+    key = (ji.study_uid, ji.pipeline, *model.identity, *(f"{k}={n}" for k, n in numbers.items()), *ji.content_keys)
     when = _content_datetime(config, ji.job_id)
     sr_uid = result_uid(*key, "sr", "1")
     # The SR goes out first, while the other objects are still being drawn: it is what the

@@ -30,9 +30,10 @@ __all__ = ["keep", "key", "load", "pack", "same", "unpack"]
 
 
 def key(pipeline_id: str, model: ModelInfo, source: str) -> str:
-    """The key of one source's outputs: pipeline id, model version and UID, and the source's
-    "<SOP Instance UID>:<sha256>" (new content, or a retrained model, is computed afresh)."""
-    return hashlib.sha256("\n".join((pipeline_id, model.version, model.device_uid, source)).encode()).hexdigest()
+    """The key of one source's outputs: pipeline id, model identity (version, weights, settings)
+    and the source's "<SOP Instance UID>:<sha256>" (new content, a retrained model or other
+    preprocessing is computed afresh)."""
+    return hashlib.sha256("\n".join((pipeline_id, *model.identity, source)).encode()).hexdigest()
 
 
 def pack(outputs: ModelOutputs) -> bytes:

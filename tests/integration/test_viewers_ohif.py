@@ -416,7 +416,7 @@ def test_ohif_draws_our_sr_and_seg_over_the_radiograph(
         _stage("segment listed")
         if keep and source == "cxr-sample":  # the README's picture: the SEG loaded beside the outlines
             page.get_by_role("button", name="Yes").click(timeout=LOAD_TIMEOUT_S * 1000)
-            _wait_until(sr_drawn, lambda hits: min(hits.values()) > 0.8, "OHIF to draw the SR's outlines with the SEG")
+            _wait_until(sr_drawn, _all_drawn, "OHIF to draw the SR's outlines with the SEG")
             save_png(Image.open(BytesIO(page.screenshot(animations="disabled"))).convert("RGB"),
                      Path(keep) / f"ohif-sr-seg-{source}.png")  # fmt: skip
     except Exception:

@@ -4,7 +4,10 @@ move (another thread count or batch size: ~1e-6, enough to change a printed digi
 
 from __future__ import annotations
 
+import json
+import shutil
 from collections.abc import Callable
+from io import BytesIO
 from pathlib import Path
 from typing import Any
 
@@ -134,3 +137,41 @@ def test_packed_outputs_round_trip_without_pickles() -> None:
     assert not model_outputs.same(back, {**outputs, "cam:A": np.ones((7, 7), np.float64)})
     with pytest.raises(ValueError, match="pickle"):
         model_outputs.pack({"x": np.array([object()])})
+
+
+@pytest.mark.parametrize("edit", ["threshold in the bundle, same version", "series numbers in config.yaml"])
+def test_what_shapes_the_objects_changed_gives_new_uids_never_other_bytes_under_old_ones(
+    edit: str, demo_bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bundle = tmp_path / "bundle"
+    shutil.copytree(demo_bundle, bundle)  # the session's bundle is shared: edit a copy
+    settings = {"storage": {"path": str(tmp_path / "spool"), "min_free_mb": 0},
+                "database": {"url": f"sqlite:///{tmp_path / 'db.sqlite'}"}, "validation": {"tools": []},
+                "pipelines": {"chest_xray": {"bundle": str(bundle), "device": "cpu"}}}  # fmt: skip
+    cfg = parse_config(settings)
+    db_upgrade(cfg)
+    monkeypatch.setattr(inference, "enqueue_export", lambda *a, **k: None)
+    first, before = _first_run(cfg)
+    if edit.startswith("threshold"):
+        path = bundle / "configs" / "metadata.json"
+        meta = json.loads(path.read_text())
+        meta["thresholds"] = {label: t / 2 for label, t in meta["thresholds"].items()}
+        path.write_text(json.dumps(meta))
+    else:
+        settings["pipelines"]["chest_xray"]["series_number_base"] = 7000
+        cfg = parse_config(settings)
+    inference.get_pipeline.cache_clear()  # a worker started after the edit
+    calls = _nudged(inference.pipeline_for(cfg, "chest_xray"), monkeypatch)
+
+    second = replay(cfg, first, "test", edit)
+    inference.run_inference(cfg, second, "test")
+    after = _objects(cfg, second)
+    assert len(after) == len(before) and not set(after) & set(before)  # every object anew
+    [sr] = [pydicom.dcmread(BytesIO(b)) for b in after.values() if b"1.2.840.10008.5.1.4.1.1.88.34" in b[:1024]]
+    [old_sr_uid] = [uid for uid, b in before.items() if b"1.2.840.10008.5.1.4.1.1.88.34" in b[:1024]]
+    assert sr.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0] \
+        .ReferencedSOPInstanceUID == old_sr_uid  # the new SR supersedes the one the PACS holds
+    # the networks ran again only where their input changed (a bundle's settings may be its preprocessing)
+    assert bool(calls) == edit.startswith("threshold")
+    with session_scope(cfg.database.url) as s:
+        assert s.scalar(select(func.count()).select_from(ModelOutput)) == (2 if calls else 1)

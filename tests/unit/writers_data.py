@@ -30,6 +30,7 @@ MODEL = ModelInfo(
     manufacturer="pacsnode",
     device_uid="1.2.826.0.1.3680043.8.498.12345",
     demo=True,
+    settings_sha256="0" * 64,
 )
 THRESHOLD = 0.5
 
