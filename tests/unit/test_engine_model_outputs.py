@@ -30,17 +30,26 @@ from tests.unit.jobs_data import queued_job
 RG1 = Path(get_testdata_file("RG1_UNCR.dcm"))
 
 
-@pytest.fixture
-def cfg(tmp_path: Path, demo_bundle: Path, monkeypatch: pytest.MonkeyPatch) -> Config:
+@pytest.fixture(autouse=True)
+def _built_not_sent(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(inference, "enqueue_export", lambda *a, **k: None)  # no destination
+
+
+def _config(tmp_path: Path, bundle: Path, **pipeline: Any) -> Config:
+    """A node on `bundle` with its database migrated; `pipeline`: more of the pipeline's settings."""
     config = parse_config({
         "storage": {"path": str(tmp_path / "spool"), "min_free_mb": 0},
         "database": {"url": f"sqlite:///{tmp_path / 'db.sqlite'}"},
         "validation": {"tools": []},  # the pydicom re-read: the bytes are what these tests compare
-        "pipelines": {"chest_xray": {"bundle": str(demo_bundle), "device": "cpu"}},
+        "pipelines": {"chest_xray": {"bundle": str(bundle), "device": "cpu", **pipeline}},
     })
     db_upgrade(config)
-    monkeypatch.setattr(inference, "enqueue_export", lambda *a, **k: None)  # no destination: built, not sent
     return config
+
+
+@pytest.fixture
+def cfg(tmp_path: Path, demo_bundle: Path) -> Config:
+    return _config(tmp_path, demo_bundle)
 
 
 def _objects(cfg: Config, job_id: int) -> dict[str, bytes]:
@@ -145,12 +154,7 @@ def test_what_shapes_the_objects_changed_gives_new_uids_never_other_bytes_under_
 ) -> None:
     bundle = tmp_path / "bundle"
     shutil.copytree(demo_bundle, bundle)  # the session's bundle is shared: edit a copy
-    settings = {"storage": {"path": str(tmp_path / "spool"), "min_free_mb": 0},
-                "database": {"url": f"sqlite:///{tmp_path / 'db.sqlite'}"}, "validation": {"tools": []},
-                "pipelines": {"chest_xray": {"bundle": str(bundle), "device": "cpu"}}}  # fmt: skip
-    cfg = parse_config(settings)
-    db_upgrade(cfg)
-    monkeypatch.setattr(inference, "enqueue_export", lambda *a, **k: None)
+    cfg = _config(tmp_path, bundle)
     first, before = _first_run(cfg)
     if edit.startswith("threshold"):
         path = bundle / "configs" / "metadata.json"
@@ -158,8 +162,7 @@ def test_what_shapes_the_objects_changed_gives_new_uids_never_other_bytes_under_
         meta["thresholds"] = {label: t / 2 for label, t in meta["thresholds"].items()}
         path.write_text(json.dumps(meta))
     else:
-        settings["pipelines"]["chest_xray"]["series_number_base"] = 7000
-        cfg = parse_config(settings)
+        cfg = _config(tmp_path, bundle, series_number_base=7000)
     inference.get_pipeline.cache_clear()  # a worker started after the edit
     calls = _nudged(inference.pipeline_for(cfg, "chest_xray"), monkeypatch)
 
@@ -167,11 +170,15 @@ def test_what_shapes_the_objects_changed_gives_new_uids_never_other_bytes_under_
     inference.run_inference(cfg, second, "test")
     after = _objects(cfg, second)
     assert len(after) == len(before) and not set(after) & set(before)  # every object anew
-    [sr] = [pydicom.dcmread(BytesIO(b)) for b in after.values() if b"1.2.840.10008.5.1.4.1.1.88.34" in b[:1024]]
-    [old_sr_uid] = [uid for uid, b in before.items() if b"1.2.840.10008.5.1.4.1.1.88.34" in b[:1024]]
-    assert sr.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0] \
-        .ReferencedSOPInstanceUID == old_sr_uid  # the new SR supersedes the one the PACS holds
+    predecessors = _sr(after).PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence
+    assert [p.ReferencedSOPInstanceUID for p in predecessors] == [_sr(before).SOPInstanceUID]  # supersedes it
     # the networks ran again only where their input changed (a bundle's settings may be its preprocessing)
     assert bool(calls) == edit.startswith("threshold")
     with session_scope(cfg.database.url) as s:
         assert s.scalar(select(func.count()).select_from(ModelOutput)) == (2 if calls else 1)
+
+
+def _sr(objects: dict[str, bytes]) -> pydicom.Dataset:
+    """The SR among a job's objects."""
+    [sr] = [ds for ds in (pydicom.dcmread(BytesIO(data)) for data in objects.values()) if ds.Modality == "SR"]
+    return sr
