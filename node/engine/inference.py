@@ -227,42 +227,47 @@ def _infer(config: Config, pipeline: Pipeline, work: list[Work]) -> list[Work]:
     the rest of the batch, whose outputs are then kept. Return the jobs that have their results."""
     from node.engine.cores import set_threads_for_next_pass
 
-    keys = {id(w): [model_outputs.key(pipeline.id, pipeline.model, k) for k in w.job.source_keys] for w in work}
+    keys = {w: [model_outputs.key(pipeline.id, pipeline.model, k) for k in w.job.source_keys] for w in work}
     try:
         with _guard(config, [w.job.job_id for w in work], Stage.INFERENCE):
-            saved = model_outputs.load(config, (k for w in work for k in keys[id(w)]))
+            saved = model_outputs.load(config, (k for w in work for k in keys[w]))
     except _Failed:
         return []
-    again = [w for w in work if all(k in saved for k in keys[id(w)])]
+    again = [w for w in work if all(k in saved for k in keys[w])]
     for w in again:
         log.info("job %d: drawn from the model outputs kept for its sources (the networks do not run again)",
                  w.job.job_id)
     fresh = [w for w in work if w not in again]
     if fresh:
         set_threads_for_next_pass()
+    ran = _run_networks(config, pipeline, fresh)
     done: list[Work] = []
-    for w in _run_networks(config, pipeline, fresh):
-        try:
-            with _guard(config, [w.job.job_id], Stage.INFERENCE):
-                computed = {k: (source.split(":", 1)[0], r.outputs)
-                            for k, source, r in zip(keys[id(w)], w.job.source_keys, w.results, strict=True)}  # fmt: skip
+    if ran:
+        computed = {w: {k: (source.split(":", 1)[0], r.outputs)
+                        for k, source, r in zip(keys[w], w.job.source_keys, w.results, strict=True)}
+                    for w in ran}  # fmt: skip
+        try:  # one transaction for the batch
+            with _guard(config, [w.job.job_id for w in ran], Stage.INFERENCE):
                 t0 = time.perf_counter()
-                kept = model_outputs.keep(config, pipeline.id, pipeline.model, computed)
-                _record(w.timings, "keep_outputs", time.perf_counter() - t0)  # the node's work, not the models'
+                kept = model_outputs.keep(config, pipeline.id, pipeline.model,
+                                          {k: v for c in computed.values() for k, v in c.items()})
+                for w in ran:  # the node's work, not the models'
+                    _record(w.timings, "keep_outputs", (time.perf_counter() - t0) / len(ran))
         except _Failed:
-            continue
-        if all(model_outputs.same(kept[k], out) for k, (_, out) in computed.items()):
-            done.append(w)
-        else:  # another worker kept this content's outputs first: draw from those, as it did
-            log.info("job %d: another run kept model outputs for these sources first: drawing from those",
-                     w.job.job_id)
-            saved.update(kept)
-            again.append(w)
+            ran = []
+        for w in ran:
+            if all(model_outputs.same(kept[k], out) for k, (_, out) in computed[w].items()):
+                done.append(w)
+            else:  # another worker kept this content's outputs first: draw from those, as it did
+                log.info("job %d: another run kept model outputs for these sources first: drawing from those",
+                         w.job.job_id)
+                saved.update(kept)
+                again.append(w)
     for w in again:
         try:
             with _guard(config, [w.job.job_id], Stage.INFERENCE):
                 w.results = _timed(w.timings, Stage.INFERENCE,
-                                   lambda: _run_job(pipeline, w.sources, [saved[k] for k in keys[id(w)]]))  # noqa: B023
+                                   lambda: _run_job(pipeline, w.sources, [saved[k] for k in keys[w]]))  # noqa: B023
         except _Failed:
             continue
         done.append(w)

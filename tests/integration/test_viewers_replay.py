@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 from io import BytesIO
 from pathlib import Path
-from typing import Any
 
 import pydicom
 import pytest
@@ -24,7 +23,7 @@ from node.jobs import replay
 from node.spool import resolve
 from tests.integration.test_results_export import _config, _dimse
 from tests.peers import Orthanc, have
-from tests.unit.jobs_data import queued_job
+from tests.unit.jobs_data import nudge_networks, queued_job
 
 pytestmark = [
     pytest.mark.integration,
@@ -40,11 +39,6 @@ def pacs(tmp_path: Path) -> Iterator[Orthanc]:
     server = Orthanc(tmp_path / "orthanc").start()
     yield server
     server.stop(wait=False)
-
-
-def _nudge(out: Any) -> Any:
-    """A network's output, 1% off."""
-    return tuple(t * 1.01 for t in out) if isinstance(out, tuple) else out * 1.01
 
 
 def _objects(cfg: Config, job_id: int) -> tuple[JobState, dict[str, bytes]]:
@@ -74,9 +68,7 @@ def test_a_replayed_job_writes_the_same_bytes_under_the_same_uids(
 
     # Were the networks run again, with other threads or batch, their numbers could move ~1e-6;
     # here they would move 1% (the kept model outputs make that irrelevant: they do not run).
-    pipeline: Any = inference.pipeline_for(cfg, "chest_xray")
-    forward = pipeline._forward
-    monkeypatch.setattr(pipeline, "_forward", lambda net, x: _nudge(forward(net, x)))
+    nudge_networks(inference.pipeline_for(cfg, "chest_xray"), monkeypatch)
     second = replay(cfg, first, "test", "byte-identical replay")
     inference.run_inference(cfg, second, "test")
     state, after = _objects(cfg, second)

@@ -482,7 +482,6 @@ def test_a_checkpoint_set_and_cleared_before_the_association_thread_runs_keeps_i
     assert not thread.is_alive() and not assoc._is_paused
 
 
-
 def test_a_resting_association_thread_counts_as_paused_until_it_passes_the_checkpoint() -> None:
     # Waiting for its DUL, the thread is marked paused, so the user's send_*() goes at once; when
     # the peer's answer wakes it, it stops at the checkpoint the user cleared, not at the queue.

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable
 from io import BytesIO
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,6 @@ from typing import Any
 import numpy as np
 import pydicom
 import pytest
-import torch
 from pydicom.data import get_testdata_file
 from sqlalchemy import func, select
 
@@ -25,7 +23,7 @@ from node.db.session import session_scope
 from node.engine import inference, model_outputs
 from node.jobs import replay
 from node.spool import resolve
-from tests.unit.jobs_data import queued_job
+from tests.unit.jobs_data import nudge_networks, queued_job
 
 RG1 = Path(get_testdata_file("RG1_UNCR.dcm"))
 
@@ -69,21 +67,6 @@ def _first_run(cfg: Config) -> tuple[int, dict[str, bytes]]:
     return first, _objects(cfg, first)
 
 
-def _nudged(pipeline: Any, monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Make the pipeline's networks give other numbers (as another thread count would, only
-    more), counting their calls."""
-    real: Callable[..., Any] = pipeline._forward
-    calls: list[int] = []
-
-    def forward(net: torch.nn.Module, x: torch.Tensor) -> Any:
-        calls.append(1)
-        out = real(net, x)
-        return tuple(t * 1.01 for t in out) if isinstance(out, tuple) else out * 1.01
-
-    monkeypatch.setattr(pipeline, "_forward", forward)
-    return calls
-
-
 def test_a_replay_draws_the_same_bytes_from_the_kept_outputs_without_the_networks(
     cfg: Config, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -93,7 +76,7 @@ def test_a_replay_draws_the_same_bytes_from_the_kept_outputs_without_the_network
         (row,) = s.scalars(select(ModelOutput)).all()
         assert row.pipeline == "chest_xray" and row.sop_instance_uid == pydicom.dcmread(RG1).SOPInstanceUID
         assert len(row.data) < 20_000
-    calls = _nudged(inference.pipeline_for(cfg, "chest_xray"), monkeypatch)
+    calls = nudge_networks(inference.pipeline_for(cfg, "chest_xray"), monkeypatch)
 
     second = replay(cfg, first, "test", "byte-identical replay")
     inference.run_inference(cfg, second, "test")
@@ -105,7 +88,7 @@ def test_a_run_that_loses_the_race_to_keep_outputs_draws_from_the_winners(
     cfg: Config, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     first, before = _first_run(cfg)
-    calls = _nudged(inference.pipeline_for(cfg, "chest_xray"), monkeypatch)
+    calls = nudge_networks(inference.pipeline_for(cfg, "chest_xray"), monkeypatch)
     # Another worker's run of the same content: it looked before the first run kept its
     # outputs, so it runs the (here nudged) networks; keeping finds the first run's outputs.
     real_load = model_outputs.load
@@ -127,7 +110,7 @@ def test_a_run_that_loses_the_race_to_keep_outputs_draws_from_the_winners(
 def test_nudged_networks_do_change_the_objects(cfg: Config, monkeypatch: pytest.MonkeyPatch) -> None:
     # The control for the tests above: without kept outputs the same nudge changes the bytes.
     first, before = _first_run(cfg)
-    _nudged(inference.pipeline_for(cfg, "chest_xray"), monkeypatch)
+    nudge_networks(inference.pipeline_for(cfg, "chest_xray"), monkeypatch)
     with session_scope(cfg.database.url) as s:
         s.query(ModelOutput).delete()
     second = replay(cfg, first, "test", "without kept outputs")
@@ -164,7 +147,7 @@ def test_what_shapes_the_objects_changed_gives_new_uids_never_other_bytes_under_
     else:
         cfg = _config(tmp_path, bundle, series_number_base=7000)
     inference.get_pipeline.cache_clear()  # a worker started after the edit
-    calls = _nudged(inference.pipeline_for(cfg, "chest_xray"), monkeypatch)
+    calls = nudge_networks(inference.pipeline_for(cfg, "chest_xray"), monkeypatch)
 
     second = replay(cfg, first, "test", edit)
     inference.run_inference(cfg, second, "test")
