@@ -9,9 +9,10 @@ same job; for a compressed image less its decode too, which the targets allow) a
 the decode for a compressed image); a plain storescu -> Orthanc
 store of the same file measured in the same run; the PACS's part of the SR's path (the same SR,
 under a new SOP Instance UID, sent to Orthanc by node.export.send_files alone: association and
-C-STORE, no database or queue); and the stage breakdown (the SR's path:
-encode_sr, validate_sr, then sr_store_queue_send = writing it to the spool, queueing its export,
-the export worker picking it up and the C-STORE until Orthanc answered).
+C-STORE, no database or queue); and the stage breakdown (the SR's path: encode_sr,
+validate_sr, uid_check_sr = what earlier outputs hold under its UID, then sr_store_queue_send =
+writing it to the spool, queueing its export, the export worker picking it up and the C-STORE
+until Orthanc answered).
 
     python bench/turnaround.py [--runs 5] [--bundle models/chest_xray] [--objects sr,seg,sc,gsps]
                                [--image RG1_UNCR.dcm | RG1_J2KR.dcm | a file] [--keep-association SECONDS]
@@ -168,8 +169,10 @@ def run_once(node: Node, pacs: Orthanc, rg1: Path) -> tuple[str, dict[str, float
         "classification": t["inference_classification"], "heatmap": t["inference_heatmap"], "pipeline": t["inference"],
         "keep_outputs": t.get("keep_outputs", 0.0),  # the model outputs kept for replays (node/engine/model_outputs.py)
         "encode_sr": t["encode_sr"], "validate_sr": t["validate_sr"],
+        # what earlier outputs hold under the SR's UID (node/engine/revisions.py)
+        "uid_check_sr": t.get("uids_own", 0.0) + t.get("uids_sr", 0.0),
         "sr_store_queue_send": sr_stored - at("running_at") - t["read"] - t["inference"] - t.get("keep_outputs", 0.0)
-        - t["encode_sr"] - t["validate_sr"],
+        - t["encode_sr"] - t["validate_sr"] - t.get("uids_own", 0.0) - t.get("uids_sr", 0.0),
         "encode_all": t["encode"], "validate_all": t.get("validate", 0.0),
         "encoded_to_sending": at("sending_at") - at("encoded_at"),
         "send_all_objects": t["send"],

@@ -238,7 +238,8 @@ class Output(Base):
     job_id: Mapped[int] = mapped_column(ForeignKey("job.id"), index=True)
     kind: Mapped[str] = mapped_column(String(16))
     sop_class_uid: Mapped[str] = mapped_column(String(64))
-    sop_instance_uid: Mapped[str] = mapped_column(String(64))
+    # indexed: before objects are stored, what earlier jobs wrote under their UIDs is looked up
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
     series_instance_uid: Mapped[str] = mapped_column(String(64))
     path: Mapped[str] = mapped_column(String(255))
     # The validation gate's checks that ran on it and passed (pydicom, dciodvfy, dcmpschk):

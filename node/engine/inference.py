@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -27,7 +27,7 @@ from node import metrics
 from node.config import Config, Destination
 from node.db.models import Instance, Job, JobState, Output, Send, SendState
 from node.db.session import session_scope
-from node.engine import model_outputs
+from node.engine import model_outputs, revisions
 from node.engine.errors import PermanentError, Stage, TransientError
 from node.export import ObjectRef
 from node.jobs import TransitionError, abandoned, fail_job, requeue, transition
@@ -74,6 +74,11 @@ class Built:
     dataset: Dataset
     checks: tuple[str, ...]
     data: bytes  # the file the gate judged: stored and sent as it is, never encoded again
+
+    @property
+    def uid(self) -> str:
+        """Its SOP Instance UID."""
+        return str(self.dataset.SOPInstanceUID)
 
 
 @cache
@@ -351,44 +356,57 @@ def _encode(config: Config, ji: JobInput, sources: list[Dataset], results: list[
     }
     # Same sources, model and series numbers -> same UIDs, so a re-run never gives the PACS
     # duplicates; and the same times (those of the job a replay redoes), so a replay writes the
-    # same bytes. Anything else that shapes the bytes (a threshold, a series number) gives new UIDs.
+    # same bytes. Anything else that shapes the bytes (a threshold, a series number) gives new
+    # UIDs; and so does a change in the writers themselves (an upgrade), found by `_issue`.
     key = (ji.study_uid, ji.pipeline, *model.identity, *(f"{k}={n}" for k, n in numbers.items()), *ji.content_keys)
     when = _content_datetime(config, ji.job_id)
-    sr_uid = result_uid(*key, "sr", "1")
+    t0 = time.perf_counter()
+    own = revisions.written_by(config, ji.job_id)  # read before this attempt replaces them
+    _record(timings, "uids_own", time.perf_counter() - t0)
+
+    def sr_objects(k: tuple[str, ...], clashed: list[revisions.Earlier]) -> list[Built]:
+        sr_uid = result_uid(*k, "sr", "1")
+        p = ji.predecessor_sr
+        superseded = [(p.study_uid, p.series_uid, p.sop_uid)] if p else []
+        superseded += [(ji.study_uid, e.series_instance_uid, e.sop_instance_uid) for e in clashed if e.kind == "sr"]
+        # a replay supersedes the job it redoes, whose SR has this SR's UID: not a predecessor
+        predecessors = [ref for ref in dict.fromkeys(superseded) if ref[2] != sr_uid]
+        sr = _build(timings, "sr", lambda: build_comprehensive_3d_sr(
+            sources, results, model,
+            series_instance_uid=result_uid(*k, "sr-series"), sop_instance_uid=sr_uid,
+            series_number=numbers["sr"], instance_number=1, content_datetime=when, supersedes=predecessors,
+        ))
+        return [_validate(config, timings, "sr", sr)]
+
+    def image_objects(kind: str) -> Callable[[tuple[str, ...], list[revisions.Earlier]], list[Built]]:
+        def make(k: tuple[str, ...], clashed: list[revisions.Earlier]) -> list[Built]:
+            series_uid = result_uid(*k, f"{kind}-series")
+            built = []
+            for i, (src, res) in enumerate(zip(sources, results, strict=True), start=1):
+                if kind == "seg" and not any(mask.any() for mask in res.regions.values()):
+                    # An empty SEG carries nothing; the SR and GSPS still say what was found.
+                    log.warning("job %d: no region found in image %d: no SEG for it", ji.job_id, i)
+                    continue
+                obj = _build(timings, kind, partial(
+                    per_image[kind], src, res, model, series_instance_uid=series_uid,
+                    sop_instance_uid=result_uid(*k, kind, str(i)),
+                    series_number=numbers[kind], instance_number=i, content_datetime=when,
+                ))
+                built.append(_validate(config, timings, kind, obj))
+            return built
+        return make
+
     # The SR goes out first, while the other objects are still being drawn: it is what the
     # radiologist's worklist waits for. Each object is validated before it is written.
     first = True
     if "sr" in kinds:
-        predecessor = ji.predecessor_sr
-        # a replay supersedes the job it redoes, whose SR has this SR's UID: not a predecessor
-        if predecessor is not None and predecessor.sop_uid == sr_uid:
-            predecessor = None
-        sr = _build(timings, "sr", lambda: build_comprehensive_3d_sr(
-            sources, results, model,
-            series_instance_uid=result_uid(*key, "sr-series"),
-            sop_instance_uid=sr_uid,
-            series_number=numbers["sr"], instance_number=1, content_datetime=when,
-            supersedes=[(predecessor.study_uid, predecessor.series_uid, predecessor.sop_uid)] if predecessor else (),
-        ))
-        _store_outputs(config, ji.job_id, [_validate(config, timings, "sr", sr)], dests, first=True,
-                       findings=stated_findings(results))
+        _store_outputs(config, ji.job_id, _issue(config, ji.job_id, "sr", key, own, sr_objects, timings), dests,
+                       first=True, findings=stated_findings(results))
         enqueue_export(config, ji.job_id)
         first = False
     others: list[Built] = []
     for kind in (k for k in kinds if k in per_image):
-        builder = per_image[kind]
-        series_uid = result_uid(*key, f"{kind}-series")
-        for i, (src, res) in enumerate(zip(sources, results, strict=True), start=1):
-            if kind == "seg" and not any(mask.any() for mask in res.regions.values()):
-                # An empty SEG carries nothing; the SR and GSPS still say what was found.
-                log.warning("job %d: no region found in image %d: no SEG for it", ji.job_id, i)
-                continue
-            obj = _build(timings, kind, partial(
-                builder, src, res, model, series_instance_uid=series_uid,
-                sop_instance_uid=result_uid(*key, kind, str(i)),
-                series_number=numbers[kind], instance_number=i, content_datetime=when,
-            ))
-            others.append(_validate(config, timings, kind, obj))
+        others += _issue(config, ji.job_id, kind, key, own, image_objects(kind), timings)
     _store_outputs(config, ji.job_id, others, dests, first=first)
     with session_scope(config.database.url) as s:
         job = s.get(Job, ji.job_id)
@@ -450,6 +468,27 @@ def _validate(config: Config, timings: dict[str, float], kind: str, ds: Dataset)
     if verdict.errors:
         raise PermanentError(Stage.VALIDATE, f"{kind} failed validation: " + "; ".join(verdict.errors[:10]))
     return Built(kind, ds, verdict.checks, verdict.data)
+
+
+def _issue(config: Config, job_id: int, kind: str, key: tuple[str, ...], own: Mapping[str, revisions.Written],
+           make: Callable[[tuple[str, ...], list[revisions.Earlier]], list[Built]],
+           timings: dict[str, float]) -> list[Built]:
+    """A kind's objects under UIDs that name these bytes only: `key`'s, unless an earlier output
+    holds one of them with other bytes (the writers changed since: an upgrade), then a revision
+    of them, which supersedes the earlier SR. `make(key, clashed)` builds and validates them."""
+    built = make(key, [])
+    t0 = time.perf_counter()
+    clashed = revisions.differing(config, job_id, own, {b.uid: b.data for b in built})
+    _record(timings, f"uids_{kind}", time.perf_counter() - t0)
+    if not clashed:
+        return built
+    log.warning("job %d: %s: earlier outputs (jobs %s) hold its UIDs with other bytes (the writers, or the model "
+                "outputs they draw, changed since): built again under new UIDs", job_id, kind,
+                sorted({e.job_id for e in clashed}))
+    built = make((*key, revisions.revision(b.data for b in built)), clashed)
+    if revisions.differing(config, job_id, own, {b.uid: b.data for b in built}):  # a digest collision, or a bug
+        raise PermanentError(Stage.ENCODE, f"{kind}: earlier outputs hold its revised UIDs with other bytes too")
+    return built
 
 
 def stated_findings(results: Sequence[PipelineResult]) -> list[dict[str, Any]]:

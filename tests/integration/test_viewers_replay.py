@@ -2,7 +2,9 @@
 nothing new, and what a reader saw before is what they see after.
 
 The worker builds, validates, stores and sends the objects of a real job (RG1, demo bundle, a
-real Orthanc); `pacsnode replay` makes a new job; its objects must equal the first bytes.
+real Orthanc); `pacsnode replay` makes a new job; its objects must equal the first bytes. And
+after an upgrade changed a writer, the replay's object goes out under a new UID, never under
+the old one (which Orthanc would keep as it was).
 """
 
 from __future__ import annotations
@@ -21,9 +23,10 @@ from node.db.session import session_scope
 from node.engine import delivery, inference
 from node.jobs import replay
 from node.spool import resolve
+from node.writers import sr as writers_sr
 from tests.integration.test_results_export import _config, _dimse
 from tests.peers import Orthanc, have
-from tests.unit.jobs_data import nudge_networks, queued_job
+from tests.unit.jobs_data import nudge_networks, queued_job, upgrade_writer
 
 pytestmark = [
     pytest.mark.integration,
@@ -77,3 +80,29 @@ def test_a_replayed_job_writes_the_same_bytes_under_the_same_uids(
     for uid in before:
         assert after[uid] == before[uid], f"{uid} differs after replay"
         assert "PredecessorDocumentsSequence" not in pydicom.dcmread(BytesIO(after[uid]))  # not its own predecessor
+
+
+def test_after_an_upgrade_a_replay_sends_a_new_sr_that_supersedes_and_leaves_the_first_as_it_was(
+    demo_bundle: Path, pacs: Orthanc, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Orthanc, like many PACS, keeps its first copy of a SOP Instance UID it receives again: had
+    # the upgraded SR gone out under the first one's UID, the new result would never show.
+    monkeypatch.setattr(inference, "enqueue_export", delivery.run_export)
+    cfg = _config(tmp_path, demo_bundle, [_dimse("pacs", pacs, objects=["sr"])])
+    first = queued_job(cfg, RG1)
+    inference.run_inference(cfg, first, "test")
+    state, before = _objects(cfg, first)
+    assert state == JobState.DONE
+    [(old_uid, old)] = before.items()
+    upgrade_writer(monkeypatch, writers_sr, "build_comprehensive_3d_sr")
+    second = replay(cfg, first, "test", "after an upgrade")
+    inference.run_inference(cfg, second, "test")
+    state, after = _objects(cfg, second)
+    assert state == JobState.DONE
+    [(new_uid, new)] = after.items()
+    assert new_uid != old_uid
+    sr = pydicom.dcmread(BytesIO(pacs.instance_bytes(new_uid)))
+    assert sr == pydicom.dcmread(BytesIO(new)) and sr.SeriesDescription.endswith("(upgraded)")
+    [item] = sr.PredecessorDocumentsSequence
+    assert item.ReferencedSeriesSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == old_uid
+    assert pydicom.dcmread(BytesIO(pacs.instance_bytes(old_uid))) == pydicom.dcmread(BytesIO(old))  # untouched

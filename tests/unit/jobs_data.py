@@ -67,3 +67,16 @@ def nudge_networks(pipeline: Any, monkeypatch: Any) -> list[int]:
 
     monkeypatch.setattr(pipeline, "_forward", forward)
     return calls
+
+
+def upgrade_writer(monkeypatch: Any, module: Any, name: str) -> None:
+    """What an upgrade of the node, pydicom or highdicom might do: the writer `module.name`
+    writes other bytes (its objects' Series Description gains " (upgraded)")."""
+    real = getattr(module, name)
+
+    def build(*args: Any, **kwargs: Any) -> pydicom.Dataset:
+        ds = real(*args, **kwargs)
+        ds.SeriesDescription = f"{ds.SeriesDescription} (upgraded)"
+        return ds
+
+    monkeypatch.setattr(module, name, build)

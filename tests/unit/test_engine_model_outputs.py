@@ -1,6 +1,7 @@
 """A replay, or any later run of one model on one content, draws from the model outputs the
 first run kept: the same bytes under the same UIDs, even where the networks' numbers would now
-move (another thread count or batch size: ~1e-6, enough to change a printed digit or a pixel)."""
+move (another thread count or batch size: ~1e-6, enough to change a printed digit or a pixel).
+Where the bytes do change (other numbers, an upgraded writer), they take new UIDs."""
 
 from __future__ import annotations
 
@@ -23,7 +24,9 @@ from node.db.session import session_scope
 from node.engine import inference, model_outputs
 from node.jobs import replay
 from node.spool import resolve
-from tests.unit.jobs_data import nudge_networks, queued_job
+from node.writers import seg as writers_seg
+from node.writers import sr as writers_sr
+from tests.unit.jobs_data import nudge_networks, queued_job, upgrade_writer
 
 RG1 = Path(get_testdata_file("RG1_UNCR.dcm"))
 
@@ -107,8 +110,9 @@ def test_a_run_that_loses_the_race_to_keep_outputs_draws_from_the_winners(
         assert s.scalar(select(func.count()).select_from(ModelOutput)) == 1
 
 
-def test_nudged_networks_do_change_the_objects(cfg: Config, monkeypatch: pytest.MonkeyPatch) -> None:
-    # The control for the tests above: without kept outputs the same nudge changes the bytes.
+def test_nudged_networks_do_change_the_objects_and_so_their_uids(cfg: Config, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The control for the tests above: without kept outputs the same nudge changes the bytes;
+    # what changed then takes new UIDs (node/engine/revisions.py), the SR superseding the first.
     first, before = _first_run(cfg)
     nudge_networks(inference.pipeline_for(cfg, "chest_xray"), monkeypatch)
     with session_scope(cfg.database.url) as s:
@@ -116,8 +120,44 @@ def test_nudged_networks_do_change_the_objects(cfg: Config, monkeypatch: pytest.
     second = replay(cfg, first, "test", "without kept outputs")
     inference.run_inference(cfg, second, "test")
     after = _objects(cfg, second)
-    assert after.keys() == before.keys()  # same UIDs...
-    assert any(after[uid] != before[uid] for uid in before)  # ...other bytes: what keeping prevents
+    assert len(after) == len(before)
+    assert all(after[uid] == before[uid] for uid in set(after) & set(before))  # one UID, one set of bytes
+    assert _sr(after).SOPInstanceUID not in before  # the SR's numbers changed: a new SR...
+    assert _predecessors(_sr(after)) == [_sr(before).SOPInstanceUID]  # ...that supersedes the first
+
+
+def test_after_a_writer_changes_a_replay_gives_what_changed_new_uids_and_keeps_the_rest(
+    cfg: Config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first, before = _first_run(cfg)
+    upgrade_writer(monkeypatch, writers_seg, "build_segmentation")
+    second = replay(cfg, first, "test", "after an upgrade")
+    inference.run_inference(cfg, second, "test")
+    after = _objects(cfg, second)
+    kinds = {uid: pydicom.dcmread(BytesIO(data)).Modality for uid, data in {**before, **after}.items()}
+    assert sorted(kinds[u] for u in set(after) - set(before)) == ["SEG"]  # the SEG anew, in a new series
+    assert all(after[uid] == before[uid] for uid in set(after) & set(before))  # SR, SC, GSPS as they were
+    assert _series_uids(after, "SEG").isdisjoint(_series_uids(before, "SEG"))
+
+
+def test_an_attempt_interrupted_before_an_upgrade_is_redone_under_new_uids(
+    cfg: Config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The first attempt wrote (and may have sent) its objects, then the node was upgraded and
+    # the job, whose worker stopped, runs again: its own earlier objects count as issued.
+    job = queued_job(cfg, RG1)
+    inference.run_inference(cfg, job, "test")
+    with session_scope(cfg.database.url) as s:
+        row = s.get(Job, job)
+        assert row is not None and row.state == JobState.ENCODED
+        before = {o.sop_instance_uid: resolve(cfg.storage.path, o.path).read_bytes() for o in row.outputs}
+        row.state = JobState.QUEUED
+    upgrade_writer(monkeypatch, writers_sr, "build_comprehensive_3d_sr")
+    inference.run_inference(cfg, job, "test")
+    after = _objects(cfg, job)
+    assert _sr(after).SOPInstanceUID not in before
+    assert _predecessors(_sr(after)) == [_sr(before).SOPInstanceUID]
+    assert set(after) - {_sr(after).SOPInstanceUID} == set(before) - {_sr(before).SOPInstanceUID}
 
 
 def test_packed_outputs_round_trip_without_pickles() -> None:
@@ -153,8 +193,7 @@ def test_what_shapes_the_objects_changed_gives_new_uids_never_other_bytes_under_
     inference.run_inference(cfg, second, "test")
     after = _objects(cfg, second)
     assert len(after) == len(before) and not set(after) & set(before)  # every object anew
-    predecessors = _sr(after).PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence
-    assert [p.ReferencedSOPInstanceUID for p in predecessors] == [_sr(before).SOPInstanceUID]  # supersedes it
+    assert _predecessors(_sr(after)) == [_sr(before).SOPInstanceUID]  # supersedes it
     # the networks ran again only where their input changed (a bundle's settings may be its preprocessing)
     assert bool(calls) == edit.startswith("threshold")
     with session_scope(cfg.database.url) as s:
@@ -165,3 +204,14 @@ def _sr(objects: dict[str, bytes]) -> pydicom.Dataset:
     """The SR among a job's objects."""
     [sr] = [ds for ds in (pydicom.dcmread(BytesIO(data)) for data in objects.values()) if ds.Modality == "SR"]
     return sr
+
+
+def _predecessors(sr: pydicom.Dataset) -> list[str]:
+    """The SOP Instance UIDs an SR supersedes."""
+    return [ref.ReferencedSOPInstanceUID for item in sr.get("PredecessorDocumentsSequence", [])
+            for series in item.ReferencedSeriesSequence for ref in series.ReferencedSOPSequence]
+
+
+def _series_uids(objects: dict[str, bytes], modality: str) -> set[str]:
+    return {ds.SeriesInstanceUID for ds in (pydicom.dcmread(BytesIO(d)) for d in objects.values())
+            if ds.Modality == modality}

@@ -1,0 +1,83 @@
+"""One result UID, one set of bytes, for ever.
+
+Result UIDs derive from the study, the model and the sources (node/engine/inference.py), so a
+replay writes the same objects under the same UIDs and the PACS receives nothing new. That
+holds only while the writers write what they wrote before. After an upgrade of pacsnode,
+pydicom or highdicom, a replay could send other bytes under UIDs the PACS already holds:
+Orthanc keeps its first copy by default (the new result would be dropped without a word),
+another PACS may overwrite. So before a kind of objects is stored, each object is compared
+with what earlier outputs (other jobs', and this job's earlier attempt) hold under its UID;
+where any differs, the kind's objects are built again under a revision of their UIDs, named
+after the new bytes, so a re-run of the same code gets the same revision.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from sqlalchemy import select
+
+from node.config import Config
+from node.db.models import Output
+from node.db.session import session_scope
+from node.spool import resolve
+
+
+@dataclass(frozen=True)
+class Earlier:
+    """An earlier output that holds one of a kind's UIDs with other bytes."""
+
+    job_id: int
+    kind: str
+    series_instance_uid: str
+    sop_instance_uid: str
+
+
+@dataclass(frozen=True)
+class Written:
+    """What a job's earlier attempt wrote: read before this attempt replaces its rows and files."""
+
+    earlier: Earlier
+    data: bytes | None  # None: its file can no longer be read
+
+
+def written_by(config: Config, job_id: int) -> dict[str, Written]:
+    """The outputs an earlier attempt of this job wrote (SOP Instance UID -> them); empty on a
+    first attempt. An attempt that was interrupted after its SR left may have run older code."""
+    with session_scope(config.database.url) as s:
+        rows = s.scalars(select(Output).where(Output.job_id == job_id)).all()
+        return {o.sop_instance_uid: Written(_earlier(o), _read(config, o.path)) for o in rows}
+
+
+def differing(config: Config, job_id: int, own: Mapping[str, Written], objects: Mapping[str, bytes]) -> list[Earlier]:
+    """Earlier outputs that hold one of `objects`' SOP Instance UIDs (UID -> the bytes this job
+    would write) with other bytes, or whose file cannot be read back to show they are the same."""
+    found = [w.earlier for uid, w in own.items() if uid in objects and w.data != objects[uid]]
+    if not objects:
+        return found
+    with session_scope(config.database.url) as s:
+        rows = s.scalars(select(Output).where(Output.sop_instance_uid.in_(list(objects)),
+                                              Output.job_id != job_id)).all()
+        found += [_earlier(o) for o in rows if _read(config, o.path) != objects[o.sop_instance_uid]]
+    return found
+
+
+def revision(data: Iterable[bytes]) -> str:
+    """The UID part that names a revision of a kind's objects: a digest of their bytes."""
+    digest = hashlib.sha256()
+    for d in data:
+        digest.update(hashlib.sha256(d).digest())
+    return f"revision={digest.hexdigest()[:32]}"
+
+
+def _earlier(o: Output) -> Earlier:
+    return Earlier(o.job_id, o.kind, o.series_instance_uid, o.sop_instance_uid)
+
+
+def _read(config: Config, relpath: str) -> bytes | None:
+    try:
+        return resolve(config.storage.path, relpath).read_bytes()
+    except OSError:  # gone, or a path outside the spool (SpoolError): not shown to be the same
+        return None
