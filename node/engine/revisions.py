@@ -16,13 +16,19 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from io import BytesIO
 
+from pydicom import dcmread
+from pydicom.tag import Tag
 from sqlalchemy import select
 
 from node.config import Config
 from node.db.models import Output
 from node.db.session import session_scope
 from node.spool import resolve
+
+#: Predecessor Documents Sequence: the SRs an SR supersedes.
+PREDECESSORS = Tag(0x0040, 0xA360)
 
 
 @dataclass(frozen=True)
@@ -47,7 +53,7 @@ def written_by(config: Config, job_id: int) -> dict[str, Written]:
     """The outputs an earlier attempt of this job wrote (SOP Instance UID -> them); empty on a
     first attempt. An attempt that was interrupted after its SR left may have run older code."""
     with session_scope(config.database.url) as s:
-        rows = s.scalars(select(Output).where(Output.job_id == job_id)).all()
+        rows = s.scalars(select(Output).where(Output.job_id == job_id).order_by(Output.id)).all()
         return {o.sop_instance_uid: Written(_earlier(o), _read(config, o.path)) for o in rows}
 
 
@@ -58,18 +64,30 @@ def differing(config: Config, job_id: int, own: Mapping[str, Written], objects: 
     if not objects:
         return found
     with session_scope(config.database.url) as s:
-        rows = s.scalars(select(Output).where(Output.sop_instance_uid.in_(list(objects)),
-                                              Output.job_id != job_id)).all()
+        rows = s.scalars(select(Output).where(Output.sop_instance_uid.in_(list(objects)), Output.job_id != job_id)
+                         .order_by(Output.id)).all()
         found += [_earlier(o) for o in rows if _read(config, o.path) != objects[o.sop_instance_uid]]
     return found
 
 
 def revision(data: Iterable[bytes]) -> str:
-    """The UID part that names a revision of a kind's objects: a digest of their bytes."""
+    """The UID part that names a revision of a kind's objects: a digest of their bytes, less
+    the SRs they supersede (so the next replay under the same code, which supersedes this
+    revision's SR rather than the first, names the same revision and writes the same bytes)."""
     digest = hashlib.sha256()
     for d in data:
-        digest.update(hashlib.sha256(d).digest())
+        digest.update(hashlib.sha256(_without_predecessors(d)).digest())
     return f"revision={digest.hexdigest()[:32]}"
+
+
+def _without_predecessors(data: bytes) -> bytes:
+    if PREDECESSORS not in dcmread(BytesIO(data), stop_before_pixels=True):  # it precedes the pixels
+        return data
+    ds = dcmread(BytesIO(data))
+    del ds[PREDECESSORS]
+    buffer = BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
 
 
 def _earlier(o: Output) -> Earlier:

@@ -126,18 +126,24 @@ def test_nudged_networks_do_change_the_objects_and_so_their_uids(cfg: Config, mo
     assert _predecessors(_sr(after)) == [_sr(before).SOPInstanceUID]  # ...that supersedes the first
 
 
-def test_after_a_writer_changes_a_replay_gives_what_changed_new_uids_and_keeps_the_rest(
+def test_after_writers_change_a_replay_gives_what_changed_new_uids_and_the_next_replay_the_same(
     cfg: Config, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     first, before = _first_run(cfg)
+    upgrade_writer(monkeypatch, writers_sr, "build_comprehensive_3d_sr")
     upgrade_writer(monkeypatch, writers_seg, "build_segmentation")
     second = replay(cfg, first, "test", "after an upgrade")
     inference.run_inference(cfg, second, "test")
     after = _objects(cfg, second)
     kinds = {uid: pydicom.dcmread(BytesIO(data)).Modality for uid, data in {**before, **after}.items()}
-    assert sorted(kinds[u] for u in set(after) - set(before)) == ["SEG"]  # the SEG anew, in a new series
-    assert all(after[uid] == before[uid] for uid in set(after) & set(before))  # SR, SC, GSPS as they were
+    assert sorted(kinds[u] for u in set(after) - set(before)) == ["SEG", "SR"]  # anew, in new series
+    assert all(after[uid] == before[uid] for uid in set(after) & set(before))  # SC, GSPS as they were
     assert _series_uids(after, "SEG").isdisjoint(_series_uids(before, "SEG"))
+    assert _predecessors(_sr(after)) == [_sr(before).SOPInstanceUID]
+    # A replay of that replay, under the same code: nothing new for the PACS.
+    third = replay(cfg, second, "test", "again")
+    inference.run_inference(cfg, third, "test")
+    assert _objects(cfg, third) == after
 
 
 def test_an_attempt_interrupted_before_an_upgrade_is_redone_under_new_uids(
