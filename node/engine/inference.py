@@ -50,7 +50,10 @@ class JobInput:
     paths: list[Path]
     content_keys: list[str]  # "<sop uid>:<sha256>" of each source: re-sent content gets new results
     source_keys: list[str]  # the same, in the order of `paths`
-    predecessor_sr: ObjectRef | None  # the SR this job's SR replaces
+    # The SRs of the jobs this one supersedes, nearest first, up to the first whose UID differs
+    # from the nearest's: its SR replaces the nearest, or (a replay, which has the nearest's UID)
+    # what that one replaced
+    superseded_srs: tuple[ObjectRef, ...]
     destinations: list[str] | None  # from routing; None: every configured destination
     objects: list[str] | None  # from routing; None: what each destination wants
     calling_ae: str | None
@@ -117,16 +120,25 @@ def _start(config: Config, job_id: int, worker: str) -> JobInput | None:
             transition(job, JobState.QUEUED)
         transition(job, JobState.RUNNING, attempt=job.attempt + 1, worker=worker, error=None, error_stage=None)
         instances = s.scalars(select(Instance).where(Instance.id.in_(job.instance_ids)).order_by(Instance.id)).all()
-        predecessor = None
-        if job.supersedes is not None:
-            sr = next((o for o in job.supersedes.outputs if o.kind == "sr"), None)
-            if sr is not None:
-                predecessor = ObjectRef(job.study.study_instance_uid, sr.series_instance_uid, sr.sop_instance_uid,
-                                        sr.sop_class_uid)
         keys = [f"{i.sop_instance_uid}:{i.sha256}" for i in instances]
         return JobInput(job_id, job.study.study_instance_uid, job.pipeline,
-                        [resolve(config.storage.path, i.path) for i in instances], sorted(keys), keys, predecessor,
-                        job.destinations, job.objects, job.study.calling_ae)
+                        [resolve(config.storage.path, i.path) for i in instances], sorted(keys), keys,
+                        _superseded_srs(job), job.destinations, job.objects, job.study.calling_ae)
+
+
+def _superseded_srs(job: Job) -> tuple[ObjectRef, ...]:
+    """JobInput.superseded_srs: down the job's chain of superseded jobs."""
+    found: list[ObjectRef] = []
+    seen = {job.id}
+    older = job.supersedes
+    while older is not None and older.id not in seen and len({r.sop_uid for r in found}) < 2:
+        seen.add(older.id)
+        sr = next((o for o in older.outputs if o.kind == "sr"), None)
+        if sr is not None:
+            found.append(ObjectRef(job.study.study_instance_uid, sr.series_instance_uid, sr.sop_instance_uid,
+                                   sr.sop_class_uid))
+        older = older.supersedes
+    return tuple(found)
 
 
 class _Failed(Exception):
@@ -366,11 +378,12 @@ def _encode(config: Config, ji: JobInput, sources: list[Dataset], results: list[
 
     def sr_objects(k: tuple[str, ...], clashed: list[revisions.Earlier]) -> list[Built]:
         sr_uid = result_uid(*k, "sr", "1")
-        p = ji.predecessor_sr
+        # A replay supersedes the job it redoes, whose SR has this SR's UID: it replaces what that
+        # SR replaced, as that SR did (the same bytes); and a revision replaces the SRs it clashed with.
+        p = next((r for r in ji.superseded_srs if r.sop_uid != sr_uid), None)
         superseded = [(p.study_uid, p.series_uid, p.sop_uid)] if p else []
         superseded += [(ji.study_uid, e.series_instance_uid, e.sop_instance_uid) for e in clashed if e.kind == "sr"]
-        # a replay supersedes the job it redoes, whose SR has this SR's UID: not a predecessor
-        predecessors = [ref for ref in dict.fromkeys(superseded) if ref[2] != sr_uid]
+        predecessors = list(dict.fromkeys(superseded))
         sr = _build(timings, "sr", lambda: build_comprehensive_3d_sr(
             sources, results, model,
             series_instance_uid=result_uid(*k, "sr-series"), sop_instance_uid=sr_uid,
@@ -482,10 +495,9 @@ def _issue(config: Config, job_id: int, kind: str, key: tuple[str, ...], own: Ma
     _record(timings, f"uids_{kind}", time.perf_counter() - t0)
     if not clashed:
         return built
-    log.warning("job %d: %s: earlier outputs (jobs %s) hold its UIDs with other bytes (the writers, or the model "
-                "outputs they draw, changed since): built again under new UIDs", job_id, kind,
-                sorted({e.job_id for e in clashed}))
-    built = make((*key, revisions.revision(b.data for b in built)), clashed)
+    revision = revisions.revision(b.data for b in built)
+    revisions.record(config, job_id, kind, clashed, revision)
+    built = make((*key, revision), clashed)
     if revisions.differing(config, job_id, own, {b.uid: b.data for b in built}):  # a digest collision, or a bug
         raise PermanentError(Stage.ENCODE, f"{kind}: earlier outputs hold its revised UIDs with other bytes too")
     return built

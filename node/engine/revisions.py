@@ -14,6 +14,7 @@ after the new bytes, so a re-run of the same code gets the same revision.
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from io import BytesIO
@@ -23,9 +24,11 @@ from pydicom.tag import Tag
 from sqlalchemy import select
 
 from node.config import Config
-from node.db.models import Output
+from node.db.models import Event, Output
 from node.db.session import session_scope
 from node.spool import resolve
+
+log = logging.getLogger(__name__)
 
 #: Predecessor Documents Sequence: the SRs an SR supersedes.
 PREDECESSORS = Tag(0x0040, 0xA360)
@@ -78,6 +81,17 @@ def revision(data: Iterable[bytes]) -> str:
     for d in data:
         digest.update(hashlib.sha256(_without_predecessors(d)).digest())
     return f"revision={digest.hexdigest()[:32]}"
+
+
+def record(config: Config, job_id: int, kind: str, clashed: Iterable[Earlier], revision_: str) -> None:
+    """Say in the log and the audit log (kind "revision", actor "engine") why the job's objects
+    of this kind take new UIDs: an admin who replays after an upgrade sees new objects reach the PACS."""
+    jobs = sorted({e.job_id for e in clashed})
+    detail = (f"{kind}: earlier outputs (jobs {jobs}) hold its UIDs with other bytes (the writers, or the model "
+              f"outputs they draw, changed since): built again under new UIDs ({revision_})")
+    log.warning("job %d: %s", job_id, detail)
+    with session_scope(config.database.url) as s:
+        s.add(Event(kind="revision", job_id=job_id, actor="engine", detail=detail))
 
 
 def _without_predecessors(data: bytes) -> bytes:

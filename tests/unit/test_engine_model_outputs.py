@@ -19,7 +19,7 @@ from sqlalchemy import func, select
 
 from node.cli import db_upgrade
 from node.config import Config, parse_config
-from node.db.models import Job, JobState, ModelOutput
+from node.db.models import Event, Job, JobState, ModelOutput
 from node.db.session import session_scope
 from node.engine import inference, model_outputs
 from node.jobs import replay
@@ -140,6 +140,9 @@ def test_after_writers_change_a_replay_gives_what_changed_new_uids_and_the_next_
     assert all(after[uid] == before[uid] for uid in set(after) & set(before))  # SC, GSPS as they were
     assert _series_uids(after, "SEG").isdisjoint(_series_uids(before, "SEG"))
     assert _predecessors(_sr(after)) == [_sr(before).SOPInstanceUID]
+    with session_scope(cfg.database.url) as s:  # what the admin reads in the audit log
+        said = s.scalars(select(Event.detail).where(Event.kind == "revision", Event.job_id == second)).all()
+    assert [d.split(":")[0] for d in said] == ["sr", "seg"] and all(f"jobs [{first}]" in d for d in said)
     # A replay of that replay, under the same code: nothing new for the PACS.
     third = replay(cfg, second, "test", "again")
     inference.run_inference(cfg, third, "test")
@@ -204,6 +207,10 @@ def test_what_shapes_the_objects_changed_gives_new_uids_never_other_bytes_under_
     assert bool(calls) == edit.startswith("threshold")
     with session_scope(cfg.database.url) as s:
         assert s.scalar(select(func.count()).select_from(ModelOutput)) == (2 if calls else 1)
+    # A replay of that replay: the same bytes, its SR superseding the first job's SR as the replay's did.
+    third = replay(cfg, second, "test", "again")
+    inference.run_inference(cfg, third, "test")
+    assert _objects(cfg, third) == after
 
 
 def _sr(objects: dict[str, bytes]) -> pydicom.Dataset:
