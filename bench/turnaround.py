@@ -170,9 +170,9 @@ def run_once(node: Node, pacs: Orthanc, rg1: Path) -> tuple[str, dict[str, float
         "keep_outputs": t.get("keep_outputs", 0.0),  # the model outputs kept for replays (node/engine/model_outputs.py)
         "encode_sr": t["encode_sr"], "validate_sr": t["validate_sr"],
         # what earlier outputs hold under the SR's UID (node/engine/revisions.py)
-        "uid_check_sr": t.get("uids_own", 0.0) + t.get("uids_sr", 0.0),
+        "uid_check_sr": t.get("uids_sr", 0.0),
         "sr_store_queue_send": sr_stored - at("running_at") - t["read"] - t["inference"] - t.get("keep_outputs", 0.0)
-        - t["encode_sr"] - t["validate_sr"] - t.get("uids_own", 0.0) - t.get("uids_sr", 0.0),
+        - t["encode_sr"] - t["validate_sr"] - t.get("uids_sr", 0.0),
         "encode_all": t["encode"], "validate_all": t.get("validate", 0.0),
         "encoded_to_sending": at("sending_at") - at("encoded_at"),
         "send_all_objects": t["send"],

@@ -57,6 +57,7 @@ class JobInput:
     destinations: list[str] | None  # from routing; None: every configured destination
     objects: list[str] | None  # from routing; None: what each destination wants
     calling_ae: str | None
+    attempt: int  # 1 on a job's first run: only a later attempt can find its own earlier outputs
 
 
 @dataclass(eq=False)  # compared by identity: `in` on a batch's lists must not compare data sets
@@ -123,7 +124,7 @@ def _start(config: Config, job_id: int, worker: str) -> JobInput | None:
         keys = [f"{i.sop_instance_uid}:{i.sha256}" for i in instances]
         return JobInput(job_id, job.study.study_instance_uid, job.pipeline,
                         [resolve(config.storage.path, i.path) for i in instances], sorted(keys), keys,
-                        _superseded_srs(job), job.destinations, job.objects, job.study.calling_ae)
+                        _superseded_srs(job), job.destinations, job.objects, job.study.calling_ae, job.attempt)
 
 
 def _superseded_srs(job: Job) -> tuple[ObjectRef, ...]:
@@ -372,9 +373,8 @@ def _encode(config: Config, ji: JobInput, sources: list[Dataset], results: list[
     # UIDs; and so does a change in the writers themselves (an upgrade), found by `_issue`.
     key = (ji.study_uid, ji.pipeline, *model.identity, *(f"{k}={n}" for k, n in numbers.items()), *ji.content_keys)
     when = _content_datetime(config, ji.job_id)
-    t0 = time.perf_counter()
-    own = revisions.written_by(config, ji.job_id)  # read before this attempt replaces them
-    _record(timings, "uids_own", time.perf_counter() - t0)
+    # what an earlier attempt wrote, read before this attempt replaces it
+    own = revisions.written_by(config, ji.job_id) if ji.attempt > 1 else {}
 
     def sr_objects(k: tuple[str, ...], clashed: list[revisions.Earlier]) -> list[Built]:
         sr_uid = result_uid(*k, "sr", "1")
@@ -382,7 +382,7 @@ def _encode(config: Config, ji: JobInput, sources: list[Dataset], results: list[
         # SR replaced, as that SR did (the same bytes); and a revision replaces the SRs it clashed with.
         p = next((r for r in ji.superseded_srs if r.sop_uid != sr_uid), None)
         superseded = [(p.study_uid, p.series_uid, p.sop_uid)] if p else []
-        superseded += [(ji.study_uid, e.series_instance_uid, e.sop_instance_uid) for e in clashed if e.kind == "sr"]
+        superseded += [(ji.study_uid, e.series_instance_uid, e.sop_instance_uid) for e in clashed]
         predecessors = list(dict.fromkeys(superseded))
         sr = _build(timings, "sr", lambda: build_comprehensive_3d_sr(
             sources, results, model,
@@ -391,23 +391,21 @@ def _encode(config: Config, ji: JobInput, sources: list[Dataset], results: list[
         ))
         return [_validate(config, timings, "sr", sr)]
 
-    def image_objects(kind: str) -> Callable[[tuple[str, ...], list[revisions.Earlier]], list[Built]]:
-        def make(k: tuple[str, ...], clashed: list[revisions.Earlier]) -> list[Built]:
-            series_uid = result_uid(*k, f"{kind}-series")
-            built = []
-            for i, (src, res) in enumerate(zip(sources, results, strict=True), start=1):
-                if kind == "seg" and not any(mask.any() for mask in res.regions.values()):
-                    # An empty SEG carries nothing; the SR and GSPS still say what was found.
-                    log.warning("job %d: no region found in image %d: no SEG for it", ji.job_id, i)
-                    continue
-                obj = _build(timings, kind, partial(
-                    per_image[kind], src, res, model, series_instance_uid=series_uid,
-                    sop_instance_uid=result_uid(*k, kind, str(i)),
-                    series_number=numbers[kind], instance_number=i, content_datetime=when,
-                ))
-                built.append(_validate(config, timings, kind, obj))
-            return built
-        return make
+    def image_objects(kind: str, k: tuple[str, ...], clashed: list[revisions.Earlier]) -> list[Built]:
+        series_uid = result_uid(*k, f"{kind}-series")
+        built = []
+        for i, (src, res) in enumerate(zip(sources, results, strict=True), start=1):
+            if kind == "seg" and not any(mask.any() for mask in res.regions.values()):
+                # An empty SEG carries nothing; the SR and GSPS still say what was found.
+                log.warning("job %d: no region found in image %d: no SEG for it", ji.job_id, i)
+                continue
+            obj = _build(timings, kind, partial(
+                per_image[kind], src, res, model, series_instance_uid=series_uid,
+                sop_instance_uid=result_uid(*k, kind, str(i)),
+                series_number=numbers[kind], instance_number=i, content_datetime=when,
+            ))
+            built.append(_validate(config, timings, kind, obj))
+        return built
 
     # The SR goes out first, while the other objects are still being drawn: it is what the
     # radiologist's worklist waits for. Each object is validated before it is written.
@@ -419,7 +417,7 @@ def _encode(config: Config, ji: JobInput, sources: list[Dataset], results: list[
         first = False
     others: list[Built] = []
     for kind in (k for k in kinds if k in per_image):
-        others += _issue(config, ji.job_id, kind, key, own, image_objects(kind), timings)
+        others += _issue(config, ji.job_id, kind, key, own, partial(image_objects, kind), timings)
     _store_outputs(config, ji.job_id, others, dests, first=first)
     with session_scope(config.database.url) as s:
         job = s.get(Job, ji.job_id)
