@@ -202,11 +202,15 @@ def _serve(config: Config) -> int:
     from node.completion import CompletionService
     from node.handlers import IngestContext
     from node.listener import start_listener
+    from node.services.retention import RetentionThread
 
     ctx = IngestContext(config)
     server = start_listener(config, ctx)
     completion = CompletionService(config, ctx.tracker)
     completion.start()
+    retention = RetentionThread(config) if config.storage.retention_days is not None else None
+    if retention is not None:
+        retention.start()
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -215,7 +219,16 @@ def _serve(config: Config) -> int:
     log.info("shutting down")
     server.shutdown()
     completion.stop()
+    if retention is not None:
+        retention.stop()
     return 0
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0, got {text}")
+    return value
 
 
 def _positive_int(text: str) -> int:
@@ -410,6 +423,24 @@ def cmd_resend(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
+def cmd_purge(args: argparse.Namespace, config: Config) -> int:
+    """Remove settled studies' files from the spool now (storage.retention_days, or --days); audited."""
+    from node.services.retention import purge
+
+    try:
+        report = purge(config, days=args.days, dry_run=args.dry_run, include_failed=args.include_failed, actor=_actor())
+    except ValueError as e:
+        print(f"purge: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(report.as_dict(), indent=2))
+    else:
+        verb = "would remove" if report.dry_run else "removed"
+        print(f"{len(report.studies)} studies with no activity since {report.cutoff.isoformat()}: "
+              f"{verb} {report.files} files ({report.bytes / 2**20:.1f} MB)")
+    return 0
+
+
 def cmd_rules(args: argparse.Namespace, config: Config) -> int:
     """`rules test FILE.dcm`: which routing rule matches the file, and why each rule did or did not."""
     from node.services.errors import Invalid
@@ -581,6 +612,11 @@ def build_parser() -> argparse.ArgumentParser:
     rs = add("resend", cmd_resend, "send a finished job's results again (no inference)")
     rs.add_argument("job_id", type=int)
     rs.add_argument("--reason", default="re-sent by operator", help="recorded in the audit trail")
+    pg = add("purge", cmd_purge, "remove settled studies' files from the spool (rows and audit stay)")
+    pg.add_argument("--days", type=_positive_float, help="no activity for this many days (default: storage.retention_days)")
+    pg.add_argument("--dry-run", action="store_true", help="say what would be removed, remove nothing")
+    pg.add_argument("--include-failed", action="store_true", help="also studies with a failed job nobody replayed")
+    pg.add_argument("--json", action="store_true")
     u = add("users", cmd_users, "users of the API and dashboard")
     u.add_argument("action", choices=["add", "passwd", "list", "remove"])
     u.add_argument("name", nargs="?")

@@ -134,6 +134,9 @@ class StorageConfig(_Strict):
     path: Path = Path("var/spool")
     min_free_mb: int = Field(500, ge=0, description="C-STORE is refused below this free space")
     max_instance_mb: int = Field(512, ge=1)
+    retention_days: float | None = Field(
+        None, gt=0, description="null: keep every file. Else a study's files (instances, results) leave the spool "
+                                "this many days after its last activity, once every job is done (see docs/production.md)")
 
 
 class DatabaseConfig(_Strict):

@@ -256,7 +256,7 @@ def ingest_staged(staged: StagedFile, ctx: IngestContext, calling_ae: str | None
             try:
                 with engine_for(ctx.config.database.url).begin() as s:
                     existing = s.execute(_FIND_INSTANCE, {"b_sop": uids.sop}).first()
-                    if existing is not None and existing.sha256 == digest:
+                    if existing is not None and existing.sha256 == digest and _held(ctx, relpath, placement):
                         # Same content, so the same path: a file placed here first is that file.
                         log.info("duplicate instance %s ignored (same content)", uids.sop)
                         if placement is not None:
@@ -283,6 +283,12 @@ def ingest_staged(staged: StagedFile, ctx: IngestContext, calling_ae: str | None
     if new_series is not None:
         ctx.remember_series(uids.series, *new_series)
     return uids.study, uids.sop
+
+
+def _held(ctx: IngestContext, relpath: str, placement: Placement | None) -> bool:
+    """Whether the spool holds the file a row names (placed by this store on a retry, or kept
+    since it was first received); not once retention removed it."""
+    return placement is not None or (ctx.spool / relpath).is_file()
 
 
 def _undo(placement: Placement, relpath: str, ctx: IngestContext) -> None:
@@ -383,6 +389,12 @@ def _record(s: Connection, ds: pydicom.Dataset, uids: _Uids, relpath: str, diges
         created = series
     if series[1] != study_id:
         raise StoreRefused(DATASET_MISMATCH, f"series {uids.series} already belongs to another study")
+    if existing is not None and existing.sha256 == digest:
+        # Its file left the spool (storage.retention_days): placed again, and the study, now
+        # receiving again, is processed again (the late-instance path above).
+        log.info("instance %s received again after its file left the spool: restored", uids.sop)
+        s.execute(update(_STUDY).where(_STUDY.c.id == study_id).values(purged_at=None))
+        return created
     if existing is not None:
         # Same SOP Instance UID, different bytes: keep both files, point to the newest, say so.
         log.warning("instance %s re-sent with different content; keeping both versions", uids.sop)

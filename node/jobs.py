@@ -33,6 +33,7 @@ from node.db.models import (
 from node.db.session import session_scope
 from node.engine.errors import Stage
 from node.routing import SeriesAttributes, merge_choices, route
+from node.spool import SpoolError, resolve
 
 log = logging.getLogger(__name__)
 
@@ -202,6 +203,8 @@ def replay(config: Config, job_id: int, actor: str, reason: str) -> int:
             raise LookupError(f"no job {job_id}")
         if old.state in ACTIVE_JOB_STATES:
             raise JobBusy(f"job {job_id} is {old.state.value}; cancel it before replaying")
+        paths = s.scalars(select(Instance.path).where(Instance.id.in_(old.instance_ids)))
+        _require_files(config, old, "source instances", list(paths), "send the study again to process it")
         now = utcnow()
         new = Job(study_id=old.study_id, pipeline=old.pipeline, state=JobState.QUEUED, attempt=0,
                   instance_ids=list(old.instance_ids), timings={}, created_at=now, queued_at=now,
@@ -234,10 +237,26 @@ def resend(config: Config, job_id: int, actor: str, reason: str) -> None:
         sends = s.scalars(select(Send).join(Output).where(Output.job_id == job_id)).all()
         if not sends:
             raise TransitionError(f"job {job_id} has no result objects to send; replay it instead")
+        _require_files(config, job, "result objects", sorted({sd.output.path for sd in sends}), "replay it instead")
         transition(job, JobState.SENDING, error=None, error_stage=None)
         for sd in sends:
             move_send(sd, SendState.PENDING, attempts=0, error=None)
         s.add(Event(kind="resend", job_id=job_id, actor=actor, detail=reason))
+
+
+def _require_files(config: Config, job: Job, what: str, relpaths: list[str], instead: str) -> None:
+    """TransitionError naming how many of the job's files are gone from the spool (and why,
+    where storage.retention_days removed them)."""
+    missing = 0
+    for rel in relpaths:
+        try:
+            missing += not resolve(config.storage.path, rel).is_file()
+        except SpoolError:
+            missing += 1
+    if missing:
+        purged = job.study.purged_at
+        why = f": its study's files left the spool on {purged:%Y-%m-%d %H:%M} UTC (storage.retention_days)" if purged else ""
+        raise TransitionError(f"job {job.id}: {missing} of its {len(relpaths)} {what} are no longer in the spool{why}; {instead}")
 
 
 def heartbeat(config: Config, job_id: int, worker: str) -> bool:

@@ -127,6 +127,9 @@ class Study(Base):
     # without keeping the identifiers in clear.
     accession_hash: Mapped[str | None] = mapped_column(String(64), index=True)
     patient_id_hash: Mapped[str | None] = mapped_column(String(64), index=True)
+    # When storage.retention_days removed its files (instances, results) from the spool; the
+    # rows stay (node/services/retention.py).
+    purged_at: Mapped[datetime | None] = _ts()
 
     series: Mapped[list[Series]] = relationship(back_populates="study", order_by="Series.id")
     jobs: Mapped[list[Job]] = relationship(back_populates="study", order_by="Job.id")
@@ -242,6 +245,8 @@ class Output(Base):
     sop_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
     series_instance_uid: Mapped[str] = mapped_column(String(64))
     path: Mapped[str] = mapped_column(String(255))
+    # Of its bytes (null: written before 0012): a later job compares with it, file or no file.
+    sha256: Mapped[str | None] = mapped_column(String(64))
     # The validation gate's checks that ran on it and passed (pydicom, dciodvfy, dcmpschk):
     # fewer than all only where validation.tools chose a weaker gate.
     checks: Mapped[list[str] | None] = mapped_column(JSON)

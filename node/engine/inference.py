@@ -32,7 +32,7 @@ from node.engine.errors import PermanentError, Stage, TransientError
 from node.export import ObjectRef
 from node.jobs import TransitionError, abandoned, fail_job, requeue, transition
 from node.queue import enqueue_export
-from node.spool import output_relpath, resolve, write_atomic
+from node.spool import output_relpath, resolve, sha256_hex, write_atomic
 from pipelines.base import ModelInfo, ModelOutputs, Pipeline, PipelineResult
 
 T = TypeVar("T")
@@ -397,7 +397,8 @@ def _encode(config: Config, ji: JobInput, sources: list[Dataset], results: list[
         for i, (src, res) in enumerate(zip(sources, results, strict=True), start=1):
             if kind == "seg" and not any(mask.any() for mask in res.regions.values()):
                 # An empty SEG carries nothing; the SR and GSPS still say what was found.
-                log.warning("job %d: no region found in image %d: no SEG for it", ji.job_id, i)
+                if not clashed:  # said once: a revision builds the kind again
+                    log.warning("job %d: no region found in image %d: no SEG for it", ji.job_id, i)
                 continue
             obj = _build(timings, kind, partial(
                 per_image[kind], src, res, model, series_instance_uid=series_uid,
@@ -536,7 +537,8 @@ def _store_outputs(config: Config, job_id: int, objects: list[Built], destinatio
             write_atomic(config.storage.path, rel, built.data)
             out = Output(job_id=job.id, kind=built.kind, sop_class_uid=str(ds.SOPClassUID),
                          sop_instance_uid=str(ds.SOPInstanceUID), series_instance_uid=str(ds.SeriesInstanceUID),
-                         path=rel, checks=list(built.checks), findings=findings if built.kind == "sr" else None)
+                         path=rel, sha256=sha256_hex(built.data), checks=list(built.checks),
+                         findings=findings if built.kind == "sr" else None)
             s.add(out)
             s.flush()
             for dest in (d for d in destinations if built.kind in d.wants(config.export)):

@@ -26,7 +26,7 @@ from sqlalchemy import select
 from node.config import Config
 from node.db.models import Event, Output
 from node.db.session import session_scope
-from node.spool import resolve
+from node.spool import resolve, sha256_hex
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ class Written:
     """What a job's earlier attempt wrote: read before this attempt replaces its rows and files."""
 
     earlier: Earlier
-    data: bytes | None  # None: its file can no longer be read
+    sha256: str | None  # of its bytes; None: not recorded and its file can no longer be read
 
 
 def written_by(config: Config, job_id: int) -> dict[str, Written]:
@@ -57,19 +57,21 @@ def written_by(config: Config, job_id: int) -> dict[str, Written]:
     first attempt. An attempt that was interrupted after its SR left may have run older code."""
     with session_scope(config.database.url) as s:
         rows = s.scalars(select(Output).where(Output.job_id == job_id).order_by(Output.id)).all()
-        return {o.sop_instance_uid: Written(_earlier(o), _read(config, o.path)) for o in rows}
+        return {o.sop_instance_uid: Written(_earlier(o), _digest(config, o)) for o in rows}
 
 
 def differing(config: Config, job_id: int, own: Mapping[str, Written], objects: Mapping[str, bytes]) -> list[Earlier]:
     """Earlier outputs that hold one of `objects`' SOP Instance UIDs (UID -> the bytes this job
-    would write) with other bytes, or whose file cannot be read back to show they are the same."""
-    found = [w.earlier for uid, w in own.items() if uid in objects and w.data != objects[uid]]
+    would write) with other bytes, or that cannot show they hold the same (no digest recorded,
+    and the file gone: an output of a version before 0012 whose study left the spool)."""
+    digests = {uid: sha256_hex(data) for uid, data in objects.items()}
+    found = [w.earlier for uid, w in own.items() if uid in digests and w.sha256 != digests[uid]]
     if not objects:
         return found
     with session_scope(config.database.url) as s:
         rows = s.scalars(select(Output).where(Output.sop_instance_uid.in_(list(objects)), Output.job_id != job_id)
                          .order_by(Output.id)).all()
-        found += [_earlier(o) for o in rows if _read(config, o.path) != objects[o.sop_instance_uid]]
+        found += [_earlier(o) for o in rows if _digest(config, o) != digests[o.sop_instance_uid]]
     return found
 
 
@@ -108,8 +110,11 @@ def _earlier(o: Output) -> Earlier:
     return Earlier(o.job_id, o.kind, o.series_instance_uid, o.sop_instance_uid)
 
 
-def _read(config: Config, relpath: str) -> bytes | None:
+def _digest(config: Config, o: Output) -> str | None:
+    """The output's recorded digest; for one written before digests were recorded, its file's."""
+    if o.sha256 is not None:
+        return o.sha256
     try:
-        return resolve(config.storage.path, relpath).read_bytes()
+        return sha256_hex(resolve(config.storage.path, o.path).read_bytes())
     except OSError:  # gone, or a path outside the spool (SpoolError): not shown to be the same
         return None

@@ -16,7 +16,8 @@ VIEW_STUDY = "view_study"
 #: The kinds of entry the node writes (the audit page's filter): people's actions, then the node's.
 KINDS = ("login", "login_failed", "logout", VIEW_STUDY, "replay", "replay_failed", "cancel", "resend", "echo",
          "user_add", "user_remove", "user_password", "token_create", "token_revoke", "association_rejected",
-         "store_refused", "store_failed", "instance_version", "requeue", "revision")
+         "store_refused", "store_failed", "instance_version", "requeue", "revision",
+         "purge")
 
 
 def record(config: Config, kind: str, actor: str | None, detail: str | None,

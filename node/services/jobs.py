@@ -110,7 +110,8 @@ def replay_job(config: Config, job_id: int, actor: str, reason: str, address: st
 
 def failed_job_ids(config: Config, since: datetime | None = None) -> list[int]:
     with session_scope(config.database.url) as s:
-        q = select(Job.id).where(Job.state == JobState.FAILED)
+        # not those whose study's files left the spool (`pacsnode purge --include-failed`): nothing to redo them from
+        q = select(Job.id).join(Study).where(Job.state == JobState.FAILED, Study.purged_at.is_(None))
         if since is not None:
             q = q.where(Job.failed_at >= since)
         return list(s.scalars(q.order_by(Job.id)))

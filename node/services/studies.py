@@ -37,6 +37,7 @@ def study_summary(st: Any, instances_per_series: dict[int, int]) -> dict[str, An
         "last_received_at": _ts(st.last_received_at),
         "completed_at": _ts(st.completed_at),
         "completion_rule": st.completion_rule,
+        "purged_at": _ts(st.purged_at),  # its files left the spool (storage.retention_days); rows stay
         "skip_reason": skipped,
         "jobs": [j.id for j in st.jobs],
         "job_states": [j.state.value for j in st.jobs],

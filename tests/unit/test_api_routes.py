@@ -11,6 +11,7 @@ from sqlalchemy import select
 from node.db.models import Event, Job, JobState, Output, Send, SendState, Study
 from node.db.session import session_scope
 from node.handlers import IngestContext, ingest
+from node.spool import write_atomic
 from tests.unit.api_data import Api, make_api
 from tests.unit.jobs_data import make_job
 
@@ -89,6 +90,9 @@ def test_replay_cancel_resend_and_409_for_active_jobs(api: Api) -> None:
         s.add(out)
         s.flush()
         s.add(Send(output_id=out.id, destination="pacs", state=SendState.SENT, attempts=1))
+    r = api.client.post(f"/api/v1/jobs/{done}/resend", json={"reason": "PACS lost it"}, headers=h)
+    assert r.status_code == 409 and "1 of its 1 result objects are no longer in the spool" in r.json()["detail"]
+    write_atomic(api.config.storage.path, "x.dcm", b"DICM")
     assert api.client.post(f"/api/v1/jobs/{done}/resend", json={"reason": "PACS lost it"}, headers=h).status_code == 200
     with session_scope(api.config.database.url) as s:
         assert s.get_one(Job, done).state == JobState.SENDING

@@ -13,6 +13,7 @@ from node.config import Config, parse_config
 from node.db.models import Event, Job, JobState
 from node.db.session import session_scope
 from node.jobs import TransitionError, cancel, heartbeat, reconcile, replay, transition
+from node.spool import write_atomic
 from tests.unit.jobs_data import make_job
 
 
@@ -155,6 +156,7 @@ def test_send_states_move_by_their_table_and_a_resend_resets_them(config: Config
     with session_scope(config.database.url) as s:
         out = Output(job_id=job_id, kind="sr", sop_class_uid="1.2.840.10008.5.1.4.1.1.88.34", sop_instance_uid="1.2.9",
                      series_instance_uid="1.2.8", path="outputs/x.dcm")
+        write_atomic(config.storage.path, "outputs/x.dcm", b"DICM")  # a re-send sends the file
         s.add(out)
         s.flush()
         sd = Send(output_id=out.id, destination="pacs", state=SendState.PENDING, attempts=0)

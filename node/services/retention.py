@@ -1,0 +1,185 @@
+"""Spool retention: a settled study's files leave the spool after `storage.retention_days`.
+
+Without it the spool only grows, and once the disk reaches `storage.min_free_mb` every C-STORE
+is refused. A study is purged when nothing has happened to it for that many days (no instance
+received, no job changed) and nothing about it is pending: no job queued, running or sending,
+and no failed job left unreplayed (a failure waits for an admin; `pacsnode purge
+--include-failed` purges those too). Its received instances and its jobs' result objects are
+deleted from the spool; every row stays (the study page, its findings, the audit) and
+`study.purged_at` says when. Nothing is ever deleted on the PACS. A study sent again after its
+purge is received afresh: its instances' files come back and it is processed again.
+
+Files written since the cutoff are never deleted, whatever the rows say: an instance received
+again while its study is being purged stays (a purge and the listener never race for a file).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+
+from sqlalchemy import ColumnElement, and_, exists, not_, or_, select, update
+from sqlalchemy.orm import Session, aliased
+
+from node.config import Config
+from node.db.models import (
+    ACTIVE_JOB_STATES,
+    Event,
+    Instance,
+    Job,
+    JobState,
+    Output,
+    Series,
+    Study,
+    StudyState,
+    utcnow,
+)
+from node.db.session import session_scope
+from node.spool import SpoolError, instance_relpath, resolve
+
+log = logging.getLogger(__name__)
+
+#: Studies purged per transaction (each study is its own): a pass never holds the database long.
+BATCH = 100
+
+
+@dataclass
+class PurgeReport:
+    """What a purge removed (or, dry run, would remove)."""
+
+    cutoff: datetime
+    dry_run: bool
+    studies: list[str] = field(default_factory=list)  # Study Instance UIDs
+    files: int = 0
+    bytes: int = 0
+
+    def as_dict(self) -> dict[str, object]:
+        return {"cutoff": self.cutoff.isoformat(), "dry_run": self.dry_run, "studies": self.studies,
+                "files": self.files, "bytes": self.bytes}
+
+
+def settled(cutoff: datetime, include_failed: bool = False) -> ColumnElement[bool]:
+    """SQL condition: the study has its files, had no activity since cutoff and nothing pending."""
+    replay = aliased(Job)
+    busy = or_(Job.state.in_(ACTIVE_JOB_STATES), Job.updated_at >= cutoff)
+    if not include_failed:
+        # A failed job nobody replayed yet: its study waits for the admin.
+        busy = or_(busy, and_(Job.state == JobState.FAILED, not_(exists().where(replay.replay_of == Job.id))))
+    return and_(Study.purged_at.is_(None), Study.state != StudyState.RECEIVING, Study.last_received_at < cutoff,
+                not_(exists().where(Job.study_id == Study.id, busy)))
+
+
+def purge(config: Config, *, days: float | None = None, dry_run: bool = False, include_failed: bool = False,
+          now: datetime | None = None, actor: str = "retention") -> PurgeReport:
+    """Remove the files of every settled study older than `days` (default storage.retention_days);
+    each study is marked purged and audited (kind "purge") in the transaction that removes its files."""
+    days = days if days is not None else config.storage.retention_days
+    if days is None:
+        raise ValueError("storage.retention_days is not set: give the number of days")
+    cutoff = (now or utcnow()) - timedelta(days=days)
+    report = PurgeReport(cutoff, dry_run)
+    last_id = 0
+    while True:
+        with session_scope(config.database.url) as s:
+            ids = list(s.scalars(select(Study.id).where(Study.id > last_id, settled(cutoff, include_failed))
+                                 .order_by(Study.id).limit(BATCH)))
+        if not ids:
+            return report
+        last_id = ids[-1]
+        for study_id in ids:
+            _purge_study(config, study_id, cutoff, include_failed, report, actor)
+
+
+def _purge_study(config: Config, study_id: int, cutoff: datetime, include_failed: bool, report: PurgeReport,
+                 actor: str) -> None:
+    with session_scope(config.database.url) as s:
+        # Claimed first, still settled: the listener's write for a late instance now waits for
+        # this transaction (SQLite) or its row lock (PostgreSQL); if one came first, it is skipped.
+        if not report.dry_run:
+            claimed = s.execute(update(Study).where(Study.id == study_id, settled(cutoff, include_failed))
+                                .values(purged_at=utcnow()).execution_options(synchronize_session=False))
+            if claimed.rowcount != 1:  # type: ignore[attr-defined]
+                return
+        study = s.get_one(Study, study_id)
+        files, size = 0, 0
+        for path in _files(config, s, study):
+            try:
+                st = path.stat()
+            except OSError:
+                continue  # already gone (an earlier pass that did not commit)
+            if st.st_mtime >= cutoff.timestamp():
+                continue  # written since the cutoff: received again meanwhile, it stays
+            if not report.dry_run:
+                path.unlink(missing_ok=True)
+                _remove_empty_parents(path.parent, config.storage.path)
+            files, size = files + 1, size + st.st_size
+        report.studies.append(study.study_instance_uid)
+        report.files, report.bytes = report.files + files, report.bytes + size
+        if not report.dry_run:
+            detail = f"study {study.study_instance_uid}: {files} files ({size} bytes) removed from the spool"
+            s.add(Event(kind="purge", actor=actor, detail=detail))
+            log.info("purged %s", detail)
+
+
+def _files(config: Config, s: Session, study: Study) -> list[Path]:
+    """The study's files in the spool: its instances (every version kept of a re-sent one) and
+    its jobs' result objects."""
+    root = config.storage.path
+    paths = [p for (p,) in s.execute(select(Instance.path).join(Series).where(Series.study_id == study.id))]
+    paths += [p for (p,) in s.execute(select(Output.path).join(Job).where(Job.study_id == study.id))]
+    found = []
+    for rel in paths:
+        try:
+            found.append(resolve(root, rel))
+        except SpoolError:
+            log.warning("study %s: %r is not under the spool; left alone", study.study_instance_uid, rel)
+    # Earlier versions of a re-sent instance: same study folder and SOP prefix, other content hash.
+    sops = {Path(p).name.split(".")[0] for p in paths if p.startswith("instances/")}
+    folder = resolve(root, instance_relpath(study.study_instance_uid, "x", "x")).parent
+    if folder.is_dir():
+        found += [f for f in folder.iterdir() if f.name.split(".")[0] in sops and f not in found]
+    return found
+
+
+def _remove_empty_parents(folder: Path, root: Path) -> None:
+    base = root.resolve()
+    while folder != base and base in folder.parents:
+        try:
+            os.rmdir(folder)
+        except OSError:  # not empty (or gone): stop here
+            return
+        folder = folder.parent
+
+
+class RetentionThread:
+    """The listener's retention passes: one at start, then every `PASS_SECONDS`, each in this
+    thread (a first pass over months of studies must not hold up study completion)."""
+
+    PASS_SECONDS = 3600.0
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="retention", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._thread.join(timeout)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                report = purge(self.config)
+                if report.studies:
+                    log.info("retention: %d studies, %d files, %d bytes removed from the spool (last activity before %s)",
+                             len(report.studies), report.files, report.bytes, report.cutoff.isoformat())
+            except Exception:  # the next pass tries again; the error is in the log
+                log.exception("retention pass failed")
+            self._stop.wait(self.PASS_SECONDS)
