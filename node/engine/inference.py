@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from functools import cache, partial
+from functools import cache, cached_property, partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -83,6 +83,11 @@ class Built:
     def uid(self) -> str:
         """Its SOP Instance UID."""
         return str(self.dataset.SOPInstanceUID)
+
+    @cached_property
+    def sha256(self) -> str:
+        """Of its bytes: recorded with it, compared with earlier outputs under its UID (once: an SC is 11 MB)."""
+        return sha256_hex(self.data)
 
 
 @cache
@@ -490,14 +495,14 @@ def _issue(config: Config, job_id: int, kind: str, key: tuple[str, ...], own: Ma
     of them, which supersedes the earlier SR. `make(key, clashed)` builds and validates them."""
     built = make(key, [])
     t0 = time.perf_counter()
-    clashed = revisions.differing(config, job_id, own, {b.uid: b.data for b in built})
+    clashed = revisions.differing(config, job_id, own, {b.uid: b.sha256 for b in built})
     _record(timings, f"uids_{kind}", time.perf_counter() - t0)
     if not clashed:
         return built
     revision = revisions.revision(b.data for b in built)
     revisions.record(config, job_id, kind, clashed, revision)
     built = make((*key, revision), clashed)
-    if revisions.differing(config, job_id, own, {b.uid: b.data for b in built}):  # a digest collision, or a bug
+    if revisions.differing(config, job_id, own, {b.uid: b.sha256 for b in built}):  # a digest collision, or a bug
         raise PermanentError(Stage.ENCODE, f"{kind}: earlier outputs hold its revised UIDs with other bytes too")
     return built
 
@@ -537,7 +542,7 @@ def _store_outputs(config: Config, job_id: int, objects: list[Built], destinatio
             write_atomic(config.storage.path, rel, built.data)
             out = Output(job_id=job.id, kind=built.kind, sop_class_uid=str(ds.SOPClassUID),
                          sop_instance_uid=str(ds.SOPInstanceUID), series_instance_uid=str(ds.SeriesInstanceUID),
-                         path=rel, sha256=sha256_hex(built.data), checks=list(built.checks),
+                         path=rel, sha256=built.sha256, checks=list(built.checks),
                          findings=findings if built.kind == "sr" else None)
             s.add(out)
             s.flush()

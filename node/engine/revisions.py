@@ -60,16 +60,15 @@ def written_by(config: Config, job_id: int) -> dict[str, Written]:
         return {o.sop_instance_uid: Written(_earlier(o), _digest(config, o)) for o in rows}
 
 
-def differing(config: Config, job_id: int, own: Mapping[str, Written], objects: Mapping[str, bytes]) -> list[Earlier]:
-    """Earlier outputs that hold one of `objects`' SOP Instance UIDs (UID -> the bytes this job
-    would write) with other bytes, or that cannot show they hold the same (no digest recorded,
-    and the file gone: an output of a version before 0012 whose study left the spool)."""
-    digests = {uid: sha256_hex(data) for uid, data in objects.items()}
+def differing(config: Config, job_id: int, own: Mapping[str, Written], digests: Mapping[str, str]) -> list[Earlier]:
+    """Earlier outputs that hold one of the SOP Instance UIDs in `digests` (UID -> sha256 of the
+    bytes this job would write) with other bytes, or that cannot show they hold the same (no
+    digest recorded, and the file gone: an output of a version before 0012 whose study left the spool)."""
     found = [w.earlier for uid, w in own.items() if uid in digests and w.sha256 != digests[uid]]
-    if not objects:
+    if not digests:
         return found
     with session_scope(config.database.url) as s:
-        rows = s.scalars(select(Output).where(Output.sop_instance_uid.in_(list(objects)), Output.job_id != job_id)
+        rows = s.scalars(select(Output).where(Output.sop_instance_uid.in_(list(digests)), Output.job_id != job_id)
                          .order_by(Output.id)).all()
         found += [_earlier(o) for o in rows if _digest(config, o) != digests[o.sop_instance_uid]]
     return found

@@ -5,6 +5,8 @@ into the same objects under the same UIDs (the outputs' digests stand in for the
 from __future__ import annotations
 
 import os
+import uuid
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -33,16 +35,31 @@ from node.jobs import TransitionError, replay, resend
 from node.services.jobs import failed_job_ids
 from node.services.retention import RetentionThread, purge
 from node.spool import instance_relpath, output_relpath, resolve, write_atomic
-from tests.peers import wait_for
+from tests.peers import Postgres, wait_for
 from tests.unit.jobs_data import queued_job
 
 RG1 = Path(str(get_testdata_file("RG1_UNCR.dcm")))
 DAY = 86400.0
 
 
-def _config(tmp_path: Path, **more: object) -> Config:
+@pytest.fixture(scope="module")
+def pg() -> Iterator[Postgres]:
+    server = Postgres().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Each backend: the purge's queries (a correlated UPDATE) run on both."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'db.sqlite'}"
+    return request.getfixturevalue("pg").create_database(f"retention_{uuid.uuid4().hex[:12]}")
+
+
+def _config(tmp_path: Path, url: str | None = None, **more: object) -> Config:
     config = parse_config({"storage": {"path": str(tmp_path / "spool"), "min_free_mb": 0, "retention_days": 30},
-                           "database": {"url": f"sqlite:///{tmp_path / 'db.sqlite'}"}, **more})
+                           "database": {"url": url or f"sqlite:///{tmp_path / 'db.sqlite'}"}, **more})
     db_upgrade(config)
     return config
 
@@ -90,8 +107,9 @@ def _purged(config: Config, study_id: int) -> bool:
         return s.get_one(Study, study_id).purged_at is not None
 
 
-def test_only_settled_studies_past_the_retention_lose_their_files_and_keep_their_rows(tmp_path: Path) -> None:
-    config = _config(tmp_path)
+def test_only_settled_studies_past_the_retention_lose_their_files_and_keep_their_rows(tmp_path: Path,
+                                                                                     db_url: str) -> None:
+    config = _config(tmp_path, db_url)
     done, _, done_files = _study(config, "done", 31, JobState.DONE)
     skipped, _, skipped_files = _study(config, "skipped", 40, state=StudyState.SKIPPED)
     recent, _, recent_files = _study(config, "recent", 29, JobState.DONE)
