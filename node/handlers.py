@@ -36,7 +36,7 @@ from node.db.session import engine_for, session_scope
 from node.dimse import received_dataset
 from node.identifiers import keyed_hash
 from node.routing import routing_record, rule_keys
-from node.spool import Placement, StagedFile, instance_relpath
+from node.spool import Placement, StagedFile, held, instance_relpath
 
 log = logging.getLogger(__name__)
 
@@ -288,7 +288,7 @@ def ingest_staged(staged: StagedFile, ctx: IngestContext, calling_ae: str | None
 def _held(ctx: IngestContext, relpath: str, placement: Placement | None) -> bool:
     """Whether the spool holds the file a row names (placed by this store on a retry, or kept
     since it was first received); not once retention removed it."""
-    return placement is not None or (ctx.spool / relpath).is_file()
+    return placement is not None or held(ctx.spool, relpath)
 
 
 def _undo(placement: Placement, relpath: str, ctx: IngestContext) -> None:
@@ -344,6 +344,14 @@ def _record(s: Connection, ds: pydicom.Dataset, uids: _Uids, relpath: str, diges
     """Write the study, series and instance rows of one received instance in the open
     transaction; return (series id, study id) of a series created here (cached once committed)."""
     now = utcnow()
+    if existing is not None and existing.sha256 == digest:
+        # Its file left the spool (storage.retention_days) and is placed again. As for any
+        # duplicate, nothing is processed again (a replay can be, now); the study counts as
+        # active, so retention gives the admin its days again before the next purge.
+        log.info("instance %s received again after its file left the spool: restored", uids.sop)
+        s.execute(update(_STUDY).where(_STUDY.c.study_instance_uid == uids.study)
+                  .values(purged_at=None, last_received_at=now))
+        return None
     expected = ds.get("NumberOfStudyRelatedInstances")
     expected = expected if isinstance(expected, int) and expected > 0 else None
     # Keyed hashes only (never the identifiers): `GET /studies?q=` finds the study by exact value.
@@ -389,12 +397,6 @@ def _record(s: Connection, ds: pydicom.Dataset, uids: _Uids, relpath: str, diges
         created = series
     if series[1] != study_id:
         raise StoreRefused(DATASET_MISMATCH, f"series {uids.series} already belongs to another study")
-    if existing is not None and existing.sha256 == digest:
-        # Its file left the spool (storage.retention_days): placed again, and the study, now
-        # receiving again, is processed again (the late-instance path above).
-        log.info("instance %s received again after its file left the spool: restored", uids.sop)
-        s.execute(update(_STUDY).where(_STUDY.c.id == study_id).values(purged_at=None))
-        return created
     if existing is not None:
         # Same SOP Instance UID, different bytes: keep both files, point to the newest, say so.
         log.warning("instance %s re-sent with different content; keeping both versions", uids.sop)

@@ -33,7 +33,7 @@ from node.db.models import (
 from node.db.session import session_scope
 from node.engine.errors import Stage
 from node.routing import SeriesAttributes, merge_choices, route
-from node.spool import SpoolError, resolve
+from node.spool import held
 
 log = logging.getLogger(__name__)
 
@@ -204,7 +204,7 @@ def replay(config: Config, job_id: int, actor: str, reason: str) -> int:
         if old.state in ACTIVE_JOB_STATES:
             raise JobBusy(f"job {job_id} is {old.state.value}; cancel it before replaying")
         paths = s.scalars(select(Instance.path).where(Instance.id.in_(old.instance_ids)))
-        _require_files(config, old, "source instances", list(paths), "send the study again to process it")
+        _require_files(config, old, "source instances", list(paths), "send the study again, then replay")
         now = utcnow()
         new = Job(study_id=old.study_id, pipeline=old.pipeline, state=JobState.QUEUED, attempt=0,
                   instance_ids=list(old.instance_ids), timings={}, created_at=now, queued_at=now,
@@ -247,12 +247,7 @@ def resend(config: Config, job_id: int, actor: str, reason: str) -> None:
 def _require_files(config: Config, job: Job, what: str, relpaths: list[str], instead: str) -> None:
     """TransitionError naming how many of the job's files are gone from the spool (and why,
     where storage.retention_days removed them)."""
-    missing = 0
-    for rel in relpaths:
-        try:
-            missing += not resolve(config.storage.path, rel).is_file()
-        except SpoolError:
-            missing += 1
+    missing = sum(not held(config.storage.path, rel) for rel in relpaths)
     if missing:
         purged = job.study.purged_at
         why = f": its study's files left the spool on {purged:%Y-%m-%d %H:%M} UTC (storage.retention_days)" if purged else ""

@@ -46,6 +46,15 @@ def resolve(root: Path, relpath: str) -> Path:
     return p
 
 
+def held(root: Path, relpath: str) -> bool:
+    """Whether the spool holds the file a row names (not once retention removed it, nor a path
+    that would leave the spool)."""
+    try:
+        return resolve(root, relpath).is_file()
+    except SpoolError:
+        return False
+
+
 def write_atomic(root: Path, relpath: str, data: bytes) -> Path:
     """Write data to root/relpath durably (staged, fsync'd, renamed, folders fsync'd)."""
     staged = StagedFile(root)

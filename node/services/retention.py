@@ -7,7 +7,8 @@ and no failed job left unreplayed (a failure waits for an admin; `pacsnode purge
 --include-failed` purges those too). Its received instances and its jobs' result objects are
 deleted from the spool; every row stays (the study page, its findings, the audit) and
 `study.purged_at` says when. Nothing is ever deleted on the PACS. A study sent again after its
-purge is received afresh: its instances' files come back and it is processed again.
+purge gets its instances' files back (node/handlers.py); as for any duplicate nothing starts by
+itself, and a replay then redoes it.
 
 Files written since the cutoff are never deleted, whatever the rows say: an instance received
 again while its study is being purged stays (a purge and the listener never race for a file).

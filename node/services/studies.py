@@ -17,6 +17,7 @@ from node.identifiers import keyed_hash
 from node.jobs import job_to_dict
 from node.services.errors import Invalid, NotFound
 from node.services.paging import Page, check_limit, decode_cursor, encode_cursor
+from node.spool import held
 
 log = logging.getLogger(__name__)
 
@@ -161,9 +162,11 @@ def _latest_result(config: Config, st: Study) -> dict[str, Any] | None:
             note = str(e)
             log.warning("findings of output %d (job %d) not readable: %s", sr.id, job.id, e)
     return {"job": job.id, "state": job.state.value, "model_version": job.model_version,
-            "sr": {"output_id": sr.id, "sop_instance_uid": sr.sop_instance_uid},
+            "sr": {"output_id": sr.id, "sop_instance_uid": sr.sop_instance_uid,
+                   "in_spool": held(config.storage.path, sr.path)},
+            # not those whose file left the spool (storage.retention_days): no broken image
             "overlays": [{"output_id": o.id, "sop_instance_uid": o.sop_instance_uid}
-                         for o in job.outputs if o.kind == "sc"],
+                         for o in job.outputs if o.kind == "sc" and held(config.storage.path, o.path)],
             "findings": sr.findings, "note": note}
 
 

@@ -1,6 +1,7 @@
 """Spool retention (storage.retention_days): only settled, old studies lose their files; their
-rows stay; replay and re-send then say why they cannot; the study sent again is processed again,
-into the same objects under the same UIDs (the outputs' digests stand in for their files)."""
+rows stay; replay and re-send then say why they cannot; the study sent again gets its files back,
+and a replay redoes it into the same objects under the same UIDs (the outputs' digests stand in
+for their files)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from pydicom.data import get_testdata_file
 from sqlalchemy import select
 
 from node.cli import db_upgrade, main
+from node.completion import CompletionService
 from node.config import Config, parse_config
 from node.db.models import (
     Event,
@@ -30,7 +32,7 @@ from node.db.models import (
 )
 from node.db.session import session_scope
 from node.engine import inference
-from node.handlers import IngestContext, ingest
+from node.handlers import AssociationTracker, IngestContext, ingest
 from node.jobs import TransitionError, replay, resend
 from node.services.jobs import failed_job_ids
 from node.services.retention import RetentionThread, purge
@@ -163,7 +165,7 @@ def _built_not_sent(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(inference, "enqueue_export", lambda *a, **k: None)  # no destination
 
 
-def test_a_purged_study_sent_again_is_restored_and_redone_into_the_same_objects(
+def test_a_purged_study_sent_again_is_restored_and_a_replay_redoes_it_into_the_same_objects(
     tmp_path: Path, demo_bundle: Path
 ) -> None:
     config = _config(tmp_path, validation={"tools": []},  # the pydicom re-read: the bytes are what is compared
@@ -182,15 +184,18 @@ def test_a_purged_study_sent_again_is_restored_and_redone_into_the_same_objects(
     assert report.files == 5 and not source.exists() and not (config.storage.path / "outputs").exists()
     with pytest.raises(TransitionError, match="result objects are no longer in the spool.*retention_days.*replay it"):
         resend(config, first, "admin", "again")
-    with pytest.raises(TransitionError, match="source instances are no longer in the spool.*send the study again"):
+    with pytest.raises(TransitionError, match="source instances are no longer in the spool.*send the study again, then replay"):
         replay(config, first, "admin", "again")
 
-    # Sent again: the duplicate's file is placed again, the study receives (and is processed) again.
+    # Sent again: the duplicate's file is placed again. As any duplicate, it starts nothing; the
+    # study counts as active again (retention waits its days again), and a replay can redo it.
     ingest(RG1.read_bytes(), IngestContext(config), "MODALITY")
     assert source.read_bytes() == RG1.read_bytes()
     with session_scope(config.database.url) as s:
         study = s.get_one(Job, first).study
-        assert study.purged_at is None and study.state == StudyState.RECEIVING and study.instance_count == 1
+        assert study.purged_at is None and study.state == StudyState.COMPLETE and study.instance_count == 1
+    assert CompletionService(config, AssociationTracker()).tick(now=utcnow() + timedelta(hours=1)) == []
+    assert purge(config, now=utcnow() + timedelta(days=29)).studies == []
     second = replay(config, first, "admin", "sent again")
     inference.run_inference(config, second, "test")
     with session_scope(config.database.url) as s:

@@ -283,3 +283,24 @@ def test_changing_ones_password_needs_the_current_one_and_ends_other_sessions(ap
     assert "Password changed" in r.text
     assert api.client.get("/account").status_code == 200  # this session goes on
     assert other.get("/account").status_code == 401  # the other one ended
+
+
+def test_a_purged_study_page_keeps_its_findings_and_says_its_files_left_the_spool(api: Api) -> None:
+    from datetime import timedelta
+
+    from node.db.models import utcnow
+    from node.services.retention import purge
+
+    r = study_with_results(api.config)
+    login(api, "viewer")
+    # The engine keeps an SR's findings on its row when it writes it; this helper's SR gets them
+    # on its first view, as an SR of an earlier version would.
+    assert api.client.get(f"/studies/{r.study_uid}").status_code == 200
+    assert purge(api.config, days=30, now=utcnow() + timedelta(days=31)).files == 3  # the image, SR and SC
+    response = api.client.get(f"/studies/{r.study_uid}")
+    assert response.status_code == 200
+    page = response.text
+    assert "files purged" in page and "Doe^Jane" not in page  # the patient header came from the image
+    for label, p in probabilities().items():  # the findings stay: they are kept on the SR's row
+        assert re.search(rf"<td>{re.escape(label)}</td><td class=\"num\">{p:.3f}</td>", page), label
+    assert "/preview.png" not in page and "Structured report (SR) as text" not in page  # no broken links
