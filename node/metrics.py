@@ -94,6 +94,8 @@ def _m() -> dict[str, Any]:
                                buckets=_STAGE_BUCKETS, registry=None),
             "sends": Counter(f"{PREFIX}_sends", "Result sends, by destination and outcome",
                              ["destination", "status"], registry=None),
+            "purged": Counter(f"{PREFIX}_spool_purged", "What spool retention removed: studies, files, bytes",
+                              ["what"], registry=None),
             "http": Histogram(f"{PREFIX}_http_request_duration_seconds", "HTTP requests, by route template",
                               ["method", "route", "status"], buckets=_HTTP_BUCKETS, registry=None),
         }
@@ -112,6 +114,12 @@ def instance_refused(status: int) -> None:
 
 def association_refused(reason: str) -> None:
     _m()["assoc_refused"].labels(reason=reason).inc()
+
+
+def spool_purged(studies: int, files: int, size: int) -> None:
+    """One study's files removed from the spool by retention."""
+    for what, n in (("studies", studies), ("files", files), ("bytes", size)):
+        _m()["purged"].labels(what=what).inc(n)
 
 
 def study_completed(rule: str | None) -> None:

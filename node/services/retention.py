@@ -26,6 +26,7 @@ from pathlib import Path
 from sqlalchemy import ColumnElement, and_, exists, not_, or_, select, update
 from sqlalchemy.orm import Session, aliased
 
+from node import metrics
 from node.config import Config
 from node.db.models import (
     ACTIVE_JOB_STATES,
@@ -124,6 +125,7 @@ def _purge_study(config: Config, study_id: int, cutoff: datetime, include_failed
             detail = f"study {study.study_instance_uid}: {files} files ({size} bytes) removed from the spool"
             s.add(Event(kind="purge", actor=actor, detail=detail))
             log.info("purged %s", detail)
+            metrics.spool_purged(1, files, size)
 
 
 def _files(config: Config, s: Session, study: Study) -> list[Path]:

@@ -15,6 +15,7 @@ import pytest
 from pydicom.data import get_testdata_file
 from sqlalchemy import select
 
+from node import metrics
 from node.cli import db_upgrade, main
 from node.completion import CompletionService
 from node.config import Config, parse_config
@@ -211,6 +212,7 @@ def test_a_purged_study_sent_again_is_restored_and_a_replay_redoes_it_into_the_s
 def test_the_listener_purges_in_its_own_thread_at_start_and_stops_with_it(tmp_path: Path) -> None:
     config = _config(tmp_path)
     done, _, files = _study(config, "done", 31, JobState.DONE)
+    counted = {what: metrics._m()["purged"].labels(what=what)._value.get() for what in ("studies", "files", "bytes")}
     thread = RetentionThread(config)
     thread.start()
     try:
@@ -219,3 +221,6 @@ def test_the_listener_purges_in_its_own_thread_at_start_and_stops_with_it(tmp_pa
     finally:
         thread.stop(timeout=5)
     assert not thread._thread.is_alive()
+    # pacsnode_spool_purged_total{what=...}
+    assert {what: metrics._m()["purged"].labels(what=what)._value.get() - n for what, n in counted.items()} == \
+        {"studies": 1, "files": 2, "bytes": 2 * len(b"DICMdone")}
