@@ -64,6 +64,8 @@ class StudySummary(BaseModel):
     last_received_at: str
     completed_at: str | None
     completion_rule: str | None
+    purged_at: str | None = Field(description="when storage.retention_days removed its files from the spool "
+                                              "(its rows stay; replay and re-send need the study sent again)")
     skip_reason: str | None
     jobs: list[int] = Field(description="job ids, oldest first")
     job_states: list[str] = Field(description="the state of each job in `jobs`")

@@ -254,3 +254,44 @@ def test_a_second_api_process_shares_sessions_and_metrics(api: NodeApi, node: No
         os.killpg(proc.pid, 15)
         proc.wait(timeout=30)
         log.close()
+
+
+def _held_by_pacs(pacs: Orthanc, study_uid: str) -> list[str]:
+    """Every instance Orthanc holds in the study (its ids): here, our results."""
+    return sorted(i for se in pacs.study_series(study_uid) for i in se["Instances"])
+
+
+def test_retention_purges_a_done_study_from_the_spool_only_and_a_resend_then_replay_redoes_it_unchanged(
+        api: NodeApi, node: Node, pacs: Orthanc, images: list[Path]) -> None:
+    # Last in the module: the purge below takes every settled study's files, not only this one's.
+    import json
+    import time
+
+    uid = _uid(images[4])
+    assert storescu(node.port, images[4]).returncode == 0
+    done = api.wait_job(uid, "done")
+    held = _held_by_pacs(pacs, uid)
+    assert len(held) == len(done["outputs"])
+    time.sleep(2.5)  # past the cutoff of --days 0.00002 (1.7 s)
+    report = json.loads(node.cli("purge", "--days", "0.00002", "--json"))
+    assert uid in report["studies"] and report["files"] >= 1 + len(done["outputs"])
+    study = api.study(uid)
+    assert study["purged_at"] is not None
+    assert _held_by_pacs(pacs, uid) == held  # nothing is ever deleted on the PACS
+    audit = api.get("/api/v1/audit?kind=purge").json()["items"]
+    assert any(uid in (e["detail"] or "") for e in audit)
+    r = api.post(f"/api/v1/jobs/{done['id']}/replay", as_="olga", json={"reason": "after the purge"})
+    assert r.status_code == 409 and r.headers["content-type"] == "application/problem+json"
+    assert "no longer in the spool" in r.json()["detail"] and "retention_days" in r.json()["detail"]
+
+    # Sent again: the file comes back (a duplicate starts nothing), and a replay redoes the study
+    # into the same objects under the same UIDs: the PACS receives nothing new.
+    assert storescu(node.port, images[4]).returncode == 0
+    assert api.study(uid)["purged_at"] is None
+    r = api.post(f"/api/v1/jobs/{done['id']}/replay", as_="olga", json={"reason": "sent again"})
+    assert r.status_code == 201, r.text
+    again = api.wait_job(uid, "done", after=done["id"])
+    assert sorted(o["sop_instance_uid"] for o in again["outputs"]) == \
+        sorted(o["sop_instance_uid"] for o in done["outputs"])
+    assert _held_by_pacs(pacs, uid) == held
+    assert not api.get("/api/v1/audit?kind=revision").json()["items"]
