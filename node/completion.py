@@ -7,7 +7,7 @@ polls the database in the listener process and acts on what it returns.
 from __future__ import annotations
 
 import logging
-import threading
+import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -15,6 +15,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from node import metrics
+from node.background import BackgroundLoop
 from node.config import Config
 from node.db.models import Study, StudyState, utcnow
 from node.db.session import session_scope
@@ -65,39 +66,29 @@ def due_at(study: StudyClock, quiet_seconds: float, max_wait_seconds: float) -> 
     return min(due, since + timedelta(seconds=quiet_seconds))
 
 
-class CompletionService:
+class CompletionService(BackgroundLoop):
     """Background thread: completes studies, creates jobs, queues them, reconciles stuck jobs."""
+
+    name = "completion"
 
     def __init__(self, config: Config, tracker: AssociationTracker) -> None:
         self.config = config
         self.tracker = tracker
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="completion", daemon=True)
         self._last_reconcile = 0.0
         self._asked: dict[str, float] = {}  # study UID -> monotonic time of the last C-FIND
         #: The earliest time a study still arriving completes unless more arrives (see due_at).
         self.next_due: datetime | None = None
+        super().__init__()
 
-    def start(self) -> None:
-        self._thread.start()
+    def run_once(self) -> None:
+        self.tick()
+        now = time.monotonic()
+        if now - self._last_reconcile >= self.config.queue.reconcile_seconds:
+            self._last_reconcile = now
+            reconcile(self.config)
 
-    def stop(self, timeout: float = 10.0) -> None:
-        self._stop.set()
-        self._thread.join(timeout)
-
-    def _loop(self) -> None:
-        import time
-
-        while not self._stop.is_set():
-            try:
-                self.tick()
-                now = time.monotonic()
-                if now - self._last_reconcile >= self.config.queue.reconcile_seconds:
-                    self._last_reconcile = now
-                    reconcile(self.config)
-            except Exception:  # keep completing other studies; the error is in the log
-                log.exception("completion pass failed")
-            self._stop.wait(self._sleep())
+    def wait_seconds(self) -> float:
+        return self._sleep()
 
     def _sleep(self) -> float:
         """Seconds until the next pass: a poll period, or less when a study falls due sooner (a
@@ -145,7 +136,6 @@ class CompletionService:
         Runs outside any database transaction (the query may take up to its timeout); a count
         the sender put in the instances (Number of Study Related Instances) is kept as is.
         """
-        import time
 
         from node.source_query import study_instance_count
 

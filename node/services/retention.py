@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -27,6 +26,7 @@ from sqlalchemy import ColumnElement, and_, exists, not_, or_, select, update
 from sqlalchemy.orm import Session, aliased
 
 from node import metrics
+from node.background import BackgroundLoop
 from node.config import Config
 from node.db.models import (
     ACTIVE_JOB_STATES,
@@ -158,31 +158,22 @@ def _remove_empty_parents(folder: Path, root: Path) -> None:
         folder = folder.parent
 
 
-class RetentionThread:
+class RetentionThread(BackgroundLoop):
     """The listener's retention passes: one at start, then every `PASS_SECONDS`, each in this
     thread (a first pass over months of studies must not hold up study completion)."""
 
+    name = "retention"
     PASS_SECONDS = 3600.0
 
     def __init__(self, config: Config) -> None:
         self.config = config
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="retention", daemon=True)
+        super().__init__()
 
-    def start(self) -> None:
-        self._thread.start()
+    def run_once(self) -> None:
+        report = purge(self.config)
+        if report.studies:
+            log.info("retention: %d studies, %d files, %d bytes removed from the spool (last activity before %s)",
+                     len(report.studies), report.files, report.bytes, report.cutoff.isoformat())
 
-    def stop(self, timeout: float = 10.0) -> None:
-        self._stop.set()
-        self._thread.join(timeout)
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                report = purge(self.config)
-                if report.studies:
-                    log.info("retention: %d studies, %d files, %d bytes removed from the spool (last activity before %s)",
-                             len(report.studies), report.files, report.bytes, report.cutoff.isoformat())
-            except Exception:  # the next pass tries again; the error is in the log
-                log.exception("retention pass failed")
-            self._stop.wait(self.PASS_SECONDS)
+    def wait_seconds(self) -> float:
+        return self.PASS_SECONDS

@@ -220,7 +220,7 @@ def test_the_listener_purges_in_its_own_thread_at_start_and_stops_with_it(tmp_pa
         assert not any(f.exists() for f in files)
     finally:
         thread.stop(timeout=5)
-    assert not thread._thread.is_alive()
+    assert not thread.is_alive()
     # pacsnode_spool_purged_total{what=...}
     assert {what: metrics._m()["purged"].labels(what=what)._value.get() - n for what, n in counted.items()} == \
         {"studies": 1, "files": 2, "bytes": 2 * len(b"DICMdone")}
