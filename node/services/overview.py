@@ -140,15 +140,15 @@ def _failing(s: Session) -> list[dict[str, Any]]:
 
 
 def disk(config: Config) -> dict[str, Any]:
-    """The spool's file system: free and total bytes, and whether C-STORE still accepts."""
+    """The spool's file system: free and total bytes, whether C-STORE still accepts, and the
+    retention that keeps it from filling (storage.retention_days; null: files are kept)."""
+    minimum = config.storage.min_free_mb * 2**20
+    retention = {"min_free_bytes": minimum, "retention_days": config.storage.retention_days}
     try:
         usage = shutil.disk_usage(config.storage.path)
     except OSError as e:
-        return {"free_bytes": None, "total_bytes": None, "min_free_bytes": config.storage.min_free_mb * 2**20,
-                "ok": False, "detail": str(e)}
-    minimum = config.storage.min_free_mb * 2**20
-    return {"free_bytes": usage.free, "total_bytes": usage.total, "min_free_bytes": minimum,
-            "ok": usage.free >= minimum}
+        return {"free_bytes": None, "total_bytes": None, **retention, "ok": False, "detail": str(e)}
+    return {"free_bytes": usage.free, "total_bytes": usage.total, **retention, "ok": usage.free >= minimum}
 
 
 def _readiness(config: Config, db_error: str | None, worker_rows: Sequence[dict[str, Any]],

@@ -191,6 +191,7 @@ def test_overview_figures(api: Api) -> None:
     assert body["failing"] == [{"destination": "pacs", "failed": 0, "retrying": 1, "last_error": "association rejected",
                                 "last_at": body["failing"][0]["last_at"]}]
     assert body["queues"] == {"inference": 0, "export": 0} and body["disk"]["free_bytes"] > 0
+    assert body["disk"]["retention_days"] is None  # storage.retention_days: off unless set
 
 
 def test_users_and_tokens_over_the_api_are_for_admins_and_audited(api: Api) -> None:

@@ -97,6 +97,7 @@ def test_every_page_renders_for_its_roles_and_hides_what_a_role_may_not_do(api: 
         page = api.client.get(path)
         assert page.status_code == 200, (path, page.text[-500:])
         assert "<script>" not in page.text.replace('<script src="/static/htmx.min.js" defer></script>', ""), path
+    assert "off: every file is kept" in api.client.get("/fragments/overview").text  # storage.retention_days unset
     jobs = api.client.get("/jobs").text
     assert "association rejected" in jobs and "Replay job" not in jobs  # a viewer sees no operator action
     assert api.client.get("/audit").status_code == 403 and api.client.get("/users").status_code == 403
