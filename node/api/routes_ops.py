@@ -1,4 +1,4 @@
-"""/api/v1/rules, /destinations, /models, /overview, /workers, /audit"""
+"""/api/v1/rules, /destinations, /spool/purge, /models, /overview, /workers, /audit"""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
 
 from node.api.auth import Principal, Role, actor, client_address, config_of, operator, require_role
-from node.api.schemas import AuditPage, EchoOut, RuleDecision
-from node.services import audit, ops, overview
+from node.api.schemas import AuditPage, EchoOut, PurgeIn, PurgeOut, RuleDecision
+from node.services import audit, ops, overview, retention
+from node.services.errors import Invalid
 
 router = APIRouter(tags=["operations"])
 Viewer = Annotated[Principal, Depends(require_role(Role.VIEWER))]
@@ -24,8 +25,6 @@ async def rules_test(request: Request, who: Operator, file: Annotated[UploadFile
     """Route one uploaded DICOM file as the first instance of its series: the decision and why."""
     data = await file.read(MAX_RULE_FILE + 1)
     if len(data) > MAX_RULE_FILE:
-        from node.services.errors import Invalid
-
         raise Invalid("file", f"larger than {MAX_RULE_FILE // 2**20} MB")
     return ops.rules_test(config_of(request), data, calling_ae=calling_ae, address=address)
 
@@ -44,6 +43,18 @@ def echo(request: Request, name: str, who: Operator) -> Any:
     audit.record(cfg, "echo", actor(request, who), f"{name}: {'ok' if out['ok'] else out['detail']}",
                  address=client_address(request))
     return out
+
+
+@router.post("/spool/purge", response_model=PurgeOut)
+def spool_purge(request: Request, body: PurgeIn, who: Admin) -> Any:
+    """Remove settled studies' files from the spool now, as storage.retention_days does every
+    hour (rows stay; each purged study audited, kind `purge`); `dry_run` removes nothing."""
+    try:
+        report = retention.purge(config_of(request), days=body.days, dry_run=body.dry_run,
+                       include_failed=body.include_failed, actor=actor(request, who))
+    except ValueError as e:  # no days given and storage.retention_days unset
+        raise Invalid("days", str(e)) from e
+    return report.as_dict()
 
 
 @router.get("/models")

@@ -210,6 +210,20 @@ class Done(BaseModel):
     state: str
 
 
+class PurgeIn(_In):
+    days: float | None = Field(None, gt=0, description="no activity for this many days (default: storage.retention_days)")
+    dry_run: bool = Field(False, description="say what would be removed, remove nothing")
+    include_failed: bool = Field(False, description="also studies with a failed job nobody replayed")
+
+
+class PurgeOut(BaseModel):
+    cutoff: str = Field(description="last activity before this time (UTC)")
+    dry_run: bool
+    studies: list[str] = Field(description="Study Instance UIDs purged (or, dry run, that would be)")
+    files: int
+    bytes: int
+
+
 class EchoOut(BaseModel):
     destination: str
     ok: bool

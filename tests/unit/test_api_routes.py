@@ -229,3 +229,23 @@ def test_a_replayed_job_says_which_job_replayed_it(api: Api) -> None:
     assert api.client.get(f"/api/v1/jobs/{failed}", headers=h).json()["replayed_as"] == [new]
     listed = {j["id"]: j for j in api.client.get("/api/v1/jobs", headers=h).json()["items"]}
     assert listed[failed]["replayed_as"] == [new] and listed[new]["replayed_as"] == []
+
+
+def test_a_purge_over_the_api_is_for_admins_names_a_missing_days_and_is_audited(api: Api) -> None:
+    h = api.as_("admin")
+    done = make_job(api.config, JobState.DONE, age_s=3 * 86400)
+    with session_scope(api.config.database.url) as s:
+        uid = s.get_one(Job, done).study.study_instance_uid
+    assert api.client.post("/api/v1/spool/purge", json={"days": 1}, headers=api.as_("operator")).status_code == 403
+    r = api.client.post("/api/v1/spool/purge", json={"dry_run": True}, headers=h)  # storage.retention_days unset
+    assert r.status_code == 422 and r.json()["errors"][0]["field"] == "days"
+    r = api.client.post("/api/v1/spool/purge", json={"days": 0}, headers=h)
+    assert r.status_code == 422 and r.json()["errors"][0]["field"] == "days"
+    r = api.client.post("/api/v1/spool/purge", json={"days": 1, "dry_run": True}, headers=h)
+    assert r.status_code == 200 and r.json()["studies"] == [uid] and r.json()["dry_run"] is True
+    assert api.client.get(f"/api/v1/studies/{uid}", headers=h).json()["purged_at"] is None
+    r = api.client.post("/api/v1/spool/purge", json={"days": 1}, headers=h)
+    assert r.status_code == 200 and r.json()["studies"] == [uid]
+    assert api.client.get(f"/api/v1/studies/{uid}", headers=h).json()["purged_at"] is not None
+    audit = api.client.get("/api/v1/audit?kind=purge", headers=h).json()["items"]
+    assert [(e["actor"], uid in e["detail"]) for e in audit] == [("api:admin", True)]
