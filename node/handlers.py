@@ -256,8 +256,10 @@ def ingest_staged(staged: StagedFile, ctx: IngestContext, calling_ae: str | None
             try:
                 with engine_for(ctx.config.database.url).begin() as s:
                     existing = s.execute(_FIND_INSTANCE, {"b_sop": uids.sop}).first()
-                    if existing is not None and existing.sha256 == digest and _held(ctx, relpath, placement):
-                        # Same content, so the same path: a file placed here first is that file.
+                    # Same content, so the same path: a file placed here first (or kept since it
+                    # was first received, unless retention removed it) is that file.
+                    if existing is not None and existing.sha256 == digest and (
+                            placement is not None or held(ctx.spool, relpath)):
                         log.info("duplicate instance %s ignored (same content)", uids.sop)
                         if placement is not None:
                             placement.wait()
@@ -283,12 +285,6 @@ def ingest_staged(staged: StagedFile, ctx: IngestContext, calling_ae: str | None
     if new_series is not None:
         ctx.remember_series(uids.series, *new_series)
     return uids.study, uids.sop
-
-
-def _held(ctx: IngestContext, relpath: str, placement: Placement | None) -> bool:
-    """Whether the spool holds the file a row names (placed by this store on a retry, or kept
-    since it was first received); not once retention removed it."""
-    return placement is not None or held(ctx.spool, relpath)
 
 
 def _undo(placement: Placement, relpath: str, ctx: IngestContext) -> None:

@@ -55,6 +55,15 @@ def held(root: Path, relpath: str) -> bool:
         return False
 
 
+def versions_of(root: Path, relpath: str) -> list[Path]:
+    """Every file kept of the instance whose current file is relpath: it and the earlier
+    versions of a re-sent instance (same study folder and SOP hash, other content hash)."""
+    path = resolve(root, relpath)
+    if not path.parent.is_dir():
+        return []
+    return sorted(path.parent.glob(f"{path.name.split('.', 1)[0]}.*.dcm"))
+
+
 def write_atomic(root: Path, relpath: str, data: bytes) -> Path:
     """Write data to root/relpath durably (staged, fsync'd, renamed, folders fsync'd)."""
     staged = StagedFile(root)

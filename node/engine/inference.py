@@ -541,7 +541,7 @@ def _store_outputs(config: Config, job_id: int, objects: list[Built], destinatio
             index += 1
             write_atomic(config.storage.path, rel, built.data)
             out = Output(job_id=job.id, kind=built.kind, sop_class_uid=str(ds.SOPClassUID),
-                         sop_instance_uid=str(ds.SOPInstanceUID), series_instance_uid=str(ds.SeriesInstanceUID),
+                         sop_instance_uid=built.uid, series_instance_uid=str(ds.SeriesInstanceUID),
                          path=rel, sha256=built.sha256, checks=list(built.checks),
                          findings=findings if built.kind == "sr" else None)
             s.add(out)

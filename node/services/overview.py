@@ -143,12 +143,12 @@ def disk(config: Config) -> dict[str, Any]:
     """The spool's file system: free and total bytes, whether C-STORE still accepts, and the
     retention that keeps it from filling (storage.retention_days; null: files are kept)."""
     minimum = config.storage.min_free_mb * 2**20
-    retention = {"min_free_bytes": minimum, "retention_days": config.storage.retention_days}
+    limits = {"min_free_bytes": minimum, "retention_days": config.storage.retention_days}
     try:
         usage = shutil.disk_usage(config.storage.path)
     except OSError as e:
-        return {"free_bytes": None, "total_bytes": None, **retention, "ok": False, "detail": str(e)}
-    return {"free_bytes": usage.free, "total_bytes": usage.total, **retention, "ok": usage.free >= minimum}
+        return {"free_bytes": None, "total_bytes": None, **limits, "ok": False, "detail": str(e)}
+    return {"free_bytes": usage.free, "total_bytes": usage.total, **limits, "ok": usage.free >= minimum}
 
 
 def _readiness(config: Config, db_error: str | None, worker_rows: Sequence[dict[str, Any]],

@@ -41,11 +41,12 @@ from node.db.models import (
     utcnow,
 )
 from node.db.session import session_scope
-from node.spool import SpoolError, instance_relpath, resolve
+from node.spool import SpoolError, resolve, versions_of
 
 log = logging.getLogger(__name__)
 
-#: Studies purged per transaction (each study is its own): a pass never holds the database long.
+#: Studies looked up per query; each is then purged in its own transaction, so a pass never
+#: holds the database long.
 BATCH = 100
 
 
@@ -107,8 +108,10 @@ def _purge_study(config: Config, study_id: int, cutoff: datetime, include_failed
             if claimed.rowcount != 1:  # type: ignore[attr-defined]
                 return
         study = s.get_one(Study, study_id)
+        uid = study.study_instance_uid
         files, size = 0, 0
-        for path in _files(config, s, study):
+        paths = _files(config, s, study)
+        for path in paths:
             try:
                 st = path.stat()
             except OSError:
@@ -117,45 +120,50 @@ def _purge_study(config: Config, study_id: int, cutoff: datetime, include_failed
                 continue  # written since the cutoff: received again meanwhile, it stays
             if not report.dry_run:
                 path.unlink(missing_ok=True)
-                _remove_empty_parents(path.parent, config.storage.path)
             files, size = files + 1, size + st.st_size
-        report.studies.append(study.study_instance_uid)
-        report.files, report.bytes = report.files + files, report.bytes + size
         if not report.dry_run:
-            detail = f"study {study.study_instance_uid}: {files} files ({size} bytes) removed from the spool"
-            s.add(Event(kind="purge", actor=actor, detail=detail))
-            log.info("purged %s", detail)
-            metrics.spool_purged(1, files, size)
+            _remove_folders({p.parent for p in paths})
+            s.add(Event(kind="purge", actor=actor,
+                        detail=f"study {uid}: {files} files ({size} bytes) removed from the spool"))
+    report.studies.append(uid)
+    report.files, report.bytes = report.files + files, report.bytes + size
+    if not report.dry_run:  # committed
+        log.info("purged study %s: %d files (%d bytes) removed from the spool", uid, files, size)
+        metrics.spool_purged(1, files, size)
 
 
 def _files(config: Config, s: Session, study: Study) -> list[Path]:
     """The study's files in the spool: its instances (every version kept of a re-sent one) and
     its jobs' result objects."""
     root = config.storage.path
-    paths = [p for (p,) in s.execute(select(Instance.path).join(Series).where(Series.study_id == study.id))]
-    paths += [p for (p,) in s.execute(select(Output.path).join(Job).where(Job.study_id == study.id))]
-    found = []
-    for rel in paths:
+    instances = s.scalars(select(Instance.path).join(Series).where(Series.study_id == study.id)).all()
+    outputs = s.scalars(select(Output.path).join(Job).where(Job.study_id == study.id)).all()
+    found: set[Path] = set()
+    for rel in instances:
         try:
-            found.append(resolve(root, rel))
+            found.update(versions_of(root, rel))
         except SpoolError:
-            log.warning("study %s: %r is not under the spool; left alone", study.study_instance_uid, rel)
-    # Earlier versions of a re-sent instance: same study folder and SOP prefix, other content hash.
-    sops = {Path(p).name.split(".")[0] for p in paths if p.startswith("instances/")}
-    folder = resolve(root, instance_relpath(study.study_instance_uid, "x", "x")).parent
-    if folder.is_dir():
-        found += [f for f in folder.iterdir() if f.name.split(".")[0] in sops and f not in found]
-    return found
+            _outside(study, rel)
+    for rel in outputs:
+        try:
+            found.add(resolve(root, rel))
+        except SpoolError:
+            _outside(study, rel)
+    return sorted(found)
 
 
-def _remove_empty_parents(folder: Path, root: Path) -> None:
-    base = root.resolve()
-    while folder != base and base in folder.parents:
+def _outside(study: Study, relpath: str) -> None:
+    log.warning("study %s: %r is not under the spool; left alone", study.study_instance_uid, relpath)
+
+
+def _remove_folders(folders: set[Path]) -> None:
+    """Remove the study's and its jobs' own folders once empty. The shared levels above them
+    (instances/ab/, outputs/0001/) stay: the listener may be creating a folder in one right now."""
+    for folder in folders:
         try:
             os.rmdir(folder)
-        except OSError:  # not empty (or gone): stop here
-            return
-        folder = folder.parent
+        except OSError:  # not empty (a file received again meanwhile), or gone
+            pass
 
 
 class RetentionThread(BackgroundLoop):

@@ -5,6 +5,7 @@ for their files)."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import uuid
 from collections.abc import Iterator
@@ -85,7 +86,7 @@ def _study(config: Config, name: str, age_days: float, *jobs: JobState, state: S
         return rel
 
     with session_scope(config.database.url) as s:
-        study = Study(study_instance_uid=f"1.2.826.0.1.{abs(hash(name)) % 10**9}", state=state,
+        study = Study(study_instance_uid=f"1.2.826.0.1.{int(hashlib.sha256(name.encode()).hexdigest()[:12], 16)}", state=state,
                       first_received_at=then, last_received_at=then, instance_count=1)
         series = Series(study=study, series_instance_uid=study.study_instance_uid + ".1", state=SeriesState.ROUTED)
         inst = Instance(series=series, sop_instance_uid=study.study_instance_uid + ".1.1", sop_class_uid="1.2",
@@ -154,6 +155,28 @@ def test_only_settled_studies_past_the_retention_lose_their_files_and_keep_their
         replay(config, failed_jobs[0], "admin", "too late")
 
 
+def test_earlier_versions_go_with_the_instance_and_only_the_studys_own_folders_are_removed(tmp_path: Path) -> None:
+    config = _config(tmp_path)
+    done, _, files = _study(config, "done", 31, JobState.DONE)
+    alone, _, alone_files = _study(config, "done alone", 31, JobState.DONE)
+    kept, _, kept_files = _study(config, "recent", 1, JobState.DONE)
+    with session_scope(config.database.url) as s:
+        uid = s.get_one(Study, done).study_instance_uid
+    # An earlier version of the re-sent instance (same SOP, other content), named in no row;
+    # and another SOP's file in the same study folder that no row names either.
+    earlier = write_atomic(config.storage.path, instance_relpath(uid, "done", "cd" * 32), b"DICMearlier")
+    stranger = write_atomic(config.storage.path, instance_relpath(uid, "another sop", "ef" * 32), b"DICMother")
+    for f in (earlier, stranger):
+        _aged(f, 31 * DAY)
+    report = purge(config)
+    assert len(report.studies) == 2 and report.files == 5 and not earlier.exists()
+    assert stranger.exists()  # not the study's instance: left, and with it the study's folder
+    assert not files[1].parent.exists() and not alone_files[0].parent.exists()  # their own folders, emptied, go
+    # The shared levels above stay, empty or not: the listener may be creating a folder there now.
+    assert alone_files[0].parent.parent.is_dir() and files[1].parent.parent.is_dir()
+    assert all(f.exists() for f in kept_files)
+
+
 def _write(config: Config, tmp_path: Path) -> Path:
     path = tmp_path / "config.yaml"
     path.write_text(f"storage: {{path: {config.storage.path}, min_free_mb: 0, retention_days: 30}}\n"
@@ -182,7 +205,7 @@ def test_a_purged_study_sent_again_is_restored_and_a_replay_redoes_it_into_the_s
     assert len(before) == 4
 
     report = purge(config, now=utcnow() + timedelta(days=31))
-    assert report.files == 5 and not source.exists() and not (config.storage.path / "outputs").exists()
+    assert report.files == 5 and not source.exists() and not any((config.storage.path / "outputs").rglob("*.dcm"))
     with pytest.raises(TransitionError, match="result objects are no longer in the spool.*retention_days.*replay it"):
         resend(config, first, "admin", "again")
     with pytest.raises(TransitionError, match="source instances are no longer in the spool.*send the study again, then replay"):
