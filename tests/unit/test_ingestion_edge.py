@@ -6,6 +6,7 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from io import BytesIO
 from pathlib import Path
 from typing import Any
 
@@ -233,6 +234,64 @@ def test_pixel_data_cut_short_is_refused_without_reading_it(cfg: Config) -> None
     assert _count(cfg, Instance) == 0
     assert _spool_files(cfg) == []
     assert list((cfg.storage.path / "incoming").iterdir()) == []
+
+
+def test_a_long_text_value_cut_short_is_refused(cfg: Config) -> None:
+    """A value long enough to be deferred (not bulk data) whose length runs past the end: pydicom
+    would read it short without a warning, so the check is ours; the whole value is kept."""
+    from node.handlers import StoreRefused, ingest, parse
+
+    ds = pydicom.dcmread(CT)
+    del ds.PixelData, ds.Rows, ds.Columns
+    ds.TextValue = "a" * 100_000  # UT, deferred while parsing (over 64 KB)
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    data = _encoded(ds)
+    whole, _ = parse(data)
+    assert len(whole.TextValue) == 100_000
+    with pytest.raises(StoreRefused, match=r"cut short: the value of \(0040,A160\)") as e:
+        ingest(data[:-50_000], IngestContext(cfg), "SCU")
+    assert e.value.status == 0xA900
+    assert _count(cfg, Instance) == 0
+    assert _spool_files(cfg) == []
+
+
+def test_parse_refuses_what_reading_each_element_would(cfg: Config) -> None:
+    """parse() checks each value with pydicom's conversion hooks instead of storing a
+    DataElement: values of the wrong length, a DS that is no number and a private tag of unknown VR behave as
+    `ds[tag]` does (refused where it raises, kept where it only warns)."""
+    from pydicom.dataelem import RawDataElement
+    from pydicom.errors import BytesLengthException
+
+    from node.handlers import StoreRefused, parse
+
+    def with_raw(tag: int, vr: str | None, value: bytes, implicit: bool = False) -> bytes:
+        ds = pydicom.dcmread(CT)
+        ds[tag] = RawDataElement(pydicom.tag.Tag(tag), vr, len(value), value, 0, implicit, True)
+        if implicit:
+            ds.file_meta.TransferSyntaxUID = pydicom.uid.ImplicitVRLittleEndian
+        return _encoded(ds)
+
+    for tag, vr, value in ((0x00280002, "US", b"\x01\x00\x02"),  # Samples per Pixel
+                           (0x00181050, "DS", b"1.0\\x"),  # Spatial Resolution: a DS that is no number
+                           (0x00189306, "FD", b"\x00" * 5)):  # Single Collimation Width
+        encoded = with_raw(tag, vr, value)
+        try:
+            pydicom.dcmread(BytesIO(encoded))[tag]  # what parse() stands for
+        except (BytesLengthException, ValueError):
+            with pytest.raises(StoreRefused, match="does not parse") as e:
+                parse(encoded)
+            assert e.value.status == 0xC210
+        else:
+            assert parse(encoded)[0][tag].value == pydicom.dcmread(BytesIO(encoded))[tag].value
+    private = with_raw(0x00771010, None, b"vendor\x00\x01", implicit=True)  # no creator: VR unknown
+    kept, _ = parse(private)
+    assert (kept[0x00771010].VR, kept[0x00771010].value) == ("UN", b"vendor\x00\x01")
+
+
+def _encoded(ds: pydicom.Dataset) -> bytes:
+    out = BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()
 
 
 def test_the_same_instance_from_two_senders_at_once_is_stored_once(cfg: Config, monkeypatch: pytest.MonkeyPatch) -> None:
