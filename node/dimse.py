@@ -66,6 +66,7 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import create_file_meta, encode_file_meta
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ
+from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.status import STATUS_SUCCESS, STATUS_WARNING, code_to_category
 from pynetdicom.transport import AddressInformation, AssociationSocket, ThreadedAssociationServer
 from pynetdicom.transport import RequestHandler as _StockRequestHandler
@@ -231,7 +232,96 @@ def received_dataset(event: evt.Event) -> DatasetSink | None:
     return chunked.sink if isinstance(chunked, _ChunkedFile) else None
 
 
-class StreamingDIMSE(DIMSEServiceProvider):
+# Two small structures each C-STORE costs pynetdicom a pydicom Dataset for, written here as the
+# bytes pynetdicom would produce (tests/unit/test_dimse.py compares them byte for byte): the
+# response's command set (0.5 ms a response: pynetdicom builds a Dataset and writes it twice, once
+# for its group length) and the file meta that heads a streamed data set (0.2 ms). Anything but
+# the plain case (non-ASCII or over-long values, optional response fields) takes pynetdicom's way.
+_UID_MAX = 64
+
+
+def _uid_value(uid: object) -> bytes | None:
+    """A UI value as DICOM encodes it (even length, NUL-padded); None if not plain ASCII of at most 64."""
+    if not isinstance(uid, str) or not uid.isascii() or len(uid) > _UID_MAX:
+        return None
+    raw = uid.encode("ascii")
+    return raw + b"\x00" if len(raw) % 2 else raw
+
+
+def _implicit(tag: int, value: bytes) -> bytes:
+    return struct.pack("<HHI", tag >> 16, tag & 0xFFFF, len(value)) + value
+
+
+def store_response_command(primitive: C_STORE) -> bytes | None:
+    """The C-STORE-RSP command set (implicit VR little endian) pynetdicom would encode for
+    `primitive`; None unless it is a response with just the fields the listener's has (message
+    ID, SOP class and instance, status)."""
+    msg_id, status = primitive.MessageIDBeingRespondedTo, primitive.Status
+    sop_class, sop_instance = _uid_value(primitive.AffectedSOPClassUID), _uid_value(primitive.AffectedSOPInstanceUID)
+    if (msg_id is None or status is None or sop_class is None or sop_instance is None
+            or primitive.OffendingElement is not None or primitive.ErrorComment is not None):
+        return None
+    body = b"".join((
+        _implicit(0x00000002, sop_class),
+        _implicit(0x00000100, struct.pack("<H", 0x8001)),  # Command Field: C-STORE-RSP
+        _implicit(0x00000120, struct.pack("<H", msg_id)),
+        _implicit(0x00000800, struct.pack("<H", 0x0101)),  # Command Data Set Type: none
+        _implicit(0x00000900, struct.pack("<H", status)),
+        _implicit(0x00001000, sop_instance),
+    ))
+    return _implicit(0x00000000, struct.pack("<I", len(body))) + body
+
+
+def _explicit(tag: int, vr: bytes, value: bytes) -> bytes:
+    head = struct.pack("<HH", tag >> 16, tag & 0xFFFF) + vr
+    if vr == b"OB":
+        return head + struct.pack("<HI", 0, len(value)) + value
+    return head + struct.pack("<H", len(value)) + value
+
+
+def file_meta_bytes(sop_class_uid: object, sop_instance_uid: object, transfer_syntax: object) -> bytes:
+    """The file meta information pynetdicom's `encode_file_meta(create_file_meta(...))` writes
+    (what `Event.encoded_dataset()` puts before a data set), for plain ASCII UIDs; pynetdicom's
+    own for anything else."""
+    values = [_uid_value(v) for v in (sop_class_uid, sop_instance_uid, transfer_syntax)]
+    implementation = _uid_value(pynetdicom.PYNETDICOM_IMPLEMENTATION_UID)
+    version = pynetdicom.PYNETDICOM_IMPLEMENTATION_VERSION.encode("ascii")
+    if any(v is None for v in values) or implementation is None:
+        meta = create_file_meta(sop_class_uid=cast(Any, sop_class_uid), sop_instance_uid=cast(Any, sop_instance_uid),
+                                transfer_syntax=cast(Any, transfer_syntax))
+        return encode_file_meta(meta)
+    sop_class, sop_instance, syntax = cast(list[bytes], values)
+    body = b"".join((
+        _explicit(0x00020001, b"OB", b"\x00\x01"),
+        _explicit(0x00020002, b"UI", sop_class),
+        _explicit(0x00020003, b"UI", sop_instance),
+        _explicit(0x00020010, b"UI", syntax),
+        _explicit(0x00020012, b"UI", implementation),
+        _explicit(0x00020013, b"SH", version + b" " if len(version) % 2 else version),
+    ))
+    return _explicit(0x00020000, b"UL", struct.pack("<I", len(body))) + body
+
+
+class QuickResponseDIMSE(DIMSEServiceProvider):
+    """DIMSE provider that sends a plain C-STORE response from `store_response_command`'s bytes;
+    every other message, or any response while something listens to EVT_DIMSE_SENT (which is
+    given pynetdicom's message object), goes through pynetdicom's `send_msg`."""
+
+    def send_msg(self, primitive: Any, context_id: int) -> None:
+        command = None
+        if isinstance(primitive, C_STORE) and primitive.MessageIDBeingRespondedTo is not None:
+            command = store_response_command(primitive)
+        max_pdu = self.maximum_pdu_size
+        if command is None or self.assoc.get_handlers(evt.EVT_DIMSE_SENT) or (max_pdu and len(command) + 6 > max_pdu):
+            super().send_msg(primitive, context_id)
+            return
+        pdata = P_DATA()
+        # One PDV: message control header 0x03 = command information, last fragment (PS3.8 E.2).
+        pdata.presentation_data_value_list.append((context_id, b"\x03" + command))
+        self.dul.send_pdu(pdata)
+
+
+class StreamingDIMSE(QuickResponseDIMSE):
     """DIMSE provider that streams each C-STORE data set into a sink as its fragments arrive.
 
     pynetdicom's own chunked mode (`_config.STORE_RECV_CHUNKED_DATASET`) is process-wide and
@@ -260,10 +350,8 @@ class StreamingDIMSE(DIMSEServiceProvider):
         try:
             cs = msg.command_set
             context = self.assoc._accepted_cx[cast(int, msg.context_id)]
-            meta = create_file_meta(sop_class_uid=cs.AffectedSOPClassUID,
-                                    sop_instance_uid=cs.AffectedSOPInstanceUID,
-                                    transfer_syntax=context.transfer_syntax[0])
-            head = b"".join((b"\x00" * 128, b"DICM", encode_file_meta(meta)))
+            meta = file_meta_bytes(cs.AffectedSOPClassUID, cs.AffectedSOPInstanceUID, context.transfer_syntax[0])
+            head = b"".join((b"\x00" * 128, b"DICM", meta))
         except (AttributeError, KeyError, TypeError, ValueError) as e:
             # A command set pydicom cannot use: leave the data set in memory and let the
             # handler refuse it (encoded_dataset() raises the same error there).
@@ -638,8 +726,8 @@ class RequestHandler(_StockRequestHandler):
     def _create_association(self) -> Association:
         """pynetdicom 3.0.4's RequestHandler._create_association with our association and socket."""
         assoc = WakingAssociation(self.ae, MODE_ACCEPTOR)
-        if self._sink_factory is not None:
-            assoc.dimse = StreamingDIMSE(assoc, self._sink_factory)
+        assoc.dimse = (QuickResponseDIMSE(assoc) if self._sink_factory is None
+                       else StreamingDIMSE(assoc, self._sink_factory))
         assoc._server = self.server
         # "AcceptorThread" in the name is how AssociationServer.active_associations finds it.
         assoc.name = f"AcceptorThread@{datetime.now():%Y%m%d%H%M%S}"

@@ -27,9 +27,10 @@ from pydicom.uid import (
     generate_uid,
 )
 from pynetdicom import AE, evt
+from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_messages import C_STORE_RQ
 from pynetdicom.dimse_primitives import C_STORE
-from pynetdicom.dsutils import encode
+from pynetdicom.dsutils import create_file_meta, encode, encode_file_meta
 from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.sop_class import ComputedRadiographyImageStorage, CTImageStorage, Verification
 from sqlalchemy import func, select
@@ -40,11 +41,14 @@ from node.db.models import Event, Instance
 from node.db.session import session_scope
 from node.dimse import (
     PYNETDICOM_VERSION,
+    QuickResponseDIMSE,
     StreamingDIMSE,
     WakingAssociation,
     _WakingCheckpoint,
+    file_meta_bytes,
     received_dataset,
     require_pynetdicom,
+    store_response_command,
     succeeded,
 )
 from node.handlers import IngestContext, stage
@@ -497,3 +501,70 @@ def test_a_resting_association_thread_counts_as_paused_until_it_passes_the_check
     checkpoint.set()  # the user has its answer
     thread.join(5)
     assert not thread.is_alive() and not assoc._is_paused
+
+
+_ODD_UID, _EVEN_UID = "1.2.3.4.5", "1.2.3.4.56"
+_LONGEST_UID = "1." + "2" * 62
+
+
+def _response(status: int, msg_id: int, sop_class: str, sop_instance: str, comment: str | None = None) -> C_STORE:
+    rsp = C_STORE()
+    rsp.MessageIDBeingRespondedTo = msg_id
+    rsp.AffectedSOPClassUID = sop_class
+    rsp.AffectedSOPInstanceUID = sop_instance
+    rsp.Status = status
+    if comment is not None:
+        rsp.ErrorComment = comment  # type: ignore[assignment]
+    return rsp
+
+
+def _sent(dimse_class: type[DIMSEServiceProvider], rsp: C_STORE, max_pdu: int, bound: Any = None) -> list[list[Any]]:
+    """The PDVs a DIMSE provider of dimse_class hands its DUL for rsp on context 1."""
+    assoc = WakingAssociation(build_ae(parse_config({"listener": {"allowed_callers": "any"}})), "acceptor")
+    assoc.requestor.maximum_length = max_pdu
+    if bound is not None:
+        assoc.bind(evt.EVT_DIMSE_SENT, bound)
+    sent: list[list[Any]] = []
+    assoc.dul.send_pdu = lambda pdata: sent.extend([list(v) for v in pdata.presentation_data_value_list])  # type: ignore[method-assign,assignment]
+    dimse_class(assoc).send_msg(rsp, 1)
+    return sent
+
+
+@pytest.mark.parametrize("status", [0x0000, 0xB000, 0xA700, 0xA900, 0xC210])
+@pytest.mark.parametrize(("msg_id", "sop_class", "sop_instance"), [
+    (1, CTImageStorage, _ODD_UID), (65535, ComputedRadiographyImageStorage, _EVEN_UID), (7, _EVEN_UID, _LONGEST_UID)])
+@pytest.mark.parametrize("max_pdu", [0, 4096, 16382])
+def test_quick_store_response_is_pynetdicoms_byte_for_byte(status: int, msg_id: int, sop_class: str,
+                                                           sop_instance: str, max_pdu: int) -> None:
+    """The C-STORE response the listener sends without pynetdicom's Dataset is the P-DATA that
+    pynetdicom's own send_msg produces, for every status the handler answers with."""
+    rsp = _response(status, msg_id, sop_class, sop_instance)
+    assert store_response_command(rsp) is not None  # the quick path is the one taken
+    assert _sent(QuickResponseDIMSE, rsp, max_pdu) == _sent(DIMSEServiceProvider, rsp, max_pdu)
+
+
+def test_quick_store_response_leaves_the_rest_to_pynetdicom() -> None:
+    """An error comment, a PDU too small for one fragment, or a subscriber to EVT_DIMSE_SENT
+    (it is handed pynetdicom's message object): pynetdicom's own send_msg."""
+    commented = _response(0xA700, 3, CTImageStorage, _ODD_UID, comment="out of space")
+    assert store_response_command(commented) is None
+    assert _sent(QuickResponseDIMSE, commented, 0) == _sent(DIMSEServiceProvider, commented, 0)
+    plain = _response(0, 3, CTImageStorage, _ODD_UID)
+    tiny = _sent(QuickResponseDIMSE, plain, 64)  # fragments of 58 bytes
+    assert len(tiny) > 1 and tiny == _sent(DIMSEServiceProvider, plain, 64)
+    seen: list[Any] = []
+    assert _sent(QuickResponseDIMSE, plain, 0, bound=lambda event: seen.append(event.message)) == \
+        _sent(DIMSEServiceProvider, plain, 0)
+    assert [type(m).__name__ for m in seen] == ["C_STORE_RSP"]
+
+
+@pytest.mark.parametrize(("sop_class", "sop_instance", "syntax"), [
+    (CTImageStorage, _ODD_UID, ExplicitVRLittleEndian), (ComputedRadiographyImageStorage, _EVEN_UID, ImplicitVRLittleEndian),
+    (CTImageStorage, _LONGEST_UID, JPEG2000Lossless), (CTImageStorage, "1.2.3.\u00e9", ExplicitVRLittleEndian)])
+def test_file_meta_bytes_are_pynetdicoms(sop_class: str, sop_instance: str, syntax: str) -> None:
+    """The file meta written before a streamed data set is what encode_file_meta(create_file_meta())
+    writes (the last case, not plain ASCII, is pynetdicom's own)."""
+    stock = encode_file_meta(create_file_meta(sop_class_uid=pydicom.uid.UID(sop_class),
+                                              sop_instance_uid=pydicom.uid.UID(sop_instance),
+                                              transfer_syntax=pydicom.uid.UID(syntax)))
+    assert file_meta_bytes(sop_class, sop_instance, syntax) == stock
