@@ -22,13 +22,17 @@ The one module that knows pynetdicom's internals, so the one to change when pyne
   - `StreamingDIMSE`: each C-STORE data set is written to a sink (the spool) as its fragments
     arrive, through pynetdicom's own chunked-receive hook, instead of being collected in memory;
     the handler finds it with `received_dataset(event)`.
+  - `QuickResponseDIMSE` (StreamingDIMSE's base): a plain C-STORE response, and the file meta
+    that heads a streamed data set, are written as the bytes pynetdicom would produce, without
+    building a pydicom Dataset for each (`store_response_command`, `file_meta_bytes`).
   The state machine, PDU, DIMSE and service class code are pynetdicom's, unchanged.
 
 The overridden methods follow pynetdicom's own control flow line by line; they are written
 against `PYNETDICOM_VERSION` (pinned in pyproject.toml), and `require_pynetdicom()` refuses any
 other release. tests/unit/test_dimse.py shows the protocol behaviour is still pynetdicom's:
 negotiation, PDU fragmentation from 4 KB to unlimited, release, abort, ARTIM and network
-timeouts, C-ECHO, and stored bytes identical to stock pynetdicom's `encoded_dataset()`;
+timeouts, C-ECHO, stored bytes identical to stock pynetdicom's `encoded_dataset()`, and
+responses identical to those pynetdicom encodes;
 tests/unit/test_export_associations.py the requestor side against stock pynetdicom (echo,
 release, DIMSE timeout, peer abort, CPU while idle).
 """
