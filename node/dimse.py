@@ -262,7 +262,8 @@ def store_response_command(primitive: C_STORE) -> bytes | None:
     ID, SOP class and instance, status)."""
     msg_id, status = primitive.MessageIDBeingRespondedTo, primitive.Status
     sop_class, sop_instance = _uid_value(primitive.AffectedSOPClassUID), _uid_value(primitive.AffectedSOPInstanceUID)
-    if (msg_id is None or status is None or sop_class is None or sop_instance is None
+    if (not isinstance(msg_id, int) or not isinstance(status, int) or not 0 <= msg_id <= 0xFFFF
+            or not 0 <= status <= 0xFFFF or sop_class is None or sop_instance is None
             or primitive.OffendingElement is not None or primitive.ErrorComment is not None):
         return None
     body = b"".join((

@@ -548,6 +548,9 @@ def test_quick_store_response_leaves_the_rest_to_pynetdicom() -> None:
     (it is handed pynetdicom's message object): pynetdicom's own send_msg."""
     commented = _response(0xA700, 3, CTImageStorage, _ODD_UID, comment="out of space")
     assert store_response_command(commented) is None
+    unencodable = _response(0, 3, CTImageStorage, _ODD_UID)
+    unencodable._status = 0x10000  # past what a US holds: pynetdicom's encoder says what is wrong
+    assert store_response_command(unencodable) is None
     assert _sent(QuickResponseDIMSE, commented, 0) == _sent(DIMSEServiceProvider, commented, 0)
     plain = _response(0, 3, CTImageStorage, _ODD_UID)
     tiny = _sent(QuickResponseDIMSE, plain, 64)  # fragments of 58 bytes
