@@ -11,6 +11,7 @@ import hashlib
 import os
 import tempfile
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -125,6 +126,28 @@ def _hash_batch(previous: Future[None] | None, digest: Any, chunks: list[bytes])
         previous.result()  # batches of one file in order (submitted earlier, so already running)
     for chunk in chunks:
         digest.update(chunk)
+
+
+def sweep_incoming(root: Path, idle_seconds: float, now: float | None = None) -> int:
+    """Remove staged files nobody has written to for `idle_seconds` (left by a process that was
+    killed while receiving or writing); return how many. A transfer in progress writes at least
+    every network timeout, or its association is aborted and its file discarded."""
+    folder = root / INCOMING
+    cutoff = (time.time() if now is None else now) - idle_seconds
+    removed = 0
+    try:
+        entries = list(os.scandir(folder))
+    except FileNotFoundError:
+        return 0
+    for entry in entries:
+        try:
+            if entry.name.endswith(".part") and entry.is_file(follow_symlinks=False) and \
+                    entry.stat(follow_symlinks=False).st_mtime < cutoff:
+                os.unlink(entry.path)
+                removed += 1
+        except FileNotFoundError:  # placed or discarded meanwhile
+            continue
+    return removed
 
 
 class StagedFile:

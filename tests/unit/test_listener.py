@@ -184,3 +184,24 @@ def test_other_transfer_syntaxes_from_storescu(config: Config, listener: IngestC
         stored = pydicom.dcmread(config.storage.path / inst.path)
     assert str(stored.file_meta.TransferSyntaxUID) == syntax
     assert stored.pixel_array.shape == (128, 128)
+
+
+def test_listener_start_removes_staged_files_left_by_a_killed_process(config: Config,
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
+    """kill -9 while a data set arrives leaves its staged file in incoming/: the next start
+    removes it (nothing in it was acknowledged) and says so; a recent one is left alone."""
+    import os
+
+    from node.spool import INCOMING
+
+    incoming = config.storage.path / INCOMING
+    incoming.mkdir(parents=True)
+    orphan, recent = incoming / ".killed.part", incoming / ".recent.part"
+    orphan.write_bytes(b"\0" * 1000)
+    recent.write_bytes(b"\0" * 10)
+    old = orphan.stat().st_mtime - 2 * 3600
+    os.utime(orphan, (old, old))
+    server = start_listener(config, IngestContext(config))
+    server.shutdown()
+    assert not orphan.exists() and recent.exists()
+    assert "removed 1 staged file(s) not written to for 3600 s" in caplog.text

@@ -198,3 +198,23 @@ def test_place_while_the_network_thread_is_finishing(tmp_path: Path, monkeypatch
     placement.wait()
     network.join(5)
     assert (tmp_path / "instances" / "a.dcm").read_bytes() == b"x" * 100
+
+
+def test_sweep_removes_only_staged_files_nobody_writes_to(tmp_path: Path) -> None:
+    """A process killed while receiving leaves its staged file: the next listener start removes
+    it once it is older than the idle time, and leaves anything newer or not a staged file."""
+    from node.spool import sweep_incoming
+
+    orphan, live = StagedFile(tmp_path), StagedFile(tmp_path)
+    orphan.write(b"half a data set")
+    other = tmp_path / INCOMING / "notes.txt"
+    other.write_text("not ours to remove")
+    assert orphan.path is not None and live.path is not None
+    old = orphan.path.stat().st_mtime - 7200
+    os.utime(orphan.path, (old, old))
+    os.utime(other, (old, old))
+    assert sweep_incoming(tmp_path, 3600) == 1
+    assert sorted(p.name for p in (tmp_path / INCOMING).iterdir()) == sorted([live.path.name, "notes.txt"])
+    assert sweep_incoming(tmp_path / "absent", 3600) == 0
+    live.discard()
+    orphan.discard()  # its file is gone already: nothing to do
