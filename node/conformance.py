@@ -134,7 +134,8 @@ def statement(config: Config) -> str:
              "out of resources: instance too large (checked as it arrives), spool below its free-space floor, "
              "database down"],
             [f"0x{DATASET_MISMATCH:04X}",
-             "data set does not match SOP class: missing or invalid UIDs, truncated pixel data"],
+             "data set does not match SOP class: missing or invalid UIDs, truncated pixel data, or another "
+             "value whose length runs past the end of the data set (the log and the audit name it)"],
             [f"0x{CANNOT_UNDERSTAND:04X}", "cannot understand: the data set does not parse"],
         ]),
         "",
