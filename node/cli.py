@@ -260,6 +260,7 @@ def openmp_defaults(environ: MutableMapping[str, str]) -> None:
 
 def cmd_worker(args: argparse.Namespace, config: Config) -> int:
     from node.queue import EXPORT_QUEUE, configure
+    from node.services.retention import remove_orphaned_staging
 
     openmp_defaults(os.environ)  # before torch loads
     if args.queues.split(",") != [EXPORT_QUEUE]:  # it runs models and the gate: both must be there
@@ -275,6 +276,7 @@ def cmd_worker(args: argparse.Namespace, config: Config) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+    remove_orphaned_staging(config)  # a worker killed while writing a result left its staged file
     app = configure(config)
     import node.tasks  # noqa: F401  (registers the tasks)
 

@@ -30,12 +30,9 @@ from node.config import Config, ListenerConfig
 from node.dimse import serve, tune_connection
 from node.engine.commitment import commitment_peer, handle_report
 from node.handlers import IngestContext, audit, handle_closed, handle_echo, handle_store, stage
-from node.spool import sweep_incoming
+from node.services.retention import remove_orphaned_staging
 
 log = logging.getLogger(__name__)
-
-#: A staged file untouched this long (or twice the network timeout, if longer) is an orphan.
-STALE_STAGING_SECONDS = 3600
 
 UNCOMPRESSED = [ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian]
 
@@ -188,10 +185,7 @@ def start_listener(config: Config, ctx: IngestContext) -> ThreadedAssociationSer
     """Start serving in background threads; the caller stops it with server.shutdown()."""
     metrics.setup(config)
     config.storage.path.mkdir(parents=True, exist_ok=True)
-    idle = max(STALE_STAGING_SECONDS, 2 * config.listener.timeouts.network)
-    if stale := sweep_incoming(config.storage.path, idle):
-        log.warning("removed %d staged file(s) not written to for %.0f s (left by a process that stopped "
-                    "while receiving or writing: none was acknowledged or recorded)", stale, idle)
+    remove_orphaned_staging(config)
     ae = build_ae(config)
     handlers: list[Any] = [
         (evt.EVT_CONN_OPEN, tune_connection),

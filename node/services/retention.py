@@ -12,6 +12,10 @@ itself, and a replay then redoes it.
 
 Files written since the cutoff are never deleted, whatever the rows say: an instance received
 again while its study is being purged stays (a purge and the listener never race for a file).
+
+Also here, and always on: `remove_orphaned_staging`, which the listener and each worker run as
+they start, removes staged files left in the spool's `incoming/` by a process killed while it
+received a data set or wrote a result (nothing in them was acknowledged or recorded).
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ from node.db.models import (
     utcnow,
 )
 from node.db.session import session_scope
-from node.spool import SpoolError, resolve, versions_of
+from node.spool import SpoolError, resolve, sweep_incoming, versions_of
 
 log = logging.getLogger(__name__)
 
@@ -185,3 +189,19 @@ class RetentionThread(BackgroundLoop):
 
     def wait_seconds(self) -> float:
         return self.PASS_SECONDS
+
+
+#: A staged file untouched this long (or twice the listener's network timeout, if longer) is an orphan.
+STALE_STAGING_SECONDS = 3600
+
+
+def remove_orphaned_staging(config: Config) -> int:
+    """Remove the spool's staged files nobody has written to for STALE_STAGING_SECONDS (a transfer
+    in progress writes at least once per network timeout, or its association is aborted and its
+    file discarded); log and return how many."""
+    idle = max(STALE_STAGING_SECONDS, 2 * config.listener.timeouts.network)
+    stale = sweep_incoming(config.storage.path, idle)
+    if stale:
+        log.warning("removed %d staged file(s) not written to for %.0f s (left by a process that stopped "
+                    "while receiving or writing: none was acknowledged or recorded)", stale, idle)
+    return stale

@@ -37,6 +37,30 @@ def test_threads_are_set_before_the_worker_starts(monkeypatch: pytest.MonkeyPatc
         torch.set_num_threads(before)
 
 
+def test_a_worker_starting_removes_staged_files_a_killed_one_left(monkeypatch: pytest.MonkeyPatch,
+                                                                  tmp_path: Path) -> None:
+    """A worker killed while writing a result leaves its staged file in incoming/: the next
+    worker to start removes it once nobody has written to it for an hour, and leaves a recent one."""
+    from node.spool import INCOMING
+
+    incoming = tmp_path / INCOMING
+    incoming.mkdir()
+    orphan, recent = incoming / ".result.part", incoming / ".arriving.part"
+    orphan.write_bytes(b"half an SC")
+    recent.write_bytes(b"a data set arriving")
+    old = orphan.stat().st_mtime - 2 * 3600
+    os.utime(orphan, (old, old))
+
+    class App:
+        def worker_main(self, argv: list[str]) -> None:
+            assert not orphan.exists()  # before Celery starts taking tasks
+
+    monkeypatch.setattr("node.queue.configure", lambda config: App())
+    args = build_parser().parse_args(["worker", "-Q", "export"])
+    assert cmd_worker(args, parse_config({"storage": {"path": str(tmp_path)}})) == 0
+    assert not orphan.exists() and recent.exists()
+
+
 @pytest.mark.parametrize(("given", "used"), [
     ({}, {"GOMP_SPINCOUNT": "10000"}),
     ({"OMP_WAIT_POLICY": "PASSIVE"}, {"OMP_WAIT_POLICY": "PASSIVE"}),
