@@ -137,7 +137,7 @@ def sweep_incoming(root: Path, idle_seconds: float, now: float | None = None) ->
     removed = 0
     try:
         entries = list(os.scandir(folder))
-    except FileNotFoundError:
+    except OSError:  # no spool here (yet), or not ours to read: nothing to clean up, nothing to stop for
         return 0
     for entry in entries:
         try:
@@ -145,7 +145,7 @@ def sweep_incoming(root: Path, idle_seconds: float, now: float | None = None) ->
                     entry.stat(follow_symlinks=False).st_mtime < cutoff:
                 os.unlink(entry.path)
                 removed += 1
-        except FileNotFoundError:  # placed or discarded meanwhile
+        except OSError:  # placed or discarded meanwhile, or not ours to remove: left as it is
             continue
     return removed
 

@@ -218,3 +218,24 @@ def test_sweep_removes_only_staged_files_nobody_writes_to(tmp_path: Path) -> Non
     assert sweep_incoming(tmp_path / "absent", 3600) == 0
     live.discard()
     orphan.discard()  # its file is gone already: nothing to do
+
+
+
+def test_a_sweep_that_may_not_read_or_remove_stops_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A spool the process may not list, or a file it may not remove: the process starts anyway."""
+    from node.spool import sweep_incoming
+
+    orphan = StagedFile(tmp_path)
+    assert orphan.path is not None
+    os.utime(orphan.path, (0, 0))
+
+    def refused(*args: Any) -> None:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr("node.spool.os.unlink", refused)
+    assert sweep_incoming(tmp_path, 3600) == 0
+    assert orphan.path.exists()
+    monkeypatch.setattr("node.spool.os.scandir", refused)
+    assert sweep_incoming(tmp_path, 3600) == 0
+    monkeypatch.undo()
+    assert sweep_incoming(tmp_path, 3600) == 1
