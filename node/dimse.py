@@ -313,9 +313,7 @@ class QuickResponseDIMSE(DIMSEServiceProvider):
     given pynetdicom's message object), goes through pynetdicom's `send_msg`."""
 
     def send_msg(self, primitive: Any, context_id: int) -> None:
-        command = None
-        if isinstance(primitive, C_STORE) and primitive.MessageIDBeingRespondedTo is not None:
-            command = store_response_command(primitive)
+        command = store_response_command(primitive) if isinstance(primitive, C_STORE) else None
         max_pdu = self.maximum_pdu_size
         if command is None or self.assoc.get_handlers(evt.EVT_DIMSE_SENT) or (max_pdu and len(command) + 6 > max_pdu):
             super().send_msg(primitive, context_id)

@@ -184,7 +184,7 @@ def parse(source: bytes | Path) -> tuple[pydicom.Dataset, list[warnings.WarningM
     if not_pixels := [tag for tag in cut if tag not in _PIXEL_TAGS]:
         raise StoreRefused(DATASET_MISMATCH, f"data set is cut short: the value of {not_pixels[0]} runs past its end")
     truncated = bool(cut) or any("End of file reached" in str(w.message) for w in caught)
-    if truncated or ("Rows" in ds and not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"))):
+    if truncated or ("Rows" in ds and not any(tag in ds for tag in _PIXEL_TAGS)):
         raise StoreRefused(DATASET_MISMATCH, "image has no complete pixel data (truncated?)")
     return ds, list(caught)
 

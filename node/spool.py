@@ -90,6 +90,7 @@ def sha256_hex(data: bytes) -> str:
 
 #: Where received instances are written while they arrive, before they are placed under `instances/`.
 INCOMING = "incoming"
+_STAGED_SUFFIX = ".part"
 # fsync of a file and of its folder issued together complete in one journal commit on ext4 and
 # XFS (measured here: 1 ms together, 6 ms one after the other).
 _fsync_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="fsync")
@@ -128,12 +129,11 @@ def _hash_batch(previous: Future[None] | None, digest: Any, chunks: list[bytes])
         digest.update(chunk)
 
 
-def sweep_incoming(root: Path, idle_seconds: float, now: float | None = None) -> int:
+def sweep_incoming(root: Path, idle_seconds: float) -> int:
     """Remove staged files nobody has written to for `idle_seconds` (left by a process that was
-    killed while receiving or writing); return how many. A transfer in progress writes at least
-    every network timeout, or its association is aborted and its file discarded."""
+    killed while receiving or writing); return how many."""
     folder = root / INCOMING
-    cutoff = (time.time() if now is None else now) - idle_seconds
+    cutoff = time.time() - idle_seconds
     removed = 0
     try:
         entries = list(os.scandir(folder))
@@ -141,7 +141,7 @@ def sweep_incoming(root: Path, idle_seconds: float, now: float | None = None) ->
         return 0
     for entry in entries:
         try:
-            if entry.name.endswith(".part") and entry.is_file(follow_symlinks=False) and \
+            if entry.name.endswith(_STAGED_SUFFIX) and entry.is_file(follow_symlinks=False) and \
                     entry.stat(follow_symlinks=False).st_mtime < cutoff:
                 os.unlink(entry.path)
                 removed += 1
@@ -163,7 +163,7 @@ class StagedFile:
         self.root = root
         folder = root / INCOMING
         folder.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(dir=folder, prefix=".", suffix=".part")
+        fd, name = tempfile.mkstemp(dir=folder, prefix=".", suffix=_STAGED_SUFFIX)
         self._fd: int | None = fd
         self._synced: Future[None] | None = None  # the file's fsync, once finished
         self.path: Path | None = Path(name)

@@ -271,6 +271,7 @@ def test_parse_refuses_what_reading_each_element_would(cfg: Config) -> None:
             ds.file_meta.TransferSyntaxUID = pydicom.uid.ImplicitVRLittleEndian
         return _encoded(ds)
 
+    refused = []
     for tag, vr, value in ((0x00280002, "US", b"\x01\x00\x02"),  # Samples per Pixel
                            (0x00181050, "DS", b"1.0\\x"),  # Spatial Resolution: a DS that is no number
                            (0x00189306, "FD", b"\x00" * 5)):  # Single Collimation Width
@@ -278,11 +279,13 @@ def test_parse_refuses_what_reading_each_element_would(cfg: Config) -> None:
         try:
             pydicom.dcmread(BytesIO(encoded))[tag]  # what parse() stands for
         except (BytesLengthException, ValueError):
+            refused.append(vr)
             with pytest.raises(StoreRefused, match="does not parse") as e:
                 parse(encoded)
             assert e.value.status == 0xC210
         else:
             assert parse(encoded)[0][tag].value == pydicom.dcmread(BytesIO(encoded))[tag].value
+    assert refused == ["US", "FD"]  # both kinds of case were met (pydicom only warns for the DS)
     private = with_raw(0x00771010, None, b"vendor\x00\x01", implicit=True)  # no creator: VR unknown
     kept, _ = parse(private)
     assert (kept[0x00771010].VR, kept[0x00771010].value) == ("UN", b"vendor\x00\x01")

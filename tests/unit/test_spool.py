@@ -220,7 +220,6 @@ def test_sweep_removes_only_staged_files_nobody_writes_to(tmp_path: Path) -> Non
     orphan.discard()  # its file is gone already: nothing to do
 
 
-
 def test_a_sweep_that_may_not_read_or_remove_stops_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A spool the process may not list, or a file it may not remove: the process starts anyway."""
     from node.spool import sweep_incoming
