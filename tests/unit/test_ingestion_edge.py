@@ -236,19 +236,24 @@ def test_pixel_data_cut_short_is_refused_without_reading_it(cfg: Config) -> None
     assert list((cfg.storage.path / "incoming").iterdir()) == []
 
 
-def test_a_long_text_value_cut_short_is_refused(cfg: Config) -> None:
+@pytest.mark.parametrize(("keyword", "tag"), [("TextValue", "0040,A160"),
+                                            # one of those the handler reads after parsing
+                                            ("PatientID", "0010,0020")])
+def test_a_long_text_value_cut_short_is_refused(cfg: Config, keyword: str, tag: str) -> None:
     """A value long enough to be deferred (not bulk data) whose length runs past the end: pydicom
     would read it short without a warning, so the check is ours; the whole value is kept."""
     from node.handlers import StoreRefused, ingest, parse
 
     ds = pydicom.dcmread(CT)
     del ds.PixelData, ds.Rows, ds.Columns
-    ds.TextValue = "a" * 100_000  # UT, deferred while parsing (over 64 KB)
+    # Deferred while parsing (over 64 KB); implicit VR, as an explicit LO's length cannot say so much
+    setattr(ds, keyword, "a" * 100_000)
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.ImplicitVRLittleEndian
     ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
     data = _encoded(ds)
     whole, _ = parse(data)
-    assert len(whole.TextValue) == 100_000
-    with pytest.raises(StoreRefused, match=r"cut short: the value of \(0040,A160\)") as e:
+    assert len(whole[keyword].value) == 100_000
+    with pytest.raises(StoreRefused, match=rf"cut short: the value of \({tag}\)") as e:
         ingest(data[:-50_000], IngestContext(cfg), "SCU")
     assert e.value.status == 0xA900
     assert _count(cfg, Instance) == 0
