@@ -22,11 +22,11 @@ from typing import Any, cast
 
 import pydicom
 from pydicom.charset import default_encoding
-from pydicom.datadict import dictionary_has_tag, dictionary_VR, tag_for_keyword
+from pydicom.datadict import dictionary_has_tag, dictionary_VR
 from pydicom.dataelem import RawDataElement
 from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.hooks import hooks
-from pydicom.tag import BaseTag
+from pydicom.tag import BaseTag, Tag
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 from pydicom.valuerep import AMBIGUOUS_VR
 from pynetdicom import evt
@@ -158,7 +158,7 @@ _SPECIFIC_CHARACTER_SET = BaseTag(0x00080005)
 _PIXEL_TAGS = frozenset(BaseTag(t) for t in (0x7FE00010, 0x7FE00008, 0x7FE00009))  # Pixel Data, Float, Double Float
 #: What ingest_staged and _record read of every instance: parse keeps these converted in the
 #: data set (`ds[tag]`), so that reading them does not convert them a second time.
-_READ_FOR_EACH = frozenset(BaseTag(tag_for_keyword(k)) for k in (
+_READ_FOR_EACH = frozenset(Tag(k) for k in (
     "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID", "AccessionNumber", "PatientID",
     "NumberOfStudyRelatedInstances"))
 
