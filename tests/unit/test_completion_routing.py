@@ -59,6 +59,10 @@ def test_the_completion_thread_sleeps_until_the_next_study_is_due(tmp_path) -> N
     assert 0.3 < service._sleep() <= 0.5
     service.next_due = utcnow() - timedelta(seconds=1)
     assert service._sleep() == 0.001  # overdue: the next pass at once, never a spin
+    service.pass_seconds = 0.05  # thousands of studies arriving: passes take a tenth of the time at most
+    assert service._sleep() == pytest.approx(0.45)
+    service.next_due = None
+    assert service._sleep() == 5
 
 
 @pytest.mark.parametrize(
