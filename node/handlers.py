@@ -380,6 +380,13 @@ _TOUCH_STUDY = (update(_STUDY)
                                                       _STUDY.c.patient_id_hash))
                 .returning(_STUDY.c.id))
 _INSERT_INSTANCE = insert(_INSTANCE)
+# A new study and a new series (one instance each is the common chest radiograph): built once
+# too, with every column given, so each compiles once.
+_FIND_STUDY = select(_STUDY.c.id).where(_STUDY.c.study_instance_uid == bindparam("b_study"))
+_INSERT_STUDY = insert(_STUDY).returning(_STUDY.c.id)
+_FIND_SERIES = (select(_SERIES.c.id, _SERIES.c.study_id)
+                .where(_SERIES.c.series_instance_uid == bindparam("b_series")))
+_INSERT_SERIES = insert(_SERIES).returning(_SERIES.c.id)
 
 
 def _record(s: Connection, ds: pydicom.Dataset, uids: _Uids, relpath: str, digest: str, size: int,
@@ -405,36 +412,34 @@ def _record(s: Connection, ds: pydicom.Dataset, uids: _Uids, relpath: str, diges
                                         "b_expected": expected, "b_accession": hashes["accession_hash"],
                                         "b_patient": hashes["patient_id_hash"]}).scalar()
     if study_id is None:  # a new study, or a late instance for one already complete
-        # What _TOUCH_STUDY would have set, for the statements below
-        study_values: dict[str, Any] = {"last_received_at": now, "released_at": None,
-                                        **{k: v for k, v in hashes.items() if v is not None}}
-        if existing is None:
-            study_values["instance_count"] = _STUDY.c.instance_count + 1
-        if expected is not None:
-            study_values["expected_instances"] = expected
-        row = s.execute(select(_STUDY.c.id).where(_STUDY.c.study_instance_uid == uids.study)).first()
+        row = s.execute(_FIND_STUDY, {"b_study": uids.study}).first()
         if row is None:
-            study_values["instance_count"] = 1 if existing is None else 0
-            study_id = s.execute(insert(_STUDY).values(
-                study_instance_uid=uids.study, state=StudyState.RECEIVING, calling_ae=calling_ae,
-                first_received_at=now, **study_values).returning(_STUDY.c.id)).scalar_one()
+            study_id = s.execute(_INSERT_STUDY, {
+                "study_instance_uid": uids.study, "state": StudyState.RECEIVING, "calling_ae": calling_ae,
+                "first_received_at": now, "last_received_at": now, "released_at": None,
+                "instance_count": 0 if existing else 1, "expected_instances": expected, **hashes}).scalar_one()
         else:
             study_id = row.id
             log.info("late instance %s for study %s: it will be processed again", uids.sop, uids.study)
+            # What _TOUCH_STUDY would have set, and receiving again
+            study_values: dict[str, Any] = {"last_received_at": now, "released_at": None,
+                                            **{k: v for k, v in hashes.items() if v is not None}}
+            if existing is None:
+                study_values["instance_count"] = _STUDY.c.instance_count + 1
+            if expected is not None:
+                study_values["expected_instances"] = expected
             s.execute(update(_STUDY).where(_STUDY.c.id == study_id)
                       .values(state=StudyState.RECEIVING, **study_values))
     series, created = ctx.known_series(uids.series), None
     if series is None:
-        row = s.execute(select(_SERIES.c.id, _SERIES.c.study_id)
-                        .where(_SERIES.c.series_instance_uid == uids.series)).first()
+        row = s.execute(_FIND_SERIES, {"b_series": uids.series}).first()
         if row is None:
             routing = routing_record(ds, ctx.routing_keys, calling_ae, peer.called_ae if peer else None,
                                      peer.address if peer else None)
-            series_id = s.execute(insert(_SERIES).values(
-                study_id=study_id, series_instance_uid=uids.series, state=SeriesState.PENDING,
-                modality=_text(ds, "Modality", 16), body_part=_text(ds, "BodyPartExamined", 64),
-                view_position=_text(ds, "ViewPosition", 16), routing_attributes=routing)
-                .returning(_SERIES.c.id)).scalar_one()
+            series_id = s.execute(_INSERT_SERIES, {
+                "study_id": study_id, "series_instance_uid": uids.series, "state": SeriesState.PENDING,
+                "modality": _text(ds, "Modality", 16), "body_part": _text(ds, "BodyPartExamined", 64),
+                "view_position": _text(ds, "ViewPosition", 16), "routing_attributes": routing}).scalar_one()
             series = (series_id, study_id)
         else:
             series = (row.id, row.study_id)
