@@ -65,6 +65,46 @@ def test_the_completion_thread_sleeps_until_the_next_study_is_due(tmp_path) -> N
     assert service._sleep() == 5
 
 
+def test_a_pass_builds_objects_only_for_the_studies_due(tmp_path) -> None:
+    """Studies still arriving are looked at as rows: a pass runs ten times a second in the
+    listener, and a backlog in one association holds thousands of them."""
+    from sqlalchemy import event
+
+    from node.cli import db_upgrade
+    from node.db.models import Study, StudyState
+    from node.db.session import session_scope
+
+    config = Config.model_validate({"storage": {"path": str(tmp_path / "spool")},
+                                    "database": {"url": f"sqlite:///{tmp_path / 'db.sqlite'}"},
+                                    "completion": {"quiet_seconds": 2, "max_wait_seconds": 600}})
+    db_upgrade(config)
+    now = utcnow()
+    tracker = AssociationTracker()
+    with session_scope(config.database.url) as s:
+        for i in range(20):  # still open, or released a moment ago: not due
+            s.add(Study(study_instance_uid=f"1.2.{i}", state=StudyState.RECEIVING, instance_count=1,
+                        first_received_at=now, last_received_at=now, released_at=now if i % 2 else None))
+            if not i % 2:
+                tracker.add(1, f"1.2.{i}")
+        s.add(Study(study_instance_uid="1.3", state=StudyState.RECEIVING, instance_count=2, expected_instances=2,
+                    first_received_at=now, last_received_at=now))  # all its instances are here
+    loaded: list[str] = []
+
+    def on_load(study: Study, _context: object) -> None:
+        loaded.append(study.study_instance_uid)
+
+    event.listen(Study, "load", on_load)
+    try:
+        CompletionService(config, tracker).tick(now)
+    finally:
+        event.remove(Study, "load", on_load)
+    assert loaded == ["1.3"]
+    with session_scope(config.database.url) as s:
+        states = {st.study_instance_uid: st.state for st in s.query(Study)}
+    assert states.pop("1.3") == StudyState.SKIPPED  # complete by count (no series rows here, so no job)
+    assert set(states.values()) == {StudyState.RECEIVING}
+
+
 @pytest.mark.parametrize(
     ("attrs", "reason"),
     [
