@@ -19,7 +19,7 @@ radiograph, 7 MB), the node's actual input. Prints instances/second of every rec
 spread over runs, each ratio against its target (pacsnode/storescp >= 0.6 on cxr and 0.3 on
 small; pacsnode/Orthanc >= 1.5 on both), and the listener's peak RSS (target < 300 MB).
 
-    python bench/ingest.py [--workload small|cxr|both] [--copies 200] [--cxr-copies 30] [--runs 3]
+    python bench/ingest.py [--workload small|cxr|both] [--copies 200] [--cxr-copies 30] [--runs 3] [--study-each]
 """
 
 from __future__ import annotations
@@ -51,9 +51,10 @@ TARGETS = {("storescp", "cxr"): 0.6, ("storescp", "small"): 0.3, ("orthanc", "cx
 LISTENER_RSS_TARGET_MB = 300
 
 
-def make_files(folder: Path, copies: int, workload: str) -> list[Path]:
+def make_files(folder: Path, copies: int, workload: str, study_each: bool = False) -> list[Path]:
     """`small`: copies of a 128 x 128 CR (39 KB) plus RG1; `cxr`: copies of RG1 itself (full-size
-    chest radiographs, 7 MB). One study, new instance UIDs for every copy."""
+    chest radiographs, 7 MB). One study, new instance UIDs for every copy; with `study_each`, a
+    new study and series for every copy too (a stream of chest radiographs, one per study)."""
     src = pydicom.dcmread(RG1)
     if workload == "small":
         small = src.pixel_array[::14, ::14][:128, :128].astype(np.uint16)
@@ -62,6 +63,8 @@ def make_files(folder: Path, copies: int, workload: str) -> list[Path]:
     study, series = generate_uid(), generate_uid()
     files = []
     for i in range(copies):
+        if study_each:
+            study, series = generate_uid(), generate_uid()
         src.StudyInstanceUID, src.SeriesInstanceUID = study, series
         src.SOPInstanceUID = src.file_meta.MediaStorageSOPInstanceUID = generate_uid()
         src.InstanceNumber = i + 1
@@ -229,10 +232,10 @@ def _rate(n: int, times: list[float]) -> str:
             f"spread {min(ips):.1f}-{max(ips):.1f})")
 
 
-def compare(base: Path, workload: str, copies: int, runs: int) -> dict[str, float]:
+def compare(base: Path, workload: str, copies: int, runs: int, study_each: bool = False) -> dict[str, float]:
     """Time every receiver on one workload (interleaved runs); print rates and ratios."""
     (base / workload).mkdir()
-    files = make_files(base / workload, copies, workload)
+    files = make_files(base / workload, copies, workload, study_each)
     rss: list[float] = []  # the listener's peak RSS per run
     receivers: dict[str, Callable[[Path, list[Path]], float]] = {
         "pacsnode": lambda w, f: run_node(w, f, rss),
@@ -258,7 +261,8 @@ def compare(base: Path, workload: str, copies: int, runs: int) -> dict[str, floa
     for name, run in ((name, run) for name in receivers for run in range(runs)):
         shutil.rmtree(base / f"{workload}-{name}{run}", ignore_errors=True)
     n, mb = len(files), sum(f.stat().st_size for f in files) / 2**20
-    print(f"[{workload}] {n} instances, {mb:.0f} MB, one association per run, {runs} runs")
+    studies = "a study each" if study_each else "one study"
+    print(f"[{workload}] {n} instances, {mb:.0f} MB, {studies}, one association per run, {runs} runs")
     for name, label in labels.items():
         print(f"  {label:34s} {_rate(n, times[name])}")
     rate = {name: statistics.median(n / t for t in ts) for name, ts in times.items()}
@@ -292,6 +296,8 @@ def main() -> int:
     ap.add_argument("--cxr-copies", type=int, default=30, help="full-size radiographs per run")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--workload", choices=["small", "cxr", "both"], default="both")
+    ap.add_argument("--study-each", action="store_true",
+                    help="a new study for every instance (a stream of radiographs, one per study), not one study")
     ap.add_argument("--noop-scp", type=Path, help=argparse.SUPPRESS)  # internal: the no-op receiver
     ap.add_argument("--noop-reactor", choices=["stock", "dimse"], help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -307,9 +313,9 @@ def main() -> int:
     print(f"Orthanc durability: {ORTHANC_DURABILITY}")
     with tempfile.TemporaryDirectory(prefix="pacsnode-ingest-") as tmp:
         if args.workload in ("small", "both"):
-            compare(Path(tmp), "small", args.copies, args.runs)
+            compare(Path(tmp), "small", args.copies, args.runs, args.study_each)
         if args.workload in ("cxr", "both"):
-            compare(Path(tmp), "cxr", args.cxr_copies, args.runs)
+            compare(Path(tmp), "cxr", args.cxr_copies, args.runs, args.study_each)
     return 0
 
 
