@@ -37,11 +37,14 @@ class StudyClock(NamedTuple):
     expected_instances: int | None
 
 
-def completion_rule(study: StudyClock, now: datetime, quiet_seconds: float, max_wait_seconds: float) -> str | None:
+def completion_rule(study: StudyClock, now: datetime, quiet_seconds: float, max_wait_seconds: float,
+                    open_quiet_seconds: float | None = None) -> str | None:
     """Name of the rule that completes the study now, or None while it is still arriving.
 
     - "count": the sender announced how many instances the study has and all are here;
     - "quiet": the delivering association was released and nothing arrived for quiet_seconds;
+    - "open_quiet": the association is still open (a router may hold one for hours) and nothing
+      arrived for open_quiet_seconds (None: such a study waits for the release or the cap);
     - "max_wait": the hard cap since the first instance, whatever else is going on.
     """
     if study.expected_instances and study.instance_count >= study.expected_instances:
@@ -49,6 +52,8 @@ def completion_rule(study: StudyClock, now: datetime, quiet_seconds: float, max_
     if (now - study.first_received_at).total_seconds() >= max_wait_seconds:
         return "max_wait"
     if study.association_open:
+        if open_quiet_seconds is not None and (now - study.last_received_at).total_seconds() >= open_quiet_seconds:
+            return "open_quiet"
         return None
     since = max(study.last_received_at, study.released_at or study.last_received_at)
     if (now - since).total_seconds() >= quiet_seconds:
@@ -56,13 +61,15 @@ def completion_rule(study: StudyClock, now: datetime, quiet_seconds: float, max_
     return None
 
 
-def due_at(study: StudyClock, quiet_seconds: float, max_wait_seconds: float) -> datetime:
-    """When ``completion_rule`` fires for the study if nothing else arrives (while its
-    association is open: at the cap): the completion thread sleeps until then, not a whole poll
-    period past it."""
+def due_at(study: StudyClock, quiet_seconds: float, max_wait_seconds: float,
+           open_quiet_seconds: float | None = None) -> datetime:
+    """When ``completion_rule`` fires for the study if nothing else arrives: the completion
+    thread sleeps until then, not a whole poll period past it."""
     due = study.first_received_at + timedelta(seconds=max_wait_seconds)
     if study.association_open:
-        return due
+        if open_quiet_seconds is None:
+            return due
+        return min(due, study.last_received_at + timedelta(seconds=open_quiet_seconds))
     since = max(study.last_received_at, study.released_at or study.last_received_at)
     return min(due, since + timedelta(seconds=quiet_seconds))
 
@@ -134,6 +141,7 @@ class CompletionService(BackgroundLoop):
         open_studies = self.tracker.open_studies()
         jobs: list[tuple[int, int]] = []
         dues: list[datetime] = []
+        limits = (cc.quiet_seconds, cc.max_wait_seconds, cc.open_quiet_seconds)
         with session_scope(self.config.database.url) as s:
             # The clocks alone, as rows: this runs ten times a second in the listener's process,
             # and a long association can hold thousands of studies (as ORM objects, 2,000 cost
@@ -141,20 +149,20 @@ class CompletionService(BackgroundLoop):
             due_now: list[int] = []
             for row in s.execute(_RECEIVING_CLOCKS):
                 clock = _clock(row, open_studies)
-                if completion_rule(clock, now, cc.quiet_seconds, cc.max_wait_seconds) is not None:
+                if completion_rule(clock, now, *limits) is not None:
                     due_now.append(row.id)
                 else:
-                    dues.append(due_at(clock, cc.quiet_seconds, cc.max_wait_seconds))
+                    dues.append(due_at(clock, *limits))
             for study_id in due_now:
                 study = s.get(Study, study_id)
                 if study is None or study.state != StudyState.RECEIVING:
                     continue
                 clock = _clock(study, open_studies)
-                rule = completion_rule(clock, now, cc.quiet_seconds, cc.max_wait_seconds)
+                rule = completion_rule(clock, now, *limits)
                 if rule is not None:
                     jobs += self._complete(s, study, rule, now)
                 else:  # more arrived meanwhile (a database where each statement sees the latest commit)
-                    dues.append(due_at(clock, cc.quiet_seconds, cc.max_wait_seconds))
+                    dues.append(due_at(clock, *limits))
         self.next_due = min(dues, default=None)
         # Sent only after the commit, so a worker always finds its job row.
         for job_id, priority in jobs:

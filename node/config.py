@@ -192,6 +192,10 @@ class QuerySource(_Strict):
 class CompletionConfig(_Strict):
     quiet_seconds: float = Field(2.0, ge=0, description="quiet time after release before a study is complete")
     max_wait_seconds: float = Field(600.0, gt=0)
+    open_quiet_seconds: float | None = Field(
+        60.0, gt=0, description="a study complete once nothing arrived for this long although its association is "
+        "still open (a router may hold one for hours); null: wait for the release or max_wait_seconds"
+    )
     poll_seconds: float = Field(
         0.1, gt=0, description="how often arriving studies are looked at; one due sooner (quiet time, cap) is completed then"
     )

@@ -51,6 +51,21 @@ def test_a_study_falls_due_when_its_rule_fires(study: StudyClock) -> None:
     assert completion_rule(study, due - timedelta(microseconds=1), quiet_seconds=2, max_wait_seconds=600) is None
 
 
+@pytest.mark.parametrize(("open_quiet", "last", "now", "rule"), [
+    (60, 0, 59.9, None),
+    (60, 0, 60, "open_quiet"),  # a router holding its association: nothing new for a minute
+    (60, 30, 89.9, None),  # counted from the last instance
+    (None, 0, 599, None),  # switched off: the release or the cap
+])
+def test_a_study_completes_when_quiet_while_its_association_stays_open(
+        open_quiet: float | None, last: float, now: float, rule: str | None) -> None:
+    study = clock(last=last, released=None, open_=True)
+    assert completion_rule(study, T0 + timedelta(seconds=now), 2, 600, open_quiet) == rule
+    due = due_at(study, 2, 600, open_quiet)
+    assert due == T0 + timedelta(seconds=600 if open_quiet is None else last + open_quiet)
+    assert completion_rule(study, due, 2, 600, open_quiet) is not None
+
+
 def test_the_completion_thread_sleeps_until_the_next_study_is_due(tmp_path) -> None:
     service = CompletionService(Config.model_validate({"storage": {"path": str(tmp_path)},
                                                        "completion": {"poll_seconds": 5}}), AssociationTracker())
