@@ -4,6 +4,7 @@ goes away, oversized instances, concurrent senders, a study split over two assoc
 from __future__ import annotations
 
 import sqlite3
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from io import BytesIO
@@ -191,6 +192,30 @@ def test_study_over_two_associations_completes_once_with_both_series(cfg: Config
         assert len(job.instance_ids) == 4
         assert {se.series_instance_uid for se in job.study.series} == {series_a, series_b}
         assert job.study.completion_rule == "quiet"
+
+
+def test_a_study_completes_when_quiet_although_its_association_stays_open(tmp_path: Path) -> None:
+    """A router may hold one association for hours: its study completes once nothing arrived
+    for completion.open_quiet_seconds, with the association still established."""
+    cfg = _config(tmp_path, completion={"open_quiet_seconds": 0.5})
+    ctx = IngestContext(cfg)
+    server = start_listener(cfg, ctx)
+    service = CompletionService(cfg, ctx.tracker)
+    ae = _scu()
+    ae.add_requested_context(ComputedRadiographyImageStorage, [ExplicitVRLittleEndian])
+    assoc = ae.associate("127.0.0.1", cfg.listener.port, ae_title="PACSNODE")
+    try:
+        assert assoc.is_established
+        assert int(assoc.send_c_store(_copy(RG1, tmp_path / "a.dcm")).Status) == 0
+        assert service.tick() == []  # it has only just arrived
+        time.sleep(0.6)
+        assert len(service.tick()) == 1
+        assert assoc.is_established
+    finally:
+        assoc.release()
+        server.shutdown()
+    with session_scope(cfg.database.url) as s:
+        assert s.scalars(select(Study.completion_rule)).one() == "open_quiet"
 
 
 @pytest.mark.slow
