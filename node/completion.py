@@ -123,7 +123,8 @@ class CompletionService(BackgroundLoop):
 
     def _sleep(self) -> float:
         """Seconds until the next pass: a poll period, or less when a study falls due sooner (a
-        study completes at its quiet time, not up to a poll period later: #12's turnaround)."""
+        study completes at its quiet time, not up to a poll period later: #12's turnaround), but
+        never so soon that the passes take more than PASS_SHARE of the time."""
         wait = self.config.completion.poll_seconds
         if self.next_due is not None:
             wait = min(wait, (self.next_due - utcnow()).total_seconds())
