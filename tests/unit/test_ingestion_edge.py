@@ -321,6 +321,55 @@ def test_parse_refuses_what_reading_each_element_would(cfg: Config) -> None:
     assert (kept[0x00771010].VR, kept[0x00771010].value) == ("UN", b"vendor\x00\x01")
 
 
+def test_the_values_parse_leaves_unconverted_cannot_fail_to_convert() -> None:
+    """parse() does not convert the VRs whose conversion cannot fail (node/handlers.py
+    `_unconverted`, `_NUMBER_SIZES`), taking pydicom 3.0's code for it. Here the installed pydicom
+    converts random values of each (escape sequences, delimiters, any byte, odd lengths, several
+    character sets) without an exception, while the same values do make the VRs parse converts
+    fail: so a pydicom that can fail on a skipped VR fails this test."""
+    import random
+    import warnings
+
+    from pydicom import config
+    from pydicom.charset import convert_encodings
+    from pydicom.dataelem import RawDataElement
+    from pydicom.hooks import hooks
+
+    from node.handlers import _NUMBER_SIZES, _unconverted
+
+    skipped = _unconverted(True, config.datetime_conversion, config.settings.reading_validation_mode)
+    assert {"UI", "CS", "DA", "TM", "LO", "SH", "OB"} <= skipped  # pydicom's defaults, the node's
+    assert not skipped & {"PN", "IS", "DS", "SQ"}
+    assert _unconverted(False, False, config.WARN) == frozenset()  # another value callback converts all
+    assert not _unconverted(True, True, config.RAISE) & {"DA", "LO"}
+    charsets = [["iso8859"], *(convert_encodings(terms) for terms in (
+        ["ISO_IR 100"], ["ISO_IR 192"], ["GB18030"], ["ISO 2022 IR 87"], ["ISO 2022 IR 6", "ISO 2022 IR 87", "ISO 2022 IR 159"]))]
+    pieces = [b"\\", b"\x1b", b"\x1b$B", b"\x1b(B", b"=", b"^", b"\x00", b" ", b"1e400", b"-", b".", b"9" * 400]
+    rng = random.Random(12)
+    failed: dict[str, int] = {}
+
+    def convert(vr: str, value: bytes) -> None:
+        raw = RawDataElement(pydicom.tag.Tag(0x00091010), vr, len(value), value, 0, rng.random() < 0.5, True)
+        hooks.raw_element_value(raw, {"VR": vr}, encoding=rng.choice(charsets))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for vr in sorted(skipped | set(_NUMBER_SIZES) | {"PN", "IS"}):
+            for _ in range(1500):
+                value = b"".join(rng.choice(pieces) if rng.random() < 0.3 else bytes([rng.randrange(256)])
+                                 for _ in range(rng.choice((1, 2, 3, 5, 8, 17, 64))))
+                if vr in _NUMBER_SIZES and rng.random() < 0.5:
+                    value = value[:len(value) - len(value) % _NUMBER_SIZES[vr]]
+                try:
+                    convert(vr, value)
+                except Exception:
+                    failed[vr] = failed.get(vr, 0) + 1
+                    if vr in skipped or (vr in _NUMBER_SIZES and len(value) % _NUMBER_SIZES[vr] == 0):
+                        raise
+    # The values reach the failures there are: a number of the wrong length, an IS too large, a malformed PN
+    assert {"US", "FD", "IS", "PN"} <= failed.keys()
+
+
 def _encoded(ds: pydicom.Dataset) -> bytes:
     out = BytesIO()
     ds.save_as(out, enforce_file_format=True)
