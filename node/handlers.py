@@ -165,22 +165,35 @@ _CANNOT_FAIL = frozenset({"AE", "AS", "CS", "UI", "UR", "OB", "OD", "OF", "OL", 
 _CANNOT_FAIL_AS_STRINGS = frozenset({"DA", "DT", "TM"})
 #: ... and text in the data set's character set unless reading validation raises: pydicom falls
 #: back to another codec or to replacement characters, and only warns of invalid values.
-#: (PN is converted: a malformed name raises IndexError with some character sets; IS, DS: a number
+#: (PN is converted: a malformed name raises IndexError with some character sets; IS: a number
 #: too large raises OverflowError.) tests/unit/test_ingestion_edge.py converts random values of
 #: each of these with the installed pydicom, so an upgrade that makes one fallible fails there.
 _CANNOT_FAIL_UNLESS_STRICT = frozenset({"LO", "SH", "ST", "LT", "UT", "UC"})
+#: ... and decimal strings while pydicom reads them as floats (`float(str)` raises only the
+#: ValueError pydicom catches; not with config.use_DS_decimal or use_DS_numpy).
+_CANNOT_FAIL_AS_FLOATS = frozenset({"DS"})
 #: Binary numbers fail only when their length is not a multiple of the value's size.
 _NUMBER_SIZES = {"US": 2, "SS": 2, "UL": 4, "SL": 4, "FL": 4, "FD": 8, "SV": 8, "UV": 8}
 
 
 @functools.cache
-def _unconverted(pydicom_hook: bool, datetime_conversion: bool, validation_mode: int) -> frozenset[str]:
+def _unconverted(pydicom_hook: bool, datetime_conversion: bool, validation_mode: int,
+                 ds_as_float: bool) -> frozenset[str]:
     """The VRs _convert_all need not convert with these pydicom settings; none unless values
     are converted by pydicom's own callback (`pydicom_hook`)."""
     if not pydicom_hook:
         return frozenset()
     vrs = _CANNOT_FAIL if datetime_conversion else _CANNOT_FAIL | _CANNOT_FAIL_AS_STRINGS
-    return vrs if validation_mode == pydicom_config.RAISE else vrs | _CANNOT_FAIL_UNLESS_STRICT
+    if validation_mode == pydicom_config.RAISE:
+        return vrs
+    return vrs | _CANNOT_FAIL_UNLESS_STRICT | (_CANNOT_FAIL_AS_FLOATS if ds_as_float else frozenset())
+
+
+def _unconverted_now() -> frozenset[str]:
+    """_unconverted for pydicom's settings as they are."""
+    return _unconverted(hooks.raw_element_value is raw_element_value, pydicom_config.datetime_conversion,
+                        pydicom_config.settings.reading_validation_mode,
+                        not (pydicom_config.use_DS_decimal or pydicom_config.use_DS_numpy))
 
 
 _SPECIFIC_CHARACTER_SET = BaseTag(0x00080005)
@@ -215,9 +228,8 @@ def parse(source: bytes | Path) -> tuple[pydicom.Dataset, list[warnings.WarningM
                     # Inflated in memory, where offsets are not the file's: read it all, defer nothing.
                     fp.seek(0)
                     ds = pydicom.dcmread(fp)
-                for _ in ds.file_meta.iterall():
-                    pass
                 cut: list[BaseTag] = []
+                _convert_all(ds.file_meta, size, cut)
                 _convert_all(ds, size, cut, keep=_READ_FOR_EACH)
     except _UNPARSABLE as e:
         raise StoreRefused(CANNOT_UNDERSTAND, f"dataset does not parse: {type(e).__name__}: {e}"[:500]) from e
@@ -243,8 +255,7 @@ def _convert_all(ds: pydicom.Dataset, size: int, cut: list[BaseTag], keep: froze
     (`_unconverted`, `_NUMBER_SIZES`) are not converted at all.
     """
     charset = None  # as Dataset.__getitem__ chooses it, once per data set
-    unconverted = _unconverted(hooks.raw_element_value is raw_element_value, pydicom_config.datetime_conversion,
-                               pydicom_config.settings.reading_validation_mode)
+    unconverted = _unconverted_now()
     for tag in list(ds.keys()):
         raw = ds.get_item(tag, keep_deferred=True)
         if isinstance(raw, RawDataElement):

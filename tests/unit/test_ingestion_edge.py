@@ -335,13 +335,14 @@ def test_the_values_parse_leaves_unconverted_cannot_fail_to_convert() -> None:
     from pydicom.dataelem import RawDataElement
     from pydicom.hooks import hooks
 
-    from node.handlers import _NUMBER_SIZES, _unconverted
+    from node.handlers import _NUMBER_SIZES, _unconverted, _unconverted_now
 
-    skipped = _unconverted(True, config.datetime_conversion, config.settings.reading_validation_mode)
-    assert {"UI", "CS", "DA", "TM", "LO", "SH", "OB"} <= skipped  # pydicom's defaults, the node's
-    assert not skipped & {"PN", "IS", "DS", "SQ"}
-    assert _unconverted(False, False, config.WARN) == frozenset()  # another value callback converts all
-    assert not _unconverted(True, True, config.RAISE) & {"DA", "LO"}
+    skipped = _unconverted_now()
+    assert {"UI", "CS", "DA", "TM", "LO", "SH", "DS", "OB"} <= skipped  # pydicom's defaults, the node's
+    assert not skipped & {"PN", "IS", "SQ"}
+    assert _unconverted(False, False, config.WARN, True) == frozenset()  # another value callback converts all
+    assert not _unconverted(True, True, config.RAISE, True) & {"DA", "LO", "DS"}
+    assert "DS" not in _unconverted(True, False, config.WARN, False)  # Decimal or numpy
     charsets = [["iso8859"], *(convert_encodings(terms) for terms in (
         ["ISO_IR 100"], ["ISO_IR 192"], ["GB18030"], ["ISO 2022 IR 87"], ["ISO 2022 IR 6", "ISO 2022 IR 87", "ISO 2022 IR 159"]))]
     pieces = [b"\\", b"\x1b", b"\x1b$B", b"\x1b(B", b"=", b"^", b"\x00", b" ", b"1e400", b"-", b".", b"9" * 400]
