@@ -7,6 +7,7 @@ untrusted, so no path is ever built from one.
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import tempfile
@@ -38,9 +39,15 @@ def output_relpath(job_id: int, kind: str, index: int) -> str:
     return f"outputs/{job_id // 1000:04d}/{job_id}/{kind}-{index}.dcm"
 
 
+@functools.lru_cache(maxsize=64)
+def _real_root(root: Path) -> Path:
+    """root with its links resolved, once per process (a system call per path component each time)."""
+    return root.resolve()
+
+
 def resolve(root: Path, relpath: str) -> Path:
     """Absolute path of relpath under root; refuse anything that would leave root."""
-    base = root.resolve()
+    base = _real_root(root)
     p = (base / relpath).resolve()
     if base != p and base not in p.parents:
         raise SpoolError(f"path {relpath!r} leaves the spool")
@@ -162,8 +169,11 @@ class StagedFile:
     def __init__(self, root: Path, limit: int | None = None) -> None:
         self.root = root
         folder = root / INCOMING
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(dir=folder, prefix=".", suffix=_STAGED_SUFFIX)
+        try:
+            fd, name = tempfile.mkstemp(dir=folder, prefix=".", suffix=_STAGED_SUFFIX)
+        except FileNotFoundError:  # made here the first time (and again if removed)
+            folder.mkdir(parents=True, exist_ok=True)
+            fd, name = tempfile.mkstemp(dir=folder, prefix=".", suffix=_STAGED_SUFFIX)
         self._fd: int | None = fd
         self._synced: Future[None] | None = None  # the file's fsync, once finished
         self.path: Path | None = Path(name)

@@ -41,6 +41,24 @@ def test_staged_file_is_hashed_while_written_and_placed_under_its_name(tmp_path:
     assert list((tmp_path / INCOMING).iterdir()) == []
 
 
+def test_the_incoming_folder_is_made_again_if_removed_while_running(tmp_path: Path) -> None:
+    """A staged file does not stat or make its folder each time; a folder an admin removed is
+    made again by the next one, and placing under a spool root reached by a link still works."""
+    root = tmp_path / "link"
+    (tmp_path / "real").mkdir()
+    root.symlink_to(tmp_path / "real")
+    StagedFile(root).discard()
+    (root / INCOMING).rmdir()
+    staged = StagedFile(root)
+    staged.write(b"data")
+    placement = staged.place("instances/x.dcm")
+    placement.wait()
+    assert placement.path == tmp_path / "real" / "instances" / "x.dcm"
+    assert placement.path.read_bytes() == b"data"
+    with pytest.raises(SpoolError, match="leaves the spool"):
+        StagedFile(root).place("../outside.dcm")
+
+
 def test_size_limit_drops_the_data_and_says_why(tmp_path: Path) -> None:
     staged = StagedFile(tmp_path, limit=1000)
     staged.write(b"x" * 600)
