@@ -30,6 +30,7 @@ small; pacsnode/Orthanc >= 1.5 on both), and the listener's peak RSS (target < 3
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import shutil
@@ -196,7 +197,7 @@ def minimal_scp(config_path: Path) -> None:
     folder.mkdir(parents=True)
     db = _durable_db(folder / "minimal.db", "sop TEXT UNIQUE, series TEXT, study TEXT, path TEXT", same_thread=False)
     dir_fd = os.open(folder, os.O_RDONLY)
-    count = iter(range(1 << 62))
+    count = itertools.count()
     uids = ["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"]
 
     def store(event: evt.Event) -> int:

@@ -31,6 +31,7 @@ from pydicom.hooks import hooks, raw_element_value
 from pydicom.tag import BaseTag, Tag
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 from pydicom.valuerep import AMBIGUOUS_VR
+from pydicom.values import convert_numbers, converters
 from pynetdicom import evt
 from pynetdicom.status import Status
 from sqlalchemy import Connection, Integer, Row, Table, bindparam, func, insert, select, update
@@ -172,8 +173,10 @@ _CANNOT_FAIL_UNLESS_STRICT = frozenset({"LO", "SH", "ST", "LT", "UT", "UC"})
 #: ... and decimal strings while pydicom reads them as floats (`float(str)` raises only the
 #: ValueError pydicom catches; not with config.use_DS_decimal or use_DS_numpy).
 _CANNOT_FAIL_AS_FLOATS = frozenset({"DS"})
-#: Binary numbers fail only when their length is not a multiple of the value's size.
-_NUMBER_SIZES = {"US": 2, "SS": 2, "UL": 4, "SL": 4, "FL": 4, "FD": 8, "SV": 8, "UV": 8}
+#: Binary numbers fail only when their length is not a multiple of the value's size: the VRs
+#: pydicom converts with `convert_numbers`, and the size its struct format gives.
+_NUMBER_SIZES = {str(vr): struct.calcsize("=" + converter[1]) for vr, converter in converters.items()
+                 if isinstance(converter, tuple) and converter[0] is convert_numbers}
 
 
 @functools.cache

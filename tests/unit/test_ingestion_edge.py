@@ -347,7 +347,7 @@ def test_the_values_parse_leaves_unconverted_cannot_fail_to_convert() -> None:
         ["ISO_IR 100"], ["ISO_IR 192"], ["GB18030"], ["ISO 2022 IR 87"], ["ISO 2022 IR 6", "ISO 2022 IR 87", "ISO 2022 IR 159"]))]
     pieces = [b"\\", b"\x1b", b"\x1b$B", b"\x1b(B", b"=", b"^", b"\x00", b" ", b"1e400", b"-", b".", b"9" * 400]
     rng = random.Random(12)
-    failed: dict[str, int] = {}
+    failed: set[str] = set()
 
     def convert(vr: str, value: bytes) -> None:
         raw = RawDataElement(pydicom.tag.Tag(0x00091010), vr, len(value), value, 0, rng.random() < 0.5, True)
@@ -364,11 +364,11 @@ def test_the_values_parse_leaves_unconverted_cannot_fail_to_convert() -> None:
                 try:
                     convert(vr, value)
                 except Exception:
-                    failed[vr] = failed.get(vr, 0) + 1
+                    failed.add(vr)
                     if vr in skipped or (vr in _NUMBER_SIZES and len(value) % _NUMBER_SIZES[vr] == 0):
                         raise
     # The values reach the failures there are: a number of the wrong length, an IS too large, a malformed PN
-    assert {"US", "FD", "IS", "PN"} <= failed.keys()
+    assert {"US", "FD", "IS", "PN"} <= failed
 
 
 def _encoded(ds: pydicom.Dataset) -> bytes:
