@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -29,10 +30,44 @@ CXR_SAMPLES = REPO.parent / "shared" / "data" / "cxr-samples"
 T = TypeVar("T")
 
 
+def _ephemeral_ports() -> range:
+    """The ports the kernel gives outgoing connections (and bind to port 0) their local port from."""
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999  # Linux's default
+    return range(low, high + 1)
+
+
+#: Ports free_port() has handed out in this process: never handed out twice.
+_given_ports: set[int] = set()
+_port_picker = random.Random()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A loopback port that nothing holds now, for a server that a test starts next.
+
+    Picked below the ephemeral range, because a port from bind(0) lies inside it: a client socket
+    of any process can take it as its local port before the server binds it, and two calls can
+    return the same port once the first is closed; either leaves a peer unable to bind (a CI run
+    lost a module so: Orthanc exits with "port already in use"). Never the same port twice here.
+    """
+    ephemeral = _ephemeral_ports()
+    low, high = 10000, ephemeral.start - 1
+    if high - low < 1000:  # a kernel whose ephemeral range starts low: fall back to bind(0)
+        low, high = ephemeral.stop, 65535
+    for _ in range(1000):
+        port = _port_picker.randint(low, high)
+        if port in _given_ports or port in ephemeral:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:  # held by another process, or in TIME_WAIT
+                continue
+        _given_ports.add(port)
+        return port
+    raise RuntimeError(f"no free loopback port in {low}-{high}")
 
 
 def wait_for(check: Callable[[], T | None], timeout: float, what: str, interval: float = 0.05) -> T:
@@ -50,12 +85,14 @@ def wait_for(check: Callable[[], T | None], timeout: float, what: str, interval:
     raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what} (last error: {last_error})")
 
 
-def wait_port(port: int, timeout: float = 30.0, host: str = "127.0.0.1") -> None:
-    def check() -> bool:
-        with socket.create_connection((host, port), timeout=1):
-            return True
+def port_open(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether something accepts connections on the port (raises OSError if not)."""
+    with socket.create_connection((host, port), timeout=1):
+        return True
 
-    wait_for(check, timeout, f"port {port}")
+
+def wait_port(port: int, timeout: float = 30.0, host: str = "127.0.0.1") -> None:
+    wait_for(lambda: port_open(port, host), timeout, f"port {port}")
 
 
 DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
@@ -104,7 +141,7 @@ class Orthanc:
         cfg_path.write_text(json.dumps(cfg))
         log = open(self.workdir / "orthanc.log", "wb")  # noqa: SIM115 (closed with the process)
         self.proc = subprocess.Popen(["Orthanc", str(cfg_path)], stdout=log, stderr=subprocess.STDOUT)
-        _started(self, lambda: self.get("/system"), 30, "Orthanc REST API")
+        _started(self, lambda: self.get("/system"), 30, "Orthanc REST API", self.workdir / "orthanc.log")
         if self.dicomweb and "dicom-web" not in self.get("/plugins"):
             self.stop()
             raise RuntimeError(f"Orthanc did not load {DICOMWEB_PLUGIN}; see {self.workdir / 'orthanc.log'}")
@@ -217,7 +254,7 @@ class Node:
             [sys.executable, "-m", "node.cli", "--config", str(self.config_path), "run", *run_args],
             stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env, start_new_session=True,
         )
-        wait_port(self.port, timeout)
+        _started(self, lambda: port_open(self.port), timeout, f"the node's listener (port {self.port})", self.log_path)
         return self
 
     def stop(self, wait: bool = True) -> None:
@@ -428,7 +465,7 @@ class Postgres:
                                "-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "max_connections=200"]),
             stdout=log, stderr=subprocess.STDOUT,
         )
-        _started(self, self.ready, 60, "PostgreSQL")
+        _started(self, self.ready, 60, "PostgreSQL", self.dir / "postgres.log")
         return self
 
     def ready(self) -> bool:
@@ -483,13 +520,16 @@ class Redis:
              "--dir", str(self.workdir)],
             stdout=log, stderr=subprocess.STDOUT,
         )
-        _started(self, self.ping, 30, "redis-server")
+        _started(self, self.ping, 30, "redis-server", self.workdir / "redis.log")
         return self
 
     def ping(self) -> bool:
         import redis
 
-        return bool(redis.Redis(port=self.port, socket_timeout=2, socket_connect_timeout=2).ping())
+        try:
+            return bool(redis.Redis(port=self.port, socket_timeout=2, socket_connect_timeout=2).ping())
+        except redis.RedisError:  # not listening yet (redis-py's errors are not OSErrors)
+            return False
 
     def queue_length(self, queue: str) -> int:
         """Messages in a kombu queue: one Redis list per priority step ("queue", "queue<sep>N")."""
@@ -590,10 +630,26 @@ class ProductionNode:
         return path.read_text(errors="replace") if path.exists() else ""
 
 
-def _started(server: Orthanc | Postgres | Redis, check: Callable[[], object], timeout: float, what: str) -> None:
-    """Wait until a server answers; stop it if it does not, so a failed start leaves nothing running."""
+class PeerExited(RuntimeError):
+    """A server a test started exited before it answered."""
+
+
+def _started(server: Orthanc | Postgres | Redis | Node, check: Callable[[], object], timeout: float, what: str,
+             log: Path) -> None:
+    """Wait until a server answers; stop it if it does not, so a failed start leaves nothing running.
+    One that exits first fails the wait at once, with the end of its log (not 30 s later with only
+    "connection refused")."""
+    proc = server.proc
+    assert proc is not None, "start the process first"
+
+    def answered() -> object:
+        if proc.poll() is not None:
+            tail = log.read_text(errors="replace")[-2000:] if log.exists() else "(no log)"
+            raise PeerExited(f"{what} exited with code {proc.returncode} before it answered; the end of {log}:\n{tail}")
+        return check()
+
     try:
-        wait_for(check, timeout, what)
+        wait_for(answered, timeout, what)
     except BaseException:
         server.stop()
         raise
