@@ -577,7 +577,8 @@ class ProductionNode:
 
     def start_listener(self, timeout: float = 60.0) -> None:
         self.listener = self._spawn("listener", "listener")
-        wait_port(self.port, timeout)
+        _answering(self.listener, lambda: port_open(self.port), timeout, f"the listener (port {self.port})",
+                   self.dir / "listener.log")
 
     def start_worker(self, name: str, queue: str = "inference", ready_timeout: float = 120.0, *extra: str) -> None:
         """Start `pacsnode worker -Q queue -n name@%h [extra...]`; an inference worker is waited for
@@ -634,13 +635,10 @@ class PeerExited(RuntimeError):
     """A server a test started exited before it answered."""
 
 
-def _started(server: Orthanc | Postgres | Redis | Node, check: Callable[[], object], timeout: float, what: str,
-             log: Path) -> None:
-    """Wait until a server answers; stop it if it does not, so a failed start leaves nothing running.
-    One that exits first fails the wait at once, with the end of its log (not 30 s later with only
-    "connection refused")."""
-    proc = server.proc
-    assert proc is not None, "start the process first"
+def _answering(proc: subprocess.Popen[bytes], check: Callable[[], object], timeout: float, what: str,
+               log: Path) -> None:
+    """Wait until a started server answers `check`. One that exits first fails the wait at once,
+    with the end of its log (not 30 s later with only "connection refused")."""
 
     def answered() -> object:
         if proc.poll() is not None:
@@ -648,8 +646,16 @@ def _started(server: Orthanc | Postgres | Redis | Node, check: Callable[[], obje
             raise PeerExited(f"{what} exited with code {proc.returncode} before it answered; the end of {log}:\n{tail}")
         return check()
 
+    wait_for(answered, timeout, what)
+
+
+def _started(server: Orthanc | Postgres | Redis | Node, check: Callable[[], object], timeout: float, what: str,
+             log: Path) -> None:
+    """`_answering` for a server's own process; stop it if it does not answer, so a failed start
+    leaves nothing running."""
+    assert server.proc is not None, "start the process first"
     try:
-        wait_for(answered, timeout, what)
+        _answering(server.proc, check, timeout, what, log)
     except BaseException:
         server.stop()
         raise
