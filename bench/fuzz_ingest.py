@@ -57,6 +57,8 @@ with atheris.instrument_imports(include=["node", "pydicom", "pynetdicom"]):
     from node.listener import start_listener
     from node.spool import INCOMING
 
+from tests.peers import free_port  # noqa: E402
+
 SEED_FILES = ["CT_small.dcm", "MR_small.dcm", "bad_sequence.dcm", "emri_small_jpeg_2k_lossless_too_short.dcm",
               "JPEG2000.dcm", "rtplan.dcm", "SC_rgb_rle.dcm", "no_meta.dcm", "ExplVR_BigEnd.dcm",
               "image_dfl.dcm", "OBXXXX1A.dcm", "liver_1frame.dcm"]
@@ -107,7 +109,7 @@ def seeds(out: Path) -> list[Path]:
 
 def make_config(work: Path) -> Config:
     raw = {
-        "listener": {"host": "127.0.0.1", "port": _free_port(), "allowed_callers": [{"ae_title": "FUZZ"}],
+        "listener": {"host": "127.0.0.1", "port": free_port(), "allowed_callers": [{"ae_title": "FUZZ"}],
                      "timeouts": {"acse": 5, "dimse": 5, "network": 5}},
         "storage": {"path": str(work / "spool"), "min_free_mb": 1},
         "database": {"url": f"sqlite:///{work / 'db.sqlite'}"},
@@ -117,12 +119,6 @@ def make_config(work: Path) -> Config:
     cfg = parse_config(raw)
     db_upgrade(cfg)
     return cfg
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def tree(root: Path, exclude: set[Path]) -> dict[str, tuple[int, int]]:
