@@ -638,15 +638,21 @@ class PeerExited(RuntimeError):
 def _answering(proc: subprocess.Popen[bytes], check: Callable[[], object], timeout: float, what: str,
                log: Path) -> None:
     """Wait until a started server answers `check`. One that exits first fails the wait at once,
-    with the end of its log (not 30 s later with only "connection refused")."""
+    with the end of its log (not 30 s later with only "connection refused"); one that is still
+    silent at the deadline fails with its log too."""
+
+    def tail() -> str:
+        return f"the end of {log}:\n" + (log.read_text(errors="replace")[-2000:] if log.exists() else "(no log)")
 
     def answered() -> object:
         if proc.poll() is not None:
-            tail = log.read_text(errors="replace")[-2000:] if log.exists() else "(no log)"
-            raise PeerExited(f"{what} exited with code {proc.returncode} before it answered; the end of {log}:\n{tail}")
+            raise PeerExited(f"{what} exited with code {proc.returncode} before it answered; {tail()}")
         return check()
 
-    wait_for(answered, timeout, what)
+    try:
+        wait_for(answered, timeout, what)
+    except TimeoutError as e:
+        raise TimeoutError(f"{e}; {tail()}") from None
 
 
 def _started(server: Orthanc | Postgres | Redis | Node, check: Callable[[], object], timeout: float, what: str,

@@ -5,12 +5,13 @@ at once with its log (a CI run once waited 30 s on an Orthanc that had exited, a
 from __future__ import annotations
 
 import socket
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.peers import PeerExited, Redis, _ephemeral_ports, free_port, have
+from tests.peers import PeerExited, Redis, _answering, _ephemeral_ports, free_port, have, port_open
 
 
 def test_free_ports_are_outside_the_ephemeral_range_and_never_handed_out_twice() -> None:
@@ -41,3 +42,15 @@ def test_a_peer_that_exits_before_it_answers_fails_at_once_with_its_log(tmp_path
             server.start()
     assert time.monotonic() - started < 10  # not the 30 s deadline
     assert server.proc is not None and server.proc.poll() is not None
+
+
+def test_a_peer_still_silent_at_the_deadline_fails_with_its_log(tmp_path: Path) -> None:
+    log = tmp_path / "server.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(["sh", "-c", "echo still loading its index; exec sleep 30"], stdout=out)
+    try:
+        with pytest.raises(TimeoutError, match=r"(?s)timed out after 1 s waiting for the server.*still loading its index"):
+            _answering(proc, lambda: port_open(free_port()), 1, "the server", log)
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
