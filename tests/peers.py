@@ -54,7 +54,7 @@ def free_port() -> int:
     """
     ephemeral = _ephemeral_ports()
     low, high = 10000, ephemeral.start - 1
-    if high - low < 1000:  # a kernel whose ephemeral range starts low: fall back to bind(0)
+    if high - low < 1000:  # a kernel whose ephemeral range starts low: take ports above it instead
         low, high = ephemeral.stop, 65535
     for _ in range(1000):
         port = _port_picker.randint(low, high)
