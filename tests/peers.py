@@ -58,7 +58,7 @@ def free_port() -> int:
         low, high = ephemeral.stop, 65535
     for _ in range(1000):
         port = _port_picker.randint(low, high)
-        if port in _given_ports or port in ephemeral:
+        if port in _given_ports:
             continue
         with socket.socket() as s:
             try:
