@@ -88,6 +88,79 @@ class Box:
         return self.y1 - self.y0
 
 
+def linear_weights(n_in: int, n_out: int) -> np.ndarray:
+    """(n_out, n_in) weights of linear resizing from n_in to n_out samples, half-pixel centres
+    (PyTorch's and OpenCV's "bilinear", align_corners=False, no antialiasing): row o mixes the
+    two inputs either side of o's centre, edges clamped."""
+    src = np.maximum((np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5, 0.0)
+    i0 = np.minimum(src.astype(np.int64), n_in - 1)
+    i1 = np.minimum(i0 + 1, n_in - 1)
+    frac = src - i0
+    w = np.zeros((n_out, n_in), np.float64)
+    rows = np.arange(n_out)
+    np.add.at(w, (rows, i0), 1.0 - frac)
+    np.add.at(w, (rows, i1), frac)
+    return w
+
+
+class Heatmap:
+    """A finding's heatmap over the source image, (Rows, Columns) float32 in [0, 1]: a coarse map
+    (a Grad-CAM is 7 x 7) resized bilinearly into a window of the image, zero outside it.
+
+    Kept coarse because the whole array is large (16 MB per finding of a 2000 px radiograph, a
+    dozen findings per image) and no writer needs it whole: they read it on a grid (`at`).
+    `np.asarray(heatmap)` gives the whole array.
+    """
+
+    dtype = np.dtype(np.float32)
+    ndim = 2
+
+    def __init__(self, grid: np.ndarray, shape: tuple[int, int], window: Sequence[int] | None = None) -> None:
+        """grid: (h, w) values in [0, 1]; shape: the source's (Rows, Columns); window: (y0, y1,
+        x0, x1) that the grid covers, in source pixels (None: the whole image)."""
+        grid = np.asarray(grid, np.float32)
+        rows, cols = (int(v) for v in shape)
+        y0, y1, x0, x1 = (int(v) for v in window) if window is not None else (0, rows, 0, cols)
+        if grid.ndim != 2 or 0 in grid.shape:
+            raise ValueError(f"a heatmap grid is a non-empty 2-D array, not shape {grid.shape}")
+        if not (0 <= y0 < y1 <= rows and 0 <= x0 < x1 <= cols):
+            raise ValueError(f"window {(y0, y1, x0, x1)} is not inside an image of shape {(rows, cols)}")
+        self.grid = grid
+        self.shape = (rows, cols)
+        self.window = (y0, y1, x0, x1)
+
+    def at(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        """The heatmap's values at the given source rows and columns: float32 (len(rows),
+        len(cols)), equal to np.asarray(self)[np.ix_(rows, cols)] without making the whole array."""
+        y0, y1, x0, x1 = self.window
+        h, w = self.grid.shape
+        rows, cols = np.asarray(rows, np.int64), np.asarray(cols, np.int64)
+        if (y1 - y0, x1 - x0) == (h, w):  # the grid is the window at full resolution: no resizing
+            inside_r, inside_c = (rows >= y0) & (rows < y1), (cols >= x0) & (cols < x1)
+            out = np.zeros((rows.size, cols.size), np.float32)
+            out[np.ix_(inside_r, inside_c)] = self.grid[np.ix_(rows[inside_r] - y0, cols[inside_c] - x0)]
+            return out
+        # separable: value = Wy @ grid @ Wx.T, with zero weights for rows and columns outside the
+        # window; the small product in float64, the large one (a value per pixel asked for) in float32
+        wy, wx = self._weights(rows, y0, y1, h), self._weights(cols, x0, x1, w)
+        out = (wy @ self.grid.astype(np.float64)).astype(np.float32) @ wx.T.astype(np.float32)
+        return np.clip(out, 0.0, 1.0, out=out)
+
+    @staticmethod
+    def _weights(index: np.ndarray, lo: int, hi: int, n_in: int) -> np.ndarray:
+        inside = (index >= lo) & (index < hi)
+        w = np.zeros((index.size, n_in), np.float64)
+        w[inside] = linear_weights(n_in, hi - lo)[index[inside] - lo]
+        return w
+
+    def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
+        full = self.at(np.arange(self.shape[0]), np.arange(self.shape[1]))
+        return full if dtype is None else full.astype(dtype)
+
+    def __repr__(self) -> str:
+        return f"Heatmap(grid {self.grid.shape}, window {self.window}, shape {self.shape})"
+
+
 @dataclass
 class PipelineResult:
     """What every pipeline returns for one source image. No DICOM here: the writers code it.
@@ -95,8 +168,9 @@ class PipelineResult:
     Every array has the source image's shape (Rows, Columns):
     - `regions`: named masks (bool), e.g. {"lungs": mask}; the writers turn names into codes
       (node/writers/codes.py), so a new region needs a code there.
-    - `heatmaps`: per finding label, float32 in [0, 1] (the finding's Grad-CAM); a pipeline gives
-      one for each finding it localises (chest_xray: every finding above its threshold).
+    - `heatmaps`: per finding label, a `Heatmap` (float32 in [0, 1], the finding's Grad-CAM, kept
+      coarse); a pipeline gives one for each finding it localises (chest_xray: every finding
+      above its threshold).
     - `boxes`: detections, empty when the pipeline has no detector.
     - `outputs`: what the networks computed for this image (see `ModelOutputs`).
     """
@@ -104,7 +178,7 @@ class PipelineResult:
     findings: list[Finding]
     display: np.ndarray  # float32 in [0, 1], (rows, cols): the image as a viewer shows it
     regions: dict[str, np.ndarray] = field(default_factory=dict)
-    heatmaps: dict[str, np.ndarray] = field(default_factory=dict)
+    heatmaps: dict[str, Heatmap] = field(default_factory=dict)
     boxes: list[Box] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
     outputs: ModelOutputs = field(default_factory=dict)

@@ -4,7 +4,8 @@
     two largest components -> lung box (+margin; whole image if empty) -> crop at source
     resolution -> resize + equalisation -> classifier -> sigmoid -> findings at the bundle's
     thresholds; a Grad-CAM for each finding above its threshold (not "No Finding"); the lung
-    mask (region "lungs") and the heatmaps mapped back to (Rows, Columns).
+    mask (region "lungs") and the heatmaps mapped back to (Rows, Columns) (kept coarse:
+    `pipelines.base.Heatmap`).
     With a detector in the bundle: whole image -> resize + equalisation -> RetinaNet -> boxes
     ("Lung Opacity") with score >= the bundle's score threshold, in source pixels.
 
@@ -43,7 +44,16 @@ from scipy import ndimage
 from skimage.morphology import disk
 
 from pipelines import xrv
-from pipelines.base import Box, Crop, Finding, InputError, ModelInfo, ModelOutputs, PipelineResult
+from pipelines.base import (
+    Box,
+    Crop,
+    Finding,
+    Heatmap,
+    InputError,
+    ModelInfo,
+    ModelOutputs,
+    PipelineResult,
+)
 from pipelines.bundle import Bundle, load_bundle
 from pipelines.detector import from_detector
 from pipelines.device import autocast, resolve_device
@@ -345,7 +355,7 @@ class ChestXrayPipeline:
         t1 = time.perf_counter()
         crop = cast(Crop, tuple(int(v) for v in outputs[CROP]))
         # in the outputs' order, which packing keeps: the overlay lists the heatmaps in this order
-        heatmaps = {name[len(CAM):]: self._place(torch.from_numpy(cam), crop, display.shape)
+        heatmaps = {name[len(CAM):]: Heatmap(cam, display.shape, crop)
                     for name, cam in outputs.items() if name.startswith(CAM)}  # fmt: skip
         stages["segmentation"] += t1 - t0
         stages["heatmap"] += time.perf_counter() - t1
@@ -404,12 +414,3 @@ class ChestXrayPipeline:
         """(S, S) bool mask -> (H, W) bool, bilinear upsampling thresholded at 0.5."""
         m = torch.from_numpy(mask.astype(np.float32))[None, None]
         return (F.interpolate(m, size=shape, mode="bilinear", align_corners=False)[0, 0] >= 0.5).numpy()
-
-    @staticmethod
-    def _place(cam: torch.Tensor, crop: Crop, shape: tuple[int, int]) -> np.ndarray:
-        """(h, w) CAM in [0, 1] -> (H, W) float32: resized into the crop window, zero outside."""
-        y0, y1, x0, x1 = crop
-        out = np.zeros(shape, np.float32)
-        up = F.interpolate(cam[None, None], size=(y1 - y0, x1 - x0), mode="bilinear", align_corners=False)
-        out[y0:y1, x0:x1] = up[0, 0].clamp_(0, 1).numpy()
-        return out

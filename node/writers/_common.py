@@ -21,7 +21,7 @@ from pydicom.valuerep import DA, DT, TM
 from skimage.measure import find_contours
 
 from node.writers import codes
-from pipelines.base import Box, ModelInfo, PipelineResult
+from pipelines.base import Box, Heatmap, ModelInfo, PipelineResult
 
 #: LO (64 characters) is the VR of SeriesDescription, ContentDescription, ...
 _LO_MAX = 64
@@ -41,13 +41,13 @@ def check_result(source: Dataset, result: PipelineResult) -> None:
     """Raise ValueError when ``result`` does not belong to ``source`` or is malformed."""
     shape = (int(source.Rows), int(source.Columns))
     sop = source.get("SOPInstanceUID", "?")
-    arrays = {"display": result.display}
-    arrays.update({f"regions[{name!r}]": mask for name, mask in result.regions.items()})
-    arrays.update({f"heatmaps[{label!r}]": heat for label, heat in result.heatmaps.items()})
-    for name, array in arrays.items():
-        if array.shape != shape:
+    shapes = {"display": result.display.shape}
+    shapes.update({f"regions[{name!r}]": mask.shape for name, mask in result.regions.items()})
+    shapes.update({f"heatmaps[{label!r}]": heat.shape for label, heat in result.heatmaps.items()})
+    for name, got in shapes.items():
+        if got != shape:
             raise ValueError(
-                f"result.{name} has shape {array.shape}, source {sop} has (Rows, Columns) {shape}"
+                f"result.{name} has shape {got}, source {sop} has (Rows, Columns) {shape}"
             )
     if not result.findings:
         raise ValueError(f"result for {sop} has no findings")
@@ -134,11 +134,13 @@ def box_outline(box: Box) -> np.ndarray:
     return np.array([(x0, y0), (x1, y0), (x1, y1), (x0, y1), (x0, y0)], dtype=np.float32)
 
 
-def hot_region(heatmap: np.ndarray, level: float = HOT_LEVEL) -> np.ndarray | None:
+def hot_region(heatmap: Heatmap, level: float = HOT_LEVEL) -> np.ndarray | None:
     """The outline of the largest area where ``heatmap`` >= ``level`` (None if there is none).
     Thresholded on the grid ``mask_outlines`` traces on, not on every source pixel."""
     step = _step(heatmap.shape, MAX_TRACE_SIDE)
-    candidates = _outlines_of(np.asarray(heatmap)[::step, ::step] >= level, step, heatmap.shape)
+    rows, cols = heatmap.shape
+    grid = heatmap.at(np.arange(0, rows, step), np.arange(0, cols, step))
+    candidates = _outlines_of(grid >= level, step, heatmap.shape)
     if not candidates:
         return None
     return max(candidates, key=_area)

@@ -61,6 +61,11 @@ def _to_uint8(image: np.ndarray) -> np.ndarray:
     return (np.clip(image, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 
 
+def _nearest(source: int, target: int) -> np.ndarray:
+    """For each of ``target`` evenly spaced pixels over ``source`` pixels, the source pixel under its centre."""
+    return np.minimum(((np.arange(target) + 0.5) * (source / target)).astype(np.int64), source - 1)
+
+
 def render_overlay(result: PipelineResult, model: ModelInfo) -> np.ndarray:
     """The overlay as an (rows, cols, 3) uint8 RGB array (at most MAX_SIDE on the long side)."""
     rows, cols = result.display.shape
@@ -72,10 +77,11 @@ def render_overlay(result: PipelineResult, model: ModelInfo) -> np.ndarray:
         gray = gray.resize(size, Image.Resampling.BILINEAR)
     canvas = gray.convert("RGB")
     if result.heatmaps:
-        # all findings' heatmaps in one layer: the strongest evidence at each pixel
-        heat = Image.fromarray(_to_uint8(np.maximum.reduce(list(result.heatmaps.values()))), mode="L")
-        if scale < 1.0:
-            heat = heat.resize(size, Image.Resampling.BILINEAR)
+        # all findings' heatmaps in one layer: the strongest evidence at each pixel, read at the
+        # overlay's pixels (the source pixel under each one's centre), not made whole and shrunk
+        at_rows, at_cols = _nearest(rows, size[1]), _nearest(cols, size[0])
+        layer = np.maximum.reduce([h.at(at_rows, at_cols) for h in result.heatmaps.values()])
+        heat = Image.fromarray(_to_uint8(layer), mode="L")
         colours, opacity = _heatmap_luts()
         heat_rgb = Image.merge("RGB", [heat.point(colours[:, i].tolist()) for i in range(3)])
         canvas = Image.composite(heat_rgb, canvas, heat.point(opacity.tolist()))

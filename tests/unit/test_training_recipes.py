@@ -160,7 +160,7 @@ def test_pneumonia_recipes_on_real_jpegs(recipe: str, kermany_real: Path, seg_ru
     assert result.findings[0].probability == pytest.approx(expected, abs=1e-4)
     # a heatmap when the finding is above its threshold, made with the run's Grad-CAM layer
     assert set(result.heatmaps) == ({"Pneumonia"} if result.findings[0].present else set())
-    for heat in result.heatmaps.values():
+    for heat in map(np.asarray, result.heatmaps.values()):
         assert heat.shape == (ds.Rows, ds.Columns) and 0 <= heat.min() <= heat.max() <= 1
 
 

@@ -15,7 +15,7 @@ def _blobs(seed: int, size: int = 256, sigma: float = 6.0) -> np.ndarray:
 
 def _contours() -> list[np.ndarray]:
     result = fake_result(512, 480)
-    masks = [result.regions["lungs"][::2, ::2], *(h[::2, ::2] >= HOT_LEVEL for h in result.heatmaps.values())]
+    masks = [result.regions["lungs"][::2, ::2], *(np.asarray(h)[::2, ::2] >= HOT_LEVEL for h in result.heatmaps.values())]
     masks += [_blobs(seed, size=160) for seed in range(4)] + [_blobs(seed, size=128, sigma=1.5) for seed in range(2)]
     return [c for m in masks for c in find_contours(np.pad(m, 1).astype(np.uint8), 0.5)]
 

@@ -18,7 +18,7 @@ from pydicom.uid import DigitalXRayImageStorageForPresentation, JPEGBaseline8Bit
 
 from node.writers.codes import FINDING_CODES
 from node.writers.uids import result_uid
-from pipelines.base import Box, Finding, ModelInfo, PipelineResult
+from pipelines.base import Box, Finding, Heatmap, ModelInfo, PipelineResult
 from tests.peers import CXR_SAMPLES, img2dcm
 from training.synthetic import LABELS as DEMO_LABELS
 
@@ -121,7 +121,7 @@ def fake_result(rows: int, cols: int) -> PipelineResult:
             (yy - 0.5 * rows) / (0.3 * rows)
         ) ** 2 <= 1.0
     heatmaps = {
-        label: np.exp(-(((xx - cx * cols) / (0.1 * cols)) ** 2 + ((yy - cy * rows) / (0.1 * rows)) ** 2)).astype(np.float32)
+        label: Heatmap(np.exp(-(((xx - cx * cols) / (0.1 * cols)) ** 2 + ((yy - cy * rows) / (0.1 * rows)) ** 2)), (rows, cols))
         for label, (cx, cy) in HEATMAPS.items()
     }
     display = ((xx + yy) / (rows + cols)).astype(np.float32)
