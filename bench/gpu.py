@@ -22,8 +22,8 @@ downloaded: without `--bundle`, quick demo weights are trained into the work fol
 
 `--dry-run` runs all of it on the CPU with batches 1 and 2 and shrunken networks: the parity
 section then compares the CPU pipeline with itself (difference 0 by construction) and says
-nothing about CUDA. **The CUDA path has not run yet**: no GPU machine was available when this
-was written; the first run's report belongs in the README.
+nothing about CUDA. The first CUDA run (an H200, eighteenth session) is reported in
+docs/training.md, "The GPU path", and the README's benchmark table.
 """
 
 from __future__ import annotations
@@ -144,15 +144,19 @@ def parity(bundles: Sequence[Path], dev: torch.device, images: list[Dataset]) ->
                     for a, b in zip(r.findings, g.findings, strict=True))  # fmt: skip
         dice = [2 * (r.regions[name] & g.regions[name]).sum() / max(1, r.regions[name].sum() + g.regions[name].sum())
                 for r, g in zip(ref, got, strict=True) for name in r.regions]  # fmt: skip
-        # heatmaps of the findings both devices put above threshold (a flip is counted above)
-        heat = [float(np.abs(r.heatmaps[k] - g.heatmaps[k]).max())
-                for r, g in zip(ref, got, strict=True) for k in r.heatmaps.keys() & g.heatmaps.keys()]  # fmt: skip
+        # heatmaps of the findings both devices put above threshold (a flip is counted above): the
+        # largest difference at any pixel, and the mean over the pixels either device heats
+        diffs = [(np.abs(np.asarray(r.heatmaps[k]) - np.asarray(g.heatmaps[k])),
+                  (np.asarray(r.heatmaps[k]) > 0) | (np.asarray(g.heatmaps[k]) > 0))
+                 for r, g in zip(ref, got, strict=True) for k in r.heatmaps.keys() & g.heatmaps.keys()]  # fmt: skip
         out[str(bundle)] = {
             "images": len(images), "findings": p_ref.shape[1],
             "max_probability_difference": float(np.abs(p_ref - p_got).max()),
             "decisions_that_differ": int(flips),
             "min_region_dice": round(float(min(dice)), 5) if dice else None,
-            "max_heatmap_difference": max(heat) if heat else None,
+            "heatmaps_compared": len(diffs),
+            "max_heatmap_difference": max(float(d.max()) for d, _ in diffs) if diffs else None,
+            "mean_heatmap_difference": float(np.mean([d[hot].mean() for d, hot in diffs if hot.any()])) if diffs else None,
             "peak_gpu_mb": _peak_mb(dev),
         }  # fmt: skip
     return {"bundles": out}
@@ -172,6 +176,8 @@ def throughput(bundle: Path, dev: torch.device, images: list[Dataset], batches: 
         _reset_peak(dev)
         node = rate(lambda batch=batch: pipeline.run(batch), n, dev, min_seconds, min_runs)  # type: ignore[misc]
         node_peak = _peak_mb(dev)
+        timings = [r.timings for r in pipeline.run(batch)]  # where an image's time goes, per stage
+        stages = {k: round(1000 * sum(t[k] for t in timings) / n, 1) for k in timings[0]}
         xs = torch.randn(n, 1, s, s, device=dev).contiguous(memory_format=torch.channels_last)
         xc = torch.randn(n, 1, c, c, device=dev).contiguous(memory_format=torch.channels_last)
 
@@ -183,7 +189,7 @@ def throughput(bundle: Path, dev: torch.device, images: list[Dataset], batches: 
         _reset_peak(dev)
         ref = rate(bare, n, dev, min_seconds, min_runs)
         out["batches"][str(n)] = {"pipeline_images_per_s": round(node, 2), "bare_forward_images_per_s": round(ref, 2),
-                                  "pipeline_over_bare": round(node / ref, 3), "pipeline_peak_gpu_mb": node_peak,
+                                  "pipeline_over_bare": round(node / ref, 3), "pipeline_stage_ms": stages, "pipeline_peak_gpu_mb": node_peak,
                                   "bare_peak_gpu_mb": _peak_mb(dev)}  # fmt: skip
     return out
 
@@ -283,7 +289,7 @@ def retinanet_step(dev: torch.device, dry_run: bool) -> dict[str, Any]:
     if not math.isfinite(float(loss.detach())):
         raise RuntimeError(f"RetinaNet loss is not finite: { {k: float(v) for k, v in parts.items()} }")
     return {"backbone": recipe["network"]["args"]["backbone"], "input_size": size, "batch": 2, "amp": dev.type == "cuda",
-            "losses": {k: round(float(v), 4) for k, v in parts.items()}, "train_step_s": round(t_train, 3),
+            "losses": {k: round(float(v.detach()), 4) for k, v in parts.items()}, "train_step_s": round(t_train, 3),
             "detect_s": round(time.perf_counter() - t0, 3), "boxes_per_image": [len(d[det.target_box_key]) for d in found],
             "peak_gpu_mb": _peak_mb(dev)}  # fmt: skip
 
