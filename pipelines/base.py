@@ -141,9 +141,12 @@ class Heatmap:
             out[np.ix_(inside_r, inside_c)] = self.grid[np.ix_(rows[inside_r] - y0, cols[inside_c] - x0)]
             return out
         # separable: value = Wy @ grid @ Wx.T, with zero weights for rows and columns outside the
-        # window; the small product in float64, the large one (a value per pixel asked for) in float32
+        # window; the small product in float64, the large one (a value per pixel asked for) in
+        # float32. einsum, not matmul: a matmul this size wakes OpenBLAS's threads, which then spin
+        # for a while on the worker's cores and slowed the SR's validation and sending by 10 ms.
         wy, wx = self._weights(rows, y0, y1, h), self._weights(cols, x0, x1, w)
-        out = (wy @ self.grid.astype(np.float64)).astype(np.float32) @ wx.T.astype(np.float32)
+        small = np.einsum("rh,hw->rw", wy, self.grid.astype(np.float64)).astype(np.float32)
+        out = np.einsum("rw,wc->rc", small, np.ascontiguousarray(wx.T, np.float32))  # c innermost: vectorised
         return np.clip(out, 0.0, 1.0, out=out)
 
     @staticmethod
