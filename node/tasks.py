@@ -27,6 +27,7 @@ from node.config import Config
 from node.engine.delivery import run_export
 from node.engine.errors import JobError, RetryableExportError, TransientError
 from node.engine.inference import pipeline_for, run_inference
+from node.engine.malloc import keep_freed_blocks
 from node.jobs import fail_job, heartbeat
 from node.queue import EXPORT_JOB, INFERENCE_QUEUE, RUN_JOB, app
 
@@ -188,4 +189,5 @@ def _warm(**_: object) -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(50_000, 50, 1000)
+    keep_freed_blocks()
 
