@@ -8,10 +8,12 @@ On a CUDA machine, in this order:
 1. device: name, capability, memory, torch / CUDA / cuDNN versions.
 2. parity: the chest_xray pipeline on CUDA (float16 autocast, as the node runs it) and on the
    CPU in float32, on the same images (RG1 and the cxr-samples radiographs): max probability
-   difference, decisions that differ, lung mask Dice, max heatmap difference.
+   difference, decisions that differ, lung mask Dice, heatmap difference (largest at a pixel,
+   mean over the pixels either device heats).
 3. throughput: images/s of `pipeline.run` at batch 1, 8 and 32 against a bare PyTorch forward
    of the same two networks (segmentation + classifier, autocast, channels_last) timed in the
-   same run; the ratio is the node's overhead around its models. Peak GPU memory per batch.
+   same run; the ratio is the node's overhead around its models; the pipeline's time per stage.
+   Peak GPU memory per batch.
 4. training: one short epoch (a few steps) of every recipe in training/recipes on tiny data,
    through the training loop itself (its float16 autocast and gradient scaler on CUDA).
 5. retinanet: one training step (AMP) and one detection pass of the RSNA recipe's RetinaNet.
