@@ -113,7 +113,6 @@ class Heatmap:
     """
 
     dtype = np.dtype(np.float32)
-    ndim = 2
 
     def __init__(self, grid: np.ndarray, shape: tuple[int, int], window: Sequence[int] | None = None) -> None:
         """grid: (h, w) values in [0, 1]; shape: the source's (Rows, Columns); window: (y0, y1,
