@@ -148,9 +148,9 @@ def parity(bundles: Sequence[Path], dev: torch.device, images: list[Dataset]) ->
                 for r, g in zip(ref, got, strict=True) for name in r.regions]  # fmt: skip
         # heatmaps of the findings both devices put above threshold (a flip is counted above): the
         # largest difference at any pixel, and the mean over the pixels either device heats
-        diffs = [(np.abs(np.asarray(r.heatmaps[k]) - np.asarray(g.heatmaps[k])),
-                  (np.asarray(r.heatmaps[k]) > 0) | (np.asarray(g.heatmaps[k]) > 0))
+        pairs = [(np.asarray(r.heatmaps[k]), np.asarray(g.heatmaps[k]))
                  for r, g in zip(ref, got, strict=True) for k in r.heatmaps.keys() & g.heatmaps.keys()]  # fmt: skip
+        diffs = [(np.abs(a - b), (a > 0) | (b > 0)) for a, b in pairs]
         out[str(bundle)] = {
             "images": len(images), "findings": p_ref.shape[1],
             "max_probability_difference": float(np.abs(p_ref - p_got).max()),
