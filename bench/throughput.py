@@ -8,18 +8,26 @@ database (end to end: receive, complete, infer, encode, send to Orthanc). Worker
 and their models loaded before the clock starts. Prints both rates and their ratio.
 
     python bench/throughput.py [--studies 20] [--size 512] [--bundle models/chest_xray] [--threads split|default]
+                               [--embedded] [--device cpu|cuda]
 
 --threads split (the default): one worker gets every core's torch thread, each of two workers half
 of them (`pacsnode worker --threads`), as an operator sizing workers for a host would; `default`
 leaves torch's own default (one thread per core in every worker: with two workers, twice as many
 threads as cores). On a machine with fewer cores than workers the ratio says more about the CPU
 than the engine.
+
+--embedded: the embedded default instead (SQLite, the filesystem broker in the spool), the same
+separate listener and worker processes, and Python peers in this process: pynetdicom senders and
+a pynetdicom storage SCP that keeps nothing as the destination. For a machine with the cores but
+without PostgreSQL, Redis, Orthanc or DCMTK (the GPU machine). The ratio compares the node with
+itself, so the peers only need to keep up.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -40,38 +48,157 @@ from tests.peers import (  # noqa: E402
     Postgres,
     ProductionNode,
     Redis,
+    free_port,
     node_config,
     storescu,
     synthetic_cr,
     wait_for,
 )
 
+SENDERS = 4
 
-def run_round(workers: int, files: list[Path], work: Path, pg: Postgres, pacs: Orthanc, bundle: Path,
-              device: str, threads: int | None) -> float:
-    """Seconds from the first send until every study's job is done, with `workers` inference processes."""
-    redis = Redis(work / "redis").start()
-    url = pg.create_database(f"bench_{workers}w")
+
+class ProductionPeers:
+    """PostgreSQL and Orthanc for the whole run, a fresh Redis and database per round, storescu senders."""
+
+    def __init__(self, work: Path) -> None:
+        self.work = work
+        self.pg = Postgres().start()
+        self.pacs = Orthanc(work / "orthanc").start()
+        self.redis: Redis | None = None
+
+    def round_config(self, name: str) -> dict:
+        self.redis = Redis(self.work / name / "redis").start()
+        return {"database": {"url": self.pg.create_database(f"bench_{name}")},
+                "queue": {"broker_url": self.redis.url}}
+
+    def destination(self) -> dict:
+        return {"name": "orthanc", "ae_title": self.pacs.aet, "host": "127.0.0.1", "port": self.pacs.dicom_port,
+                "timeout": 30}
+
+    def send(self, port: int, files: list[Path]) -> None:
+        out = storescu(port, *files, timeout=300)
+        if out.returncode != 0:
+            raise RuntimeError(f"storescu exited with {out.returncode}: {(out.stdout + out.stderr)[-2000:]}")
+
+    def end_round(self) -> None:
+        if self.redis is not None:
+            self.redis.stop()
+            self.redis = None
+
+    def stop(self) -> None:
+        self.pacs.stop()
+        self.pg.stop()
+
+
+class EmbeddedPeers:
+    """The embedded default's SQLite and filesystem broker (each round its own node folder);
+    pynetdicom senders, and a pynetdicom storage SCP that counts what it is sent."""
+
+    def __init__(self, work: Path) -> None:
+        from pynetdicom import AE, AllStoragePresentationContexts, evt
+        from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+        self.received = 0
+        self._lock = threading.Lock()
+
+        def store(event: evt.Event) -> int:
+            with self._lock:
+                self.received += 1
+            return 0x0000
+
+        ae = AE(ae_title="PACS")
+        ae.maximum_associations = 64  # pynetdicom's 10 is fewer than an export worker's threads at a burst
+        for cx in AllStoragePresentationContexts:
+            ae.add_supported_context(str(cx.abstract_syntax), ALL_SYNTAXES)
+        ae.add_supported_context(Verification)
+        self.port = free_port()
+        server = ae.start_server(("127.0.0.1", self.port), block=False, evt_handlers=[(evt.EVT_C_STORE, store)])
+        assert server is not None  # block=False returns the server
+        self.server = server
+
+    def round_config(self, name: str) -> dict:
+        """node_config's own SQLite and embedded broker; the validation gate with the validators
+        this machine has (a worker refuses to start without a configured one)."""
+        from node.writers.validate import TOOLS
+
+        tools = [t for t in TOOLS if shutil.which(t)]
+        if missing := [t for t in TOOLS if t not in tools]:
+            print(f"  validation gate without {', '.join(missing)}: not installed here", flush=True)
+        return {"validation": {"tools": tools}}
+
+    def destination(self) -> dict:
+        return {"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": self.port, "timeout": 30}
+
+    def send(self, port: int, files: list[Path]) -> None:
+        import pydicom
+        from pynetdicom import AE
+
+        datasets = [pydicom.dcmread(f) for f in files]
+        ae = AE(ae_title="STORESCU")
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+        for ds in datasets:
+            ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+        assoc = ae.associate("127.0.0.1", port, ae_title="PACSNODE")
+        if not assoc.is_established:
+            raise RuntimeError(f"the node refused or dropped the association (port {port})")
+        try:
+            for ds in datasets:
+                status = assoc.send_c_store(ds)
+                if getattr(status, "Status", None) != 0x0000:
+                    raise RuntimeError(f"C-STORE of {ds.SOPInstanceUID} answered {status}")
+        finally:
+            assoc.release()
+
+    def end_round(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        self.server.shutdown()
+
+
+#: What the Python storage SCP accepts: the node sends its objects in one of these.
+ALL_SYNTAXES = ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2", "1.2.840.10008.1.2.1.99",
+                "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91", "1.2.840.10008.1.2.4.50",
+                "1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.5"]
+
+
+def run_round(workers: int, files: list[Path], work: Path, peers: ProductionPeers | EmbeddedPeers, bundle: Path,
+              device: str, threads: int | None) -> tuple[float, float]:
+    """With `workers` inference processes: seconds from the first send until every study's job is
+    done, and the inference side's seconds (first job running to last job encoded: the workers'
+    own span, without the listener before it and the export after it)."""
+    name = f"{workers}w"
     cfg = node_config(
-        work / "node", bundle,
-        [{"name": "orthanc", "ae_title": pacs.aet, "host": "127.0.0.1", "port": pacs.dicom_port, "timeout": 30}],
-        database={"url": url}, queue={"broker_url": redis.url}, completion={"quiet_seconds": 0.3},
+        work / name, bundle, [peers.destination()],
+        completion={"quiet_seconds": 0.3},
         pipelines={"chest_xray": {"bundle": str(bundle), "device": device}},
+        **peers.round_config(name),
     )
     node = ProductionNode(cfg)
+    url = node.config["database"]["url"]
     try:
         node.migrate()
         node.start_listener()
         node.start_worker("export1", "export")
         for i in range(workers):
             node.start_worker(f"inf{i + 1}", "inference", 120.0, *(["--threads", str(threads)] if threads else []))
+        errors: list[BaseException] = []
+
+        def send(part: list[Path]) -> None:
+            try:
+                peers.send(node.port, part)
+            except BaseException as e:  # noqa: BLE001 (reported after the join)
+                errors.append(e)
+
         t0 = time.monotonic()
-        threads = [threading.Thread(target=storescu, args=(node.port, *files[i::4]), kwargs={"timeout": 300})
-                   for i in range(4)]
-        for t in threads:
+        senders = [threading.Thread(target=send, args=(files[i::SENDERS],)) for i in range(SENDERS)]
+        for t in senders:
             t.start()
-        for t in threads:
+        for t in senders:
             t.join(timeout=300)
+        if errors:
+            raise RuntimeError(f"a sender failed: {errors[0]}")
 
         def done() -> bool:
             with session_scope(url) as s:
@@ -84,13 +211,17 @@ def run_round(workers: int, files: list[Path], work: Path, pg: Postgres, pacs: O
         elapsed = time.monotonic() - t0
         with session_scope(url) as s:
             timings = [j.stage_seconds for j in s.scalars(select(Job))]
+            first, last = s.execute(select(func.min(Job.running_at), func.max(Job.encoded_at))).one()
+        if first is None or last is None:
+            raise RuntimeError(f"no job has a running or encoded time; see {node.dir}")
+        inference_side = (last - first).total_seconds()
         stages = {k: statistics.median(t.get(k, 0.0) for t in timings) for k in ("read", "inference", "encode", "send")}
         print(f"  median per job with {workers} worker(s): " + ", ".join(f"{k} {v:.2f} s" for k, v in stages.items()),
               flush=True)
-        return elapsed
+        return elapsed, inference_side
     finally:
         node.stop()
-        redis.stop()
+        peers.end_round()
 
 
 def main() -> int:
@@ -101,27 +232,30 @@ def main() -> int:
     p.add_argument("--device", default="cpu", help="pipeline device for every worker: cpu, cuda, cuda:N")
     p.add_argument("--threads", choices=["split", "default"], default="split",
                    help="torch threads per worker: the cores split among the workers, or torch's default")
+    p.add_argument("--embedded", action="store_true",
+                   help="SQLite, the embedded broker and Python peers instead of PostgreSQL, Redis, Orthanc, DCMTK")
     args = p.parse_args()
     if not (args.bundle / "configs" / "metadata.json").exists():
         subprocess.run([sys.executable, "-m", "training", "demo", "--out", str(args.bundle)], check=True, cwd=REPO)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         files = synthetic_cr(work / "studies", args.studies, size=args.size)
-        pg = Postgres().start()
-        pacs = Orthanc(work / "orthanc").start()
+        peers = EmbeddedPeers(work) if args.embedded else ProductionPeers(work)
         try:
-            rates = {}
+            rates, inference_rates = {}, {}
             for n in (1, 2):
                 threads = max(1, (os.cpu_count() or 1) // n) if args.threads == "split" else None
-                seconds = run_round(n, files, work / f"round{n}", pg, pacs, args.bundle.resolve(), args.device, threads)
+                seconds, inference_side = run_round(n, files, work, peers, args.bundle.resolve(), args.device, threads)
                 rates[n] = args.studies / seconds * 60
+                inference_rates[n] = args.studies / inference_side * 60
                 print(f"{n} inference worker(s), torch threads each: {threads or 'default'}: {args.studies} studies "
-                      f"in {seconds:.1f} s = {rates[n]:.1f} studies/min", flush=True)
+                      f"in {seconds:.1f} s = {rates[n]:.1f} studies/min (inference side {inference_side:.1f} s = "
+                      f"{inference_rates[n]:.1f} studies/min)", flush=True)
         finally:
-            pacs.stop()
-            pg.stop()
-    print(f"ratio 2 workers / 1 worker: {rates[2] / rates[1]:.2f} (CPU cores: {os.cpu_count()}, "
-          f"{args.size}x{args.size} CR, device {args.device})")
+            peers.stop()
+    print(f"ratio 2 workers / 1 worker: {rates[2] / rates[1]:.2f}, inference side "
+          f"{inference_rates[2] / inference_rates[1]:.2f} (CPU cores: {os.cpu_count()}, "
+          f"{args.size}x{args.size} CR, device {args.device}, {'embedded' if args.embedded else 'production'} mode)")
     return 0
 
 

@@ -554,7 +554,8 @@ class Redis:
 class ProductionNode:
     """Production mode as separate processes: `pacsnode listener` and any number of workers.
 
-    The config must name a PostgreSQL database and a Redis broker. Each process has its own
+    Production's config names a PostgreSQL database and a Redis broker; the embedded default's
+    SQLite and spool broker serve separate processes on one host too. Each process has its own
     log and its own session, so a test can kill -9 one worker and leave the rest running.
     """
 
