@@ -121,9 +121,25 @@ def _associate(ae: RequestorAE, dest: Destination) -> Association:
     assert dest.host is not None and dest.port is not None and dest.ae_title is not None  # config checks
     assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, evt_handlers=[(evt.EVT_CONN_OPEN, tune_connection)])
     if not assoc.is_established:
-        why = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "no answer"
-        raise DestinationUnavailable(f"association with {dest.name} ({dest.ae_title}@{dest.host}:{dest.port}) failed: {why}")
+        raise DestinationUnavailable(
+            f"association with {dest.name} ({dest.ae_title}@{dest.host}:{dest.port}) failed: {refusal(assoc)}"
+        )
     return assoc
+
+
+def refusal(assoc: Association) -> str:
+    """Why an association was not established, in the destination's own terms where it gave
+    them: an admin must tell a PACS at its association limit (transient: the retries will get
+    through) from one that does not know our AE title or takes none of our SOP classes (a
+    setting to change on the PACS)."""
+    answer = assoc.acceptor.primitive  # the A-ASSOCIATE response, where one came
+    if assoc.is_rejected and answer is not None:
+        return f"rejected ({answer.result_str}; {answer.source_str}: {answer.reason_str})"
+    if answer is not None and answer.result == 0x00 and not assoc.accepted_contexts:
+        # pynetdicom aborts an association on which no presentation context was accepted
+        proposed = sorted({UID(str(cx.abstract_syntax)).name for cx in assoc.requestor.requested_contexts})
+        return f"the destination accepted none of the proposed SOP classes and transfer syntaxes ({', '.join(proposed)})"
+    return "aborted" if assoc.is_aborted else "no answer"
 
 
 def _stored_form(assoc: Association, path: Path, meta: Dataset) -> Path | Dataset:

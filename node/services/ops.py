@@ -35,7 +35,7 @@ def echo(config: Config, name: str) -> dict[str, Any]:
     else:
         from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-        from node.export import _ae
+        from node.export import _ae, refusal
 
         ae = _ae(dest, config.export.calling_ae_title)
         ae.add_requested_context(Verification)
@@ -43,7 +43,7 @@ def echo(config: Config, name: str) -> dict[str, Any]:
         assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
         if not assoc.is_established:
             ok = False
-            detail = "association rejected" if assoc.is_rejected else "association aborted" if assoc.is_aborted else "no answer"
+            detail = f"association {refusal(assoc)}"
         else:
             status = assoc.send_c_echo()
             assoc.release()

@@ -249,3 +249,26 @@ def test_a_purge_over_the_api_is_for_admins_names_a_missing_days_and_is_audited(
     assert api.client.get(f"/api/v1/studies/{uid}", headers=h).json()["purged_at"] is not None
     audit = api.client.get("/api/v1/audit?kind=purge", headers=h).json()["items"]
     assert [(e["actor"], uid in e["detail"]) for e in audit] == [("api:admin", True)]
+
+
+def test_echo_of_a_destination_that_rejects_us_gives_its_reason(tmp_path: Path) -> None:
+    """A PACS that does not know our calling AE title rejects the association with that reason:
+    the echo says it, so an admin knows what to change on the PACS."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+    from tests.peers import free_port
+
+    pacs = AE(ae_title="PACS")
+    pacs.add_supported_context(Verification)
+    pacs.require_calling_aet = ["SOMEONE_ELSE"]
+    port = free_port()
+    server = pacs.start_server(("127.0.0.1", port), block=False)
+    try:
+        api = make_api(tmp_path, destinations=[{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1",
+                                                "port": port, "timeout": 5}])
+        body = api.client.post("/api/v1/destinations/pacs/echo", headers=api.as_("operator")).json()
+    finally:
+        server.shutdown()
+    assert body["ok"] is False
+    assert body["detail"] == "association rejected (Rejected Permanent; Service User: Calling AE title not recognised)"

@@ -23,7 +23,7 @@ from pynetdicom.sop_class import ComputedRadiographyImageStorage, Verification
 from node.associations import POOL
 from node.config import Destination
 from node.dimse import RequestorAE, WakingAssociation, WakingDUL
-from node.export import send_files
+from node.export import DestinationUnavailable, send_files
 from tests.peers import free_port, wait_for
 
 RG1 = Path(get_testdata_file("RG1_UNCR.dcm"))
@@ -220,3 +220,32 @@ def test_a_failure_on_a_new_association_is_reported_not_retried(peer: Peer, tmp_
     assert not outcome.ok and outcome.status is None
     assert peer.associations == 1 and peer.stored == []
     assert POOL.idle_count() == 0
+
+
+def test_a_rejection_names_the_destinations_reason(peer: Peer, tmp_path: Path) -> None:
+    """A PACS at its association limit rejects with a reason (PS3.8 9.3.4): the error gives it,
+    so that an admin can tell congestion (retries get through) from a setting to change."""
+    peer.server.ae.maximum_associations = 1
+    held = _requestor(peer)
+    try:
+        with pytest.raises(DestinationUnavailable, match=r"failed: rejected \(Rejected Transient; .*Local limit exceeded\)"):
+            send_files(_destination(peer), _copies(tmp_path, 1), "PACSNODE")
+    finally:
+        held.release()
+
+
+def test_a_destination_taking_none_of_our_sop_classes_is_named(tmp_path: Path) -> None:
+    """A PACS that accepts the association but none of its presentation contexts (pynetdicom then
+    aborts it): the error says so and lists what was proposed, not a bare "aborted"."""
+    ae = AE(ae_title="PEER")
+    ae.add_supported_context(Verification)  # no storage at all
+    port = free_port()
+    server = ae.start_server(("127.0.0.1", port), block=False)
+    dest = Destination(name="peer", ae_title="PEER", host="127.0.0.1", port=port, timeout=10)
+    try:
+        with pytest.raises(DestinationUnavailable,
+                           match="accepted none of the proposed SOP classes .*Computed Radiography Image Storage"):
+            send_files(dest, _copies(tmp_path, 1), "PACSNODE")
+    finally:
+        POOL.close_all()
+        server.shutdown()
