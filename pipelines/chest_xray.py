@@ -38,7 +38,7 @@ from typing import Any, cast
 import numpy as np
 import torch
 import torch.nn.functional as F
-from monai.transforms import HistogramNormalize, KeepLargestConnectedComponent, Resize
+from monai.transforms.utils import equalize_hist, get_largest_connected_component_mask
 from pydicom import Dataset
 from scipy import ndimage
 from skimage.morphology import disk
@@ -95,8 +95,7 @@ BOXES = "boxes"  # (k, 5) float64: x0 y0 x1 y1 score, with a detector only
 def segmentation_input(display: np.ndarray, size: int) -> torch.Tensor:
     """(H, W) display image -> (1, size, size) float32: area resize, histogram equalisation."""
     img = torch.from_numpy(np.ascontiguousarray(display, dtype=np.float32))[None]
-    img = Resize((size, size), mode="area")(img)
-    return _as_tensor(HistogramNormalize(num_bins=HIST_BINS, min=0, max=1)(img))
+    return _equalise(_resize(img, size, "area"))
 
 
 def classifier_input(display: np.ndarray, box: Crop, size: int) -> torch.Tensor:
@@ -104,8 +103,19 @@ def classifier_input(display: np.ndarray, box: Crop, size: int) -> torch.Tensor:
     y0, y1, x0, x1 = box
     crop = torch.from_numpy(np.ascontiguousarray(display[y0:y1, x0:x1], dtype=np.float32))[None]
     down = crop.shape[1] >= size and crop.shape[2] >= size
-    crop = Resize((size, size), mode="area" if down else "bilinear")(crop)
-    return _as_tensor(HistogramNormalize(num_bins=HIST_BINS, min=0, max=1)(crop))
+    return _equalise(_resize(crop, size, "area" if down else "bilinear"))
+
+
+# MONAI's Resize and HistogramNormalize compute exactly these (tests compare them); called
+# directly, the pipeline skips their MetaTensor bookkeeping, which it never reads.
+def _resize(img: torch.Tensor, size: int, mode: str) -> torch.Tensor:
+    """(1, H, W) -> (1, size, size) as monai.transforms.Resize((size, size), mode) gives it."""
+    return F.interpolate(img[None], size=(size, size), mode=mode)[0]
+
+
+def _equalise(img: torch.Tensor) -> torch.Tensor:
+    """Histogram equalisation to [0, 1] as monai.transforms.HistogramNormalize gives it."""
+    return torch.from_numpy(equalize_hist(img.numpy(), num_bins=HIST_BINS, min=0, max=1).astype(np.float32))
 
 
 def postprocess_mask(prob: torch.Tensor, threshold: float, opening_radius: int) -> np.ndarray:
@@ -113,10 +123,9 @@ def postprocess_mask(prob: torch.Tensor, threshold: float, opening_radius: int) 
     mask = (prob >= threshold).cpu().numpy()
     if opening_radius > 0:
         mask = ndimage.binary_opening(mask, structure=disk(opening_radius))
-    kept = KeepLargestConnectedComponent(applied_labels=[1], num_components=2)(
-        torch.from_numpy(mask.astype(np.uint8))[None]
-    )
-    return _as_tensor(kept)[0].numpy().astype(bool)
+    # MONAI's KeepLargestConnectedComponent calls this on the foreground, then zeroes what it did
+    # not keep: the same mask, without the transform's tensor round trips (half the stage's time)
+    return np.asarray(get_largest_connected_component_mask(mask, connectivity=None, num_components=2), dtype=bool)
 
 
 def lung_box(mask: np.ndarray, shape: tuple[int, int], margin: float) -> Crop | None:
@@ -173,13 +182,6 @@ def cam_from_features(features: torch.Tensor, weight: torch.Tensor, classes: tor
     """Grad-CAM (unnormalised) of class classes[n] for each item: (N, K, h, w) -> (N, h, w)."""
     w = weight[classes].to(features.dtype) / (features.shape[2] * features.shape[3])  # (N, K)
     return F.relu(torch.einsum("nk,nkhw->nhw", w, features))
-
-
-def _as_tensor(x: object) -> torch.Tensor:
-    t = x.as_tensor() if hasattr(x, "as_tensor") else x  # MetaTensor -> Tensor
-    if not isinstance(t, torch.Tensor):
-        t = torch.as_tensor(np.asarray(t))
-    return t.float()
 
 
 def _minmax(x: torch.Tensor) -> torch.Tensor:

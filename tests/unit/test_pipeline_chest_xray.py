@@ -29,6 +29,8 @@ from pipelines.chest_xray import (
     heatmap_label_index,
     localised_findings,
     lung_box,
+    postprocess_mask,
+    segmentation_input,
 )
 from pipelines.device import DeviceError, resolve_device
 from pipelines.imaging import to_display
@@ -191,6 +193,41 @@ def test_saved_outputs_give_the_same_result_without_the_networks(demo_bundle: Pa
     _check(again[0], (1955, 1841), pipeline)
     with pytest.raises(ValueError, match="1 saved outputs for 2 images"):
         pipeline.run([jpeg, rg1], saved=outputs[:1])
+
+
+def test_the_recipe_computes_what_monais_transforms_give(rg1: Dataset) -> None:
+    """The recipe calls MONAI's functions, not its transforms (no MetaTensor bookkeeping): its
+    tensors equal Resize + HistogramNormalize's and KeepLargestConnectedComponent's, so models
+    trained before see the same inputs."""
+    from monai.transforms import HistogramNormalize, KeepLargestConnectedComponent, Resize
+    from scipy import ndimage
+    from skimage.morphology import disk
+
+    def monai_input(img: np.ndarray, size: int, mode: str) -> torch.Tensor:
+        t = torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32))[None]
+        return torch.as_tensor(HistogramNormalize(num_bins=256, min=0, max=1)(Resize((size, size), mode=mode)(t)))
+
+    displays = [to_display(rg1), to_display(jpeg_dataset(JPEG))]
+    for d in displays:
+        assert torch.equal(segmentation_input(d, 256), monai_input(d, 256, "area"))
+        h, w = d.shape
+        assert min(h, w) >= 300
+        for box, mode in [((0, h, 0, w), "area"), ((3, h - 7, w - 290, w - 5), "area"),
+                          ((10, 150, 20, 260), "bilinear")]:  # fewer rows than the input: upsampled
+            y0, y1, x0, x1 = box
+            assert torch.equal(classifier_input(d, box, 224), monai_input(d[y0:y1, x0:x1], 224, mode)), box
+
+    rng = np.random.default_rng(7)
+    for _ in range(60):
+        noise = ndimage.gaussian_filter(rng.random((128, 128)), sigma=float(rng.uniform(0.7, 4)))
+        prob = torch.from_numpy(((noise - noise.min()) / np.ptp(noise)).astype(np.float32))
+        for radius in (0, 2):
+            opened = (prob >= 0.5).numpy()
+            if radius:
+                opened = ndimage.binary_opening(opened, structure=disk(radius))
+            kept = KeepLargestConnectedComponent(applied_labels=[1], num_components=2)(
+                torch.from_numpy(opened.astype(np.uint8))[None])
+            assert np.array_equal(postprocess_mask(prob, 0.5, radius), np.asarray(kept)[0].astype(bool))
 
 
 def test_localised_findings_rule() -> None:
