@@ -161,6 +161,11 @@ class QueueConfig(_Strict):
         4, ge=1, le=64,
         description="an inference worker takes up to this many waiting jobs into one forward pass",
     )
+    inference_workers: int = Field(
+        1, ge=1, le=64,
+        description="inference worker processes `pacsnode run` starts, each with cores / N torch threads "
+        "(production starts its own `pacsnode worker` processes); each holds its own copy of the models",
+    )
     max_retries: int = Field(5, ge=0, description="inference retries after a transient error (GPU out of memory)")
     backoff_seconds: float = Field(10.0, gt=0, description="first inference retry delay; doubles each attempt")
     backoff_max_seconds: float = Field(120.0, gt=0)

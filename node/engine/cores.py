@@ -37,7 +37,8 @@ FREE_CORE_SHARE = 0.8
 _TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
-def _usable_cores() -> int:
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity where the OS says)."""
     try:
         return len(os.sched_getaffinity(0))
     except (AttributeError, OSError):  # not Linux
@@ -55,7 +56,7 @@ class CoreMonitor:
     def __init__(self, stat: Path = Path("/proc/stat"), cores: int | None = None,
                  sample_seconds: float = SAMPLE_SECONDS) -> None:
         self.stat = stat
-        self.cores = cores or _usable_cores()
+        self.cores = cores or usable_cores()
         self.sample_seconds = sample_seconds
         self._others: float | None = None  # cores' worth other programs used over the last sample
         self._last = self._sample()

@@ -187,3 +187,31 @@ def test_replay_reruns_a_done_job_with_the_same_result_uids(running_node: Node, 
     assert job["replay_of"] == original["id"]
     # Same images and model: same UIDs, so the PACS is not given duplicates.
     assert [o["sop_instance_uid"] for o in job["outputs"]] == [o["sop_instance_uid"] for o in original["outputs"]]
+
+
+def test_run_starts_the_inference_workers_configured_and_both_take_jobs(
+    tmp_path: Path, pacs: Orthanc, demo_bundle: Path
+) -> None:
+    """`queue.inference_workers: 2`: `pacsnode run` starts two named inference workers (the cores
+    split between them), both load the models, and studies sent together are shared out."""
+    from tests.peers import synthetic_cr
+
+    cfg = node_config(tmp_path / "node", demo_bundle, [{"name": "orthanc", "ae_title": pacs.aet, "host": "127.0.0.1",
+                                                        "port": pacs.dicom_port, "timeout": 10}],
+                      queue={"inference_workers": 2, "batch_size": 1})
+    files = synthetic_cr(tmp_path / "studies", 8, size=256)
+    n = Node(cfg).start(timeout=120)
+    try:
+        wait_for(lambda: n.log().count("pipeline chest_xray loaded") == 2, 180, "two inference workers to load")
+        assert storescu(n.port, *files).returncode == 0
+
+        def all_done(rows: list[dict]) -> list[dict] | None:
+            assert not [j for j in rows if j["state"] == "failed"], rows
+            done = [j for j in rows if j["state"] == "done"]
+            return done if len(done) == len(files) else None
+
+        done = n.wait_jobs(all_done, 180, f"{len(files)} jobs done")
+        workers = {j["worker"].split("@")[0] for j in done}
+        assert workers == {"inference1", "inference2"}, workers
+    finally:
+        n.stop(wait=False)

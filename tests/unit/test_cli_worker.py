@@ -1,4 +1,5 @@
-"""`pacsnode worker`: how many torch threads an inference worker runs, and how they wait."""
+"""`pacsnode worker`: how many torch threads an inference worker runs, and how they wait; the
+inference workers `pacsnode run` starts."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from node.cli import build_parser, cmd_worker
+from node.cli import build_parser, cmd_worker, inference_workers_argv
 from node.config import parse_config
 
 
@@ -85,3 +86,14 @@ def test_openmp_threads_spin_briefly_unless_told_otherwise(monkeypatch: pytest.M
     args = build_parser().parse_args(["worker", "-Q", "export"])
     assert cmd_worker(args, parse_config({"storage": {"path": str(tmp_path)}})) == 0
     assert seen == [used]
+
+
+def test_run_starts_one_worker_as_before_or_n_named_with_the_cores_split() -> None:
+    cfg = Path("/etc/pacsnode.yaml")
+    [one] = inference_workers_argv(cfg, 1, 16)
+    assert one[-3:] == ["worker", "-Q", "inference"]  # torch's own thread count, Celery's default name
+    two = inference_workers_argv(cfg, 2, 16)
+    assert [a[-7:] for a in two] == [["worker", "-Q", "inference", "-n", f"inference{i}@%h", "--threads", "8"]
+                                     for i in (1, 2)]
+    assert {a[-1] for a in inference_workers_argv(cfg, 3, 2)} == {"1"}  # never fewer than one thread
+    assert build_parser().parse_args(two[0][3:]).threads == 8  # what `pacsnode worker` accepts
