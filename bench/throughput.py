@@ -67,7 +67,8 @@ class ProductionPeers:
         self.pacs = Orthanc(work / "orthanc").start()
         self.redis: Redis | None = None
 
-    def round_config(self, name: str) -> dict:
+    def start_round(self, name: str) -> dict:
+        """A fresh Redis and database for the round; their config."""
         self.redis = Redis(self.work / name / "redis").start()
         return {"database": {"url": self.pg.create_database(f"bench_{name}")},
                 "queue": {"broker_url": self.redis.url}}
@@ -93,31 +94,25 @@ class ProductionPeers:
 
 class EmbeddedPeers:
     """The embedded default's SQLite and filesystem broker (each round its own node folder);
-    pynetdicom senders, and a pynetdicom storage SCP that counts what it is sent."""
+    pynetdicom senders, and a pynetdicom storage SCP that keeps nothing."""
 
-    def __init__(self, work: Path) -> None:
-        from pynetdicom import AE, AllStoragePresentationContexts, evt
+    def __init__(self) -> None:
+        from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
         from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-        self.received = 0
-        self._lock = threading.Lock()
-
-        def store(event: evt.Event) -> int:
-            with self._lock:
-                self.received += 1
-            return 0x0000
-
         ae = AE(ae_title="PACS")
-        ae.maximum_associations = 64  # pynetdicom's 10 is fewer than an export worker's threads at a burst
+        # pynetdicom's default of 10 is fewer than the node opens at a burst: the export worker's
+        # threads and each inference worker's SR send
+        ae.maximum_associations = 64
         for cx in AllStoragePresentationContexts:
-            ae.add_supported_context(str(cx.abstract_syntax), ALL_SYNTAXES)
+            ae.add_supported_context(str(cx.abstract_syntax), ALL_TRANSFER_SYNTAXES)
         ae.add_supported_context(Verification)
         self.port = free_port()
-        server = ae.start_server(("127.0.0.1", self.port), block=False, evt_handlers=[(evt.EVT_C_STORE, store)])
+        server = ae.start_server(("127.0.0.1", self.port), block=False, evt_handlers=[(evt.EVT_C_STORE, lambda _: 0)])
         assert server is not None  # block=False returns the server
         self.server = server
 
-    def round_config(self, name: str) -> dict:
+    def start_round(self, name: str) -> dict:
         """node_config's own SQLite and embedded broker; the validation gate with the validators
         this machine has (a worker refuses to start without a configured one)."""
         from node.writers.validate import TOOLS
@@ -157,12 +152,6 @@ class EmbeddedPeers:
         self.server.shutdown()
 
 
-#: What the Python storage SCP accepts: the node sends its objects in one of these.
-ALL_SYNTAXES = ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2", "1.2.840.10008.1.2.1.99",
-                "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91", "1.2.840.10008.1.2.4.50",
-                "1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.5"]
-
-
 def run_round(workers: int, files: list[Path], work: Path, peers: ProductionPeers | EmbeddedPeers, bundle: Path,
               device: str, threads: int | None) -> tuple[float, float]:
     """With `workers` inference processes: seconds from the first send until every study's job is
@@ -173,7 +162,7 @@ def run_round(workers: int, files: list[Path], work: Path, peers: ProductionPeer
         work / name, bundle, [peers.destination()],
         completion={"quiet_seconds": 0.3},
         pipelines={"chest_xray": {"bundle": str(bundle), "device": device}},
-        **peers.round_config(name),
+        **peers.start_round(name),
     )
     node = ProductionNode(cfg)
     url = node.config["database"]["url"]
@@ -240,7 +229,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         files = synthetic_cr(work / "studies", args.studies, size=args.size)
-        peers = EmbeddedPeers(work) if args.embedded else ProductionPeers(work)
+        peers = EmbeddedPeers() if args.embedded else ProductionPeers(work)
         try:
             rates, inference_rates = {}, {}
             for n in (1, 2):

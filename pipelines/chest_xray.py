@@ -124,7 +124,7 @@ def postprocess_mask(prob: torch.Tensor, threshold: float, opening_radius: int) 
     if opening_radius > 0:
         mask = ndimage.binary_opening(mask, structure=disk(opening_radius))
     # MONAI's KeepLargestConnectedComponent calls this on the foreground, then zeroes what it did
-    # not keep: the same mask, without the transform's tensor round trips (half the stage's time)
+    # not keep: the same mask, without the transform's tensor round trips
     return np.asarray(get_largest_connected_component_mask(mask, connectivity=None, num_components=2), dtype=bool)
 
 
