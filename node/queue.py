@@ -105,7 +105,8 @@ def broker_settings(config: Config) -> dict[str, object]:
         for sub in ("messages", "processed", "control"):
             (folder / sub).mkdir(parents=True, exist_ok=True)
         return {
-            "broker_url": "pacsnode-filesystem://",
+            # a host name, which the filesystem transport ignores: without one kombu warns at each start
+            "broker_url": "pacsnode-filesystem://localhost/",
             "broker_transport_options": {
                 "data_folder_in": str(folder / "messages"),
                 "data_folder_out": str(folder / "messages"),

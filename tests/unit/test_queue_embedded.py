@@ -90,3 +90,14 @@ def test_a_second_spool_in_one_process_gets_its_messages(tmp_path: Path) -> None
             with conn.Consumer(queue, callbacks=[lambda body, message, got=got: (got.append(body), message.ack())]):
                 conn.drain_events(timeout=5)
         assert got == [{"spool": spool}]
+
+
+def test_the_embedded_broker_connects_without_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Every worker's start used to log kombu's "No hostname was supplied" WARNING for the
+    embedded broker's URL, a warning an admin could do nothing about."""
+    settings = broker_settings(Config.model_validate({"storage": {"path": str(tmp_path)}}))
+    with caplog.at_level("WARNING"), Connection(str(settings["broker_url"]),
+                                                transport_options=settings["broker_transport_options"]) as conn:
+        conn.ensure_connection(max_retries=1)
+        conn.info()  # what Celery's start-up banner reads
+    assert not [r for r in caplog.records if r.name.startswith("kombu")], caplog.text
