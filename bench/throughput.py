@@ -191,9 +191,11 @@ def run_round(workers: int, files: list[Path], work: Path, peers: ProductionPeer
 
         def done() -> bool:
             with session_scope(url) as s:
-                failed = s.scalar(select(func.count()).where(Job.state == JobState.FAILED))
+                failed = s.execute(select(Job.error_stage, Job.error).where(Job.state == JobState.FAILED)).all()
                 if failed:
-                    raise RuntimeError(f"{failed} job(s) failed; see {node.dir}")
+                    # the round's folder goes with the run's temporary folder: say why here
+                    reasons = "; ".join(f"{stage}: {error}" for stage, error in failed[:3])
+                    raise RuntimeError(f"{len(failed)} job(s) failed ({reasons})")
                 return s.scalar(select(func.count()).where(Job.state == JobState.DONE)) == len(files)
 
         wait_for(done, 1800, f"{len(files)} studies done with {workers} worker(s)", interval=0.2)

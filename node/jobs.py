@@ -13,6 +13,7 @@ from typing import Any
 
 from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.attributes import set_committed_value
 
 from node import metrics
 from node.config import DEFAULT_PRIORITY, Config
@@ -85,6 +86,29 @@ def transition(job: Job, new: JobState, **fields: Any) -> None:
     job.updated_at = now
     for k, v in fields.items():
         setattr(job, k, v)
+
+
+def claim(s: Session, job: Job, new: JobState, **fields: Any) -> bool:
+    """`transition`, as one UPDATE that applies only while the row still has the state and
+    attempt `job` was read with; False where another process moved it first.
+
+    For a change that two processes may race to make (two workers claiming one job): SQLite has
+    no row locks (FOR UPDATE is dropped) and pysqlite reads outside a transaction, so both would
+    read "queued" and both write "running". PostgreSQL also holds the FOR UPDATE lock; this is
+    the same rule there.
+    """
+    if new not in ALLOWED[job.state]:
+        raise TransitionError(f"job {job.id}: {job.state.value} -> {new.value} is not allowed")
+    now = utcnow()
+    values = {"state": new, f"{new.value}_at": now, "updated_at": now, **fields}
+    res = s.execute(update(Job).where(Job.id == job.id, Job.state == job.state, Job.attempt == job.attempt)
+                    .values(**values).execution_options(synchronize_session=False))
+    if res.rowcount != 1:  # type: ignore[attr-defined]  # CursorResult
+        return False
+    for k, v in values.items():  # the loaded object as written, not dirty: no second UPDATE at flush
+        set_committed_value(job, k, v)
+    metrics.job_state(new.value)
+    return True
 
 
 def move_send(send: Send, new: SendState, **fields: Any) -> None:
@@ -316,14 +340,15 @@ def reconcile(config: Config, stale_after: float | None = None) -> list[int]:
     stuck = or_(*conditions)
     requeued: list[tuple[int, JobState, int]] = []
     with session_scope(config.database.url) as s:
-        # Row locks: two listeners reconciling at once must not both re-send (PostgreSQL; SQLite
-        # serialises writers anyway). SKIP LOCKED leaves rows a worker is claiming right now.
-        for job in s.scalars(select(Job).where(stuck).with_for_update(skip_locked=True)):
-            log.warning("job %d unchanged in %s since %s: sending it again", job.id, job.state.value, job.updated_at)
-            s.add(Event(kind="requeue", job_id=job.id, actor="reconciler",
-                        detail=f"{job.state.value} since {job.updated_at.isoformat()} (worker {job.worker})"))
-            if job.state == JobState.RUNNING:
-                transition(job, JobState.QUEUED, worker=None)
+        # Row locks: two listeners reconciling at once must not both re-send (PostgreSQL). SKIP
+        # LOCKED leaves rows a worker is claiming right now; SQLite has neither, so the running
+        # job's move is a claim.
+        for job in s.scalars(select(Job).where(stuck).with_for_update(skip_locked=True)).all():
+            detail = f"{job.state.value} since {job.updated_at.isoformat()} (worker {job.worker})"
+            if job.state == JobState.RUNNING and not claim(s, job, JobState.QUEUED, worker=None):
+                continue  # a worker took it over since the SELECT (SQLite: no SKIP LOCKED)
+            log.warning("job %d unchanged in %s: sending it again", job.id, detail)
+            s.add(Event(kind="requeue", job_id=job.id, actor="reconciler", detail=detail))
             job.updated_at = now
             requeued.append((job.id, job.state, job.priority))
     for job_id, state, priority in requeued:

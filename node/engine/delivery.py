@@ -34,7 +34,7 @@ from node.export import (
     request_commitment,
     send_files,
 )
-from node.jobs import finish_if_delivered, may_become, move_send, transition
+from node.jobs import claim, finish_if_delivered, may_become, move_send
 from node.spool import resolve
 
 log = logging.getLogger(__name__)
@@ -76,8 +76,10 @@ def _claim_sends(config: Config, job_id: int) -> _Claims:
         job = s.get(Job, job_id)
         if job is None or job.state not in (JobState.RUNNING, JobState.ENCODED, JobState.SENDING):
             return _Claims(job.state if job else None)
-        if job.state == JobState.ENCODED:
-            transition(job, JobState.SENDING)
+        if job.state == JobState.ENCODED and not claim(s, job, JobState.SENDING):
+            s.refresh(job)  # the job's other export task moved it first (or it was cancelled)
+            if job.state != JobState.SENDING:
+                return _Claims(job.state)
         # One query for every send of the job, and the likelier claim first: this runs on the
         # SR's path to the PACS, and loading outputs, study and sends one by one with two
         # UPDATEs per send took 5 of its 9 ms (#12).

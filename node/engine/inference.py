@@ -30,7 +30,7 @@ from node.db.session import session_scope
 from node.engine import model_outputs, revisions
 from node.engine.errors import PermanentError, Stage, TransientError
 from node.export import ObjectRef
-from node.jobs import TransitionError, abandoned, fail_job, requeue, transition
+from node.jobs import TransitionError, abandoned, claim, fail_job, requeue, transition
 from node.queue import enqueue_export
 from node.spool import output_relpath, resolve, sha256_hex, write_atomic
 from pipelines.base import ModelInfo, ModelOutputs, Pipeline, PipelineResult
@@ -110,7 +110,7 @@ def pipeline_for(config: Config, name: str) -> Pipeline:
 def _start(config: Config, job_id: int, worker: str) -> JobInput | None:
     """Claim a queued job (or one whose worker died) for `worker`; None when there is nothing to do."""
     with session_scope(config.database.url) as s:
-        # Row lock: two deliveries of one job (a re-sent message) must not both claim it.
+        # Row lock (PostgreSQL): two deliveries of one job (a re-sent message) must not both claim it.
         job = s.get(Job, job_id, with_for_update=True)
         if job is None:
             log.error("job %d does not exist: message ignored", job_id)
@@ -123,8 +123,14 @@ def _start(config: Config, job_id: int, worker: str) -> JobInput | None:
                 log.info("job %d is running on %s, which is alive: duplicate delivery ignored", job_id, job.worker)
                 return None
             log.warning("job %d was running on %s, which stopped: running it again", job_id, job.worker)
-            transition(job, JobState.QUEUED)
-        transition(job, JobState.RUNNING, attempt=job.attempt + 1, worker=worker, error=None, error_stage=None)
+            if not claim(s, job, JobState.QUEUED):
+                log.info("job %d: another worker took it over first", job_id)
+                return None
+        # A claim, not a plain transition: another worker's batch (`_claim_more`) may have read
+        # this job queued at the same moment; only one of the two may run it.
+        if not claim(s, job, JobState.RUNNING, attempt=job.attempt + 1, worker=worker, error=None, error_stage=None):
+            log.info("job %d: claimed by another worker first", job_id)
+            return None
         instances = s.scalars(select(Instance).where(Instance.id.in_(job.instance_ids)).order_by(Instance.id)).all()
         keys = [f"{i.sop_instance_uid}:{i.sha256}" for i in instances]
         return JobInput(job_id, job.study.study_instance_uid, job.pipeline,

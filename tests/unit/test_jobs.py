@@ -135,6 +135,47 @@ def test_a_duplicate_delivery_leaves_a_live_running_job_alone(config: Config) ->
         assert job is not None and job.state == JobState.RUNNING and job.worker == "inference@a"
 
 
+def test_two_workers_that_read_one_queued_job_together_run_it_once(config: Config,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """One worker's own message and another's batch (`_claim_more`) can read a job queued at the
+    same moment. SQLite drops FOR UPDATE: both used to write "running" and both ran it; the
+    slower one then failed the job ("sending -> encoded is not allowed", 16 cores, 2 workers)."""
+    import threading
+
+    from sqlalchemy.orm import Session
+
+    from node.engine.inference import JobInput, _start
+
+    job_id = make_job(config, JobState.QUEUED)
+    both_read = threading.Barrier(2)
+    get = Session.get
+
+    def get_then_wait(self: Session, entity: object, *args: object, **kwargs: object) -> object:
+        found = get(self, entity, *args, **kwargs)  # type: ignore[call-overload]
+        if entity is Job:
+            both_read.wait(timeout=10)  # neither writes before both have read it queued
+        return found
+
+    monkeypatch.setattr(Session, "get", get_then_wait)
+    claimed: dict[str, JobInput | None] = {}
+
+    def work(worker: str) -> None:
+        claimed[worker] = _start(config, job_id, worker)
+
+    threads = [threading.Thread(target=work, args=(f"inference{i}@host",)) for i in (1, 2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert len(claimed) == 2
+    winners = [w for w, ji in claimed.items() if ji is not None]
+    assert len(winners) == 1, claimed
+    monkeypatch.undo()
+    with session_scope(config.database.url) as s:
+        job = s.get(Job, job_id)
+        assert job is not None and job.state == JobState.RUNNING and job.worker == winners[0] and job.attempt == 1
+
+
 def test_reconcile_waits_for_a_moving_queue_before_resending_queued_jobs(config: Config) -> None:
     """Messages still waiting mean the queue moves: a deep backlog is not flooded with duplicates."""
     from node.queue import enqueue_job
