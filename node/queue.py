@@ -16,10 +16,11 @@ from queue import Empty
 from typing import Any, ClassVar, cast
 
 from celery import Celery
+from kombu.exceptions import ChannelError
 from kombu.transport import TRANSPORT_ALIASES, filesystem
 from kombu.transport.virtual import BrokerState
-from kombu.utils.encoding import str_to_bytes
-from kombu.utils.json import dumps
+from kombu.utils.encoding import bytes_to_str, str_to_bytes
+from kombu.utils.json import dumps, loads
 from kombu.utils.scheduling import FairCycle
 
 from node.config import DEFAULT_PRIORITY, Config
@@ -49,6 +50,28 @@ class _WholeMessageChannel(filesystem.Channel):
         with open(partial, "wb") as f:
             f.write(str_to_bytes(dumps(payload)))
         os.replace(partial, os.path.join(self.data_folder_out, name))
+
+    def _get(self, queue: Any, timeout: Any = None) -> Any:  # as kombu.transport.filesystem.Channel
+        """kombu's, except where a message is taken to: kombu moves it into the system's temp
+        folder (unless it keeps processed messages), which is outside the spool and, on another
+        filesystem, a copy and a delete that two workers can both make of one message. A rename
+        within the spool is atomic: one consumer takes each message."""
+        for name in sorted(os.listdir(self.data_folder_in)):
+            if name.partition(".")[2] != f"{queue}.msg":  # kombu's test: another queue's message
+                continue
+            taken = os.path.join(self.processed_folder, name)
+            try:
+                os.rename(os.path.join(self.data_folder_in, name), taken)
+            except OSError:  # another consumer took it first
+                continue
+            try:
+                with open(taken, "rb") as f:
+                    payload = f.read()
+                os.remove(taken)
+            except OSError as e:
+                raise ChannelError(f"Cannot read file {taken!r} from queue.") from e
+            return loads(bytes_to_str(payload))
+        raise Empty()
 
 
 #: Seconds an idle embedded worker waits for a message file before it looks again anyway,
@@ -110,9 +133,9 @@ def broker_settings(config: Config) -> dict[str, object]:
             "broker_transport_options": {
                 "data_folder_in": str(folder / "messages"),
                 "data_folder_out": str(folder / "messages"),
+                # where a consumer takes a message while it reads it (and then deletes it)
                 "processed_folder": str(folder / "processed"),
                 "control_folder": str(folder / "control"),  # default is ./control in the cwd
-                "store_processed": False,
                 # Only where the messages folder cannot be watched (not Linux): a job waits this
                 # long at most to be picked up, twice on its way (inference, then the SR's export);
                 # at 50 ms the inference pickup took 58 ms median, at 10 ms 20 ms, and an idle

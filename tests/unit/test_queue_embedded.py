@@ -101,3 +101,45 @@ def test_the_embedded_broker_connects_without_a_warning(tmp_path: Path, caplog: 
         conn.ensure_connection(max_retries=1)
         conn.info()  # what Celery's start-up banner reads
     assert not [r for r in caplog.records if r.name.startswith("kombu")], caplog.text
+
+
+def test_consumers_take_each_message_once_inside_the_spool(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """kombu's filesystem consumer moved each message into the system's temp folder: outside the
+    spool, and across filesystems a copy and a delete that two consumers could both make. Ours
+    renames it within the spool: four consumers racing for 40 messages get each exactly once."""
+    import tempfile
+
+    # a system temp folder that cannot be written: kombu's consumer took nothing from its queue
+    system_tmp = tmp_path / "missing" / "tmp"
+    monkeypatch.setattr(tempfile, "tempdir", str(system_tmp))
+    settings = broker_settings(Config.model_validate({"storage": {"path": str(tmp_path / "spool")}}))
+    url, options = str(settings["broker_url"]), settings["broker_transport_options"]
+    queue = Queue("inference", Exchange("inference"), routing_key="inference")
+    with Connection(url, transport_options=options) as conn:
+        for i in range(40):
+            conn.Producer().publish({"job": i}, exchange=queue.exchange, routing_key="inference", declare=[queue])
+    got: list[int] = []
+    lock = threading.Lock()
+
+    def consume() -> None:
+        with Connection(url, transport_options=options) as conn:
+            def take(body: dict, message) -> None:  # noqa: ANN001  (kombu's Message)
+                with lock:
+                    got.append(body["job"])
+                message.ack()
+
+            with conn.Consumer(queue, callbacks=[take]):
+                while True:
+                    try:
+                        conn.drain_events(timeout=0.5)
+                    except TimeoutError:
+                        return
+
+    threads = [threading.Thread(target=consume) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert sorted(got) == list(range(40))
+    assert not system_tmp.parent.exists()
+    assert list((tmp_path / "spool" / "queue" / "processed").iterdir()) == []
