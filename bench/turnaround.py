@@ -174,6 +174,8 @@ def run_once(node: Node, pacs: Orthanc, rg1: Path) -> tuple[str, dict[str, float
         "sr_store_queue_send": sr_stored - at("running_at") - t["read"] - t["inference"] - t.get("keep_outputs", 0.0)
         - t["encode_sr"] - t["validate_sr"] - t.get("uids_sr", 0.0),
         "encode_all": t["encode"], "validate_all": t.get("validate", 0.0),
+        # the worker's whole span: the SR's path, then the other objects drawn and judged
+        "running_to_encoded": at("encoded_at") - at("running_at"),
         "encoded_to_sending": at("sending_at") - at("encoded_at"),
         "send_all_objects": t["send"],
     }

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import cache, cached_property, partial
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import pydicom
 from pydicom import Dataset
@@ -36,6 +37,9 @@ from node.spool import output_relpath, resolve, sha256_hex, write_atomic
 from pipelines.base import ModelInfo, ModelOutputs, Pipeline, PipelineResult
 
 T = TypeVar("T")
+
+if TYPE_CHECKING:  # for annotations only: the writers are imported where they are used
+    from node.writers.validate import Judging
 
 log = logging.getLogger(__name__)
 
@@ -400,7 +404,7 @@ def _encode(config: Config, ji: JobInput, sources: list[Dataset], results: list[
             series_instance_uid=result_uid(*k, "sr-series"), sop_instance_uid=sr_uid,
             series_number=numbers["sr"], instance_number=1, content_datetime=when, supersedes=predecessors,
         ))
-        return [_validate(config, timings, "sr", sr)]
+        return [gate.submit("sr", sr)]
 
     def image_objects(kind: str, k: tuple[str, ...], clashed: list[revisions.Earlier]) -> list[Built]:
         series_uid = result_uid(*k, f"{kind}-series")
@@ -416,20 +420,23 @@ def _encode(config: Config, ji: JobInput, sources: list[Dataset], results: list[
                 sop_instance_uid=result_uid(*k, kind, str(i)),
                 series_number=numbers[kind], instance_number=i, content_datetime=when,
             ))
-            built.append(_validate(config, timings, kind, obj))
+            built.append(gate.submit(kind, obj))
         return built
 
     # The SR goes out first, while the other objects are still being drawn: it is what the
-    # radiologist's worklist waits for. Each object is validated before it is written.
+    # radiologist's worklist waits for. Each object passes the gate before it is written.
     first = True
-    if "sr" in kinds:
-        _store_outputs(config, ji.job_id, _issue(config, ji.job_id, "sr", key, own, sr_objects, timings), dests,
-                       first=True, findings=stated_findings(results))
-        enqueue_export(config, ji.job_id)
-        first = False
-    others: list[Built] = []
-    for kind in (k for k in kinds if k in per_image):
-        others += _issue(config, ji.job_id, kind, key, own, partial(image_objects, kind), timings)
+    with _Gate(config, timings) as gate:
+        if "sr" in kinds:
+            sr = _issue(config, ji.job_id, "sr", key, own, sr_objects, timings, gate)
+            gate.passed()
+            _store_outputs(config, ji.job_id, sr, dests, first=True, findings=stated_findings(results))
+            enqueue_export(config, ji.job_id)
+            first = False
+        others: list[Built] = []
+        for kind in (k for k in kinds if k in per_image):
+            others += _issue(config, ji.job_id, kind, key, own, partial(image_objects, kind), timings, gate)
+        gate.passed()
     _store_outputs(config, ji.job_id, others, dests, first=first)
     with session_scope(config.database.url) as s:
         job = s.get(Job, ji.job_id)
@@ -481,30 +488,73 @@ def _build(timings: dict[str, float], kind: str, fn: Callable[[], Dataset]) -> D
         _record(timings, f"{Stage.ENCODE}_{kind}", time.perf_counter() - t0)
 
 
-def _validate(config: Config, timings: dict[str, float], kind: str, ds: Dataset) -> Built:
-    """Run the validation gate on one object (timed); any error fails the job with its message."""
-    from node.writers.validate import judge
+class _Gate:
+    """The validation gate over one job's objects. Each object's external validators start as it
+    is built and run while the worker draws the next: they are processes, so on a machine with
+    cores to spare their time (a quarter of a job's, #12) no longer adds to the worker's.
+    `passed()` waits for every verdict; the first error fails the job with its messages. At most
+    `limit` objects are judged at once (a study of many images). Leaving the `with` early (an
+    error) stops what was not waited for."""
 
-    t0 = time.perf_counter()
-    verdict = _timed(timings, Stage.VALIDATE, lambda: judge(ds, config.validation.tools))
-    _record(timings, f"{Stage.VALIDATE}_{kind}", time.perf_counter() - t0)
-    if verdict.errors:
-        raise PermanentError(Stage.VALIDATE, f"{kind} failed validation: " + "; ".join(verdict.errors[:10]))
-    return Built(kind, ds, verdict.checks, verdict.data)
+    def __init__(self, config: Config, timings: dict[str, float], limit: int = 8) -> None:
+        self.tools = config.validation.tools
+        self.timings = timings
+        self.limit = limit
+        self._pending: deque[tuple[Built, Judging]] = deque()
+
+    def __enter__(self) -> _Gate:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        while self._pending:
+            self._pending.popleft()[1].close()
+
+    def submit(self, kind: str, ds: Dataset) -> Built:
+        """Start judging ds; its bytes and checks at once, as they will leave if it passes."""
+        from node.writers.validate import start
+
+        while len(self._pending) >= self.limit:
+            self._settle()
+        judging = self._time(kind, lambda: start(ds, self.tools))
+        built = Built(kind, ds, judging.checks, judging.data)
+        self._pending.append((built, judging))
+        if not judging.data:  # could not be written: nothing to wait for, and no bytes to compare
+            self.passed()
+        return built
+
+    def passed(self) -> None:
+        """Wait for every object submitted; PermanentError at the first that failed."""
+        while self._pending:
+            self._settle()
+
+    def _settle(self) -> None:
+        built, judging = self._pending.popleft()
+        verdict = self._time(built.kind, judging.verdict)
+        if verdict.errors:
+            raise PermanentError(Stage.VALIDATE, f"{built.kind} failed validation: " + "; ".join(verdict.errors[:10]))
+
+    def _time(self, kind: str, fn: Callable[[], T]) -> T:
+        t0 = time.perf_counter()
+        try:
+            return _timed(self.timings, Stage.VALIDATE, fn)
+        finally:
+            _record(self.timings, f"{Stage.VALIDATE}_{kind}", time.perf_counter() - t0)
 
 
 def _issue(config: Config, job_id: int, kind: str, key: tuple[str, ...], own: Mapping[str, revisions.Written],
            make: Callable[[tuple[str, ...], list[revisions.Earlier]], list[Built]],
-           timings: dict[str, float]) -> list[Built]:
+           timings: dict[str, float], gate: _Gate) -> list[Built]:
     """A kind's objects under UIDs that name these bytes only: `key`'s, unless an earlier output
     holds one of them with other bytes (the writers changed since: an upgrade), then a revision
-    of them, which supersedes the earlier SR. `make(key, clashed)` builds and validates them."""
+    of them, which supersedes the earlier SR. `make(key, clashed)` builds them and submits them
+    to the gate."""
     built = make(key, [])
     t0 = time.perf_counter()
     clashed = revisions.differing(config, job_id, own, {b.uid: b.sha256 for b in built})
     _record(timings, f"uids_{kind}", time.perf_counter() - t0)
     if not clashed:
         return built
+    gate.passed()  # a revision is recorded only of objects that passed the gate
     revision = revisions.revision(b.data for b in built)
     revisions.record(config, job_id, kind, clashed, revision)
     built = make((*key, revision), clashed)

@@ -3,16 +3,20 @@
 ``judge(ds, tools)`` runs the gate and returns a ``Verdict``: the error messages (empty: the
 object passed), which checks ran and the bytes they judged (store and send those: encoding the
 object again would cost as much as judging it, and would not be what was checked). The external
-validators run as processes while pydicom re-reads the bytes here. ``validate(ds)`` returns the messages; ``check(ds)``
-raises ``ValidationFailed`` carrying them. The gate fails closed: a configured validator that
+validators run as processes while pydicom re-reads the bytes here; ``start`` returns while they
+still run (``Judging.verdict()`` waits), so the next object can be drawn meanwhile.
+``validate(ds)`` returns the messages; ``check(ds)`` raises ``ValidationFailed`` carrying them. The gate fails closed: a configured validator that
 is not installed is an error for every object, never a skipped check; ``require_tools`` lets
 the node refuse to start instead. Warnings of the external tools are logged at DEBUG.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import shutil
+import signal
 import subprocess
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
@@ -93,8 +97,9 @@ class _Running:
             self.error = f"not installed (Debian package {TOOLS[tool]}); the gate cannot check this object"
             return
         try:
+            # its own process group: stopped whole, with any child of a wrapper script
             self.proc = subprocess.Popen([exe, str(path)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, text=True)
+                                         stdin=subprocess.DEVNULL, text=True, start_new_session=True)
         except OSError as e:
             self.error = f"cannot run: {e}"
 
@@ -105,10 +110,16 @@ class _Running:
         try:
             output, _ = self.proc.communicate(timeout=TOOL_TIMEOUT_S)
         except subprocess.TimeoutExpired as e:
-            self.proc.kill()
-            self.proc.communicate()
+            self.stop()
             raise RuntimeError(f"timed out after {TOOL_TIMEOUT_S} s") from e
         return self.proc.returncode, output
+
+    def stop(self) -> None:
+        """Kill it (and its children) if it still runs."""
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.communicate()
 
 
 def _dciodvfy(run: _Running) -> list[str]:
@@ -195,27 +206,62 @@ def encode(ds: Dataset) -> bytes:
     return buffer.getvalue()
 
 
-def judge(ds: Dataset, tools: Sequence[str] = tuple(TOOLS)) -> Verdict:
-    """Run the gate on ``ds`` written as a DICOM file: the pydicom re-read, then each of
+class Judging:
+    """The gate under way on one object (``start``): the bytes, the checks and pydicom's re-read
+    at once; the external validators run as processes of their own until ``verdict()`` waits for
+    them, so a caller can draw its next object meanwhile. ``close()`` stops them and removes the
+    file (``verdict()`` does both)."""
+
+    def __init__(self, ds: Dataset, tools: Sequence[str]) -> None:
+        self.uid = str(ds.get("SOPInstanceUID", "?"))
+        self.checks: tuple[str, ...] = (REREAD,)
+        self._running: list[_Running] = []
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        try:
+            self.data = encode(ds)
+        except Exception as e:  # cannot be written: that is the validation result
+            self.data = b""
+            self._errors = [f"pydicom: cannot write object: {type(e).__name__}: {e}"]
+            return
+        applied = tools_for(ds, tools)
+        self.checks = (REREAD, *applied)
+        if applied:
+            self._tmp = tempfile.TemporaryDirectory(prefix="pacsnode-validate-")
+            path = Path(self._tmp.name) / "object.dcm"
+            path.write_bytes(self.data)
+            self._running = [_Running(tool, path) for tool in applied]
+        # pydicom re-reads the bytes here while the validators judge the file
+        self._errors = _reread(self.data)
+
+    def verdict(self) -> Verdict:
+        """Wait for every validator; the object's verdict. Once only."""
+        try:
+            errors = self._errors + [e for run in self._running for e in _CHECKS[run.tool](run)]
+        finally:
+            self.close()
+        if errors:
+            logger.info("%s failed validation with %d error(s)", self.uid, len(errors))
+        return Verdict(errors, self.checks, self.data)
+
+    def close(self) -> None:
+        """Stop validators still running and remove their file (the verdict is then not wanted)."""
+        for run in self._running:
+            run.stop()
+        self._running = []
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+
+def start(ds: Dataset, tools: Sequence[str] = tuple(TOOLS)) -> Judging:
+    """Start the gate on ``ds`` written as a DICOM file: the pydicom re-read, then each of
     ``tools`` that applies to its SOP class. A tool that is not installed is an error."""
-    try:
-        data = encode(ds)
-    except Exception as e:  # cannot be written: that is the validation result
-        return Verdict([f"pydicom: cannot write object: {type(e).__name__}: {e}"], (REREAD,))
-    applied = tools_for(ds, tools)
-    with tempfile.TemporaryDirectory(prefix="pacsnode-validate-") as tmp:
-        path = Path(tmp) / "object.dcm"
-        path.write_bytes(data)
-        # The validators are processes of their own: they judge the file while pydicom re-reads
-        # the bytes here, and the gate waits for every verdict.
-        running = [_Running(tool, path) for tool in applied]
-        errors = _reread(data)
-        for run in running:
-            errors += _CHECKS[run.tool](run)
-    uid = ds.get("SOPInstanceUID", "?")
-    if errors:
-        logger.info("%s failed validation with %d error(s)", uid, len(errors))
-    return Verdict(errors, (REREAD, *applied), data)
+    return Judging(ds, tools)
+
+
+def judge(ds: Dataset, tools: Sequence[str] = tuple(TOOLS)) -> Verdict:
+    """``start``, then wait for its verdict."""
+    return start(ds, tools).verdict()
 
 
 def validate(ds: Dataset, tools: Sequence[str] = tuple(TOOLS)) -> list[str]:

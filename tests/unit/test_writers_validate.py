@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 from writers_data import needs_dciodvfy, rg1
 
@@ -105,3 +107,61 @@ def test_the_gate_still_resolves_ambiguous_vrs_in_nested_items():
     back = dcmread(BytesIO(data))
     value = back.SourceImageSequence[0].ReferencedImageSequence[0]["SmallestImagePixelValue"]
     assert (value.VR, value.value) == ("SS", -5)
+
+
+def _slow_validator(folder, seconds: float, log=None) -> None:
+    """A `dciodvfy` on folder that takes `seconds` and reports one error (and notes its start and end in log)."""
+    note = f'echo "start $(date +%s.%N)" >> {log}; ' if log else ""
+    done = f'; echo "end $(date +%s.%N)" >> {log}' if log else ""
+    script = folder / "dciodvfy"
+    script.write_text(f'#!/bin/sh\n{note}sleep {seconds}{done}\necho "Error - slow and strict"\n')
+    script.chmod(0o755)
+
+
+def test_the_gate_starts_and_the_verdict_waits_for_its_validators(monkeypatch, tmp_path):
+    """`start` returns while the validator runs (the worker draws the next object meanwhile);
+    the verdict waits for it; `close` stops one whose verdict is not wanted, and its file goes."""
+    import time
+
+    _slow_validator(tmp_path, 1.0)
+    monkeypatch.setenv("PATH", f"{tmp_path}:/usr/bin:/bin")
+    t0 = time.monotonic()
+    judging = gate.start(rg1(), tools=["dciodvfy"])
+    assert time.monotonic() - t0 < 0.9
+    assert judging.checks == ("pydicom", "dciodvfy") and judging.data[128:132] == b"DICM"
+    verdict = judging.verdict()
+    assert time.monotonic() - t0 >= 1.0
+    assert verdict.errors == ["dciodvfy: Error - slow and strict"]
+
+    stopped = gate.start(rg1(), tools=["dciodvfy"])
+    folder = stopped._running[0].proc.args[1].rsplit("/", 1)[0]
+    t0 = time.monotonic()
+    stopped.close()
+    assert time.monotonic() - t0 < 0.9
+    assert stopped._running == [] and not Path(folder).exists()
+
+
+def test_the_workers_gate_overlaps_validators_up_to_its_limit(monkeypatch, tmp_path):
+    """Four objects through a gate of limit 2, each validator taking 0.5 s: at most two run at
+    once, and `passed()` fails the job with the first object's errors."""
+    from node.config import Config
+    from node.engine.errors import PermanentError
+    from node.engine.inference import _Gate
+
+    log = tmp_path / "runs.log"
+    _slow_validator(tmp_path, 0.5, log)
+    monkeypatch.setenv("PATH", f"{tmp_path}:/usr/bin:/bin")
+    config = Config.model_validate({"storage": {"path": str(tmp_path / "spool")}, "validation": {"tools": ["dciodvfy"]}})
+    timings: dict[str, float] = {}
+    with pytest.raises(PermanentError, match="seg failed validation: dciodvfy: Error - slow and strict"), \
+            _Gate(config, timings, limit=2) as g:
+        for kind in ("seg", "sc", "gsps", "sc"):
+            g.submit(kind, rg1())
+        g.passed()
+    events = sorted((float(t), kind) for kind, t in (line.split() for line in log.read_text().splitlines()))
+    running = peak = 0
+    for _, kind in events:
+        running += 1 if kind == "start" else -1
+        peak = max(peak, running)
+    assert peak == 2
+    assert timings["validate"] > 0 and "validate_seg" in timings
