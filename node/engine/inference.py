@@ -491,7 +491,7 @@ def _build(timings: dict[str, float], kind: str, fn: Callable[[], Dataset]) -> D
 class _Gate:
     """The validation gate over one job's objects. Each object's external validators start as it
     is built and run while the worker draws the next: they are processes, so on a machine with
-    cores to spare their time (a quarter of a job's, #12) no longer adds to the worker's.
+    cores to spare their time (a fifth of a job's on 2 cores, #12) no longer adds to the worker's.
     `passed()` waits for every verdict; the first error fails the job with its messages. At most
     `limit` objects are judged at once (a study of many images). Leaving the `with` early (an
     error) stops what was not waited for."""

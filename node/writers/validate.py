@@ -5,9 +5,10 @@ object passed), which checks ran and the bytes they judged (store and send those
 object again would cost as much as judging it, and would not be what was checked). The external
 validators run as processes while pydicom re-reads the bytes here; ``start`` returns while they
 still run (``Judging.verdict()`` waits), so the next object can be drawn meanwhile.
-``validate(ds)`` returns the messages; ``check(ds)`` raises ``ValidationFailed`` carrying them. The gate fails closed: a configured validator that
-is not installed is an error for every object, never a skipped check; ``require_tools`` lets
-the node refuse to start instead. Warnings of the external tools are logged at DEBUG.
+``validate(ds)`` returns the messages; ``check(ds)`` raises ``ValidationFailed`` carrying them.
+The gate fails closed: a configured validator that is not installed is an error for every
+object, never a skipped check; ``require_tools`` lets the node refuse to start instead.
+Warnings of the external tools are logged at DEBUG.
 """
 
 from __future__ import annotations
