@@ -5,7 +5,8 @@ listener`, one export worker and N `pacsnode worker -Q inference` processes. The
 synthetic chest CRs (RG1 downscaled, one study each) are sent by 4 concurrent storescu
 senders in each round; a round lasts from the first send to the last job `done` in the
 database (end to end: receive, complete, infer, encode, send to Orthanc). Workers are started
-and their models loaded before the clock starts. Prints both rates and their ratio.
+and their models loaded before the clock starts. Prints both rates and their ratio, and how
+much of the inference side each worker was busy.
 
     python bench/throughput.py [--studies 20] [--size 512] [--bundle models/chest_xray] [--threads split|default]
                                [--embedded] [--device cpu|cuda]
@@ -34,6 +35,7 @@ import sys
 import tempfile
 import threading
 import time
+from datetime import datetime
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -202,17 +204,40 @@ def run_round(workers: int, files: list[Path], work: Path, peers: ProductionPeer
         elapsed = time.monotonic() - t0
         with session_scope(url) as s:
             timings = [j.stage_seconds for j in s.scalars(select(Job))]
-            first, last = s.execute(select(func.min(Job.running_at), func.max(Job.encoded_at))).one()
-        if first is None or last is None:
-            raise RuntimeError(f"no job has a running or encoded time; see {node.dir}")
+            rows = s.execute(select(Job.worker, Job.queued_at, Job.running_at, Job.encoded_at)).all()
+        spans = [(w or "?", q or r, r, e) for w, q, r, e in rows if r is not None and e is not None]
+        if len(spans) < len(rows):
+            raise RuntimeError(f"a job has no running or encoded time; see {node.dir}")
+        first, last = min(r for _, _, r, _ in spans), max(e for _, _, _, e in spans)
         inference_side = (last - first).total_seconds()
         stages = {k: statistics.median(t.get(k, 0.0) for t in timings) for k in ("read", "inference", "encode", "send")}
         print(f"  median per job with {workers} worker(s): " + ", ".join(f"{k} {v:.2f} s" for k, v in stages.items()),
               flush=True)
+        # Where the round's time went: a worker busy the whole inference side is what limits it;
+        # one that waited, waited for studies (the listener) or for the database.
+        busy = {w: _busy_seconds([(r, e) for ww, _, r, e in spans if ww == w]) / inference_side
+                for w in sorted({w for w, _, _, _ in spans})}
+        last_queued = (max(q for _, q, _, _ in spans) - first).total_seconds()
+        print("  workers busy (a job of theirs running or encoding) for "
+              + ", ".join(f"{w} {b:.0%}" for w, b in busy.items())
+              + f" of the inference side; the last study was queued {last_queued:.1f} s into it", flush=True)
         return elapsed, inference_side
     finally:
         node.stop()
         peers.end_round()
+
+
+def _busy_seconds(intervals: list[tuple[datetime, datetime]]) -> float:
+    """Seconds covered by the union of the intervals (a batch's jobs overlap)."""
+    total, end = 0.0, None
+    for start, stop in sorted(intervals):
+        if end is None or start > end:
+            total += (stop - start).total_seconds()
+            end = stop
+        elif stop > end:
+            total += (stop - end).total_seconds()
+            end = stop
+    return total
 
 
 def main() -> int:
