@@ -115,9 +115,9 @@ def _worker_argv(config_file: Path, queue: str) -> list[str]:
 
 def inference_workers_argv(config_file: Path, workers: int, cores: int) -> list[list[str]]:
     """The command lines of `pacsnode run`'s inference workers: one as before, or N with distinct
-    names and the cores split between them. One worker's encode and validation of a job run on one
-    thread: on a 16-core host two workers of 8 threads did 2.57 times the work of one of 16
-    (bench/throughput.py, README)."""
+    names and the cores split between them. One worker builds a job's objects on one thread: on a
+    16-core host two workers of 8 threads encoded studies 1.60 and 2.57 times as fast as one of 16
+    in two runs (bench/throughput.py, README)."""
     if workers == 1:
         return [_worker_argv(config_file, "inference")]
     threads = str(max(1, cores // workers))

@@ -468,24 +468,24 @@ def _stage(timings: dict[str, float], stage: Stage, seconds: float) -> None:
     metrics.stage_seconds(stage, seconds)
 
 
-def _timed(timings: dict[str, float], stage: Stage, fn: Callable[[], T]) -> T:
-    """Run fn, its time counted at `stage`."""
+def _timed(timings: dict[str, float], stage: Stage, fn: Callable[[], T], kind: str | None = None) -> T:
+    """Run fn, its time counted at `stage` (and at `<stage>_<kind>` for one kind of object)."""
     t0 = time.perf_counter()
     try:
         return fn()
     finally:
-        _stage(timings, stage, time.perf_counter() - t0)
+        seconds = time.perf_counter() - t0
+        _stage(timings, stage, seconds)
+        if kind is not None:
+            _record(timings, f"{stage}_{kind}", seconds)
 
 
 def _build(timings: dict[str, float], kind: str, fn: Callable[[], Dataset]) -> Dataset:
     """Build one object, timed under encode and encode_<kind>; a refused input fails the job."""
-    t0 = time.perf_counter()
     try:
-        return _timed(timings, Stage.ENCODE, fn)
+        return _timed(timings, Stage.ENCODE, fn, kind)
     except ValueError as e:  # the writers' input checks (highdicom's included) raise ValueError
         raise PermanentError(Stage.ENCODE, f"{kind} cannot be built: {e}") from e
-    finally:
-        _record(timings, f"{Stage.ENCODE}_{kind}", time.perf_counter() - t0)
 
 
 class _Gate:
@@ -515,7 +515,7 @@ class _Gate:
 
         while len(self._pending) >= self.limit:
             self._settle()
-        judging = self._time(kind, lambda: start(ds, self.tools))
+        judging = _timed(self.timings, Stage.VALIDATE, lambda: start(ds, self.tools), kind)
         built = Built(kind, ds, judging.checks, judging.data)
         self._pending.append((built, judging))
         if not judging.data:  # could not be written: nothing to wait for, and no bytes to compare
@@ -529,16 +529,9 @@ class _Gate:
 
     def _settle(self) -> None:
         built, judging = self._pending.popleft()
-        verdict = self._time(built.kind, judging.verdict)
+        verdict = _timed(self.timings, Stage.VALIDATE, judging.verdict, built.kind)
         if verdict.errors:
             raise PermanentError(Stage.VALIDATE, f"{built.kind} failed validation: " + "; ".join(verdict.errors[:10]))
-
-    def _time(self, kind: str, fn: Callable[[], T]) -> T:
-        t0 = time.perf_counter()
-        try:
-            return _timed(self.timings, Stage.VALIDATE, fn)
-        finally:
-            _record(self.timings, f"{Stage.VALIDATE}_{kind}", time.perf_counter() - t0)
 
 
 def _issue(config: Config, job_id: int, kind: str, key: tuple[str, ...], own: Mapping[str, revisions.Written],
