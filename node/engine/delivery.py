@@ -114,10 +114,21 @@ class _Failure:
     message: str
 
 
-def _export_to(config: Config, dest: Destination, items: list[_Claim]) -> list[_Failure]:
-    """Send the claimed items, then confirm them where dest asks (read back now, or request
-    Storage Commitment); record each Send; return failures."""
-    failures: list[_Failure] = []
+@dataclass
+class _Delivered:
+    """What one destination did with the claimed items: the network's part, not recorded yet."""
+
+    dest: Destination
+    items: list[_Claim]
+    outcomes: dict[int, SendOutcome]  # by send id, for each item sent
+    unavailable: str | None  # why nothing could be sent there
+    stored: list[_Claim]  # held there now (sent, or stored by an earlier attempt)
+    missing: dict[str, str | None]  # read back: SOP Instance UID -> why not found
+    transaction: str | None  # the Storage Commitment transaction the stored ones wait under
+
+
+def _deliver(config: Config, dest: Destination, items: list[_Claim]) -> _Delivered:
+    """Send the claimed items, and read them back now where dest confirms by C-FIND or QIDO-RS."""
     to_send = [c for c in items if not c.confirm_only]
     outcomes: dict[int, SendOutcome] = {}
     unavailable: str | None = None
@@ -128,7 +139,6 @@ def _export_to(config: Config, dest: Destination, items: list[_Claim]) -> list[_
             outcomes = {c.send_id: o for c, o in zip(to_send, sent, strict=True)}
         except (DestinationUnavailable, OSError) as e:
             unavailable = f"{dest.name}: {e}"
-            failures.append(_Failure(Stage.SEND, unavailable))
     stored = [c for c in items if c.confirm_only or (c.send_id in outcomes and outcomes[c.send_id].ok)]
     # Storage Commitment: the sends wait under this transaction, recorded before it is requested
     # (the report may reach the listener before the request returns).
@@ -139,34 +149,37 @@ def _export_to(config: Config, dest: Destination, items: list[_Claim]) -> list[_
             missing = confirm_held(dest, [c.ref for c in stored], config.export.calling_ae_title)
         except (DestinationUnavailable, OSError) as e:
             missing = {c.ref.sop_uid: f"read-back failed: {e}" for c in stored}
-    with session_scope(config.database.url) as s:
-        for c in items:
-            sd = s.get(Send, c.send_id)
-            assert sd is not None
-            if not c.confirm_only:
-                sd.attempts += 1
-                o = outcomes.get(c.send_id)
-                if o is None:
-                    move_send(sd, SendState.FAILED, error=unavailable)
-                    continue
-                sd.remote_status, sd.error = o.status, o.error
-                if not o.ok:
-                    move_send(sd, SendState.FAILED)
-                    failures.append(_Failure(Stage.SEND, f"{dest.name}: {o.error}"))
-                    continue
-                sd.sent_at = o.at
-            if dest.confirm == "none":
-                move_send(sd, SendState.SENT)
-            elif transaction is not None:
-                move_send(sd, SendState.COMMITTING, commitment_uid=transaction, error=None)
-            elif missing.get(c.ref.sop_uid) is None:
-                move_send(sd, SendState.SENT, confirmed_at=utcnow(), error=None)
-            else:
-                # Stored but not (yet) found: the next attempt only asks again, it does not resend.
-                move_send(sd, SendState.STORED, error=f"not confirmed: {missing[c.ref.sop_uid]}")
-                failures.append(_Failure(Stage.CONFIRM, f"{dest.name}: {sd.error}"))
-    if transaction is not None:
-        failures += _request_commitment(config, dest, stored, transaction)
+    return _Delivered(dest, items, outcomes, unavailable, stored, missing, transaction)
+
+
+def _record(s: Session, d: _Delivered) -> list[_Failure]:
+    """Record each claimed Send's outcome at d.dest in session s; return the failures."""
+    failures = [_Failure(Stage.SEND, d.unavailable)] if d.unavailable else []
+    for c in d.items:
+        sd = s.get(Send, c.send_id)
+        assert sd is not None
+        if not c.confirm_only:
+            sd.attempts += 1
+            o = d.outcomes.get(c.send_id)
+            if o is None:
+                move_send(sd, SendState.FAILED, error=d.unavailable)
+                continue
+            sd.remote_status, sd.error = o.status, o.error
+            if not o.ok:
+                move_send(sd, SendState.FAILED)
+                failures.append(_Failure(Stage.SEND, f"{d.dest.name}: {o.error}"))
+                continue
+            sd.sent_at = o.at
+        if d.dest.confirm == "none":
+            move_send(sd, SendState.SENT)
+        elif d.transaction is not None:
+            move_send(sd, SendState.COMMITTING, commitment_uid=d.transaction, error=None)
+        elif d.missing.get(c.ref.sop_uid) is None:
+            move_send(sd, SendState.SENT, confirmed_at=utcnow(), error=None)
+        else:
+            # Stored but not (yet) found: the next attempt only asks again, it does not resend.
+            move_send(sd, SendState.STORED, error=f"not confirmed: {d.missing[c.ref.sop_uid]}")
+            failures.append(_Failure(Stage.CONFIRM, f"{d.dest.name}: {sd.error}"))
     return failures
 
 
@@ -213,19 +226,34 @@ def run_export(config: Config, job_id: int) -> None:
     t0 = time.perf_counter()
     failures: list[_Failure] = []
     dests = {d.name: d for d in config.destinations}
+    last: _Delivered | None = None
     for name, items in claims.by_destination.items():
         dest = dests.get(name)
-        if dest is not None:
-            failures += _export_to(config, dest, items)
+        if dest is None:
+            failures.append(_Failure(Stage.SEND, f"{name}: destination no longer configured"))
+            with session_scope(config.database.url) as s:
+                for c in items:
+                    sd = s.get(Send, c.send_id)
+                    assert sd is not None
+                    move_send(sd, SendState.FAILED, error=failures[-1].message)
             continue
-        failures.append(_Failure(Stage.SEND, f"{name}: destination no longer configured"))
+        if last is not None:  # recorded before the next destination is tried
+            with session_scope(config.database.url) as s:
+                failures += _record(s, last)
+            last = None
+        delivered = _deliver(config, dest, items)
+        if delivered.transaction is None:
+            last = delivered
+            continue
         with session_scope(config.database.url) as s:
-            for c in items:
-                sd = s.get(Send, c.send_id)
-                assert sd is not None
-                move_send(sd, SendState.FAILED, error=failures[-1].message)
+            failures += _record(s, delivered)
+        failures += _request_commitment(config, dest, delivered.stored, delivered.transaction)
     elapsed = time.perf_counter() - t0
+    # The last destination's outcome is recorded in the commit that closes the job: each commit
+    # on SQLite holds the one write lock for its fsync, and the export made six of them a job.
     with session_scope(config.database.url) as s:
+        if last is not None:
+            failures += _record(s, last)
         job = s.get(Job, job_id)
         assert job is not None
         s.execute(update(Job).where(Job.id == job_id).values(send_seconds=Job.send_seconds + elapsed))
