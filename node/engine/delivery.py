@@ -76,18 +76,19 @@ def _claim_sends(config: Config, job_id: int) -> _Claims:
         job = s.get(Job, job_id)
         if job is None or job.state not in (JobState.RUNNING, JobState.ENCODED, JobState.SENDING):
             return _Claims(job.state if job else None)
-        if job.state == JobState.ENCODED and not claim(s, job, JobState.SENDING):
-            s.refresh(job)  # the job's other export task moved it first (or it was cancelled)
-            if job.state != JobState.SENDING:
-                return _Claims(job.state)
         # One query for every send of the job, and the likelier claim first: this runs on the
         # SR's path to the PACS, and loading outputs, study and sends one by one with two
-        # UPDATEs per send took 5 of its 9 ms (#12).
+        # UPDATEs per send took 5 of its 9 ms (#12). Read before the first change: on SQLite
+        # that takes the database's one write lock, which every other process then waits for.
         study_uid = job.study.study_instance_uid
         sends = s.execute(select(Send.id, Send.destination, Output.path, Output.series_instance_uid,
                                  Output.sop_instance_uid, Output.sop_class_uid)
                           .join(Output, Send.output_id == Output.id)
                           .where(Output.job_id == job_id).order_by(Output.id, Send.id)).all()
+        if job.state == JobState.ENCODED and not claim(s, job, JobState.SENDING):
+            s.refresh(job)  # the job's other export task moved it first (or it was cancelled)
+            if job.state != JobState.SENDING:
+                return _Claims(job.state)
         for send_id, destination, path, series_uid, sop_uid, sop_class_uid in sends:
             # Stored: only its confirmation is due. A commitment report that did not come in
             # time: asked for again. (Exclusive with to_send: the order saves a statement.)
@@ -155,9 +156,10 @@ def _deliver(config: Config, dest: Destination, items: list[_Claim]) -> _Deliver
 def _record(s: Session, d: _Delivered) -> list[_Failure]:
     """Record each claimed Send's outcome at d.dest in session s; return the failures."""
     failures = [_Failure(Stage.SEND, d.unavailable)] if d.unavailable else []
+    # All read at once, before the first change is flushed (see _claim_sends)
+    rows = {sd.id: sd for sd in s.scalars(select(Send).where(Send.id.in_([c.send_id for c in d.items])))}
     for c in d.items:
-        sd = s.get(Send, c.send_id)
-        assert sd is not None
+        sd = rows[c.send_id]
         if not c.confirm_only:
             sd.attempts += 1
             o = d.outcomes.get(c.send_id)
@@ -252,10 +254,10 @@ def run_export(config: Config, job_id: int) -> None:
     # The last destination's outcome is recorded in the commit that closes the job: each commit
     # on SQLite holds the one write lock for its fsync, and the export made six of them a job.
     with session_scope(config.database.url) as s:
-        if last is not None:
-            failures += _record(s, last)
         job = s.get(Job, job_id)
         assert job is not None
+        if last is not None:
+            failures += _record(s, last)
         s.execute(update(Job).where(Job.id == job_id).values(send_seconds=Job.send_seconds + elapsed))
         error = None
         # Whoever records the last object closes the job (a commitment report may have done so
