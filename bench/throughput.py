@@ -8,14 +8,19 @@ database (end to end: receive, complete, infer, encode, send to Orthanc). Worker
 and their models loaded before the clock starts. Prints both rates and their ratio, and how
 much of the inference side each worker was busy.
 
-    python bench/throughput.py [--studies 20] [--size 512] [--bundle models/chest_xray] [--threads split|default]
-                               [--embedded] [--device cpu|cuda]
+    python bench/throughput.py [--studies 20] [--size 512] [--bundle models/chest_xray]
+                               [--threads split|half|default] [--rounds 1] [--embedded] [--device cpu|cuda]
 
 --threads split (the default): one worker gets every core's torch thread, each of two workers half
-of them (`pacsnode worker --threads`), as an operator sizing workers for a host would; `default`
-leaves torch's own default (one thread per core in every worker: with two workers, twice as many
-threads as cores). On a machine with fewer cores than workers the ratio says more about the CPU
-than the engine.
+of them (`pacsnode worker --threads`), as an operator sizing workers for a host would; `half`:
+every worker half the cores in both rounds, so the second worker brings cores of its own (a
+worker of a fixed size, added where the machine has the cores); `default` leaves torch's own
+default (one thread per core in every worker: with two workers, twice as many threads as cores).
+On a machine with fewer cores than workers the ratio says more about the CPU than the engine.
+
+--rounds N: N pairs of rounds, in alternating order (1 then 2 workers, then 2 then 1, ...), each
+pair's ratio printed and their median: a machine whose speed drifts during the run (the GPU
+machine's did) biases one ratio, not the median.
 
 --embedded: the embedded default instead (SQLite, the filesystem broker in the spool), the same
 separate listener and worker processes, and Python peers in this process: pynetdicom senders and
@@ -159,7 +164,7 @@ def run_round(workers: int, files: list[Path], work: Path, peers: ProductionPeer
     """With `workers` inference processes: seconds from the first send until every study's job is
     done, and the inference side's seconds (first job running to last job encoded: the workers'
     own span, without the listener before it and the export after it)."""
-    name = f"{workers}w"
+    name = next(n for n in (f"{workers}w{i or ''}" for i in range(1000)) if not (work / n).exists())  # a fresh node each round
     cfg = node_config(
         work / name, bundle, [peers.destination()],
         completion={"quiet_seconds": 0.3},
@@ -240,14 +245,26 @@ def _busy_seconds(intervals: list[tuple[datetime, datetime]]) -> float:
     return total
 
 
+def _threads(how: str, workers: int) -> int | None:
+    """Torch threads for each of `workers` inference workers (None: torch's default)."""
+    cores = os.cpu_count() or 1
+    if how == "split":
+        return max(1, cores // workers)
+    if how == "half":
+        return max(1, cores // 2)
+    return None
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--studies", type=int, default=20)
     p.add_argument("--size", type=int, default=512, help="rows and columns of each synthetic CR")
     p.add_argument("--bundle", type=Path, default=REPO / "models" / "chest_xray")
     p.add_argument("--device", default="cpu", help="pipeline device for every worker: cpu, cuda, cuda:N")
-    p.add_argument("--threads", choices=["split", "default"], default="split",
-                   help="torch threads per worker: the cores split among the workers, or torch's default")
+    p.add_argument("--threads", choices=["split", "half", "default"], default="split",
+                   help="torch threads per worker: the cores split among the workers, half the cores each, "
+                        "or torch's default")
+    p.add_argument("--rounds", type=int, default=1, help="pairs of rounds (1 and 2 workers), in alternating order")
     p.add_argument("--embedded", action="store_true",
                    help="SQLite, the embedded broker and Python peers instead of PostgreSQL, Redis, Orthanc, DCMTK")
     args = p.parse_args()
@@ -258,19 +275,27 @@ def main() -> int:
         files = synthetic_cr(work / "studies", args.studies, size=args.size)
         peers = EmbeddedPeers() if args.embedded else ProductionPeers(work)
         try:
-            rates, inference_rates = {}, {}
-            for n in (1, 2):
-                threads = max(1, (os.cpu_count() or 1) // n) if args.threads == "split" else None
-                seconds, inference_side = run_round(n, files, work, peers, args.bundle.resolve(), args.device, threads)
-                rates[n] = args.studies / seconds * 60
-                inference_rates[n] = args.studies / inference_side * 60
-                print(f"{n} inference worker(s), torch threads each: {threads or 'default'}: {args.studies} studies "
-                      f"in {seconds:.1f} s = {rates[n]:.1f} studies/min (inference side {inference_side:.1f} s = "
-                      f"{inference_rates[n]:.1f} studies/min)", flush=True)
+            rates: dict[int, list[float]] = {1: [], 2: []}
+            inference_rates: dict[int, list[float]] = {1: [], 2: []}
+            for r in range(args.rounds):
+                for n in ((1, 2) if r % 2 == 0 else (2, 1)):
+                    threads = _threads(args.threads, n)
+                    seconds, inference_side = run_round(n, files, work, peers, args.bundle.resolve(), args.device,
+                                                        threads)
+                    rates[n].append(args.studies / seconds * 60)
+                    inference_rates[n].append(args.studies / inference_side * 60)
+                    print(f"{n} inference worker(s), torch threads each: {threads or 'default'}: {args.studies} "
+                          f"studies in {seconds:.1f} s = {rates[n][-1]:.1f} studies/min (inference side "
+                          f"{inference_side:.1f} s = {inference_rates[n][-1]:.1f} studies/min)", flush=True)
+                if args.rounds > 1:
+                    print(f"pair {r + 1}: ratio {rates[2][-1] / rates[1][-1]:.2f}, inference side "
+                          f"{inference_rates[2][-1] / inference_rates[1][-1]:.2f}", flush=True)
         finally:
             peers.stop()
-    print(f"ratio 2 workers / 1 worker: {rates[2] / rates[1]:.2f}, inference side "
-          f"{inference_rates[2] / inference_rates[1]:.2f} (CPU cores: {os.cpu_count()}, "
+    ratio = statistics.median(b / a for a, b in zip(rates[1], rates[2], strict=True))
+    inference_ratio = statistics.median(b / a for a, b in zip(inference_rates[1], inference_rates[2], strict=True))
+    print(f"ratio 2 workers / 1 worker{' (median of the pairs)' if args.rounds > 1 else ''}: {ratio:.2f}, "
+          f"inference side {inference_ratio:.2f} (CPU cores: {os.cpu_count()}, threads {args.threads}, "
           f"{args.size}x{args.size} CR, device {args.device}, {'embedded' if args.embedded else 'production'} mode)")
     return 0
 
