@@ -577,15 +577,13 @@ def _store_outputs(config: Config, job_id: int, objects: list[Built], destinatio
         job = s.get(Job, job_id)
         assert job is not None
         # Every file is durable before the first statement that writes: on SQLite that statement
-        # takes the database's one write lock, and the listener, the other workers and the export
-        # wait for it in SQLite's busy handler, whose sleeps grow 1, 2, 5 ... 50 ms. Writing (and
-        # fsyncing) the files under it made them wait up to 200 ms at a time (#12).
-        index = 0 if first else len(job.outputs)
-        paths = []
-        for built in objects:
-            paths.append(output_relpath(job.id, built.kind, index))
-            index += 1
-            write_atomic(config.storage.path, paths[-1], built.data)
+        # takes the database's one write lock, which the listener, the other workers and the
+        # export then wait for. Written (and fsync'd) under it, the files made them wait up to
+        # 200 ms at a time (#12).
+        first_index = 0 if first else len(job.outputs)
+        paths = [output_relpath(job.id, b.kind, i) for i, b in enumerate(objects, start=first_index)]
+        for built, rel in zip(objects, paths, strict=True):
+            write_atomic(config.storage.path, rel, built.data)
         if first:
             for old in list(job.outputs):
                 for sd in list(old.sends):
