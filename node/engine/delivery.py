@@ -254,11 +254,15 @@ def run_export(config: Config, job_id: int) -> None:
     # The last destination's outcome is recorded in the commit that closes the job: each commit
     # on SQLite holds the one write lock for its fsync, and the export made six of them a job.
     with session_scope(config.database.url) as s:
-        job = s.get(Job, job_id)
-        assert job is not None
         if last is not None:
             failures += _record(s, last)
         s.execute(update(Job).where(Job.id == job_id).values(send_seconds=Job.send_seconds + elapsed))
+        # Read after that UPDATE, which holds the job (SQLite: the write lock; PostgreSQL: its
+        # row) until this commits: the job's other export task (the SR's, or the others') has
+        # committed what it recorded, or waits for this. Read before it, both could see the
+        # other's sends unsent, or the job not yet sending, and neither close the job.
+        job = s.get(Job, job_id, populate_existing=True)
+        assert job is not None
         error = None
         # Whoever records the last object closes the job (a commitment report may have done so
         # meanwhile); a job still encoding stays running. Until then, this task keeps retrying,

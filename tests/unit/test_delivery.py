@@ -37,3 +37,76 @@ def test_only_a_commitment_destination_from_its_own_address_is_a_commitment_peer
     assert commitment_peer(cfg, "PACS", "10.0.0.9") is None  # its title, not its address
     assert commitment_peer(cfg, "PLAIN", "127.0.0.1") is None  # it does not confirm by commitment
     assert commitment_peer(cfg, "NAMED", "127.0.0.1") is cfg.destinations[2]  # a host name is resolved
+
+
+def test_the_two_export_tasks_of_a_job_close_it_whichever_records_last(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The SR's export task (started while the job still encodes) records its send in the same
+    commit that may close the job. Here it read the job before the other task claimed it and
+    commits after that task looked for unsent objects: one of the two must still close it (the
+    node once left such a job "sending" for ever)."""
+    import threading
+
+    from node.cli import db_upgrade
+    from node.config import parse_config
+    from node.db.models import Job, JobState, Output, Send, SendState, utcnow
+    from node.db.session import session_scope
+    from node.engine import delivery
+    from node.export import SendOutcome
+    from node.jobs import transition
+    from tests.unit.jobs_data import make_job
+
+    cfg = parse_config({
+        "storage": {"path": str(tmp_path / "spool")},
+        "database": {"url": f"sqlite:///{tmp_path / 'db.sqlite'}"},
+        "destinations": [{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": 104}],
+    })
+    db_upgrade(cfg)
+    job_id = make_job(cfg, JobState.RUNNING)
+
+    def add_output(kind: str) -> None:
+        with session_scope(cfg.database.url) as s:
+            out = Output(job_id=job_id, kind=kind, sop_class_uid="1.2.840.10008.5.1.4.1.1.88.34",
+                         sop_instance_uid=f"2.25.{len(kind)}", series_instance_uid="2.25.9", path=f"outputs/{kind}.dcm")
+            s.add(out)
+            s.flush()
+            s.add(Send(output_id=out.id, destination="pacs", state=SendState.PENDING, attempts=0))
+
+    monkeypatch.setattr(delivery, "send_files", lambda dest, paths, *a: [SendOutcome(p, 0, None, utcnow()) for p in paths])
+    sr_recorded, other_done = threading.Event(), threading.Event()
+    record = delivery._record
+
+    def paused_record(s, d):  # type: ignore[no-untyped-def]
+        failures = record(s, d)
+        if threading.current_thread().name == "sr-export":
+            sr_recorded.set()  # its session has read the job, not yet written
+            assert other_done.wait(30)
+        return failures
+
+    monkeypatch.setattr(delivery, "_record", paused_record)
+    add_output("sr")
+    errors: list[BaseException] = []
+
+    def sr_export() -> None:
+        try:
+            delivery.run_export(cfg, job_id)
+        except BaseException as e:  # noqa: BLE001 (reported below)
+            errors.append(e)
+
+    sr_task = threading.Thread(target=sr_export, name="sr-export")
+    sr_task.start()
+    assert sr_recorded.wait(30)
+    add_output("seg")  # the worker's other objects, then the job is encoded
+    with session_scope(cfg.database.url) as s:
+        job = s.get(Job, job_id)
+        assert job is not None
+        transition(job, JobState.ENCODED)
+    try:
+        delivery.run_export(cfg, job_id)  # the others' task: claims the job, sends, finds the SR unsent
+    except delivery.RetryableExportError:
+        pass
+    other_done.set()
+    sr_task.join(30)
+    assert not sr_task.is_alive() and not errors
+    with session_scope(cfg.database.url) as s:
+        assert [sd.state for sd in s.query(Send)] == [SendState.SENT, SendState.SENT]
+        assert s.get(Job, job_id).state == JobState.DONE  # type: ignore[union-attr]
