@@ -226,10 +226,34 @@ def run_round(workers: int, files: list[Path], work: Path, peers: ProductionPeer
         print("  workers busy (a job of theirs running or encoding) for "
               + ", ".join(f"{w} {b:.0%}" for w, b in busy.items())
               + f" of the inference side; the last study was queued {last_queued:.1f} s into it", flush=True)
+        if url.startswith("sqlite"):
+            print("  " + _database_waits(node.config_path), flush=True)
         return elapsed, inference_side
     finally:
         node.stop()
         peers.end_round()
+
+
+def _database_waits(config_path: Path) -> str:
+    """What every process of the round says in pacsnode_database_write_wait_seconds (its
+    SQLite writes' waits for the other writers), summed over the processes."""
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    from node.config import load_config
+    from node.metrics import metrics_dir
+
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=str(metrics_dir(load_config(config_path))))
+    total = count = 0.0
+    for family in registry.collect():
+        for sample in family.samples:
+            if sample.name == "pacsnode_database_write_wait_seconds_sum":
+                total += sample.value
+            elif sample.name == "pacsnode_database_write_wait_seconds_count":
+                count += sample.value
+    mean = total / count * 1000 if count else 0.0
+    return f"database writes waited {total:.1f} s in all for the other writers ({count:.0f} writes, mean {mean:.1f} ms)"
 
 
 def _busy_seconds(intervals: list[tuple[datetime, datetime]]) -> float:

@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 PREFIX = "pacsnode"
 _STAGE_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 _HTTP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.25, 0.5, 1, 2.5, 10)
+_WAIT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5, 30)
 _metrics: dict[str, Any] | None = None
 _dir: Path | None = None
 _lock = threading.Lock()
@@ -98,6 +99,9 @@ def _m() -> dict[str, Any]:
                               ["what"], registry=None),
             "http": Histogram(f"{PREFIX}_http_request_duration_seconds", "HTTP requests, by route template",
                               ["method", "route", "status"], buckets=_HTTP_BUCKETS, registry=None),
+            "db_wait": Histogram(f"{PREFIX}_database_write_wait_seconds",
+                                 "Time a write transaction waited for the SQLite database's other writers",
+                                 buckets=_WAIT_BUCKETS, registry=None),
         }
     return _metrics
 
@@ -142,6 +146,13 @@ def send_result(destination: str, status: str) -> None:
 def http_request(method: str, route: str, status: int, seconds: float) -> None:
     """One HTTP request; `route` is the route's template (/studies/{uid}), never the path."""
     _m()["http"].labels(method=method, route=route, status=str(status)).observe(seconds)
+
+
+def database_write_wait(seconds: float) -> None:
+    """One SQLite write transaction began after waiting `seconds` for the node's other writers
+    (node.db.session.WriterQueueConnection): where these grow, the database is what the node
+    waits for, and PostgreSQL is the way out."""
+    _m()["db_wait"].observe(seconds)
 
 
 class _StateCollector:

@@ -15,6 +15,8 @@ from typing import Any
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
+from node import metrics
+
 
 @cache
 def engine_for(url: str) -> Engine:
@@ -72,18 +74,21 @@ class WriterQueueConnection(sqlite3.Connection):
         if self._queue is None or self._fd is not None or self.in_transaction:
             return
         fd = os.open(self._queue, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        deadline, nap = time.monotonic() + WRITER_WAIT_SECONDS, 0.0001
+        start = time.monotonic()
+        nap = 0.0001
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
-                if time.monotonic() > deadline:  # SQLite's busy timeout decides from here
+                if time.monotonic() - start > WRITER_WAIT_SECONDS:  # SQLite's busy timeout decides from here
                     os.close(fd)
+                    metrics.database_write_wait(time.monotonic() - start)
                     return
                 time.sleep(nap)
                 nap = min(nap * 2, 0.001)
         self._fd = fd
+        metrics.database_write_wait(time.monotonic() - start)
 
     def _dequeue(self) -> None:
         if self._fd is not None:

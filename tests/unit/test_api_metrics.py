@@ -37,6 +37,7 @@ def _other_process(state_dir: Path) -> None:
         for stage in ("decode", "inference", "encode", "validate", "send"):
             metrics.stage_seconds(Stage(stage), 0.2)
         metrics.send_result("pacs", "ok")
+        metrics.database_write_wait(0.004)
     """)
     subprocess.run([sys.executable, "-c", script], check=True, cwd=REPO, timeout=120)
 
@@ -66,6 +67,9 @@ def test_metrics_of_all_processes_with_base_units_and_no_identifiers(tmp_path: P
     for stage in ("decode", "inference", "encode", "validate", "send"):
         assert value("pacsnode_stage_duration_seconds_count", stage=stage) == 2, stage
     assert value("pacsnode_sends_total", destination="pacs", status="ok") == 2
+    # two from the other processes; this one's own writes (the jobs above) may add theirs
+    assert value("pacsnode_database_write_wait_seconds_count") >= 2
+    assert value("pacsnode_database_write_wait_seconds_sum") >= 0.008
     # Read at scrape time from the database, broker and disk:
     assert value("pacsnode_jobs", state="running") == 1 and value("pacsnode_jobs", state="queued") == 0
     assert value("pacsnode_studies", state="receiving") == 0

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import text
 
+from node import metrics
 from node.db.session import engine_for
 
 
@@ -76,10 +77,18 @@ def test_a_rollback_or_a_closed_connection_lets_the_next_writer_in(db: tuple[str
         assert c.execute(text("SELECT count(*) FROM t")).scalar() == 0
 
 
+def _waited_seconds() -> float:
+    """pacsnode_database_write_wait_seconds' sum in this process."""
+    [family] = metrics._m()["db_wait"].collect()
+    return next(s.value for s in family.samples if s.name.endswith("_sum"))
+
+
 def test_a_writer_waits_in_the_queue_not_in_sqlite(db: tuple[str, Path]) -> None:
     """While one connection holds the queue, another's write has not even begun its SQLite
-    transaction (without the queue it would have, and would sleep in SQLite's busy handler)."""
+    transaction (without the queue it would have, and would sleep in SQLite's busy handler).
+    Its wait is counted in pacsnode_database_write_wait_seconds."""
     url, queue = db
+    waited = _waited_seconds()
     first, second = engine_for(url).raw_connection(), engine_for(url).raw_connection()
     first.cursor().execute("INSERT INTO t VALUES (1)")
     started, errors = threading.Event(), []
@@ -102,6 +111,7 @@ def test_a_writer_waits_in_the_queue_not_in_sqlite(db: tuple[str, Path]) -> None
     t.join(10)
     assert not t.is_alive() and not errors
     assert not _held(queue)
+    assert _waited_seconds() - waited >= 0.3
     first.close()
     second.close()
     with engine_for(url).connect() as c:
