@@ -602,4 +602,9 @@ def _store_outputs(config: Config, job_id: int, objects: list[Built], destinatio
                 s.add(Send(output_id=out.id, destination=dest.name, state=SendState.PENDING, attempts=0))
         if encoded is not None:
             version, timings = encoded
+            # Read again now that the rows above hold the write lock (SQLite) or with the row's
+            # lock (PostgreSQL): a cancel while the files were written is not overwritten.
+            s.flush()
+            job = s.get(Job, job_id, with_for_update=True, populate_existing=True)
+            assert job is not None
             transition(job, JobState.ENCODED, model_version=version, timings={**job.timings, **timings})

@@ -162,3 +162,34 @@ def test_waiting_jobs_share_one_forward_pass_and_a_bad_image_fails_only_its_job(
         states = {j.id: (j.state, j.error_stage) for j in s.scalars(select(Job))}
     assert states[job_ids[1]] == (JobState.FAILED, "decode")
     assert states[job_ids[0]] == states[job_ids[2]] == (JobState.ENCODED, None)
+
+
+def test_a_job_cancelled_while_its_last_objects_are_written_stays_cancelled(
+    config: Config, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The job becomes encoded in the commit that records its last objects; a cancel that came
+    while their files were written is read there and wins (nothing of the attempt is recorded)."""
+    from pydicom import Dataset
+
+    import node.engine.inference as inference
+    from node.db.models import Output
+    from node.jobs import TransitionError, cancel
+
+    job_id = make_job(config, JobState.RUNNING)
+    ds = Dataset()
+    ds.SOPClassUID, ds.SOPInstanceUID, ds.SeriesInstanceUID = "1.2.840.10008.5.1.4.1.1.66.4", "2.25.1", "2.25.2"
+    write = inference.write_atomic
+
+    def write_and_cancel(root: Path, rel: str, data: bytes) -> Path:
+        path = write(root, rel, data)
+        cancel(config, job_id, "admin", "wrong patient")  # another process, meanwhile
+        return path
+
+    monkeypatch.setattr(inference, "write_atomic", write_and_cancel)
+    with pytest.raises(TransitionError, match="cancelled -> encoded is not allowed"):
+        inference._store_outputs(config, job_id, [inference.Built("seg", ds, (), b"DICM")], [], first=False,
+                                 encoded=("demo", {}))
+    with session_scope(config.database.url) as s:
+        job = s.get(Job, job_id)
+        assert job is not None and job.state == JobState.CANCELLED
+        assert s.query(Output).count() == 0
