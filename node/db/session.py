@@ -73,7 +73,10 @@ class WriterQueueConnection(sqlite3.Connection):
         """Before a statement that opens a write transaction: wait for this node's other writers."""
         if self._queue is None or self._fd is not None or self.in_transaction:
             return
-        fd = os.open(self._queue, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:  # read access is enough for flock: a process of another user sharing the database may lock it too
+            fd = os.open(self._queue, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError:  # cannot be made or opened here: SQLite's own wait, as without the queue
+            return
         start = time.monotonic()
         nap = 0.0001
         while True:

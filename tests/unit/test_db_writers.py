@@ -124,3 +124,13 @@ def test_an_in_memory_database_has_no_queue_file(tmp_path: Path, monkeypatch: py
         c.execute(text("CREATE TABLE t (a INTEGER)"))
         c.execute(text("INSERT INTO t VALUES (1)"))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_queue_file_that_cannot_be_opened_leaves_the_write_to_sqlite(db: tuple[str, Path]) -> None:
+    """Another user's folder, a broken link: the write goes ahead under SQLite's own wait."""
+    url, queue = db
+    queue.symlink_to(queue.parent / "missing" / "writers")
+    with engine_for(url).begin() as c:
+        c.execute(text("INSERT INTO t VALUES (1)"))
+    with engine_for(url).connect() as c:
+        assert c.execute(text("SELECT count(*) FROM t")).scalar() == 1
