@@ -77,21 +77,21 @@ class WriterQueueConnection(sqlite3.Connection):
             fd = os.open(self._queue, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
         except OSError:  # cannot be made or opened here: SQLite's own wait, as without the queue
             return
-        start = time.monotonic()
-        nap = 0.0001
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() - start > WRITER_WAIT_SECONDS:  # SQLite's busy timeout decides from here
-                    os.close(fd)
-                    metrics.database_write_wait(time.monotonic() - start)
+        start, nap = time.monotonic(), 0.0001
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    self._fd = fd
                     return
-                time.sleep(nap)
-                nap = min(nap * 2, 0.001)
-        self._fd = fd
-        metrics.database_write_wait(time.monotonic() - start)
+                except BlockingIOError:
+                    if time.monotonic() - start > WRITER_WAIT_SECONDS:  # SQLite's busy timeout decides from here
+                        os.close(fd)
+                        return
+                    time.sleep(nap)
+                    nap = min(nap * 2, 0.001)
+        finally:
+            metrics.database_write_wait(time.monotonic() - start)
 
     def _dequeue(self) -> None:
         if self._fd is not None:
@@ -118,14 +118,18 @@ class WriterQueueConnection(sqlite3.Connection):
 
 
 class _QueuedCursor(sqlite3.Cursor):
-    def execute(self, sql: str, parameters: Any = (), /) -> _QueuedCursor:
+    """Queues its connection before a statement that pysqlite opens a write transaction for."""
+
+    def _queue(self, sql: str) -> None:
         if sql.lstrip()[:7].upper().startswith(_DML):
             self.connection.queue_for_write()  # type: ignore[attr-defined]  # a WriterQueueConnection's
+
+    def execute(self, sql: str, parameters: Any = (), /) -> _QueuedCursor:
+        self._queue(sql)
         return super().execute(sql, parameters)
 
     def executemany(self, sql: str, seq_of_parameters: Any, /) -> _QueuedCursor:
-        if sql.lstrip()[:7].upper().startswith(_DML):
-            self.connection.queue_for_write()  # type: ignore[attr-defined]
+        self._queue(sql)
         return super().executemany(sql, seq_of_parameters)
 
 

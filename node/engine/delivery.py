@@ -229,7 +229,8 @@ def run_export(config: Config, job_id: int) -> None:
     failures: list[_Failure] = []
     dests = {d.name: d for d in config.destinations}
     last: _Delivered | None = None
-    for name, items in claims.by_destination.items():
+    by_destination = list(claims.by_destination.items())
+    for i, (name, items) in enumerate(by_destination):
         dest = dests.get(name)
         if dest is None:
             failures.append(_Failure(Stage.SEND, f"{name}: destination no longer configured"))
@@ -239,17 +240,14 @@ def run_export(config: Config, job_id: int) -> None:
                     assert sd is not None
                     move_send(sd, SendState.FAILED, error=failures[-1].message)
             continue
-        if last is not None:  # recorded before the next destination is tried
-            with session_scope(config.database.url) as s:
-                failures += _record(s, last)
-            last = None
         delivered = _deliver(config, dest, items)
-        if delivered.transaction is None:
-            last = delivered
+        if delivered.transaction is None and i == len(by_destination) - 1:
+            last = delivered  # recorded below, with the job
             continue
         with session_scope(config.database.url) as s:
             failures += _record(s, delivered)
-        failures += _request_commitment(config, dest, delivered.stored, delivered.transaction)
+        if delivered.transaction is not None:  # recorded first: the report may come before the request returns
+            failures += _request_commitment(config, dest, delivered.stored, delivered.transaction)
     elapsed = time.perf_counter() - t0
     # The last destination's outcome is recorded in the commit that closes the job: each commit
     # on SQLite holds the one write lock for its fsync, and the export made six of them a job.
