@@ -273,7 +273,7 @@ def openmp_defaults(environ: MutableMapping[str, str]) -> None:
 
 
 def cmd_worker(args: argparse.Namespace, config: Config) -> int:
-    from node.queue import EXPORT_QUEUE, configure
+    from node.queue import EXPORT_QUEUE, configure, requeue_orphaned_messages
     from node.services.retention import remove_orphaned_staging
 
     openmp_defaults(os.environ)  # before torch loads
@@ -291,6 +291,7 @@ def cmd_worker(args: argparse.Namespace, config: Config) -> int:
 
         torch.set_num_threads(args.threads)
     remove_orphaned_staging(config)  # a worker killed while writing a result left its staged file
+    requeue_orphaned_messages(config)  # or while taking a message from the embedded queue
     app = configure(config)
     import node.tasks  # noqa: F401  (registers the tasks)
 

@@ -7,11 +7,13 @@ kombu's filesystem transport inside the spool, so a first run needs no Redis; pr
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
 import time
 import uuid
+from pathlib import Path
 from queue import Empty
 from typing import Any, ClassVar, cast
 
@@ -67,11 +69,68 @@ class _WholeMessageChannel(filesystem.Channel):
             try:
                 with open(taken, "rb") as f:
                     payload = f.read()
-                os.remove(taken)
+            except FileNotFoundError:  # put back meanwhile (requeue_orphaned_messages): taken again later
+                continue
             except OSError as e:
                 raise ChannelError(f"Cannot read file {taken!r} from queue.") from e
+            try:
+                os.remove(taken)
+            except FileNotFoundError:  # put back after this read: delivered twice, which a job's claim absorbs
+                pass
+            except OSError as e:
+                raise ChannelError(f"Cannot remove file {taken!r} from queue.") from e
             return loads(bytes_to_str(payload))
         raise Empty()
+
+
+#: A message still in `processed/` this long after it was taken there (the rename sets its
+#: change time) belongs to a consumer that died before reading it: a living one reads it at once.
+#: A `.partial` message file this old was left by a producer that died while writing it.
+ORPHANED_MESSAGE_SECONDS = 60.0
+
+
+def requeue_orphaned_messages(config: Config, older_than: float = ORPHANED_MESSAGE_SECONDS) -> int:
+    """Embedded broker, at a worker's start: put back the messages a consumer took but never read
+    (it died between taking and reading one), and remove half-written ones; return how many were
+    put back. The reconciler would queue such a job again anyway, later; a job delivered twice
+    runs once (its claim). Production's broker (Redis) re-delivers by itself."""
+    if not config.embedded_queue:
+        return 0
+    folder = config.storage.path / "queue"
+    messages, processed = folder / "messages", folder / "processed"
+    limit = time.time() - older_than
+    put_back = 0
+    for entry in _entries(processed, ".msg"):
+        st = _stat(entry)
+        if st is not None and max(st.st_ctime, st.st_mtime) < limit:
+            with contextlib.suppress(FileNotFoundError):  # read by a living consumer meanwhile
+                os.rename(entry, messages / entry.name)  # the same name: its place in the queue's order
+                put_back += 1
+    removed = 0
+    for entry in _entries(messages, ".partial"):
+        st = _stat(entry)
+        if st is not None and st.st_mtime < limit:
+            with contextlib.suppress(FileNotFoundError):
+                entry.unlink()
+                removed += 1
+    if put_back or removed:
+        log.warning("embedded queue: %d message(s) a stopped worker had taken but not read put back, "
+                    "%d half-written message(s) removed", put_back, removed)
+    return put_back
+
+
+def _entries(folder: Path, suffix: str) -> list[Path]:
+    try:
+        return sorted(p for p in folder.iterdir() if p.name.endswith(suffix))
+    except FileNotFoundError:
+        return []
+
+
+def _stat(path: Path) -> os.stat_result | None:
+    try:
+        return path.stat()
+    except FileNotFoundError:
+        return None
 
 
 #: Seconds an idle embedded worker waits for a message file before it looks again anyway,

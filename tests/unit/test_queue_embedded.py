@@ -11,7 +11,7 @@ from kombu import Connection, Exchange, Queue
 
 from node.config import Config
 from node.fswatch import FolderWatch
-from node.queue import broker_settings
+from node.queue import broker_settings, requeue_orphaned_messages
 
 linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="inotify is Linux's")
 
@@ -143,3 +143,72 @@ def test_consumers_take_each_message_once_inside_the_spool(tmp_path: Path, monke
     assert sorted(got) == list(range(40))
     assert not system_tmp.parent.exists()
     assert list((tmp_path / "spool" / "queue" / "processed").iterdir()) == []
+
+
+def _publish(settings: dict, jobs: range) -> Queue:
+    queue = Queue("inference", Exchange("inference"), routing_key="inference")
+    with Connection(str(settings["broker_url"]), transport_options=settings["broker_transport_options"]) as conn:
+        for job in jobs:
+            conn.Producer().publish({"job": job}, exchange=queue.exchange, routing_key="inference", declare=[queue])
+    return queue
+
+
+def _drain(settings: dict, queue: Queue) -> list[int]:
+    got: list[int] = []
+    with Connection(str(settings["broker_url"]), transport_options=settings["broker_transport_options"]) as conn:
+        with conn.Consumer(queue, callbacks=[lambda body, message: (got.append(body["job"]), message.ack())]):
+            while True:
+                try:
+                    conn.drain_events(timeout=0.5)
+                except TimeoutError:
+                    return got
+
+
+def test_a_message_a_stopped_worker_took_but_never_read_is_put_back(tmp_path: Path,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """A consumer that dies between taking a message (its rename into processed/) and reading it
+    left it there for good; a worker's start puts back what has waited there too long, and
+    removes message files a producer left half-written. Recent ones are left alone."""
+    config = Config.model_validate({"storage": {"path": str(tmp_path)}})
+    settings = broker_settings(config)
+    queue = _publish(settings, range(3))
+    messages, processed = tmp_path / "queue" / "messages", tmp_path / "queue" / "processed"
+    taken = sorted(messages.glob("*.msg"))[1]
+    taken.rename(processed / taken.name)  # what _get does before it reads; then the worker died
+    (messages / ".stale.partial").write_bytes(b'{"half')
+    old = time.time() - 120
+    os.utime(messages / ".stale.partial", (old, old))
+    (messages / ".fresh.partial").write_bytes(b'{"being written')
+
+    with caplog.at_level("WARNING", logger="node.queue"):
+        assert requeue_orphaned_messages(config) == 0  # taken a moment ago: a living consumer's
+    assert "0 message(s) a stopped worker had taken but not read put back, 1 half-written" in caplog.text
+    assert (processed / taken.name).exists()
+    assert [p.name for p in messages.glob(".*.partial")] == [".fresh.partial"]
+    time.sleep(0.05)
+    assert requeue_orphaned_messages(config, older_than=0.01) == 1
+    assert list(processed.iterdir()) == []
+    assert list(messages.glob(".*.partial")) == []
+    assert sorted(_drain(settings, queue)) == [0, 1, 2]  # each once
+
+
+def test_a_message_put_back_while_a_consumer_takes_it_is_delivered_later(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The put-back can meet a consumer that is only slow: the consumer then finds no file to
+    read and moves on; the message is delivered once, from where it was put back."""
+    import node.queue
+
+    settings = broker_settings(Config.model_validate({"storage": {"path": str(tmp_path)}}))
+    queue = _publish(settings, range(2))
+    rename = os.rename
+    raced: list[str] = []
+
+    def rename_then_put_back(src: str, dst: str) -> None:
+        rename(src, dst)
+        if not raced and Path(dst).parent.name == "processed":
+            raced.append(Path(dst).name)  # the first take only: put back between rename and read
+            rename(dst, src)
+
+    monkeypatch.setattr(node.queue.os, "rename", rename_then_put_back)
+    assert sorted(_drain(settings, queue)) == [0, 1]  # each once
+    assert raced
