@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import getpass
 import json
 import logging
@@ -220,6 +221,11 @@ def _serve(config: Config) -> int:
 
     ctx = IngestContext(config)
     server = start_listener(config, ctx)
+    # What start-up loaded (pydicom's dictionaries, SQLAlchemy, pynetdicom) lives as long as the
+    # process: frozen, a full collection no longer walks it while instances arrive (one every
+    # ~1,000 small instances; it paused the listener 64-81 ms, 8-10 ms frozen; #12).
+    gc.collect()
+    gc.freeze()
     completion = CompletionService(config, ctx.tracker)
     completion.start()
     retention = RetentionThread(config) if config.storage.retention_days is not None else None
