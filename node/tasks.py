@@ -162,32 +162,33 @@ def _beat_worker(sender: object = None, **_: object) -> None:
 
 @worker_ready.connect
 def _warm(**_: object) -> None:
-    """Load every enabled pipeline once, before the first task, if this worker does inference.
+    """Before the first task: an inference worker loads every enabled pipeline and the writers;
+    every worker then freezes what it loaded (see below).
 
     Inference workers run the solo pool (one model copy per process; scale with processes), so
     the process that is ready is the one that runs the tasks.
     """
     queues = {q.name for q in app.amqp.queues.consume_from.values()} if app.amqp.queues.consume_from else set()
-    if queues and INFERENCE_QUEUE not in queues:
-        return
-    config = current_config()
-    for name, pc in config.pipelines.items():
-        if pc.enabled:
-            pipeline_for(config, name)
-            log.info("pipeline %s loaded from %s", name, pc.bundle)
-    # The writers too: the first study would otherwise import highdicom on its critical path.
-    import node.writers.gsps  # noqa: F401
-    import node.writers.sc  # noqa: F401
-    import node.writers.seg  # noqa: F401
-    import node.writers.sr  # noqa: F401
-    import node.writers.validate  # noqa: F401
+    inference = not queues or INFERENCE_QUEUE in queues
+    if inference:
+        config = current_config()
+        for name, pc in config.pipelines.items():
+            if pc.enabled:
+                pipeline_for(config, name)
+                log.info("pipeline %s loaded from %s", name, pc.bundle)
+        # The writers too: the first study would otherwise load highdicom on its critical path.
+        from node.writers import preload
+
+        preload()
     # Full collections would otherwise walk every tensor and module object loaded above on
-    # each study: measured 200-400 ms spikes while building an SR, gone after freezing. An SR
-    # build allocates ~50,000 objects, freed by reference counting: the default gen-0 threshold
-    # (700) ran ~70 collections per SR and still a 225 ms pause in 15 builds; 50,000 ran one,
-    # and the longest pause was 73 ms (bench figures in README, #12).
+    # each study: measured 200-400 ms spikes while building an SR, gone after freezing. An
+    # export worker's ran 70-122 ms (its threads all wait meanwhile, the SR's send included).
     gc.collect()
     gc.freeze()
-    gc.set_threshold(50_000, 50, 1000)
-    keep_freed_blocks()
+    if inference:
+        # An SR build allocates ~50,000 objects, freed by reference counting: the default gen-0
+        # threshold (700) ran ~70 collections per SR and still a 225 ms pause in 15 builds;
+        # 50,000 ran one, and the longest pause was 73 ms (bench figures in README, #12).
+        gc.set_threshold(50_000, 50, 1000)
+        keep_freed_blocks()
 
