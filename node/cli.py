@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import gc
 import getpass
 import json
 import logging
@@ -21,6 +20,7 @@ from typing import Any
 
 from node.config import Config, ConfigError, config_path, load_config
 from node.engine.cores import usable_cores
+from node.heap import freeze_startup_heap
 
 log = logging.getLogger("pacsnode")
 MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
@@ -221,11 +221,7 @@ def _serve(config: Config) -> int:
 
     ctx = IngestContext(config)
     server = start_listener(config, ctx)
-    # What start-up loaded (pydicom's dictionaries, SQLAlchemy, pynetdicom) lives as long as the
-    # process: frozen, a full collection no longer walks it while instances arrive (one every
-    # ~1,000 small instances; it paused the listener 64-81 ms, 8-10 ms frozen; #12).
-    gc.collect()
-    gc.freeze()
+    freeze_startup_heap()  # young collections are cheap here: an instance makes few objects
     completion = CompletionService(config, ctx.tracker)
     completion.start()
     retention = RetentionThread(config) if config.storage.retention_days is not None else None
@@ -581,7 +577,9 @@ def cmd_api(args: argparse.Namespace, config: Config) -> int:
     else:
         from node.api.app import create_app
 
-        uvicorn.run(create_app(config), **options)
+        app = create_app(config)
+        freeze_startup_heap(busy=True)  # as create_app_from_env does in each of uvicorn's processes
+        uvicorn.run(app, **options)
     return 0
 
 

@@ -8,7 +8,6 @@ engine and are never retried.
 
 from __future__ import annotations
 
-import gc
 import logging
 import random
 import socket
@@ -28,6 +27,7 @@ from node.engine.delivery import run_export
 from node.engine.errors import JobError, RetryableExportError, TransientError
 from node.engine.inference import pipeline_for, run_inference
 from node.engine.malloc import keep_freed_blocks
+from node.heap import freeze_startup_heap
 from node.jobs import fail_job, heartbeat
 from node.queue import EXPORT_JOB, INFERENCE_QUEUE, RUN_JOB, app
 
@@ -181,14 +181,9 @@ def _warm(**_: object) -> None:
 
         preload()
     # Full collections would otherwise walk every tensor and module object loaded above on
-    # each study: measured 200-400 ms spikes while building an SR, gone after freezing. An
-    # export worker's ran 70-122 ms (its threads all wait meanwhile, the SR's send included).
-    gc.collect()
-    gc.freeze()
+    # each study (200-400 ms spikes while building an SR, before freezing); an inference
+    # worker's SR builds are what BUSY_THRESHOLDS was measured on.
+    freeze_startup_heap(busy=inference)
     if inference:
-        # An SR build allocates ~50,000 objects, freed by reference counting: the default gen-0
-        # threshold (700) ran ~70 collections per SR and still a 225 ms pause in 15 builds;
-        # 50,000 ran one, and the longest pause was 73 ms (bench figures in README, #12).
-        gc.set_threshold(50_000, 50, 1000)
         keep_freed_blocks()
 

@@ -26,6 +26,7 @@ from node.api import (
 )
 from node.api.auth import Principal, Role, require_role
 from node.config import Config, load_config
+from node.heap import freeze_startup_heap
 from node.services.overview import readiness
 
 log = logging.getLogger(__name__)
@@ -151,4 +152,6 @@ def create_app(config: Config) -> FastAPI:
 
 def create_app_from_env() -> FastAPI:
     """The app for the config in PACSNODE_CONFIG (uvicorn's worker processes, `pacsnode api --workers`)."""
-    return create_app(load_config())
+    app = create_app(load_config())
+    freeze_startup_heap(busy=True)
+    return app
