@@ -71,3 +71,29 @@ def test_unknown_orientation_is_sent_empty_not_guessed():
     sc = build_overlay_sc(source, fake_result(source.Rows, source.Columns), MODEL, **identity("sc"))
     assert not roundtrip(sc).PatientOrientation  # present, empty
     assert validate(sc) == []
+
+
+def test_many_heatmaps_are_layered_one_at_a_time():
+    """A study with every finding localised: the heat layer is the pixelwise strongest heatmap,
+    made holding one overlay-sized array per step, not two per finding (446 MB at 2048 px for
+    14 findings before)."""
+    import tracemalloc
+
+    rows = cols = 1024
+    result = fake_result(rows, cols)
+    grids = list(result.heatmaps.values())
+    labels = [f.label for f in result.findings if f.label != "No Finding"][:14]
+    result.heatmaps = {label: grids[i % len(grids)] for i, label in enumerate(labels)}
+    layer_bytes = rows * cols * 4  # float32 at the overlay's size (1024 <= MAX_SIDE)
+    tracemalloc.start()
+    try:
+        many = render_overlay(result, MODEL)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * layer_bytes, f"peak {peak / 2**20:.0f} MiB"
+    result.heatmaps = dict(zip(labels, grids, strict=False))  # the same two maps, once each
+    few = render_overlay(result, MODEL)
+    # the same heat layer; only the list of localised findings written under it differs
+    banner_free = slice(many.shape[0] // 4, many.shape[0] * 3 // 4)
+    assert np.array_equal(many[banner_free], few[banner_free])
