@@ -162,8 +162,9 @@ def _beat_worker(sender: object = None, **_: object) -> None:
 
 @worker_ready.connect
 def _warm(**_: object) -> None:
-    """Before the first task: an inference worker loads every enabled pipeline and the writers;
-    every worker then freezes what it loaded (see below).
+    """Before the first task: an inference worker loads every enabled pipeline and the writers
+    and runs each pipeline once on a synthetic radiograph (node/engine/warmup.py), so that its
+    first study costs what the next ones do; every worker then freezes what it loaded (below).
 
     Inference workers run the solo pool (one model copy per process; scale with processes), so
     the process that is ready is the one that runs the tasks.
@@ -171,19 +172,19 @@ def _warm(**_: object) -> None:
     queues = {q.name for q in app.amqp.queues.consume_from.values()} if app.amqp.queues.consume_from else set()
     inference = not queues or INFERENCE_QUEUE in queues
     if inference:
-        config = current_config()
-        for name, pc in config.pipelines.items():
-            if pc.enabled:
-                pipeline_for(config, name)
-                log.info("pipeline %s loaded from %s", name, pc.bundle)
-        # The writers too: the first study would otherwise load highdicom on its critical path.
+        from node.engine.warmup import warm_up
         from node.writers import preload
 
+        config = current_config()
+        keep_freed_blocks()  # before the warm-up: the blocks it frees are kept for the first study
         preload()
+        for name, pc in config.pipelines.items():
+            if pc.enabled:
+                built = warm_up(pipeline_for(config, name))
+                log.info("pipeline %s loaded from %s; warmed up on a synthetic radiograph (%s)", name, pc.bundle,
+                         ", ".join(built) or "nothing built")
     # Full collections would otherwise walk every tensor and module object loaded above on
     # each study (200-400 ms spikes while building an SR, before freezing); an inference
     # worker's SR builds are what BUSY_THRESHOLDS was measured on.
     freeze_startup_heap(busy=inference)
-    if inference:
-        keep_freed_blocks()
 
