@@ -12,7 +12,8 @@ under a new SOP Instance UID, sent to Orthanc by node.export.send_files alone: a
 C-STORE, no database or queue); and the stage breakdown (the SR's path: encode_sr,
 validate_sr, uid_check_sr = what earlier outputs hold under its UID, then sr_store_queue_send =
 writing it to the spool, queueing its export, the export worker picking it up and the C-STORE
-until Orthanc answered).
+until Orthanc answered). The first study after the node started is printed apart, not in the
+medians.
 
     python bench/turnaround.py [--runs 5] [--bundle models/chest_xray] [--objects sr,seg,sc,gsps]
                                [--image RG1_UNCR.dcm | RG1_J2KR.dcm | a file] [--keep-association SECONDS]
@@ -98,7 +99,7 @@ def main() -> int:
                                  if args.keep_association is not None else {}))
             node = Node(cfg).start(timeout=300)
             try:
-                # Warm-up: the first job pays for lazy imports in the workers.
+                # The first study is reported apart: it may wait for a worker still starting.
                 rows, studies = [], []
                 for _ in range(args.runs + 1):
                     # Each study arrives at an idle node and PACS: the previous one's background
@@ -116,8 +117,9 @@ def main() -> int:
     for r in rows:
         print("  run:", {k: round(v * 1000, 1) for k, v in r.items()})
     report(rows, plain_store, sr_send, args.objects, image, compressed)
+    # What a worker still loads or touches first on a real study shows here (its queue wait is
+    # the worker's start, when the study came before it was ready).
     print("  first:", {k: round(v * 1000, 1) for k, v in first.items()})
-    # What is still loaded lazily shows here: a worker's first job after it started.
     print(f"first study after the node started (not in the medians): turnaround {first['turnaround_less_quiet']:.3f} s, "
           f"SR encode {first['encode_sr'] * 1000:.0f} ms, all objects' encode {first['encode_all'] * 1000:.0f} ms, "
           f"models {first['models'] * 1000:.0f} ms")
