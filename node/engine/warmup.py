@@ -1,10 +1,12 @@
 """A study that never was, run by a starting inference worker so that its first real study does
 not pay for what Python, pydicom, highdicom and the pipeline load or specialise on first use.
 
-Measured on the 2-core VM (bench/turnaround.py, the first study after the node started, against
-the medians of the next ones): decode 70 vs 4 ms, the pipeline 164 vs 83 ms, every object's
-encoding 386-434 vs ~140 ms (#12): lazy loading, and the first touch of each large array's pages. Nothing of it is stored, validated by the external tools or
-sent: the objects are built and written to bytes in memory, then dropped.
+Measured on the 2-core VM before it (bench/turnaround.py, the first study after the node
+started, against the medians of the next ones): decode 70 vs 4 ms, the pipeline 164 vs 83 ms,
+every object's encoding 386-460 vs ~140 ms (#12): lazy loading, and the first touch of each large
+array's pages; with it, the first study's encoding took 149 ms. Nothing of the warm-up is
+stored, validated by the external tools or sent: the objects are built and written to bytes in
+memory, then dropped.
 """
 
 from __future__ import annotations
