@@ -368,7 +368,7 @@ def _encode(config: Config, ji: JobInput, sources: list[Dataset], results: list[
     """Build, validate and store the job's result objects (SR first, queued for export at once)."""
     from node.writers.gsps import build_presentation_state
     from node.writers.sc import build_overlay_sc
-    from node.writers.seg import build_segmentation
+    from node.writers.seg import build_segmentation, segmented_regions
     from node.writers.sr import build_comprehensive_3d_sr
     from node.writers.uids import result_uid
 
@@ -410,7 +410,7 @@ def _encode(config: Config, ji: JobInput, sources: list[Dataset], results: list[
         series_uid = result_uid(*k, f"{kind}-series")
         built = []
         for i, (src, res) in enumerate(zip(sources, results, strict=True), start=1):
-            if kind == "seg" and not any(mask.any() for mask in res.regions.values()):
+            if kind == "seg" and not segmented_regions(res):
                 # An empty SEG carries nothing; the SR and GSPS still say what was found.
                 if not clashed:  # said once: a revision builds the kind again
                     log.warning("job %d: no region found in image %d: no SEG for it", ji.job_id, i)

@@ -60,7 +60,7 @@ def warm_up(pipeline: Pipeline) -> list[str]:
     from node.writers import validate
     from node.writers.gsps import build_presentation_state
     from node.writers.sc import build_overlay_sc
-    from node.writers.seg import build_segmentation
+    from node.writers.seg import build_segmentation, segmented_regions
     from node.writers.sr import build_comprehensive_3d_sr
     from node.writers.uids import result_uid
 
@@ -79,7 +79,7 @@ def warm_up(pipeline: Pipeline) -> list[str]:
     }
     built = []
     for kind, build in builders.items():
-        if kind == "seg" and not any(mask.any() for mask in result.regions.values()):
+        if kind == "seg" and not segmented_regions(result):
             continue  # as the engine does: no SEG without a region
         try:
             ds = build(series_instance_uid=result_uid("warm-up", kind, "series"),

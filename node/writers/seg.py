@@ -89,6 +89,11 @@ def algorithm_identification(model: ModelInfo) -> AlgorithmIdentificationSequenc
     )
 
 
+def segmented_regions(result: PipelineResult) -> list[str]:
+    """The regions of ``result`` with any pixel, in its order: a SEG's segments (none: no SEG)."""
+    return [name for name, mask in result.regions.items() if mask.any()]
+
+
 def build_segmentation(
     source: Dataset,
     result: PipelineResult,
@@ -103,7 +108,7 @@ def build_segmentation(
     """BINARY Segmentation on ``source``: one segment per non-empty region of ``result``, in the
     order of ``result.regions``, labelled and coloured as codes.REGIONS and COLOURS say."""
     check_result(source, result)
-    names = [name for name, mask in result.regions.items() if mask.any()]
+    names = segmented_regions(result)
     if not names:
         raise ValueError(
             f"no region of {source.SOPInstanceUID} has any pixel (regions: {sorted(result.regions)}): "
