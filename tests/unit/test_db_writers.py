@@ -111,7 +111,9 @@ def test_a_writer_waits_in_the_queue_not_in_sqlite(db: tuple[str, Path]) -> None
     t.join(10)
     assert not t.is_alive() and not errors
     assert not _held(queue)
-    assert _waited_seconds() - waited >= 0.3
+    # held >= 0.3 s after `started`; the writer's clock starts a moment later (its own
+    # statement's start-up), so the count is a little under that on a loaded machine (0.2999 in CI)
+    assert _waited_seconds() - waited >= 0.25
     first.close()
     second.close()
     with engine_for(url).connect() as c:
