@@ -362,11 +362,12 @@ def ingest_staged(staged: StagedFile, ctx: IngestContext, calling_ae: str | None
                         if placement is not None:
                             placement.wait()
                         return uids.study, uids.sop
-                    # The fsyncs run while the rows are written; the rows commit once the file is durable.
                     if placement is None:
                         placement = staged.place(relpath)
-                    new_series = _record(s, ds, uids, relpath, digest, staged.size, existing, calling_ae, peer, ctx)
+                    # Durable before the first write takes the node's writer queue: the other
+                    # processes' writes wait for our rows and commit only, not for our fsyncs.
                     placement.wait()
+                    new_series = _record(s, ds, uids, relpath, digest, staged.size, existing, calling_ae, peer, ctx)
                 break
             except IntegrityError:
                 # Another sender committed the same study, series or instance since we looked

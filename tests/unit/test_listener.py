@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from io import BytesIO
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import pytest
@@ -136,6 +137,46 @@ def test_ingest_refuses_path_uid_directly(config: Config) -> None:
         ingest(buf.getvalue(), IngestContext(config), "SCU")
     assert e.value.status == 0xA900
     assert not (config.storage.path / "instances").exists()
+
+
+def test_the_nodes_other_writers_do_not_wait_for_an_instances_fsyncs(config: Config, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The instance's file and folder are durable before its rows take the writer queue
+    (node.db.session.WriterQueueConnection), so the workers' and the export's writes wait
+    only for the rows and their commit: no fsync of the instance runs while the queue is held."""
+    import fcntl
+    import os
+
+    from node import spool
+    from node.handlers import ingest
+
+    queue = config.storage.path.parent / "db.sqlite.writers"
+    held_during: list[tuple[str, bool]] = []  # (what was fsync'd, whether the queue was held)
+
+    def held() -> bool:
+        fd = os.open(queue, os.O_RDONLY | os.O_CREAT)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return False
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)  # and our probe's lock with it
+
+    def probed(fsync: Callable[[Any], None]) -> Callable[[Any], None]:
+        def run(arg: Any) -> None:
+            what = os.readlink(f"/proc/self/fd/{arg}") if isinstance(arg, int) else str(arg)
+            fsync(arg)
+            # Before the fsync's future completes: whoever holds the queue now held it throughout.
+            held_during.append((what, held()))
+        return run
+
+    monkeypatch.setattr(spool, "_fsync_close", probed(spool._fsync_close))
+    monkeypatch.setattr(spool, "_fsync_path", probed(spool._fsync_path))
+    ingest(RG1.read_bytes(), IngestContext(config), "SCU")
+    assert _count(config, Instance) == 1
+    # Only this test's spool: the fsync pool is shared with what earlier tests left running.
+    ours = [(what, h) for what, h in held_during if what.startswith(str(config.storage.path))]
+    assert len(ours) >= 2 and not any(h for _, h in ours), ours  # the file, its folder (and new parents)
 
 
 def test_low_disk_watermark_answers_out_of_resources(tmp_path: Path) -> None:
