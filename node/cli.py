@@ -224,9 +224,8 @@ def _serve(config: Config) -> int:
     freeze_startup_heap()  # young collections are cheap here: an instance makes few objects
     completion = CompletionService(config, ctx.tracker)
     completion.start()
-    retention = RetentionThread(config) if config.storage.retention_days is not None else None
-    if retention is not None:
-        retention.start()
+    retention = RetentionThread(config)
+    retention.start()
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -235,8 +234,7 @@ def _serve(config: Config) -> int:
     log.info("shutting down")
     server.shutdown()
     completion.stop()
-    if retention is not None:
-        retention.stop()
+    retention.stop()
     return 0
 
 

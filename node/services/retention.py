@@ -171,8 +171,10 @@ def _remove_folders(folders: set[Path]) -> None:
 
 
 class RetentionThread(BackgroundLoop):
-    """The listener's retention passes: one at start, then every `PASS_SECONDS`, each in this
-    thread (a first pass over months of studies must not hold up study completion)."""
+    """The listener's spool housekeeping: one pass at start, then every `PASS_SECONDS`, each in
+    this thread (a first pass over months of studies must not hold up study completion). Each
+    removes the staged files orphaned since (an API or worker process stopped while writing one
+    and none has started since) and, where storage.retention_days is set, purges settled studies."""
 
     name = "retention"
     PASS_SECONDS = 3600.0
@@ -182,6 +184,9 @@ class RetentionThread(BackgroundLoop):
         super().__init__()
 
     def run_once(self) -> None:
+        remove_orphaned_staging(self.config)
+        if self.config.storage.retention_days is None:
+            return
         report = purge(self.config)
         if report.studies:
             log.info("retention: %d studies, %d files, %d bytes removed from the spool (last activity before %s)",

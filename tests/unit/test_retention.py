@@ -232,6 +232,35 @@ def test_a_purged_study_sent_again_is_restored_and_a_replay_redoes_it_into_the_s
     assert after == before
 
 
+def test_the_listeners_spool_thread_removes_staged_files_orphaned_while_it_runs(tmp_path: Path) -> None:
+    """Without retention too: a staged file that an API or worker process left when it was
+    killed is removed by the listener's next hourly pass, not only at the next start; one still
+    being written to is left alone."""
+    from node.spool import INCOMING
+
+    config = _config(tmp_path, storage={"path": str(tmp_path / "spool"), "min_free_mb": 0})
+    assert config.storage.retention_days is None
+    incoming = config.storage.path / INCOMING
+    incoming.mkdir(parents=True)
+    at_start = incoming / ".before.part"
+    at_start.write_bytes(b"\0" * 100)
+    _aged(at_start, 2 * 3600)
+    thread = RetentionThread(config)
+    thread.PASS_SECONDS = 0.2  # an hour in the node
+    thread.start()
+    try:
+        wait_for(lambda: not at_start.exists(), 10, "the first pass")
+        orphan, live = incoming / ".killed.part", incoming / ".live.part"
+        orphan.write_bytes(b"\0" * 100)
+        _aged(orphan, 2 * 3600)  # after the first pass: only a later one can remove it
+        live.write_bytes(b"\0" * 10)
+        wait_for(lambda: not orphan.exists(), 10, "a later pass to remove the orphaned staged file")
+        assert live.exists()
+    finally:
+        thread.stop(timeout=5)
+    assert not thread.is_alive()
+
+
 def test_the_listener_purges_in_its_own_thread_at_start_and_stops_with_it(tmp_path: Path) -> None:
     config = _config(tmp_path)
     done, _, files = _study(config, "done", 31, JobState.DONE)
