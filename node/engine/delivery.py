@@ -15,9 +15,10 @@ import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 from pydicom.uid import generate_uid
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import and_, bindparam, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from node import metrics
@@ -60,6 +61,28 @@ class _Claims:
     by_destination: dict[str, list[_Claim]] = field(default_factory=dict)
 
 
+#: The send states each claim moves from: to send (never sent, failed, or a claim whose export
+#: worker died), or only to confirm (stored; or a commitment report that did not come in time).
+_TO_SEND = (SendState.PENDING, SendState.FAILED, SendState.SENDING)
+_TO_CONFIRM = (SendState.STORED, SendState.COMMITTING)
+
+
+def _claim_statement(states: tuple[SendState, ...], timed: SendState) -> Any:
+    """UPDATE ... RETURNING that claims the sends in :ids still in `states` (`timed` only once
+    its updated_at is before :before), built once: this runs on the SR's path, inside the write lock."""
+    return (update(Send)
+            .where(Send.id.in_(bindparam("ids", expanding=True)), Send.state.in_(may_become(SendState.SENDING)),
+                   or_(Send.state.in_([st for st in states if st != timed]),
+                       and_(Send.state == timed, Send.updated_at < bindparam("before", type_=Send.updated_at.type))))
+            .values(state=SendState.SENDING, updated_at=bindparam("now", type_=Send.updated_at.type))
+            .returning(Send.id)
+            .execution_options(synchronize_session=False))
+
+
+_CLAIM_TO_SEND = _claim_statement(_TO_SEND, timed=SendState.SENDING)
+_CLAIM_TO_CONFIRM = _claim_statement(_TO_CONFIRM, timed=SendState.COMMITTING)
+
+
 def _claim_sends(config: Config, job_id: int) -> _Claims:
     """Mark the job's unsent (or unconfirmed) outputs as in flight for this task; return them by destination.
 
@@ -68,20 +91,18 @@ def _claim_sends(config: Config, job_id: int) -> _Claims:
     """
     now = utcnow()
     stale = now - timedelta(seconds=SEND_CLAIM_SECONDS)
-    to_send = or_(Send.state.in_((SendState.PENDING, SendState.FAILED)),
-                  and_(Send.state == SendState.SENDING, Send.updated_at < stale))
     waits = {d.name: now - timedelta(seconds=d.commitment_wait_seconds) for d in config.destinations}
     claimed: dict[str, list[_Claim]] = {}
     with session_scope(config.database.url) as s:
         job = s.get(Job, job_id)
         if job is None or job.state not in (JobState.RUNNING, JobState.ENCODED, JobState.SENDING):
             return _Claims(job.state if job else None)
-        # One query for every send of the job, and the likelier claim first: this runs on the
-        # SR's path to the PACS, and loading outputs, study and sends one by one with two
+        # One query for every send of the job, and one UPDATE for all those to send: this runs on
+        # the SR's path to the PACS, and loading outputs, study and sends one by one with two
         # UPDATEs per send took 5 of its 9 ms (#12). Read before the first change: on SQLite
         # that takes the database's one write lock, which every other process then waits for.
         study_uid = job.study.study_instance_uid
-        sends = s.execute(select(Send.id, Send.destination, Output.path, Output.series_instance_uid,
+        sends = s.execute(select(Send.id, Send.state, Send.destination, Output.path, Output.series_instance_uid,
                                  Output.sop_instance_uid, Output.sop_class_uid)
                           .join(Output, Send.output_id == Output.id)
                           .where(Output.job_id == job_id).order_by(Output.id, Send.id)).all()
@@ -89,21 +110,20 @@ def _claim_sends(config: Config, job_id: int) -> _Claims:
             s.refresh(job)  # the job's other export task moved it first (or it was cancelled)
             if job.state != JobState.SENDING:
                 return _Claims(job.state)
-        for send_id, destination, path, series_uid, sop_uid, sop_class_uid in sends:
-            # Stored: only its confirmation is due. A commitment report that did not come in
-            # time: asked for again. (Exclusive with to_send: the order saves a statement.)
-            to_confirm = or_(Send.state == SendState.STORED,
-                             and_(Send.state == SendState.COMMITTING, Send.updated_at < waits.get(destination, now)))
-            for condition, confirm_only in ((to_send, False), (to_confirm, True)):
-                res = s.execute(update(Send)
-                                .where(Send.id == send_id, Send.state.in_(may_become(SendState.SENDING)), condition)
-                                .values(state=SendState.SENDING, updated_at=now)
-                                .execution_options(synchronize_session=False))
-                if res.rowcount == 1:  # type: ignore[attr-defined]
-                    ref = ObjectRef(study_uid, series_uid, sop_uid, sop_class_uid)
-                    claimed.setdefault(destination, []).append(_Claim(send_id, resolve(config.storage.path, path),
-                                                                      ref, confirm_only))
-                    break
+        # As read: each UPDATE checks the state again, so what another task claimed meanwhile is not ours.
+        ours: set[int] = set()
+        to_send = [row.id for row in sends if row.state in _TO_SEND]
+        if to_send:
+            ours.update(s.scalars(_CLAIM_TO_SEND, {"ids": to_send, "before": stale, "now": now}))
+        for destination in {row.destination for row in sends if row.state in _TO_CONFIRM}:
+            to_confirm = [row.id for row in sends if row.state in _TO_CONFIRM and row.destination == destination]
+            ours.update(s.scalars(_CLAIM_TO_CONFIRM, {"ids": to_confirm, "before": waits.get(destination, now),
+                                                      "now": now}))
+        for row in sends:
+            if row.id in ours:
+                ref = ObjectRef(study_uid, row.series_instance_uid, row.sop_instance_uid, row.sop_class_uid)
+                claimed.setdefault(row.destination, []).append(
+                    _Claim(row.id, resolve(config.storage.path, row.path), ref, confirm_only=row.state in _TO_CONFIRM))
         return _Claims(job.state, claimed)
 
 

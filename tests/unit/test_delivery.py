@@ -110,3 +110,52 @@ def test_the_two_export_tasks_of_a_job_close_it_whichever_records_last(tmp_path,
     with session_scope(cfg.database.url) as s:
         assert [sd.state for sd in s.query(Send)] == [SendState.SENT, SendState.SENT]
         assert s.get(Job, job_id).state == JobState.DONE  # type: ignore[union-attr]
+
+
+def test_an_export_task_claims_what_is_due_to_send_or_to_confirm_and_nothing_twice(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Each send by its state: never sent, failed, or claimed by a worker that died (older than
+    SEND_CLAIM_SECONDS) is sent; stored, or awaiting a commitment report past the destination's
+    wait, is only confirmed; anything else is left. A second task then finds nothing to claim."""
+    from datetime import timedelta
+
+    from node.cli import db_upgrade
+    from node.config import parse_config
+    from node.db.models import JobState, Output, Send, SendState, utcnow
+    from node.db.session import session_scope
+    from node.engine import delivery
+    from tests.unit.jobs_data import make_job
+
+    cfg = parse_config({
+        "storage": {"path": str(tmp_path / "spool")},
+        "database": {"url": f"sqlite:///{tmp_path / 'db.sqlite'}"},
+        "destinations": [{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": 104,
+                          "confirm": "commitment", "commitment_wait_seconds": 60},
+                         {"name": "archive", "ae_title": "ARCH", "host": "127.0.0.1", "port": 105}],
+    })
+    db_upgrade(cfg)
+    job_id = make_job(cfg, JobState.SENDING)
+    now = utcnow()
+    old_claim = now - timedelta(seconds=delivery.SEND_CLAIM_SECONDS + 1)
+    sends = {  # name: (destination, state, last change)
+        "pending": ("pacs", SendState.PENDING, now), "failed": ("archive", SendState.FAILED, now),
+        "sending": ("pacs", SendState.SENDING, now), "sending-dead": ("archive", SendState.SENDING, old_claim),
+        "stored": ("archive", SendState.STORED, now), "committing": ("pacs", SendState.COMMITTING, now),
+        "committing-late": ("pacs", SendState.COMMITTING, now - timedelta(seconds=61)),
+        "sent": ("pacs", SendState.SENT, now),
+    }
+    with session_scope(cfg.database.url) as s:
+        for i, (name, (destination, state, at)) in enumerate(sends.items()):
+            out = Output(job_id=job_id, kind="sr", sop_class_uid="1.2.840.10008.5.1.4.1.1.88.34",
+                         sop_instance_uid=f"2.25.{i + 1}", series_instance_uid="2.25.99", path=f"outputs/{name}.dcm")
+            s.add(out)
+            s.flush()
+            s.add(Send(output_id=out.id, destination=destination, state=state, attempts=0, updated_at=at))
+
+    claims = delivery._claim_sends(cfg, job_id)
+    got = {c.path.stem: (name, c.confirm_only) for name, items in claims.by_destination.items() for c in items}
+    assert got == {"pending": ("pacs", False), "failed": ("archive", False), "sending-dead": ("archive", False),
+                   "stored": ("archive", True), "committing-late": ("pacs", True)}
+    with session_scope(cfg.database.url) as s:
+        states = {name: s.get_one(Send, i + 1).state for i, name in enumerate(sends)}
+    assert {name for name, st in states.items() if st == SendState.SENDING} == {*got, "sending"}
+    assert delivery._claim_sends(cfg, job_id).by_destination == {}
