@@ -15,11 +15,11 @@ import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
 
 from pydicom.uid import generate_uid
 from sqlalchemy import and_, bindparam, func, or_, select, update
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.dml import ReturningUpdate
 
 from node import metrics
 from node.config import Config, Destination
@@ -67,7 +67,7 @@ _TO_SEND = (SendState.PENDING, SendState.FAILED, SendState.SENDING)
 _TO_CONFIRM = (SendState.STORED, SendState.COMMITTING)
 
 
-def _claim_statement(states: tuple[SendState, ...], timed: SendState) -> Any:
+def _claim_statement(states: tuple[SendState, ...], timed: SendState) -> ReturningUpdate[int]:
     """UPDATE ... RETURNING that claims the sends in :ids still in `states` (`timed` only once
     its updated_at is before :before), built once: this runs on the SR's path, inside the write lock."""
     return (update(Send)
