@@ -76,10 +76,6 @@ def due_at(study: StudyClock, quiet_seconds: float, max_wait_seconds: float,
 
 #: The most of the listener's time the completion passes may take (see CompletionService._sleep).
 PASS_SHARE = 0.1
-#: Studies completed in one transaction (see tick). One: the lock is held ~3 ms a study
-#: (routing and job rows through the ORM), where four a transaction held it ~10 ms for an extra
-#: ~0.5 ms of CPU a study in all (its own commit): the other writers' longest wait is what counts.
-STUDIES_PER_COMMIT = 1
 
 _RECEIVING_CLOCKS = select(Study.id, Study.study_instance_uid, Study.first_received_at, Study.last_received_at,
                            Study.released_at, Study.instance_count, Study.expected_instances).where(
@@ -158,23 +154,23 @@ class CompletionService(BackgroundLoop):
                     due_now.append(row.id)
                 else:
                     dues.append(due_at(clock, *limits))
-        # STUDIES_PER_COMMIT a transaction: on SQLite a transaction holds the database's one
-        # write lock from its first change to its commit, and thirty studies completed in one
-        # held it for 320 ms while C-STORE and the workers waited (#12). Their jobs are queued as
-        # each commits, so the first workers start sooner too.
-        for start in range(0, len(due_now), STUDIES_PER_COMMIT):
+        # One study a transaction: on SQLite a transaction holds the database's one write lock
+        # from its first change to its commit, and C-STORE and the workers wait for it (#12):
+        # thirty studies in one held it 320 ms, four ~10 ms, one ~3 ms (its routing and job rows
+        # through the ORM), for ~0.5 ms more CPU a study (its own commit). Its jobs are queued
+        # as it commits, so the first workers start sooner too.
+        for study_id in due_now:
             done: list[tuple[int, int]] = []
             with session_scope(self.config.database.url) as s:
-                for study_id in due_now[start:start + STUDIES_PER_COMMIT]:
-                    study = s.get(Study, study_id)
-                    if study is None or study.state != StudyState.RECEIVING:
-                        continue
-                    clock = _clock(study, open_studies)
-                    rule = completion_rule(clock, now, *limits)
-                    if rule is not None:
-                        done += self._complete(s, study, rule, now)
-                    else:  # more arrived meanwhile (a database where each statement sees the latest commit)
-                        dues.append(due_at(clock, *limits))
+                study = s.get(Study, study_id)
+                if study is None or study.state != StudyState.RECEIVING:
+                    continue
+                clock = _clock(study, open_studies)
+                rule = completion_rule(clock, now, *limits)
+                if rule is not None:
+                    done = self._complete(s, study, rule, now)
+                else:  # more arrived meanwhile (a database where each statement sees the latest commit)
+                    dues.append(due_at(clock, *limits))
             # Sent only after the commit, so a worker always finds its job row.
             for job_id, priority in done:
                 enqueue_job(self.config, job_id, priority)
