@@ -145,6 +145,7 @@ def test_the_nodes_other_writers_do_not_wait_for_an_instances_fsyncs(config: Con
     only for the rows and their commit: no fsync of the instance runs while the queue is held."""
     import fcntl
     import os
+    import threading
 
     from node import spool
     from node.handlers import ingest
@@ -152,15 +153,18 @@ def test_the_nodes_other_writers_do_not_wait_for_an_instances_fsyncs(config: Con
     queue = config.storage.path.parent / "db.sqlite.writers"
     held_during: list[tuple[str, bool]] = []  # (what was fsync'd, whether the queue was held)
 
+    probing = threading.Lock()  # two probes at once (the fsyncs run in parallel) would see each other's lock
+
     def held() -> bool:
-        fd = os.open(queue, os.O_RDONLY | os.O_CREAT)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return False
-        except BlockingIOError:
-            return True
-        finally:
-            os.close(fd)  # and our probe's lock with it
+        with probing:
+            fd = os.open(queue, os.O_RDONLY | os.O_CREAT)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return False
+            except BlockingIOError:
+                return True
+            finally:
+                os.close(fd)  # and our probe's lock with it
 
     def probed(fsync: Callable[[Any], None]) -> Callable[[Any], None]:
         def run(arg: Any) -> None:
