@@ -84,12 +84,19 @@ def make_files(folder: Path, copies: int, workload: str, study_each: bool = Fals
     return files
 
 
-def timed_send(port: int, aec: str, files: list[Path]) -> float:
+def timed_send(port: int, aec: str, files: list[Path], associations: int = 1) -> float:
+    """Seconds to send the files with storescu: one association, or that many at once (one
+    storescu each, the files dealt out in turn)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     t0 = time.perf_counter()
-    out = storescu(port, *files, aec=aec, timeout=600)
+    with ThreadPoolExecutor(associations) as pool:
+        outs = list(pool.map(lambda share: storescu(port, *share, aec=aec, timeout=600),
+                             [files[i::associations] for i in range(associations)]))
     elapsed = time.perf_counter() - t0
-    if out.returncode != 0:
-        raise RuntimeError(f"storescu to {aec} exited with {out.returncode}: {(out.stdout + out.stderr)[-2000:]}")
+    for out in outs:
+        if out.returncode != 0:
+            raise RuntimeError(f"storescu to {aec} exited with {out.returncode}: {(out.stdout + out.stderr)[-2000:]}")
     return elapsed
 
 
@@ -99,13 +106,14 @@ def _peak_rss_mb(pid: int) -> float:
 
 
 def _time_receiver(proc: subprocess.Popen[bytes], port: int, aec: str, files: list[Path], startup: float,
-                   ready: Callable[[], object] | None = None, rss: list[float] | None = None) -> float:
+                   ready: Callable[[], object] | None = None, rss: list[float] | None = None,
+                   associations: int = 1) -> float:
     """Wait for a started receiver, time sending the files to it, stop it."""
     try:
         wait_port(port, startup)
         if ready is not None:
             wait_for(ready, startup, f"{aec} to be ready")
-        elapsed = timed_send(port, aec, files)
+        elapsed = timed_send(port, aec, files, associations)
         if rss is not None:
             rss.append(_peak_rss_mb(proc.pid))
         return elapsed
@@ -114,11 +122,12 @@ def _time_receiver(proc: subprocess.Popen[bytes], port: int, aec: str, files: li
         proc.wait(timeout=30)
 
 
-def run_node(work: Path, files: list[Path], rss: list[float]) -> float:
+def run_node(work: Path, files: list[Path], rss: list[float], associations: int = 1, processes: int = 1) -> float:
     port = free_port()
     cfg = work / "config.yaml"
     cfg.write_text(
-        f"listener: {{ae_title: PACSNODE, host: 127.0.0.1, port: {port}, max_pdu: 0, allowed_callers: any}}\n"
+        f"listener: {{ae_title: PACSNODE, host: 127.0.0.1, port: {port}, max_pdu: 0, allowed_callers: any, "
+        f"processes: {processes}}}\n"
         f"storage: {{path: {work / 'spool'}, min_free_mb: 10}}\n"
         f"database: {{url: 'sqlite:///{work / 'pacsnode.db'}'}}\n"
         # No study completes during the run: this measures ingestion only.
@@ -130,9 +139,29 @@ def run_node(work: Path, files: list[Path], rss: list[float]) -> float:
     proc = subprocess.Popen([*cli, "listener"], cwd=REPO, stdout=subprocess.DEVNULL,
                             stderr=open(work / "listener.log", "wb"))  # noqa: SIM115
     try:
-        return _time_receiver(proc, port, "PACSNODE", files, startup=60, rss=rss)
+        if processes > 1:
+            wait_for(lambda: _started_children(proc.pid, processes - 1), 60, "the further listener processes")
+        return _time_receiver(proc, port, "PACSNODE", files, startup=60, rss=rss, associations=associations)
     except RuntimeError as e:
         raise RuntimeError(f"{e}\nlistener log:\n{(work / 'listener.log').read_text()[-3000:]}") from e
+
+
+def _started_children(pid: int, count: int) -> bool:
+    """Whether `count` processes started by `pid` exist and have stopped using CPU (start-up over)."""
+    def cpu() -> dict[str, int]:
+        ticks = {}
+        for d in Path("/proc").glob("[0-9]*"):
+            try:
+                fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                ticks[d.name] = int(fields[11]) + int(fields[12])
+        return ticks
+
+    before = cpu()
+    time.sleep(0.5)
+    return len(before) >= count and cpu() == before
 
 
 def noop_scp(config_path: Path, reactor: str) -> None:
@@ -255,20 +284,23 @@ def durable_floor(work: Path, files: list[Path]) -> float:
         db.close()
 
 
-def run_storescp(work: Path, files: list[Path]) -> float:
+def run_storescp(work: Path, files: list[Path], associations: int = 1) -> float:
+    """storescp; for several associations at once with --fork (a process each), as otherwise it
+    serves them one after the other."""
     port = free_port()
     out = work / "storescp"
     out.mkdir()
-    proc = subprocess.Popen(["storescp", "-aet", "STORESCP", "-od", str(out), "-pm", str(port)],
+    fork = ["--fork"] if associations > 1 else []
+    proc = subprocess.Popen(["storescp", "-aet", "STORESCP", "-od", str(out), "-pm", *fork, str(port)],
                             env={**os.environ, "TCP_NODELAY": "1"}, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    return _time_receiver(proc, port, "STORESCP", files, startup=30)
+    return _time_receiver(proc, port, "STORESCP", files, startup=30, associations=associations)
 
 
 ORTHANC_DURABILITY = "SyncStorageArea: fsync of each stored file; SQLite index; folder not fsync'd"
 
 
-def run_orthanc(work: Path, files: list[Path]) -> float:
+def run_orthanc(work: Path, files: list[Path], associations: int = 1) -> float:
     import urllib.request
 
     dicom_port, http_port = free_port(), free_port()
@@ -284,13 +316,32 @@ def run_orthanc(work: Path, files: list[Path]) -> float:
         with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/system", timeout=2) as r:
             return r.status == 200
 
-    return _time_receiver(proc, dicom_port, "ORTHANC", files, startup=60, ready=rest)
+    return _time_receiver(proc, dicom_port, "ORTHANC", files, startup=60, ready=rest, associations=associations)
 
 
 def _rate(n: int, times: list[float]) -> str:
     ips = [n / t for t in times]
     return (f"{statistics.median(ips):6.1f} instances/s  (runs {', '.join(f'{v:.1f}' for v in ips)}; "
             f"spread {min(ips):.1f}-{max(ips):.1f})")
+
+
+def _interleaved(base: Path, workload: str, receivers: dict[str, Callable[[Path, list[Path]], float]],
+                 files: list[Path], runs: int) -> dict[str, list[float]]:
+    """Each receiver's seconds per run, the receivers taking turns within each run (all see the
+    same machine load), each into a folder of its own."""
+    times: dict[str, list[float]] = {name: [] for name in receivers}
+    # What a receiver wrote is removed only once every run is over: ext4 makes each new file
+    # skip the inodes freed in the last minute or more (`recently_deleted()`), which cost the next
+    # receiver 1.2 ms of kernel CPU per file here (measured with perf) after a clean-up, 0.04 ms
+    # without one; a receiver runs on a file system as it is in service, not just after a purge.
+    for run in range(runs):
+        for name, receive in receivers.items():
+            work = base / f"{workload}-{name}{run}"
+            work.mkdir()
+            times[name].append(receive(work, files))
+    for name, run in ((name, run) for name in receivers for run in range(runs)):
+        shutil.rmtree(base / f"{workload}-{name}{run}", ignore_errors=True)
+    return times
 
 
 def compare(base: Path, workload: str, copies: int, runs: int, study_each: bool = False) -> dict[str, float]:
@@ -311,18 +362,7 @@ def compare(base: Path, workload: str, copies: int, runs: int, study_each: bool 
               "orthanc": "Orthanc (durable)", "noop-stock": "pynetdicom no-op, stock reactor",
               "noop-dimse": "pynetdicom no-op, node/dimse.py", "floor": "durable write floor (no DICOM)",
               "minimal": "pynetdicom minimal durable"}
-    times: dict[str, list[float]] = {name: [] for name in receivers}
-    # What a receiver wrote is removed only once every run is over: ext4 makes each new file
-    # skip the inodes freed in the last minute or more (`recently_deleted()`), which cost the next
-    # receiver 1.2 ms of kernel CPU per file here (measured with perf) after a clean-up, 0.04 ms
-    # without one; a receiver runs on a file system as it is in service, not just after a purge.
-    for run in range(runs):
-        for name, receive in receivers.items():
-            work = base / f"{workload}-{name}{run}"
-            work.mkdir()
-            times[name].append(receive(work, files))
-    for name, run in ((name, run) for name in receivers for run in range(runs)):
-        shutil.rmtree(base / f"{workload}-{name}{run}", ignore_errors=True)
+    times = _interleaved(base, workload, receivers, files, runs)
     n, mb = len(files), sum(f.stat().st_size for f in files) / 2**20
     studies = "a study each" if study_each else "one study"
     print(f"[{workload}] {n} instances, {mb:.0f} MB, {studies}, one association per run, {runs} runs")
@@ -359,6 +399,38 @@ def compare(base: Path, workload: str, copies: int, runs: int, study_each: bool 
     return ratios
 
 
+def compare_parallel(base: Path, workload: str, copies: int, runs: int, associations: int, processes: int,
+                     study_each: bool = False) -> float:
+    """Several associations at once: our listener with one process and with `processes`, against
+    storescp (--fork) and Orthanc. Prints rates and ratios; returns processes / one process."""
+    (base / workload).mkdir()
+    files = make_files(base / workload, copies, workload, study_each)
+    rss: list[float] = []
+    receivers: dict[str, Callable[[Path, list[Path]], float]] = {
+        "pacsnode-1": lambda w, f: run_node(w, f, rss, associations, processes=1),
+        f"pacsnode-{processes}": lambda w, f: run_node(w, f, rss, associations, processes=processes),
+        "storescp": lambda w, f: run_storescp(w, f, associations),
+        "orthanc": lambda w, f: run_orthanc(w, f, associations),
+    }
+    labels = {"pacsnode-1": "pacsnode, 1 listener process", f"pacsnode-{processes}": f"pacsnode, {processes} listener processes",
+              "storescp": "DCMTK storescp --fork (no fsync)", "orthanc": "Orthanc (durable)"}
+    times = _interleaved(base, workload, receivers, files, runs)
+    n = len(files)
+    print(f"[{workload}] {n} instances, {associations} associations at once (storescu each), {runs} runs")
+    for name, label in labels.items():
+        print(f"  {label:34s} {_rate(n, times[name])}")
+    rate = {name: statistics.median(n / t for t in ts) for name, ts in times.items()}
+    many = f"pacsnode-{processes}"
+    scaling = rate[many] / rate["pacsnode-1"]
+    per_run = [t1 / tp for t1, tp in zip(times["pacsnode-1"], times[many], strict=True)]
+    print(f"  {processes} listener processes / 1: {scaling:.2f} (runs {min(per_run):.2f}-{max(per_run):.2f})")
+    for ref in ("storescp", "orthanc"):
+        print(f"  ratio pacsnode/{ref}: 1 process {rate['pacsnode-1'] / rate[ref]:.2f}, "
+              f"{processes} processes {rate[many] / rate[ref]:.2f} (target >= {TARGETS[(ref, workload)]})")
+    print(f"  listener peak RSS, any process {max(rss):.0f} MB (target < {LISTENER_RSS_TARGET_MB} MB)")
+    return scaling
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--copies", type=int, default=200, help="small instances per run")
@@ -367,6 +439,11 @@ def main() -> int:
     ap.add_argument("--workload", choices=["small", "cxr", "both"], default="both")
     ap.add_argument("--study-each", action="store_true",
                     help="a new study for every instance (a stream of radiographs, one per study), not one study")
+    ap.add_argument("--associations", type=int, default=1,
+                    help="send over this many associations at once; above 1, ours with 1 and with "
+                         "--listener-processes listener processes against storescp --fork and Orthanc")
+    ap.add_argument("--listener-processes", type=int, default=os.cpu_count() or 2,
+                    help="listener.processes for --associations (default: one per CPU)")
     ap.add_argument("--pynetdicom-scp", type=Path, help=argparse.SUPPRESS)  # internal: a pynetdicom receiver
     ap.add_argument("--pynetdicom-kind", choices=["stock", "dimse", "minimal"], help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -384,6 +461,12 @@ def main() -> int:
     print(f"machine: {os.cpu_count()} CPUs, load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f} at start")
     print(f"Orthanc durability: {ORTHANC_DURABILITY}")
     with tempfile.TemporaryDirectory(prefix="pacsnode-ingest-") as tmp:
+        if args.associations > 1:
+            for workload in ("small", "cxr") if args.workload == "both" else (args.workload,):
+                copies = args.copies if workload == "small" else args.cxr_copies
+                compare_parallel(Path(tmp), workload, copies, args.runs, args.associations,
+                                 args.listener_processes, args.study_each)
+            return 0
         if args.workload in ("small", "both"):
             compare(Path(tmp), "small", args.copies, args.runs, args.study_each)
         if args.workload in ("cxr", "both"):

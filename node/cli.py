@@ -15,6 +15,7 @@ import sys
 import threading
 from collections.abc import Collection, MutableMapping, Sequence
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -194,7 +195,7 @@ def cmd_run(args: argparse.Namespace, config: Config) -> int:
     else:  # every bundle is there: the worker loads its models while the listener starts
         children.extend(subprocess.Popen(argv, env=env) for argv in inference)
     try:
-        return _serve(config)
+        return _serve(config, args.config_file)
     finally:
         with lock:
             stopping.set()
@@ -210,17 +211,28 @@ def cmd_run(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_listener(args: argparse.Namespace, config: Config) -> int:
-    return _serve(config)
+    return _serve(config, args.config_file)
 
 
-def _serve(config: Config) -> int:
+def cmd_listener_process(args: argparse.Namespace, config: Config) -> int:
+    from node.listener_processes import serve_further
+
+    return serve_further(config, args.number, args.channel_fd)
+
+
+def _serve(config: Config, config_file: Path) -> int:
     from node.completion import CompletionService
+    from node.dimse import CountingServer
     from node.handlers import IngestContext
     from node.listener import start_listener
+    from node.listener_processes import ListenerProcesses
     from node.services.retention import RetentionThread
 
     ctx = IngestContext(config)
-    server = start_listener(config, ctx)
+    further = ListenerProcesses(config, config_file, ctx.tracker)
+    server = start_listener(config, ctx, server_class=partial(CountingServer, hand_off=further.hand_off))
+    further.server = server
+    further.start()
     freeze_startup_heap()  # young collections are cheap here: an instance makes few objects
     completion = CompletionService(config, ctx.tracker)
     completion.start()
@@ -232,6 +244,7 @@ def _serve(config: Config) -> int:
     print(f"pacsnode listening as {config.listener.ae_title} on port {config.listener.port}", flush=True)
     stop.wait()
     log.info("shutting down")
+    further.stop()  # before the socket they accept from is shut down
     server.shutdown()
     completion.stop()
     retention.stop()
@@ -596,6 +609,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--quick-demo", action="store_true",
                      help="a missing demo bundle is trained small (seconds, for trying the node and for tests)")
     add("listener", cmd_listener, "DICOM listener and study completion only")
+    lp = add("listener-process", cmd_listener_process,
+             "(started by the listener for listener.processes > 1) one more process accepting on its socket")
+    lp.add_argument("--number", type=int, required=True)
+    lp.add_argument("--channel-fd", type=int, required=True)
     w = add("worker", cmd_worker, "a Celery worker")
     w.add_argument("-Q", "--queues", default="inference", help="inference, export or both, comma separated")
     w.add_argument("--concurrency", type=int, default=None, help="threads for an export worker")

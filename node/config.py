@@ -111,7 +111,12 @@ class ListenerConfig(_Strict):
     ae_title: AE_TITLE = "PACSNODE"
     host: str = "0.0.0.0"
     port: int = Field(11112, ge=1, le=65535)
-    max_associations: int = Field(16, ge=1)
+    max_associations: int = Field(16, ge=1, description="per listener process")
+    processes: int = Field(
+        1, ge=1, le=64,
+        description="listener processes accepting on the port: each serves whole associations, so "
+        "more help senders that open several at once (node/listener_processes.py)",
+    )
     max_pdu: int = Field(262144, ge=0, description="bytes; 0 means unlimited")
     timeouts: Timeouts = Timeouts()
     allowed_callers: CallerList = Field(

@@ -104,8 +104,10 @@ def statement(config: Config) -> str:
         "",
         "#### Association policies (SCP)",
         "",
-        f"- Maximum simultaneous associations: {lc.max_associations} (`listener.max_associations`);",
-        "  further requests are rejected (A-ASSOCIATE-RJ, transient).",
+        f"- Maximum simultaneous associations: {lc.max_associations * lc.processes} "
+        f"(`listener.max_associations` {lc.max_associations} in each of `listener.processes` {lc.processes});",
+        "  further requests are rejected (A-ASSOCIATE-RJ, transient). With several listener processes",
+        "  each association is served whole by the one with the fewest open connections.",
         f"- Maximum PDU size received: {lc.max_pdu or 'unlimited'} bytes (`listener.max_pdu`).",
         "- The called AE title must be the listener's; the calling AE title must be listed in",
         "  `listener.allowed_callers` (optionally with source addresses): otherwise A-ASSOCIATE-RJ",

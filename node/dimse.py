@@ -25,6 +25,8 @@ The one module that knows pynetdicom's internals, so the one to change when pyne
   - `QuickResponseDIMSE` (StreamingDIMSE's base): a plain C-STORE response, and the file meta
     that heads a streamed data set, are written as the bytes pynetdicom would produce, without
     building a pydicom Dataset for each (`store_response_command`, `file_meta_bytes`).
+  `CountingServer` / `HandedConnectionServer`: with `listener.processes` above 1 the first
+  process accepts and hands connections to the others (node/listener_processes.py).
   The state machine, PDU, DIMSE and service class code are pynetdicom's, unchanged.
 
 The overridden methods follow pynetdicom's own control flow line by line; they are written
@@ -541,6 +543,10 @@ class WakingDUL(DULServiceProvider):
             except queue.Empty:
                 idle = True
                 continue
+            if event == "Evt17" and self.state_machine.current_state == "Sta2":
+                # Closed before any A-ASSOCIATE-RQ (a port probe): pynetdicom's acceptor waits
+                # its ACSE timeout for one all the same; the connection is over now.
+                cast(WakingAssociation, self.assoc).connection_closed()
             try:
                 self.state_machine.do_action(event)
             except Exception as exc:
@@ -635,6 +641,19 @@ class WakingAssociation(Association):
         self.network_timeout = self.network_timeout
         self._reactor_checkpoint: _WakingCheckpoint = _WakingCheckpoint(self.dul.user_event)
 
+    def run_reactor(self) -> None:
+        """The association's thread: pynetdicom's, then the acceptor's server is told it ended."""
+        try:
+            super().run_reactor()
+        finally:
+            self.connection_closed()
+
+    def connection_closed(self) -> None:
+        """Tell the acceptor's server that this connection is over (it counts open ones)."""
+        server, request = getattr(self, "_server", None), getattr(self, "_request", None)
+        if isinstance(server, CountingServer) and request is not None:
+            server.connection_closed(request)
+
     def kill(self) -> None:
         super().kill()
         self.dul.user_event.set()
@@ -695,21 +714,106 @@ class WakingAssociation(Association):
                 return
 
 
+class HandedOff(OSError):
+    """Raised by `get_request` for a connection handed to another listener process: socketserver
+    skips a connection whose accept raised an OSError."""
+
+
+class CountingServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server, counting its open connections. `hand_off`, when set, may
+    give an accepted connection to another listener process (node/listener_processes.py): it
+    takes the socket before any TLS handshake and returns True, and this process forgets it.
+    `on_connection_end` is called after each connection this server served has closed."""
+
+    def __init__(self, *args: Any, hand_off: Callable[[socket.socket], bool] | None = None,
+                 on_connection_end: Callable[[], object] | None = None, **kwargs: Any) -> None:
+        self.hand_off = hand_off
+        self.on_connection_end = on_connection_end
+        self._open: set[Any] = set()  # the sockets of this process's connections not yet closed
+        self._open_lock = threading.Lock()
+        super().__init__(*args, **kwargs)
+
+    @property
+    def connections(self) -> int:
+        """This process's connections open now."""
+        return len(self._open)
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        """pynetdicom 3.0.4's get_request (accept, then TLS), asking `hand_off` in between."""
+        client, address = self._next_connection()
+        if self.hand_off is not None and self.hand_off(client):
+            client.close()  # the other process has its own descriptor
+            raise HandedOff(f"connection from {address} handed to another listener process")
+        if self.ssl_context:
+            client = self.ssl_context.wrap_socket(client, server_side=True)
+        with self._open_lock:
+            self._open.add(client)
+        return client, address
+
+    def _next_connection(self) -> tuple[socket.socket, Any]:
+        return cast(socket.socket, self.socket).accept()
+
+    def shutdown_request(self, request: Any) -> None:
+        super().shutdown_request(request)
+        self.connection_closed(request)
+
+    def connection_closed(self, request: Any) -> None:
+        """A connection is over (called once or more: by pynetdicom, by the association's
+        thread as it ends, by its DUL when the peer closed the connection before associating)."""
+        with self._open_lock:
+            if request not in self._open:
+                return
+            self._open.remove(request)
+        if self.on_connection_end is not None:
+            self.on_connection_end()
+
+
+class HandedConnectionServer(CountingServer):
+    """The server of a further listener process: it listens on nothing; its socket is its end
+    of a Unix socket pair with the first process, which sends it accepted connections
+    (SCM_RIGHTS), one byte each. End of file there means the first process has ended:
+    `ended` is set and the caller stops this server."""
+
+    def __init__(self, *args: Any, channel: socket.socket, **kwargs: Any) -> None:
+        self.channel = channel
+        self.ended = threading.Event()
+        super().__init__(*args, **kwargs)
+
+    def server_bind(self) -> None:
+        cast(socket.socket, self.socket).close()  # the unbound TCP socket TCPServer made: never used
+        self.socket = self.channel
+
+    def server_activate(self) -> None:
+        pass
+
+    def _next_connection(self) -> tuple[socket.socket, Any]:
+        data, fds, _flags, _addr = socket.recv_fds(self.channel, 1, 1)
+        if not data:
+            self.ended.set()
+            raise HandedOff("the first listener process has ended")
+        if not fds:
+            raise HandedOff("a message without a connection")
+        client = socket.socket(fileno=fds[0])
+        client.setblocking(True)
+        return client, client.getpeername()
+
+
 def serve(
     ae: ApplicationEntity, address: tuple[str, int], evt_handlers: list[Any], ssl_context: ssl.SSLContext | None,
-    sink_factory: Callable[[], DatasetSink] | None = None,
-) -> ThreadedAssociationServer:
+    sink_factory: Callable[[], DatasetSink] | None = None, server_class: Callable[..., CountingServer] = CountingServer,
+) -> CountingServer:
     """Start `ae` as an association acceptor in background threads, with RequestHandler.
 
     What `AE.start_server(block=False)` does, through pynetdicom's documented extension point
     (`make_server` passes `request_handler` to the server class). With `sink_factory`, each
     C-STORE data set is streamed into a new sink as it arrives (see `received_dataset`).
-    Stop the server with server.shutdown().
+    `server_class`: CountingServer, or a partial of it or of HandedConnectionServer with their
+    keyword arguments. Stop the server with server.shutdown().
     """
     require_pynetdicom()
-    server = ae.make_server(address, ssl_context=ssl_context, evt_handlers=evt_handlers,
-                            server_class=ThreadedAssociationServer,
-                            request_handler=partial(RequestHandler, sink_factory=sink_factory))
+    server = cast(CountingServer, ae.make_server(address, ssl_context=ssl_context, evt_handlers=evt_handlers,
+                            server_class=cast(type, server_class),  # a class or a partial of one
+                            request_handler=partial(RequestHandler, sink_factory=sink_factory)))
     thread = threading.Thread(target=server.serve_forever, name=f"AcceptorServer@{datetime.now():%Y%m%d%H%M%S}",
                               daemon=True)
     thread.start()
@@ -732,6 +836,7 @@ class RequestHandler(_StockRequestHandler):
         assoc.dimse = (QuickResponseDIMSE(assoc) if self._sink_factory is None
                        else StreamingDIMSE(assoc, self._sink_factory))
         assoc._server = self.server
+        assoc._request = self.request  # type: ignore[attr-defined]  # what CountingServer counts
         # "AcceptorThread" in the name is how AssociationServer.active_associations finds it.
         assoc.name = f"AcceptorThread@{datetime.now():%Y%m%d%H%M%S}"
         assoc.set_socket(ReceiveSocket(assoc, client_socket=self.request))

@@ -15,7 +15,7 @@ import time
 import warnings
 import zlib
 from collections import defaultdict
-from collections.abc import MutableSequence
+from collections.abc import Hashable, MutableSequence
 from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
@@ -64,16 +64,18 @@ class StoreRefused(Exception):
 
 @dataclass
 class AssociationTracker:
-    """Which studies each open association has delivered (in memory, listener process only)."""
+    """Which studies each open association has delivered (in memory, in the listener process
+    that runs the completion pass; other listener processes report to it:
+    node/listener_processes.py)."""
 
     _lock: threading.Lock = field(default_factory=threading.Lock)
-    _by_assoc: dict[int, set[str]] = field(default_factory=lambda: defaultdict(set))
+    _by_assoc: dict[Hashable, set[str]] = field(default_factory=lambda: defaultdict(set))
 
-    def add(self, assoc_id: int, study_uid: str) -> None:
+    def add(self, assoc_id: Hashable, study_uid: str) -> None:
         with self._lock:
             self._by_assoc[assoc_id].add(study_uid)
 
-    def close(self, assoc_id: int) -> set[str]:
+    def close(self, assoc_id: Hashable) -> set[str]:
         """Forget an association; return the studies no other open association is delivering."""
         with self._lock:
             studies = self._by_assoc.pop(assoc_id, set())
@@ -559,12 +561,16 @@ def audit(ctx: IngestContext, kind: str, actor: str | None, detail: str) -> None
 
 def handle_closed(event: evt.Event, ctx: IngestContext) -> None:
     """EVT_RELEASED / EVT_ABORTED / EVT_CONN_CLOSE: start the quiet timer of delivered studies."""
-    studies = ctx.tracker.close(id(event.assoc))
+    record_release(ctx.config, ctx.tracker.close(id(event.assoc)))
+
+
+def record_release(config: Config, studies: set[str]) -> None:
+    """Start the quiet timer of studies that no open association is delivering any more."""
     if not studies:
         return
     now = utcnow()
     try:
-        with session_scope(ctx.config.database.url) as s:
+        with session_scope(config.database.url) as s:
             for study in s.scalars(select(Study).where(Study.study_instance_uid.in_(studies))):
                 study.released_at = now
     except SQLAlchemyError:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import ssl
+from collections.abc import Callable
 from functools import cache, partial
 from typing import Any
 
@@ -23,11 +24,10 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # generated at
     StorageCommitmentPushModel,
     Verification,
 )
-from pynetdicom.transport import ThreadedAssociationServer
 
 from node import metrics
 from node.config import Config, ListenerConfig
-from node.dimse import serve, tune_connection
+from node.dimse import CountingServer, serve, tune_connection
 from node.engine.commitment import commitment_peer, handle_report
 from node.handlers import IngestContext, audit, handle_closed, handle_echo, handle_store, stage
 from node.services.retention import remove_orphaned_staging
@@ -181,11 +181,17 @@ def offer_contexts(assoc: Association, storage: bool, commitment_reports: bool) 
     ]
 
 
-def start_listener(config: Config, ctx: IngestContext) -> ThreadedAssociationServer:
-    """Start serving in background threads; the caller stops it with server.shutdown()."""
+def start_listener(config: Config, ctx: IngestContext, first: bool = True,
+                   server_class: Callable[..., CountingServer] = CountingServer) -> CountingServer:
+    """Start serving in background threads; the caller stops it with server.shutdown().
+
+    `first`: the process that listens on the port, as against a further listener process
+    (node/listener_processes.py, with `server_class` serving what the first hands over).
+    """
     metrics.setup(config)
     config.storage.path.mkdir(parents=True, exist_ok=True)
-    remove_orphaned_staging(config)
+    if first:  # a further process starts while the others' files are in flight
+        remove_orphaned_staging(config)
     ae = build_ae(config)
     handlers: list[Any] = [
         (evt.EVT_CONN_OPEN, tune_connection),
@@ -199,7 +205,9 @@ def start_listener(config: Config, ctx: IngestContext) -> ThreadedAssociationSer
         (evt.EVT_CONN_CLOSE, handle_closed, [ctx]),
     ]
     server = serve(ae, (config.listener.host, config.listener.port), handlers, server_ssl_context(config.listener),
-                   sink_factory=partial(stage, ctx))
+                   sink_factory=partial(stage, ctx), server_class=server_class)
+    if not first:
+        return server
     log.info(
         "listening as %s on %s:%d%s (%d transfer syntaxes)",
         config.listener.ae_title, config.listener.host, config.listener.port,
