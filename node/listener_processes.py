@@ -104,11 +104,6 @@ class ListenerProcesses:
         for number in range(2, self.config.listener.processes + 1):
             self._spawn(number)
 
-    def pids(self) -> dict[int, int]:
-        """Process number -> pid of the processes running now."""
-        with self._lock:
-            return {n: p.pid for n, p in self._procs.items()}
-
     def hand_off(self, client: socket.socket) -> bool:
         """CountingServer's hand_off: send an accepted connection to the process with the fewest
         open connections, unless that is this one. False: this process serves it."""
@@ -119,8 +114,10 @@ class ListenerProcesses:
                 return False
             number = loads[0][1]
             try:
-                socket.send_fds(self._channels[number], [b"c"], [client.fileno()])
-            except OSError as e:  # that process is ending: serve it here
+                # Never blocks (the acceptor thread holds the lock): a full socket buffer means
+                # that process is not taking connections, and this one serves it.
+                socket.send_fds(self._channels[number], [b"c"], [client.fileno()], socket.MSG_DONTWAIT)
+            except OSError as e:  # that process is ending or stuck: serve it here
                 log.warning("could not hand a connection to listener process %d: %s", number, e)
                 return False
             self._connections[number] += 1
