@@ -35,9 +35,13 @@ from functools import partial
 from pathlib import Path
 from typing import cast
 
+from sqlalchemy.exc import SQLAlchemyError
+
+from node import metrics
 from node.config import Config
 from node.dimse import CountingServer, HandedConnectionServer
 from node.handlers import AssociationTracker, IngestContext, record_release
+from node.services import audit
 
 log = logging.getLogger(__name__)
 
@@ -190,8 +194,14 @@ class ListenerProcesses:
         # behind the others in stopping; a process that fails at start is not restarted in a loop.
         if self._stopping.wait(RESTART_DELAY_SECONDS if ready else FAILED_START_DELAY_SECONDS):
             return
-        log.error("listener process %d (pid %d) ended with %s %s: started again", number, proc.pid, code,
-                  "while the listener runs" if ready else "before it was ready")
+        detail = (f"listener process {number} (pid {proc.pid}) ended with {code} "
+                  f"{'while the listener runs' if ready else 'before it was ready'}: started again")
+        log.error("%s", detail)
+        metrics.listener_process_restarted()
+        try:
+            audit.record(self.config, "listener_process_ended", "listener", detail)
+        except SQLAlchemyError:
+            log.exception("could not record the listener process's end")
         self._spawn(number)
 
 

@@ -99,6 +99,9 @@ def _m() -> dict[str, Any]:
                               ["what"], registry=None),
             "http": Histogram(f"{PREFIX}_http_request_duration_seconds", "HTTP requests, by route template",
                               ["method", "route", "status"], buckets=_HTTP_BUCKETS, registry=None),
+            "listener_restarts": Counter(f"{PREFIX}_listener_process_restarts",
+                                         "Further listener processes that ended unexpectedly and were started again",
+                                         registry=None),
             "db_wait": Histogram(f"{PREFIX}_database_write_wait_seconds",
                                  "Time a write transaction waited for the SQLite database's other writers",
                                  buckets=_WAIT_BUCKETS, registry=None),
@@ -146,6 +149,10 @@ def send_result(destination: str, status: str) -> None:
 def http_request(method: str, route: str, status: int, seconds: float) -> None:
     """One HTTP request; `route` is the route's template (/studies/{uid}), never the path."""
     _m()["http"].labels(method=method, route=route, status=str(status)).observe(seconds)
+
+
+def listener_process_restarted() -> None:
+    _m()["listener_restarts"].inc()
 
 
 def database_write_wait(seconds: float) -> None:

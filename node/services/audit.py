@@ -17,7 +17,7 @@ VIEW_STUDY = "view_study"
 KINDS = ("login", "login_failed", "logout", VIEW_STUDY, "replay", "replay_failed", "cancel", "resend", "echo",
          "user_add", "user_remove", "user_password", "token_create", "token_revoke", "association_rejected",
          "store_refused", "store_failed", "instance_version", "requeue", "revision",
-         "purge")
+         "purge", "listener_process_ended")
 
 
 def record(config: Config, kind: str, actor: str | None, detail: str | None,

@@ -21,6 +21,8 @@ from pathlib import Path
 import pydicom
 import pytest
 import yaml
+from prometheus_client import CollectorRegistry
+from prometheus_client.multiprocess import MultiProcessCollector
 from pydicom.uid import generate_uid
 from pynetdicom import AE
 from pynetdicom.association import Association
@@ -145,7 +147,14 @@ def test_a_further_listener_process_serves_reports_and_is_restarted(node: Produc
 
     restarted = wait_for(lambda: [p for p in further_pids(first) if p != child] or None, 60,
                          "the further listener process started again")[0]
+    # ...said in the log, the audit trail and the metrics.
     assert f"listener process 2 (pid {child}) ended with -9 while the listener runs" in node.log("listener")
+    with sqlite3.connect(node.dir / "pacsnode.db", timeout=10) as db:
+        (ended,) = db.execute("SELECT count(*) FROM event WHERE kind = 'listener_process_ended'").fetchone()
+    assert ended == 1
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=str(node.dir / "var" / "metrics"))
+    assert registry.get_sample_value("pacsnode_listener_process_restarts_total") == 1
     d = _associate(node)
     assert _store(d, s4) == 0
     d.release()
