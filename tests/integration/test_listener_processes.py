@@ -138,6 +138,7 @@ def test_a_further_listener_process_serves_reports_and_is_restarted(node: Produc
     c = _associate(node)  # handed over again: A keeps the first process busy
     assert _store(c, s3) == 0
     os.kill(child, signal.SIGKILL)
+    wait_for(lambda: not alive(child) or None, 10, "the further process to die")
     # Only the further process's association is lost (nothing unacknowledged was kept)...
     assert _store(c, _another(s3)) != 0
     wait_for(lambda: not c.is_established or None, 10, "the lost association to be closed")
