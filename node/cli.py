@@ -231,7 +231,6 @@ def _serve(config: Config, config_file: Path) -> int:
     ctx = IngestContext(config)
     further = ListenerProcesses(config, config_file, ctx.tracker)
     server = start_listener(config, ctx, server_class=partial(CountingServer, hand_off=further.hand_off))
-    further.server = server
     further.start()
     freeze_startup_heap()  # young collections are cheap here: an instance makes few objects
     completion = CompletionService(config, ctx.tracker)
@@ -244,7 +243,7 @@ def _serve(config: Config, config_file: Path) -> int:
     print(f"pacsnode listening as {config.listener.ae_title} on port {config.listener.port}", flush=True)
     stop.wait()
     log.info("shutting down")
-    further.stop()  # before the socket they accept from is shut down
+    further.stop()  # first: new connections stay here, and theirs end before the port closes
     server.shutdown()
     completion.stop()
     retention.stop()
@@ -610,7 +609,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a missing demo bundle is trained small (seconds, for trying the node and for tests)")
     add("listener", cmd_listener, "DICOM listener and study completion only")
     lp = add("listener-process", cmd_listener_process,
-             "(started by the listener for listener.processes > 1) one more process accepting on its socket")
+             "(started by the listener for listener.processes > 1) one more process serving connections it hands over")
     lp.add_argument("--number", type=int, required=True)
     lp.add_argument("--channel-fd", type=int, required=True)
     w = add("worker", cmd_worker, "a Celery worker")

@@ -114,8 +114,9 @@ class ListenerConfig(_Strict):
     max_associations: int = Field(16, ge=1, description="per listener process")
     processes: int = Field(
         1, ge=1, le=64,
-        description="listener processes accepting on the port: each serves whole associations, so "
-        "more help senders that open several at once (node/listener_processes.py)",
+        description="listener processes serving the port (the first accepts and hands connections to the "
+        "least busy): each serves whole associations, so more help senders that open several at once "
+        "(node/listener_processes.py)",
     )
     max_pdu: int = Field(262144, ge=0, description="bytes; 0 means unlimited")
     timeouts: Timeouts = Timeouts()

@@ -720,12 +720,13 @@ class HandedOff(OSError):
 
 
 class CountingServer(ThreadedAssociationServer):
-    """pynetdicom's threaded server, counting its open connections. `hand_off`, when set, may
-    give an accepted connection to another listener process (node/listener_processes.py): it
-    takes the socket before any TLS handshake and returns True, and this process forgets it.
+    """pynetdicom's threaded server, counting its open connections. `hand_off(socket, open)`,
+    when set, may give an accepted connection to another listener process, knowing this one
+    has `open` connections (node/listener_processes.py): it takes the socket before any TLS
+    handshake and returns True, and this process forgets it.
     `on_connection_end` is called after each connection this server served has closed."""
 
-    def __init__(self, *args: Any, hand_off: Callable[[socket.socket], bool] | None = None,
+    def __init__(self, *args: Any, hand_off: Callable[[socket.socket, int], bool] | None = None,
                  on_connection_end: Callable[[], object] | None = None, **kwargs: Any) -> None:
         self.hand_off = hand_off
         self.on_connection_end = on_connection_end
@@ -741,7 +742,7 @@ class CountingServer(ThreadedAssociationServer):
     def get_request(self) -> tuple[socket.socket, Any]:
         """pynetdicom 3.0.4's get_request (accept, then TLS), asking `hand_off` in between."""
         client, address = self._next_connection()
-        if self.hand_off is not None and self.hand_off(client):
+        if self.hand_off is not None and self.hand_off(client, self.connections):
             client.close()  # the other process has its own descriptor
             raise HandedOff(f"connection from {address} handed to another listener process")
         if self.ssl_context:

@@ -39,7 +39,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from node import metrics
 from node.config import Config
-from node.dimse import CountingServer, HandedConnectionServer
+from node.dimse import HandedConnectionServer
 from node.handlers import AssociationTracker, IngestContext, record_release
 from node.services import audit
 
@@ -97,7 +97,6 @@ class ListenerProcesses:
         self.config = config
         self.config_file = config_file
         self.tracker = tracker
-        self.server: CountingServer | None = None  #: the first process's own (set by the caller)
         self._stopping = threading.Event()
         self._lock = threading.Lock()  # guards the maps below and each channel's sends
         self._procs: dict[int, subprocess.Popen[bytes]] = {}
@@ -108,10 +107,9 @@ class ListenerProcesses:
         for number in range(2, self.config.listener.processes + 1):
             self._spawn(number)
 
-    def hand_off(self, client: socket.socket) -> bool:
+    def hand_off(self, client: socket.socket, own: int) -> bool:
         """CountingServer's hand_off: send an accepted connection to the process with the fewest
-        open connections, unless that is this one. False: this process serves it."""
-        own = self.server.connections if self.server is not None else 0
+        open connections, unless that is this one (`own` open). False: this process serves it."""
         with self._lock:
             loads = sorted((n, number) for number, n in self._connections.items() if number in self._channels)
             if not loads or loads[0][0] >= own:

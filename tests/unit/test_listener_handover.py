@@ -9,7 +9,6 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -20,12 +19,11 @@ from node.listener_processes import ListenerProcesses, ReportingTracker
 from tests.peers import wait_for
 
 
-def _processes(tmp_path: Path, own: int, loads: dict[int, int]) -> tuple[ListenerProcesses, dict[int, socket.socket]]:
-    """A first process with `own` open connections and further ones with `loads`, each joined by a
-    socket pair whose far end the test holds."""
+def _processes(tmp_path: Path, loads: dict[int, int]) -> tuple[ListenerProcesses, dict[int, socket.socket]]:
+    """Further processes with `loads` open connections, each joined by a socket pair whose far
+    end the test holds."""
     config = parse_config({"database": {"url": f"sqlite:///{tmp_path / 'db.sqlite'}"}})
     lp = ListenerProcesses(config, tmp_path / "config.yaml", AssociationTracker())
-    lp.server = SimpleNamespace(connections=own)  # type: ignore[assignment]
     far = {}
     for number, load in loads.items():
         ours, theirs = socket.socketpair()
@@ -53,10 +51,10 @@ def _handed(far: socket.socket) -> bool:
 ])
 def test_a_new_connection_goes_to_the_least_busy_process(tmp_path: Path, own: int, loads: dict[int, int],
                                                          expected: int | None) -> None:
-    lp, far = _processes(tmp_path, own, loads)
+    lp, far = _processes(tmp_path, loads)
     client, other = socket.socketpair()
     try:
-        assert lp.hand_off(client) is (expected is not None)
+        assert lp.hand_off(client, own) is (expected is not None)
         assert {n for n, s in far.items() if _handed(s)} == ({expected} if expected else set())
         if expected:
             assert lp._connections[expected] == loads[expected] + 1  # counted until it reports "end"
@@ -66,10 +64,10 @@ def test_a_new_connection_goes_to_the_least_busy_process(tmp_path: Path, own: in
 
 
 def test_a_process_that_cannot_take_it_leaves_it_to_the_first(tmp_path: Path) -> None:
-    lp, far = _processes(tmp_path, 1, {2: 0})
+    lp, far = _processes(tmp_path, {2: 0})
     far[2].close()  # that process has ended; its end of file is not read yet
     client, other = socket.socketpair()
-    assert lp.hand_off(client) is False
+    assert lp.hand_off(client, 1) is False
     assert lp._connections[2] == 0
     client.close()
     other.close()
@@ -93,7 +91,7 @@ def test_the_first_process_applies_reports_and_closes_what_a_dead_process_left(t
                                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     released: list[set[str]] = []
     monkeypatch.setattr("node.listener_processes.record_release", lambda _config, studies: released.append(studies))
-    lp, _ = _processes(tmp_path, 0, {})
+    lp, _ = _processes(tmp_path, {})
     lp._stopping.set()  # no restart once the process has ended
     ours, theirs = socket.socketpair()
     lp._channels[2], lp._connections[2] = ours, 1
